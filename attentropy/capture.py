@@ -34,15 +34,73 @@ def entropy_varentropy(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass
-class _CaptureState:
-    """What the attention function needs during one capture forward, and what it leaves behind."""
+class PromptCache:
+    """A batch of prompts laid out as [shared prefix | left padding | rest of each prompt], and the keys/values of
+    every prompt token but the last (whose query row predicts completion token 0 and so belongs to capture)."""
 
-    row_start: int  # first query row whose statistics are kept (rows before it only compute outputs)
-    prompt_lens: torch.Tensor  # [B] number of prompt tokens per sequence (right padding: keys < it are prompt)
+    input_ids: torch.Tensor  # [B, W]
+    attention_mask: torch.Tensor  # [B, W], 0 on padding
+    cache: object  # transformers Cache holding keys/values of input_ids[:, :W-1]
+
+
+def common_prefix_len(prompts: list[list[int]]) -> int:
+    """Length of the prefix all prompts share, leaving every prompt at least one token of its own."""
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for i in range(n):
+        if any(p[i] != first[i] for p in prompts):
+            return i
+    return n
+
+
+def prompt_layout(prompts: list[list[int]], pad_id: int, prefix_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, W] ids and attention mask: the first `prefix_len` tokens (shared by all prompts) at the left, then left
+    padding, then each prompt's remaining tokens. Position ids follow from the mask (cumsum - 1), so every token
+    keeps the position it has in its unpadded prompt."""
+    width = prefix_len + max(len(p) - prefix_len for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        input_ids[b, :prefix_len] = torch.tensor(p[:prefix_len])
+        attention_mask[b, :prefix_len] = 1
+        rest = p[prefix_len:]
+        input_ids[b, width - len(rest):] = torch.tensor(rest)
+        attention_mask[b, width - len(rest):] = 1
+    return input_ids, attention_mask
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def fill_prompt_cache(model, prompts: list[list[int]], pad_id: int = 0) -> PromptCache:
+    """Keys/values of the prompts (left padded) from one plain forward; used when capture gets no cache from
+    generation."""
+    from transformers import DynamicCache
+
+    input_ids, attention_mask = prompt_layout(prompts, pad_id)
+    cache = DynamicCache(config=model.config.get_text_config())
+    if input_ids.shape[1] > 1:
+        model.get_decoder()(input_ids=input_ids[:, :-1].to(model.device),
+                            attention_mask=attention_mask[:, :-1].to(model.device),
+                            position_ids=positions(attention_mask[:, :-1]).to(model.device), cache=cache,
+                            use_cache=True)
+    return PromptCache(input_ids, attention_mask, cache)
+
+
+@dataclass
+class _CaptureState:
+    """What the attention function needs during one capture forward, and what it leaves behind. Key indices are
+    into the full key axis [prompt layout without its last token | last prompt token | completion[:-1]]."""
+
+    sink_key: torch.Tensor  # [B] first visible key (the sequence's first token)
+    prompt_keys: int  # keys < prompt_keys are prompt tokens (or padding, which gets p = 0)
+    prev_key: torch.Tensor  # [B, Q] key index of the token before each query row's own token
     chunk_bytes: int  # bound on one chunk's float32 score matrix [B, H, rows, K]
-    map_rows: dict[int, tuple[int, int]] = field(default_factory=dict)  # batch index -> (first row, n rows) to keep
-    stats: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, R, n_stats] float32 on CPU
-    maps: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # batch index -> layer -> [H, n, K]
+    map_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # batch index -> visible key indices to keep
+    stats: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, Q, n_stats] float32 on CPU
+    maps: dict[int, dict[int, list]] = field(default_factory=dict)  # batch index -> layer -> [[H, rows, K_b]]
 
 
 _STATE: _CaptureState | None = None
@@ -51,55 +109,50 @@ _STATE: _CaptureState | None = None
 def attentropy_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Drop-in attention implementation (same signature and output as transformers' eager attention).
 
-    query [B, Hq, Q, D]; key, value [B, Hkv, K, D]; attention_mask [B, 1, Q, K] additive float or None.
-    Outside a capture, or for cross-attention (K != Q), it is plain sdpa."""
+    query [B, Hq, Q, D]; key, value [B, Hkv, K, D] (cache included, the Q new tokens last); attention_mask
+    [B, 1, Q, K] additive float. Outside a capture, or for non-causal (cross) attention, it is plain sdpa."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     state = _STATE
-    n_q, n_k = query.shape[2], key.shape[2]
-    if state is None or n_q != n_k or module.training:
+    if state is None or not getattr(module, "is_causal", False) or module.training:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    batch, n_heads = query.shape[:2]
+    if attention_mask is None:  # only when the mask function was not registered: fail loudly, never attend ahead
+        raise RuntimeError("attentropy attention got no mask; register the mask function with the implementation")
+    batch, n_heads, n_q = query.shape[:3]
+    n_k = key.shape[2]
     groups = n_heads // key.shape[1]  # GQA: statistics are per query head; keys/values shared by `groups` heads
     key = key.repeat_interleave(groups, dim=1) if groups > 1 else key  # [B, Hq, K, D]
     value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
-    if attention_mask is None:  # only when the mask function was not registered: fail loudly, never attend ahead
-        raise RuntimeError("attentropy attention got no mask; register the mask function with the implementation")
     mask = attention_mask[:, :, :, :n_k]
+    dev = query.device
     output = torch.empty_like(query)  # [B, Hq, Q, D]
-    rs = state.row_start
-    if rs > 0:  # rows whose statistics are not kept: fast fused kernel
-        output[:, :, :rs] = F.scaled_dot_product_attention(query[:, :, :rs], key, value, attn_mask=mask[:, :, :rs],
-                                                          scale=scaling)
-    keys = torch.arange(n_k, device=query.device)
-    prompt_keys = keys[None, :] < state.prompt_lens.to(query.device)[:, None]  # [B, K]
-    stats = torch.empty(batch, n_heads, n_q - rs, len(ATTN_STATS), dtype=torch.float32, device=query.device)
+    stats = torch.empty(batch, n_heads, n_q, len(ATTN_STATS), dtype=torch.float32, device=dev)
+    sink = state.sink_key.to(dev).view(batch, 1, 1, 1).expand(batch, n_heads, n_q, 1)
+    diag = torch.arange(n_k - n_q, n_k, device=dev).view(1, 1, n_q, 1).expand(batch, n_heads, n_q, 1)
+    prev = state.prev_key.to(dev).view(batch, 1, n_q, 1).expand(batch, n_heads, n_q, 1)
     chunk_rows = max(1, state.chunk_bytes // (4 * batch * n_heads * n_k))
-    for start in range(rs, n_q, chunk_rows):
+    for start in range(0, n_q, chunk_rows):
         stop = min(start + chunk_rows, n_q)
-        scores = torch.matmul(query[:, :, start:stop].float(), key.float().transpose(2, 3)) * scaling
-        scores = scores + mask[:, :, start:stop].float()  # [B, Hq, c, K]; masked keys -> ~ -3.4e38
+        rows = slice(start, stop)
+        scores = torch.matmul(query[:, :, rows].float(), key.float().transpose(2, 3)) * scaling
+        scores = scores + mask[:, :, rows].float()  # [B, Hq, c, K]; masked keys -> ~ -3.4e38
         logp = torch.log_softmax(scores, dim=-1)
         del scores
         p = logp.exp()
-        output[:, :, start:stop] = torch.matmul(p.to(value.dtype), value)
+        output[:, :, rows] = torch.matmul(p.to(value.dtype), value)
         entropy, varentropy = entropy_varentropy(logp)
         del logp
-        rows = torch.arange(start, stop, device=query.device)
-        chunk = stats[:, :, start - rs:stop - rs]
+        chunk = stats[:, :, rows]
         chunk[..., 0] = entropy
         chunk[..., 1] = varentropy
-        chunk[..., 2] = p[..., 0]
-        chunk[..., 3] = (p * prompt_keys[:, None, None, :]).sum(-1)
-        chunk[..., 4] = p.gather(-1, rows.view(1, 1, -1, 1).expand(batch, n_heads, -1, 1)).squeeze(-1)
-        prev = (rows - 1).clamp(min=0).view(1, 1, -1, 1).expand(batch, n_heads, -1, 1)
-        chunk[..., 5] = torch.where(rows > 0, p.gather(-1, prev).squeeze(-1), 0.0)
-        for b, (first, count) in state.map_rows.items():
-            lo, hi = max(first, start), min(first + count, stop)
-            if lo < hi:
-                layer_maps = state.maps.setdefault(b, {}).setdefault(module.layer_idx, [])
-                layer_maps.append(p[b, :, lo - start:hi - start, : first + count].half().cpu())
+        chunk[..., 2] = p.gather(-1, sink[:, :, rows]).squeeze(-1)
+        chunk[..., 3] = p[..., : state.prompt_keys].sum(-1)
+        chunk[..., 4] = p.gather(-1, diag[:, :, rows]).squeeze(-1)
+        chunk[..., 5] = p.gather(-1, prev[:, :, rows]).squeeze(-1)
+        for b, keys in state.map_keys.items():
+            layer_maps = state.maps.setdefault(b, {}).setdefault(module.layer_idx, [])
+            layer_maps.append(p[b][:, :, keys.to(dev)].half().cpu())
         del p
     state.stats[module.layer_idx] = stats.cpu()
     return output.transpose(1, 2).contiguous(), None  # [B, Q, Hq, D], like eager attention
@@ -145,62 +198,70 @@ def recorded_layers(model) -> list[int]:
 
 
 @torch.no_grad()
-def capture(model, prompts: list[list[int]], completions: list[list[int]], *, chunk_bytes: int = 16 << 20,
-            logit_chunk_rows: int = 256, save_maps: set[int] = frozenset()) -> list[Capture]:
-    """Statistics for every completion token of each (prompt ids, completion ids) pair, from one batched
-    teacher-forced forward over prompt + completion[:-1] (right padded; never re-tokenized).
-    `save_maps`: batch indices whose full attention rows (completion rows x all keys) are also returned."""
+def capture(model, prompts: list[list[int]], completions: list[list[int]], *, prompt_cache: PromptCache | None = None,
+            chunk_bytes: int = 16 << 20, logit_chunk_rows: int = 256, save_maps: set[int] = frozenset()
+            ) -> list[Capture]:
+    """Statistics for every completion token of each (prompt ids, completion ids) pair (never re-tokenized).
+
+    One teacher-forced forward over [last prompt token, completion[:-1]] per sequence (right padded), attending
+    to the prompt's cached keys/values: `prompt_cache` from generation, or computed here. Its query rows are
+    exactly the rows that predicted the completion tokens.
+    `save_maps`: batch indices whose full attention rows (completion rows x visible keys) are also returned."""
     global _STATE
     register()
+    if not prompts or any(len(p) < 2 for p in prompts) or any(len(c) == 0 for c in completions):
+        raise ValueError("capture needs a prompt of at least 2 tokens and a non-empty completion for every sequence")
     device = model.device
-    seqs = [list(p) + list(c[:-1]) for p, c in zip(prompts, completions)]
-    lengths = [len(s) for s in seqs]
-    width = max(lengths)
-    input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    attention_mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        input_ids[b, : len(s)] = torch.tensor(s)
-        attention_mask[b, : len(s)] = 1
-    prompt_lens = torch.tensor([len(p) for p in prompts])
-    row_start = int(prompt_lens.min()) - 1
-    if row_start < 0 or any(len(c) == 0 for c in completions):
-        raise ValueError("capture needs a non-empty prompt and completion for every sequence")
-    state = _CaptureState(row_start=row_start, prompt_lens=prompt_lens, chunk_bytes=chunk_bytes,
-                          map_rows={b: (len(prompts[b]) - 1, len(completions[b])) for b in save_maps})
-    decoder = model.get_decoder()
-    lm_head = model.get_output_embeddings()
+    if prompt_cache is None:
+        prompt_cache = fill_prompt_cache(model, prompts)
+    layout_ids, layout_mask = prompt_cache.input_ids, prompt_cache.attention_mask
+    batch, width = layout_ids.shape
+    n_q = max(len(c) for c in completions)
+    new_ids = torch.zeros(batch, n_q, dtype=torch.long)
+    new_valid = torch.zeros(batch, n_q, dtype=torch.long)
+    for b, c in enumerate(completions):
+        new_ids[b, 0] = layout_ids[b, -1]
+        new_ids[b, 1:len(c)] = torch.tensor(c[:-1], dtype=torch.long)
+        new_valid[b, :len(c)] = 1
+    full_mask = torch.cat([layout_mask, new_valid[:, 1:]], dim=1)  # [B, W-1+Q] over the key axis
+    position_ids = positions(layout_mask)[:, -1:] + torch.arange(n_q)  # [B, Q]
+    visible_before_last = layout_mask[:, :-1] * torch.arange(1, width)  # index+1 where visible, else 0
+    prev_key = torch.cat([(visible_before_last.max(-1).values - 1)[:, None],  # row 0: previous visible prompt token
+                          torch.arange(width - 1, width - 2 + n_q).expand(batch, -1)], dim=1)
+    state = _CaptureState(sink_key=layout_mask.argmax(-1), prompt_keys=width, prev_key=prev_key,
+                          chunk_bytes=chunk_bytes,
+                          map_keys={b: full_mask[b].nonzero().squeeze(-1) for b in save_maps})
+    cache = prompt_cache.cache
     _STATE = state
     try:
         with _attn_implementation(model, ATTN_IMPLEMENTATION):
-            hidden = decoder(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             use_cache=False).last_hidden_state  # [B, T, d]
+            hidden = model.get_decoder()(input_ids=new_ids.to(device), attention_mask=full_mask.to(device),
+                                         position_ids=position_ids.to(device), cache=cache,
+                                         use_cache=True).last_hidden_state  # [B, Q, d]
     finally:
         _STATE = None
     layers = recorded_layers(model)
     if sorted(state.stats) != layers:
         raise RuntimeError(f"captured layers {sorted(state.stats)} but expected {layers}")
-    attn = torch.stack([state.stats[layer] for layer in layers], dim=2)  # [B, H, L, R, S]
-    attn = attn.permute(0, 3, 2, 1, 4)  # [B, R, L, H, S]: rows, then (layer, head), as stored
-
+    attn = torch.stack([state.stats[layer] for layer in layers], dim=2)  # [B, H, L, Q, S]
+    attn = attn.permute(0, 3, 2, 1, 4)  # [B, Q, L, H, S]: rows, then (layer, head), as stored
+    lm_head = model.get_output_embeddings()
     results = []
     for b, (p, c) in enumerate(zip(prompts, completions)):
-        first = len(p) - 1  # row that predicted completion token 0
-        rows = torch.arange(first, first + len(c))
-        targets = torch.tensor(c)
+        targets = torch.tensor(c, device=device)
         logprob, log_h, log_v = [], [], []
         for lo in range(0, len(c), logit_chunk_rows):
-            r = rows[lo: lo + logit_chunk_rows]
-            logits = lm_head(hidden[b, r.to(device)]).float()  # [r, V]
-            logp = torch.log_softmax(logits, dim=-1)
+            hi = min(lo + logit_chunk_rows, len(c))
+            logp = torch.log_softmax(lm_head(hidden[b, lo:hi]).float(), dim=-1)  # [r, V]
             h, v = entropy_varentropy(logp)
-            logprob.append(logp.gather(-1, targets[lo: lo + logit_chunk_rows, None].to(device)).squeeze(-1).cpu())
+            logprob.append(logp.gather(-1, targets[lo:hi, None]).squeeze(-1).cpu())
             log_h.append(h.cpu())
             log_v.append(v.cpu())
         maps = None
-        if b in state.maps:
-            maps = {layer: torch.cat(parts, dim=1).numpy() for layer, parts in state.maps[b].items()}
-        results.append(Capture(attn=attn[b, first - row_start: first - row_start + len(c)].numpy(),
-                               logprob=torch.cat(logprob).numpy(), logit_entropy=torch.cat(log_h).numpy(),
-                               logit_varentropy=torch.cat(log_v).numpy(), n_keys=(rows + 1).numpy(),
-                               attention_map=maps))
+        if b in state.maps:  # layer -> [H, n, K_b]: the completion rows over this sequence's visible keys
+            maps = {layer: torch.cat(parts, dim=1)[:, : len(c), : len(p) + len(c) - 1].numpy()
+                    for layer, parts in state.maps[b].items()}
+        results.append(Capture(attn=attn[b, : len(c)].numpy(), logprob=torch.cat(logprob).numpy(),
+                               logit_entropy=torch.cat(log_h).numpy(), logit_varentropy=torch.cat(log_v).numpy(),
+                               n_keys=np.arange(len(p), len(p) + len(c)), attention_map=maps))
     return results

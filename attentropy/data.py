@@ -231,7 +231,7 @@ def _arith_problem(rng: random.Random, steps: int) -> tuple[str, str, int]:
     """One word problem with `steps` operations; returns (question, GSM8K-format solution, answer)."""
     name, pronoun = rng.choice(_PEOPLE)
     item = rng.choice(_ITEMS)
-    value = rng.randint(5, 30)
+    value = rng.randint(3, 15)
     sentences = [f"{name} has {value} {item}."]
     lines = []
     ops = ["add", "sub", "mul", "div"]
@@ -242,20 +242,20 @@ def _arith_problem(rng: random.Random, steps: int) -> tuple[str, str, int]:
             op = op if divisors else "add"
         if op == "sub" and value < 4:
             op = "add"
-        if op == "mul" and value > 60:
+        if op == "mul" and value > 12:
             op = "sub"
         if op == "add":
-            n = rng.randint(2, 20)
+            n = rng.randint(2, 9)
             new = value + n
             sentences.append(f"{pronoun.capitalize()} gets {n} more {item}.")
             lines.append(f"After getting {n} more, {name} has {value} + {n} = <<{value}+{n}={new}>>{new} {item}.")
         elif op == "sub":
-            n = rng.randint(1, value - 2)
+            n = rng.randint(1, min(9, value - 2))
             new = value - n
             sentences.append(f"{pronoun.capitalize()} gives {n} {item} to a friend.")
             lines.append(f"After giving away {n}, {name} has {value} - {n} = <<{value}-{n}={new}>>{new} {item}.")
         elif op == "mul":
-            n = rng.choice([2, 3, 4])
+            n = rng.choice([2, 3])
             word = {2: "twice", 3: "three times", 4: "four times"}[n]
             new = value * n
             sentences.append(f"Then the number of {item} {pronoun} has becomes {word} as large.")

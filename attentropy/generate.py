@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 
 import torch
 
+from .capture import PromptCache, common_prefix_len, prompt_layout
 from .data import FACTUAL, MATH, Question, fewshot_exemplars
 
 # Meta's published Llama 3.2 GSM8K protocol: this user turn, 8 worked exemplars as earlier chat turns,
@@ -73,29 +75,54 @@ class Generation:
     finish_reason: str  # "stop" (end of turn) or "length" (max_new_tokens reached)
 
 
+@dataclass
+class PrefixStore:
+    """Keys/values of the prompt prefix shared by a run's batches (system prompt and few-shot exemplars), so an
+    8-shot prompt's ~1,500 shared tokens are computed once per run rather than once per question."""
+
+    ids: tuple[int, ...] = ()
+    cache: object = None
+
+    def get(self, model, ids: list[int]):
+        """A fresh batch-1 copy of the cache of `ids` (computed on first use or when the prefix changes)."""
+        from transformers import DynamicCache
+
+        if tuple(ids) != self.ids:
+            self.cache = DynamicCache(config=model.config.get_text_config())
+            model.get_decoder()(input_ids=torch.tensor([ids], device=model.device), cache=self.cache, use_cache=True)
+            self.ids = tuple(ids)
+        return copy.deepcopy(self.cache)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_SHOTS, max_new_tokens: int = 128,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[Generation]:
-    """Generate answers for one batch (left padded). Greedy unless `do_sample`; sampling is seeded per batch."""
+             min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+             seed: int = 0, prefix_store: PrefixStore | None = None) -> tuple[list[Generation], PromptCache]:
+    """Generate answers for one batch; greedy unless `do_sample` (seeded per batch).
+
+    The prompts' common prefix is computed once (and kept in `prefix_store` across batches), the rest of each
+    prompt is left padded after it. Returns the generations and the prompts' keys/values for `capture`."""
     prompts = [prompt_ids(tokenizer, q, shots) for q in questions]
     stops = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        input_ids[b, width - len(p):] = torch.tensor(p)
-        attention_mask[b, width - len(p):] = 1
+    prefix_len = common_prefix_len(prompts)
+    input_ids, attention_mask = prompt_layout(prompts, pad, prefix_len)
+    cache = (prefix_store or PrefixStore()).get(model, prompts[0][:prefix_len]) if prefix_len else None
+    if cache is not None:
+        cache.batch_repeat_interleave(len(prompts))
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
     if do_sample:
         torch.manual_seed(seed)
     out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                         max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
-                         top_k=None, **sampling)
+                         cache=cache, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                         eos_token_id=stops, pad_token_id=pad, top_k=None, return_dict_in_generate=True, **sampling)
+    width = input_ids.shape[1]
     generations = []
-    for q, p, row in zip(questions, prompts, out[:, width:].tolist()):
+    for q, p, row in zip(questions, prompts, out.sequences[:, width:].tolist()):
         end = next((i for i, t in enumerate(row) if t in stops), None)
         completion = row if end is None else row[: end + 1]
         generations.append(Generation(q, p, completion, tokenizer.decode(completion, skip_special_tokens=True),
                                       "length" if end is None else "stop"))
-    return generations
+    cache = out.cache
+    cache.crop(-(cache.get_seq_length() - (width - 1)))  # keep the prompts' keys/values, minus each last token
+    return generations, PromptCache(input_ids, attention_mask, cache)

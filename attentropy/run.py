@@ -18,7 +18,7 @@ from tqdm import tqdm
 from . import __version__
 from .capture import ATTN_STATS, TOKEN_STATS, capture, recorded_layers
 from .data import ARITH_DEFAULT_DIFFICULTY, load_questions
-from .generate import MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS, generate, protocol_kind
+from .generate import MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS, PrefixStore, generate, protocol_kind
 from .model import DEFAULT_MODEL, load_model
 from .store import append_batch, done_question_ids, load_run, write_json
 
@@ -95,14 +95,18 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
 
     started = time.perf_counter()
     new_tokens = 0
+    prefix_store = PrefixStore()
     bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"{benchmark}", unit="q",
                disable=not progress)
     for lo in range(0, len(todo), batch_size):
         batch = todo[lo: lo + batch_size]
-        gens = generate(mdl, tok, batch, shots=shots, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                        temperature=temperature, top_p=top_p, seed=seed + lo)
+        gens, prompt_cache = generate(mdl, tok, batch, shots=shots, max_new_tokens=max_new_tokens,
+                                      do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed + lo,
+                                      prefix_store=prefix_store)
         wanted = {b for b, g in enumerate(gens) if g.question.id in save_attention}
-        caps = capture(mdl, [g.prompt_ids for g in gens], [g.completion_ids for g in gens], save_maps=wanted)
+        caps = capture(mdl, [g.prompt_ids for g in gens], [g.completion_ids for g in gens],
+                       prompt_cache=prompt_cache, save_maps=wanted)
+        del prompt_cache
         append_batch(out, gens, caps, tok, attn_dtype=attn_dtype)
         new_tokens += sum(len(g.completion_ids) for g in gens)
         bar.update(len(batch))

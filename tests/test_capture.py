@@ -1,0 +1,162 @@
+"""capture() against recomputation from eager attention weights, on a tiny random Llama and a tiny Mllama."""
+
+import numpy as np
+import pytest
+import torch
+
+from attentropy.capture import ATTN_IMPLEMENTATION, ATTN_STATS, capture, entropy_varentropy, recorded_layers, register
+
+
+def eager_reference(model, prompt, completion):
+    """Every statistic recomputed from `output_attentions` of an eager forward over the unpadded sequence."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(torch.tensor([prompt + completion[:-1]]), output_attentions=True)
+    finally:
+        model.set_attn_implementation(previous)
+    first, n = len(prompt) - 1, len(completion)
+    att = torch.stack(out.attentions, 1)[0].float()  # [L, H, T, T]
+    rows = att[:, :, first:first + n].permute(2, 0, 1, 3)  # [n, L, H, K]
+    h, v = entropy_varentropy(rows.log())
+    pos = torch.arange(first, first + n)
+    idx = pos.view(-1, 1, 1, 1).expand(-1, rows.shape[1], rows.shape[2], 1)
+    stats = {
+        "entropy": h, "varentropy": v, "sink_mass": rows[..., 0],
+        "prompt_mass": rows[..., : len(prompt)].sum(-1),
+        "diag_mass": rows.gather(-1, idx).squeeze(-1),
+        "prev_mass": rows.gather(-1, (idx - 1).clamp(min=0)).squeeze(-1),
+    }
+    logp = torch.log_softmax(out.logits[0, first:first + n].float(), -1)
+    lh, lv = entropy_varentropy(logp)
+    token = {"logprob": logp.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1), "logit_entropy": lh,
+             "logit_varentropy": lv}
+    return stats, token
+
+
+SEQS = [([1, 5, 9, 11, 3], [7, 8, 20, 21, 2]), ([1, 4], [30, 31, 32]), ([1, 6, 6, 6, 6, 6, 6, 6], [40])]
+
+
+def assert_matches_eager(model, prompts, completions, results, atol=1e-4):
+    for p, c, r in zip(prompts, completions, results):
+        stats, token = eager_reference(model, p, c)
+        assert r.attn.shape == (len(c), len(recorded_layers(model)), model.config.num_attention_heads, 6)
+        for s, name in enumerate(ATTN_STATS):
+            np.testing.assert_allclose(r.attn[..., s], stats[name].numpy(), atol=atol, err_msg=name)
+        for name, ref in token.items():
+            np.testing.assert_allclose(getattr(r, name), ref.numpy(), atol=atol, err_msg=name)
+        np.testing.assert_array_equal(r.n_keys, np.arange(len(p), len(p) + len(c)))
+
+
+def test_every_statistic_equals_eager_recomputation(tiny_llama):
+    prompts, completions = zip(*SEQS)
+    results = capture(tiny_llama, list(prompts), list(completions))
+    assert_matches_eager(tiny_llama, prompts, completions, results)
+    for r in results:
+        assert np.isfinite(r.attn).all() and np.isfinite(r.logprob).all()
+        assert np.isfinite(r.logit_entropy).all() and np.isfinite(r.logit_varentropy).all()
+
+
+def test_padded_batch_equals_each_sequence_alone(tiny_llama):
+    prompts, completions = zip(*SEQS)
+    batched = capture(tiny_llama, list(prompts), list(completions))
+    for b, (p, c) in enumerate(SEQS):
+        alone = capture(tiny_llama, [p], [c])[0]
+        np.testing.assert_allclose(batched[b].attn, alone.attn, atol=1e-5)
+        np.testing.assert_allclose(batched[b].logprob, alone.logprob, atol=1e-5)
+
+
+def test_chunked_rows_give_the_same_numbers(tiny_llama):
+    prompts, completions = zip(*SEQS)
+    whole = capture(tiny_llama, list(prompts), list(completions))
+    one_row_at_a_time = capture(tiny_llama, list(prompts), list(completions), chunk_bytes=1)
+    for a, b in zip(whole, one_row_at_a_time):
+        np.testing.assert_allclose(a.attn, b.attn, atol=1e-6)
+
+
+def test_statistics_are_per_query_head_under_gqa(tiny_llama):
+    assert tiny_llama.config.num_key_value_heads < tiny_llama.config.num_attention_heads
+    r = capture(tiny_llama, [SEQS[0][0]], [SEQS[0][1]])[0]
+    assert r.attn.shape[2] == tiny_llama.config.num_attention_heads
+    # heads sharing one key/value head still have their own distributions
+    assert not np.allclose(r.attn[:, :, 0, 0], r.attn[:, :, 1, 0])
+
+
+def test_mass_statistics_are_probabilities(tiny_llama):
+    prompts, completions = zip(*SEQS)
+    for r in capture(tiny_llama, list(prompts), list(completions)):
+        masses = r.attn[..., 2:]
+        assert (masses >= -1e-6).all() and (masses <= 1 + 1e-5).all()
+        assert (r.attn[..., 0] <= np.log(r.n_keys)[:, None, None] + 1e-4).all()  # entropy <= ln K
+
+
+def test_logits_are_unchanged_by_the_capture_path(tiny_llama):
+    register()
+    ids = torch.tensor([SEQS[0][0] + SEQS[0][1]])
+    with torch.no_grad():
+        reference = tiny_llama(ids).logits
+        tiny_llama.set_attn_implementation(ATTN_IMPLEMENTATION)
+        try:
+            from attentropy import capture as capture_module
+
+            n = ids.shape[1]
+            capture_module._STATE = capture_module._CaptureState(
+                sink_key=torch.tensor([0]), prompt_keys=5, prev_key=(torch.arange(n) - 1).clamp(min=0)[None],
+                chunk_bytes=1 << 10)
+            captured = tiny_llama(ids).logits
+        finally:
+            capture_module._STATE = None
+            tiny_llama.set_attn_implementation("sdpa")
+    torch.testing.assert_close(captured, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_save_maps_returns_the_full_attention_rows(tiny_llama):
+    p, c = SEQS[0]
+    r = capture(tiny_llama, [p, SEQS[1][0]], [c, SEQS[1][1]], save_maps={0})
+    assert set(r[0].attention_map) == set(recorded_layers(tiny_llama)) and r[1].attention_map is None
+    m = r[0].attention_map[1]  # [H, n, K]
+    assert m.shape == (4, len(c), len(p) + len(c) - 1)
+    np.testing.assert_allclose(m.astype(np.float32).sum(-1), 1.0, atol=2e-3)
+    h, _ = entropy_varentropy(torch.tensor(m, dtype=torch.float32).log())
+    np.testing.assert_allclose(h.numpy().T, r[0].attn[:, 1, :, 0], atol=5e-3)
+
+
+def test_mllama_records_true_layer_indices_and_skips_cross_attention():
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
+                num_key_value_heads=2, cross_attention_layers=[1, 3], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_global_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14, vision_output_dim=32,
+                  intermediate_layers_indices=[0])
+    config = MllamaConfig(text_config=text, vision_config=vision)
+    model = MllamaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    assert recorded_layers(model) == [0, 2, 4]
+    prompts, completions = [[1, 5, 9], [1, 4, 6, 7]], [[7, 8, 2], [30, 2]]
+    results = capture(model, prompts, completions)
+    assert_matches_eager_mllama(model, prompts, completions, results)
+
+
+def assert_matches_eager_mllama(model, prompts, completions, results):
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        for p, c, r in zip(prompts, completions, results):
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([p + c[:-1]]), output_attentions=True)
+            # eager returns one attention tensor per layer that ran: the self-attention layers only
+            att = torch.stack([a for a in out.attentions if a is not None], 1)[0].float()
+            assert att.shape[0] == 3 and r.attn.shape[1] == 3
+            rows = att[:, :, len(p) - 1:len(p) - 1 + len(c)].permute(2, 0, 1, 3)
+            h, v = entropy_varentropy(rows.log())
+            np.testing.assert_allclose(r.attn[..., 0], h.numpy(), atol=1e-4)
+            np.testing.assert_allclose(r.attn[..., 1], v.numpy(), atol=1e-4)
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def test_capture_rejects_empty_completion(tiny_llama):
+    with pytest.raises(ValueError, match="non-empty"):
+        capture(tiny_llama, [[1, 2]], [[]])

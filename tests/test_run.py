@@ -1,0 +1,148 @@
+"""The run directory: end to end on a tiny local model, resume after a crash or SIGKILL, load_run's contract."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from attentropy import load_run
+from attentropy import store as store_module
+from attentropy.capture import ATTN_STATS
+from attentropy.run import run_benchmark
+from conftest import tiny_llama_config
+
+RUN = dict(benchmark="facts", limit=5, batch_size=2, max_new_tokens=6, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, embedded):
+    """A tiny random Llama saved as a local model directory with the embedded model's tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    _, tokenizer, _ = embedded
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=2,
+                                                            eos_token_id=2))
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def check_run(path, n_questions):
+    run = load_run(path)
+    assert len(run.samples) == n_questions and run.samples["question_id"].is_unique
+    lengths = run.samples.set_index("question_id")["completion_ids"].map(len)
+    assert len(run.tokens) == lengths.sum()
+    assert (run.tokens.groupby("question_id", sort=False).size() == lengths[run.tokens["question_id"].unique()]).all()
+    for stat in ATTN_STATS:
+        values = run.attn(stat)
+        assert values.shape == (len(run.tokens), len(run.layers), run.n_heads) and values.dtype == np.float32
+        assert np.isfinite(values).all()
+    return run
+
+
+def test_run_writes_the_documented_layout(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    summary = run_benchmark(out=out, model=tiny_model_dir, **RUN)
+    run = check_run(out, 5)
+    assert summary["questions"] == 5 and summary["tokens"] == len(run.tokens)
+    assert list(run.samples.columns[:7]) == ["question_id", "benchmark", "question", "target", "reference",
+                                             "aliases", "metadata"]
+    for column in ("prompt_ids", "completion_ids", "completion"):
+        assert column in run.samples
+    assert list(run.tokens.columns) == ["question_id", "pos", "token_id", "token", "logprob", "logit_entropy",
+                                        "logit_varentropy", "n_keys"]
+    assert run.layers == [0, 1, 2] and run.n_heads == 4
+    # token rows are the completion ids, in order, with the row convention's key count
+    first = run.samples.iloc[0]
+    rows = run.tokens[run.tokens.question_id == first.question_id]
+    assert rows.token_id.tolist() == list(first.completion_ids)
+    assert rows.n_keys.tolist() == list(range(len(first.prompt_ids), len(first.prompt_ids) + len(rows)))
+    config = run.config
+    for key in ("model", "benchmark", "protocol", "capture", "packages", "git_commit", "attentropy_version"):
+        assert key in config
+    assert config["model"]["source"] == tiny_model_dir and config["capture"]["units"] == "nats"
+    # DuckDB and pandas read the parts directly
+    n = duckdb.sql(f"select count(*) from '{out}/tokens/*.parquet'").fetchall()[0][0]
+    assert n == len(run.tokens)
+
+
+def test_attn_reads_only_the_requested_column(tmp_path, tiny_model_dir, monkeypatch):
+    out = tmp_path / "run"
+    run_benchmark(out=out, model=tiny_model_dir, **RUN)
+    run = load_run(out)
+    asked = []
+    real = pq.read_table
+    monkeypatch.setattr(store_module.pq, "read_table", lambda *a, **k: asked.append(k.get("columns")) or real(*a, **k))
+    run.attn("varentropy")
+    assert asked and all(columns == ["varentropy"] for columns in asked)
+    with pytest.raises(KeyError, match="unknown attention statistic"):
+        run.attn("entropy_bits")
+
+
+def test_rerun_skips_finished_questions_and_extends(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    run_benchmark(out=out, model=tiny_model_dir, **{**RUN, "limit": 3})
+    before = load_run(out).samples.completion.tolist()
+    summary = run_benchmark(out=out, model=tiny_model_dir, **RUN)
+    assert summary["new_tokens"] == 2 * 6  # only questions 4 and 5 were generated (random model: no early stop)
+    run = check_run(out, 5)
+    assert run.samples.completion.tolist()[:3] == before
+    assert run_benchmark(out=out, model=tiny_model_dir, **RUN)["new_tokens"] == 0
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    run_benchmark(out=out, model=tiny_model_dir, **{**RUN, "limit": 2})
+    with pytest.raises(ValueError, match="different 'protocol'"):
+        run_benchmark(out=out, model=tiny_model_dir, **{**RUN, "max_new_tokens": 9})
+
+
+def test_crash_while_committing_a_batch_loses_only_that_batch(tmp_path, tiny_model_dir, monkeypatch):
+    out = tmp_path / "run"
+    real = store_module._write_parquet
+    writes = []
+
+    def crash_on_second_samples_part(table, path):
+        writes.append(path)
+        if path.parent.name == "samples" and path.name == "part-00001.parquet":
+            raise KeyboardInterrupt("simulated interruption")
+        real(table, path)
+
+    monkeypatch.setattr(store_module, "_write_parquet", crash_on_second_samples_part)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(out=out, model=tiny_model_dir, **RUN)
+    assert (out / "tokens" / "part-00001.parquet").exists()  # written, but not committed
+    check_run(out, 2)
+    monkeypatch.setattr(store_module, "_write_parquet", real)
+    run_benchmark(out=out, model=tiny_model_dir, **RUN)
+    check_run(out, 5)
+
+
+def test_sigkill_at_any_moment_leaves_a_loadable_run_that_resumes(tmp_path, tiny_model_dir):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for attempt, delay in enumerate((0.0, 0.05, 0.3)):
+        out = tmp_path / f"run{attempt}"
+        cmd = [sys.executable, "-m", "attentropy.cli", "run", "--model", tiny_model_dir, "--benchmark", "facts",
+               "--limit", "12", "--batch-size", "2", "--max-new-tokens", "6", "--out", str(out), "--quiet",
+               "--threads", "1"]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not (out / "samples" / "part-00000.parquet").exists() and proc.poll() is None:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        partial = check_run(out, len(load_run(out).samples))
+        assert 1 <= len(partial.samples) <= 12
+        assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+        check_run(out, 12)
