@@ -1,12 +1,19 @@
-"""The statistics' math and their capture: one teacher-forced forward over prompt + completion ids through a
-registered attention function that reduces every attention row to its statistics on the fly.
+"""The statistics' math and their capture through a registered attention function that reduces attention rows
+to their statistics on the fly (the full attention matrices are never kept).
 
 Definitions (DESIGN.md): for a distribution p over the K visible items,
-    entropy     H = -sum p ln p                 (nats)
+    entropy     H = -sum p ln p                       (nats)
     varentropy  V =  sum p (ln p + H)^2 = Var[-ln p]   (nats^2)
 Masked (invisible) keys have p = 0 exactly and contribute 0 (never 0 * inf).
 Row convention: completion token t is described by the query row that predicted it, absolute position
 len(prompt) - 1 + t; its logit statistics and log-probability come from that same row.
+
+Two ways to fill the same rows, tested to agree:
+  - `capture(model, prompts, completions)`: one teacher-forced forward over given ids (any answer, e.g. one
+    written elsewhere), attending to the prompts' cached keys/values;
+  - `Recorder` during `generate`: the decode steps' own query rows are those rows, so `attentropy run` reads the
+    statistics while generating. On a CPU a decode step at batch 16 is compute bound, so a second forward would
+    cost about as much as generation itself; reading the rows in place costs a few percent.
 """
 
 from __future__ import annotations
@@ -23,11 +30,12 @@ ATTN_STATS = ("entropy", "varentropy", "sink_mass", "prompt_mass", "diag_mass", 
 TOKEN_STATS = ("logprob", "logit_entropy", "logit_varentropy")
 
 
-def entropy_varentropy(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entropy and varentropy (nats, nats^2) over the last axis of log-probabilities `logp` (float32).
-    Items with p == 0 (masked keys, logp = -inf or hugely negative) contribute exactly 0."""
-    p = logp.exp()
-    logp = torch.where(p > 0, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+def entropy_varentropy(logp: torch.Tensor, p: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy and varentropy (nats, nats^2) over the last axis of log-probabilities `logp` (float32; `p` is
+    exp(logp) if already at hand). Items with p == 0 (masked keys: logp = -inf or hugely negative) contribute 0."""
+    if p is None:
+        p = logp.exp()
+    logp = torch.where(p > 0, logp, 0.0)
     entropy = -(p * logp).sum(-1)
     varentropy = (p * (logp + entropy.unsqueeze(-1)) ** 2).sum(-1)
     return entropy, varentropy
@@ -89,72 +97,126 @@ def fill_prompt_cache(model, prompts: list[list[int]], pad_id: int = 0) -> Promp
     return PromptCache(input_ids, attention_mask, cache)
 
 
-@dataclass
-class _CaptureState:
-    """What the attention function needs during one capture forward, and what it leaves behind. Key indices are
-    into the full key axis [prompt layout without its last token | last prompt token | completion[:-1]]."""
+class Recorder:
+    """Collects statistics of recorded query rows while a model runs with the attentropy implementation.
 
-    sink_key: torch.Tensor  # [B] first visible key (the sequence's first token)
-    prompt_keys: int  # keys < prompt_keys are prompt tokens (or padding, which gets p = 0)
-    prev_key: torch.Tensor  # [B, Q] key index of the token before each query row's own token
-    chunk_bytes: int  # bound on one chunk's float32 score matrix [B, H, rows, K]
-    map_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # batch index -> visible key indices to keep
-    stats: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, Q, n_stats] float32 on CPU
-    maps: dict[int, dict[int, list]] = field(default_factory=dict)  # batch index -> layer -> [[H, rows, K_b]]
+    Key indices follow one axis for a batch: [prompt layout (width W) | completion tokens], so the last prompt
+    token is key W-1 and completion token t is key W+t, both in generation and in teacher-forced capture."""
+
+    def __init__(self, layout_mask: torch.Tensor, all_rows: bool, chunk_bytes: int = 16 << 20,
+                 save_maps: set[int] = frozenset()):
+        width = layout_mask.shape[1]
+        self.layout_mask = layout_mask  # [B, W]
+        self.all_rows = all_rows  # teacher forcing: every new query row; generation: the last row of each call
+        self.chunk_bytes = chunk_bytes  # bound on one chunk's float32 scores [B, H, rows, K]
+        self.sink_key = layout_mask.argmax(-1)  # [B] first visible key: the sequence's first token
+        self.prompt_keys = width  # keys < W are prompt (or padding, whose p is 0)
+        visible = layout_mask[:, :-1] * torch.arange(1, width)  # index + 1 where visible
+        self.prev_of_last_prompt = visible.max(-1).values - 1  # [B] the token before the last prompt token
+        self.save_maps = save_maps
+        self.attn: dict[int, list[torch.Tensor]] = {}  # layer -> [[B, H, rows, n_stats]] in row order
+        self.maps: dict[int, dict[int, list[torch.Tensor]]] = {}  # batch index -> layer -> [[H, rows, K]]
+        self.logits: dict[str, list[torch.Tensor]] = {name: [] for name in TOKEN_STATS}  # [[B, rows]]
+
+    def record_logits(self, logp: torch.Tensor, targets: torch.Tensor | None) -> None:
+        """logp [B, r, V] float32 log-softmax of rows; targets [B, r] the tokens they predicted (None: later)."""
+        entropy, varentropy = entropy_varentropy(logp)
+        self.logits["logit_entropy"].append(entropy.cpu())
+        self.logits["logit_varentropy"].append(varentropy.cpu())
+        if targets is not None:
+            self.logits["logprob"].append(logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu())
+
+    def captures(self, model, prompts: list[list[int]], completions: list[list[int]]) -> list["Capture"]:
+        layers = recorded_layers(model)
+        if sorted(self.attn) != layers:
+            raise RuntimeError(f"captured layers {sorted(self.attn)} but expected {layers}")
+        attn = torch.stack([torch.cat(self.attn[layer], dim=2) for layer in layers], dim=2)  # [B, H, L, R, S]
+        attn = attn.permute(0, 3, 2, 1, 4)  # [B, R, L, H, S]: rows, then (layer, head), as stored
+        token = {name: torch.cat(parts, dim=1) for name, parts in self.logits.items()}  # [B, R]
+        width = self.layout_mask.shape[1]
+        results = []
+        for b, (p, c) in enumerate(zip(prompts, completions)):
+            n = len(c)
+            if attn.shape[1] < n or any(token[name].shape[1] < n for name in TOKEN_STATS):
+                raise RuntimeError(f"recorded {attn.shape[1]} rows for a completion of {n} tokens")
+            maps = None
+            if b in self.maps:  # layer -> [H, n, len(prompt) + n - 1]: completion rows over the visible keys
+                keys = torch.cat([self.layout_mask[b].nonzero().squeeze(-1), torch.arange(width, width + n - 1)])
+                maps = {}
+                for layer, parts in self.maps[b].items():
+                    full = torch.zeros(parts[0].shape[0], sum(x.shape[1] for x in parts), width + n - 1,
+                                       dtype=parts[0].dtype)
+                    row = 0
+                    for x in parts:
+                        k = min(x.shape[2], full.shape[2])
+                        full[:, row:row + x.shape[1], :k] = x[:, :, :k]
+                        row += x.shape[1]
+                    maps[layer] = full[:, :n][:, :, keys].numpy()
+            results.append(Capture(attn=attn[b, :n].numpy(), logprob=token["logprob"][b, :n].numpy(),
+                                   logit_entropy=token["logit_entropy"][b, :n].numpy(),
+                                   logit_varentropy=token["logit_varentropy"][b, :n].numpy(),
+                                   n_keys=np.arange(len(p), len(p) + n), attention_map=maps))
+        return results
 
 
-_STATE: _CaptureState | None = None
+_RECORDER: Recorder | None = None
 
 
 def attentropy_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Drop-in attention implementation (same signature and output as transformers' eager attention).
 
     query [B, Hq, Q, D]; key, value [B, Hkv, K, D] (cache included, the Q new tokens last); attention_mask
-    [B, 1, Q, K] additive float. Outside a capture, or for non-causal (cross) attention, it is plain sdpa."""
+    [B, 1, Q, K] additive float. Without an active Recorder, or for non-causal (cross) attention, it is plain
+    sdpa. Recorded rows are computed explicitly in float32 (softmax, statistics, output); other rows use sdpa."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    state = _STATE
-    if state is None or not getattr(module, "is_causal", False) or module.training:
+    rec = _RECORDER
+    if rec is None or not getattr(module, "is_causal", False) or module.training:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     if attention_mask is None:  # only when the mask function was not registered: fail loudly, never attend ahead
         raise RuntimeError("attentropy attention got no mask; register the mask function with the implementation")
-    batch, n_heads, n_q = query.shape[:3]
-    n_k = key.shape[2]
-    groups = n_heads // key.shape[1]  # GQA: statistics are per query head; keys/values shared by `groups` heads
-    key = key.repeat_interleave(groups, dim=1) if groups > 1 else key  # [B, Hq, K, D]
-    value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+    batch, n_heads, n_q, head_dim = query.shape
+    n_kv, n_k = key.shape[1], key.shape[2]
+    groups = n_heads // n_kv  # GQA: query head h reads key/value head h // groups; statistics per query head
     mask = attention_mask[:, :, :, :n_k]
-    dev = query.device
+    first = 0 if rec.all_rows else n_q - 1  # first recorded row
     output = torch.empty_like(query)  # [B, Hq, Q, D]
-    stats = torch.empty(batch, n_heads, n_q, len(ATTN_STATS), dtype=torch.float32, device=dev)
-    sink = state.sink_key.to(dev).view(batch, 1, 1, 1).expand(batch, n_heads, n_q, 1)
-    diag = torch.arange(n_k - n_q, n_k, device=dev).view(1, 1, n_q, 1).expand(batch, n_heads, n_q, 1)
-    prev = state.prev_key.to(dev).view(batch, 1, n_q, 1).expand(batch, n_heads, n_q, 1)
-    chunk_rows = max(1, state.chunk_bytes // (4 * batch * n_heads * n_k))
-    for start in range(0, n_q, chunk_rows):
+    if first > 0:
+        output[:, :, :first] = F.scaled_dot_product_attention(
+            query[:, :, :first], key, value, attn_mask=mask[:, :, :first], scale=scaling, enable_gqa=groups > 1)
+    dev = query.device
+    stats = torch.empty(batch, n_heads, n_q - first, len(ATTN_STATS), dtype=torch.float32, device=dev)
+    key_f, value_f = key.float(), value.float()
+    own_key = torch.arange(n_k - n_q, n_k, device=dev)  # key index of each query row's own token
+    last_prompt = own_key == rec.prompt_keys - 1
+    chunk_rows = max(1, rec.chunk_bytes // (4 * batch * n_heads * n_k))
+    for start in range(first, n_q, chunk_rows):
         stop = min(start + chunk_rows, n_q)
-        rows = slice(start, stop)
-        scores = torch.matmul(query[:, :, rows].float(), key.float().transpose(2, 3)) * scaling
-        scores = scores + mask[:, :, rows].float()  # [B, Hq, c, K]; masked keys -> ~ -3.4e38
+        r = stop - start
+        # [B, Hkv, groups * r, D] @ [B, Hkv, D, K]: grouped heads read their shared keys without copying them
+        q = query[:, :, start:stop].float().reshape(batch, n_kv, groups * r, head_dim)
+        scores = torch.matmul(q, key_f.transpose(2, 3)).view(batch, n_heads, r, n_k) * scaling
+        scores += mask[:, :, start:stop].float()  # masked keys -> ~ -3.4e38 -> p = 0
         logp = torch.log_softmax(scores, dim=-1)
         del scores
-        p = logp.exp()
-        output[:, :, rows] = torch.matmul(p.to(value.dtype), value)
-        entropy, varentropy = entropy_varentropy(logp)
+        p = logp.exp()  # [B, Hq, r, K]
+        out = torch.matmul(p.view(batch, n_kv, groups * r, n_k), value_f)
+        output[:, :, start:stop] = out.view(batch, n_heads, r, head_dim).to(output.dtype)
+        chunk = stats[:, :, start - first:stop - first]
+        chunk[..., 0], chunk[..., 1] = entropy_varentropy(logp, p)
         del logp
-        chunk = stats[:, :, rows]
-        chunk[..., 0] = entropy
-        chunk[..., 1] = varentropy
-        chunk[..., 2] = p.gather(-1, sink[:, :, rows]).squeeze(-1)
-        chunk[..., 3] = p[..., : state.prompt_keys].sum(-1)
-        chunk[..., 4] = p.gather(-1, diag[:, :, rows]).squeeze(-1)
-        chunk[..., 5] = p.gather(-1, prev[:, :, rows]).squeeze(-1)
-        for b, keys in state.map_keys.items():
-            layer_maps = state.maps.setdefault(b, {}).setdefault(module.layer_idx, [])
-            layer_maps.append(p[b][:, :, keys.to(dev)].half().cpu())
+        own = own_key[start:stop]
+        prev = torch.where(last_prompt[start:stop], rec.prev_of_last_prompt.to(dev)[:, None], own - 1)  # [B, r]
+        chunk[..., 2] = p.gather(-1, rec.sink_key.to(dev).view(batch, 1, 1, 1).expand(-1, n_heads, r, 1))[..., 0]
+        chunk[..., 3] = p[..., : rec.prompt_keys].sum(-1)
+        chunk[..., 4] = p.gather(-1, own.view(1, 1, r, 1).expand(batch, n_heads, r, 1))[..., 0]
+        prev_mass = p.gather(-1, prev.clamp(min=0).view(batch, 1, r, 1).expand(-1, n_heads, r, 1))[..., 0]
+        chunk[..., 5] = torch.where(prev.view(batch, 1, r) >= 0, prev_mass, 0.0)  # the first token has none
+        for b in rec.save_maps:
+            rec.maps.setdefault(b, {}).setdefault(module.layer_idx, []).append(p[b].half().cpu())
         del p
-    state.stats[module.layer_idx] = stats.cpu()
+    rec.attn.setdefault(module.layer_idx, []).append(stats.cpu())
     return output.transpose(1, 2).contiguous(), None  # [B, Q, Hq, D], like eager attention
 
 
@@ -169,13 +231,52 @@ def register() -> None:
 
 
 @contextmanager
-def _attn_implementation(model, name: str):
+def recording(model, recorder: Recorder):
+    """Run `model` with the attentropy attention implementation, feeding `recorder`."""
+    global _RECORDER
+    register()
     previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    _RECORDER = recorder
     try:
-        yield
+        yield recorder
     finally:
+        _RECORDER = None
         model.set_attn_implementation(previous)
+
+
+@contextmanager
+def recording_generation(model, layout_mask: torch.Tensor, save_maps: set[int] = frozenset()):
+    """Record during `model.generate`: each call's last query row (the prefill's last prompt token, then one
+    row per decode step), and the raw next-token distribution of each step (before any logits processor).
+    After generation, call `recorder.finish(sequences)` with the generated ids [B, steps]."""
+    recorder = Recorder(layout_mask, all_rows=False, save_maps=save_maps)
+    pending: dict[str, torch.Tensor] = {}
+
+    def on_logits(module, args, output):  # lm_head: [B, q, V]; generation keeps only the last position
+        logp = torch.log_softmax(output[:, -1:].float(), dim=-1)
+        recorder.record_logits(logp, None)
+        pending["logp"] = logp
+
+    def on_forward(module, args, kwargs):  # step s's input is the token sampled from step s-1's distribution
+        if "logp" in pending:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            recorder.logits["logprob"].append(pending.pop("logp").gather(-1, ids[:, -1:, None])[..., 0].cpu())
+
+    def finish(sequences: torch.Tensor) -> None:
+        if "logp" in pending:
+            recorder.logits["logprob"].append(
+                pending.pop("logp").gather(-1, sequences[:, -1:, None].to(model.device))[..., 0].cpu())
+
+    recorder.finish = finish
+    hooks = [model.get_output_embeddings().register_forward_hook(on_logits),
+             model.register_forward_pre_hook(on_forward, with_kwargs=True)]
+    try:
+        with recording(model, recorder):
+            yield recorder
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @dataclass
@@ -187,7 +288,7 @@ class Capture:
     logit_entropy: np.ndarray
     logit_varentropy: np.ndarray
     n_keys: np.ndarray  # [n_tokens] visible keys of the row (position + 1); max attention entropy is ln n_keys
-    attention_map: dict | None = None  # layer -> [n_heads, n_tokens, n_keys_max] float16 (rows of completion tokens)
+    attention_map: dict | None = None  # layer -> [n_heads, n_tokens, len(prompt) + n_tokens - 1] float16
 
 
 def recorded_layers(model) -> list[int]:
@@ -199,69 +300,38 @@ def recorded_layers(model) -> list[int]:
 
 @torch.no_grad()
 def capture(model, prompts: list[list[int]], completions: list[list[int]], *, prompt_cache: PromptCache | None = None,
-            chunk_bytes: int = 16 << 20, logit_chunk_rows: int = 256, save_maps: set[int] = frozenset()
-            ) -> list[Capture]:
+            chunk_bytes: int = 16 << 20, save_maps: set[int] = frozenset()) -> list[Capture]:
     """Statistics for every completion token of each (prompt ids, completion ids) pair (never re-tokenized).
 
     One teacher-forced forward over [last prompt token, completion[:-1]] per sequence (right padded), attending
-    to the prompt's cached keys/values: `prompt_cache` from generation, or computed here. Its query rows are
-    exactly the rows that predicted the completion tokens.
+    to the prompts' cached keys/values (`prompt_cache`, or computed here): its query rows are exactly the rows
+    that predicted the completion tokens.
     `save_maps`: batch indices whose full attention rows (completion rows x visible keys) are also returned."""
-    global _STATE
-    register()
     if not prompts or any(len(p) < 2 for p in prompts) or any(len(c) == 0 for c in completions):
         raise ValueError("capture needs a prompt of at least 2 tokens and a non-empty completion for every sequence")
     device = model.device
     if prompt_cache is None:
         prompt_cache = fill_prompt_cache(model, prompts)
     layout_ids, layout_mask = prompt_cache.input_ids, prompt_cache.attention_mask
-    batch, width = layout_ids.shape
+    batch = layout_ids.shape[0]
     n_q = max(len(c) for c in completions)
-    new_ids = torch.zeros(batch, n_q, dtype=torch.long)
+    new_ids = torch.zeros(batch, n_q, dtype=torch.long)  # [last prompt token, completion[:-1]], right padded
+    targets = torch.zeros(batch, n_q, dtype=torch.long)  # the tokens those rows predicted
     new_valid = torch.zeros(batch, n_q, dtype=torch.long)
     for b, c in enumerate(completions):
         new_ids[b, 0] = layout_ids[b, -1]
         new_ids[b, 1:len(c)] = torch.tensor(c[:-1], dtype=torch.long)
+        targets[b, :len(c)] = torch.tensor(c, dtype=torch.long)
         new_valid[b, :len(c)] = 1
     full_mask = torch.cat([layout_mask, new_valid[:, 1:]], dim=1)  # [B, W-1+Q] over the key axis
     position_ids = positions(layout_mask)[:, -1:] + torch.arange(n_q)  # [B, Q]
-    visible_before_last = layout_mask[:, :-1] * torch.arange(1, width)  # index+1 where visible, else 0
-    prev_key = torch.cat([(visible_before_last.max(-1).values - 1)[:, None],  # row 0: previous visible prompt token
-                          torch.arange(width - 1, width - 2 + n_q).expand(batch, -1)], dim=1)
-    state = _CaptureState(sink_key=layout_mask.argmax(-1), prompt_keys=width, prev_key=prev_key,
-                          chunk_bytes=chunk_bytes,
-                          map_keys={b: full_mask[b].nonzero().squeeze(-1) for b in save_maps})
-    cache = prompt_cache.cache
-    _STATE = state
-    try:
-        with _attn_implementation(model, ATTN_IMPLEMENTATION):
-            hidden = model.get_decoder()(input_ids=new_ids.to(device), attention_mask=full_mask.to(device),
-                                         position_ids=position_ids.to(device), cache=cache,
-                                         use_cache=True).last_hidden_state  # [B, Q, d]
-    finally:
-        _STATE = None
-    layers = recorded_layers(model)
-    if sorted(state.stats) != layers:
-        raise RuntimeError(f"captured layers {sorted(state.stats)} but expected {layers}")
-    attn = torch.stack([state.stats[layer] for layer in layers], dim=2)  # [B, H, L, Q, S]
-    attn = attn.permute(0, 3, 2, 1, 4)  # [B, Q, L, H, S]: rows, then (layer, head), as stored
+    with recording(model, Recorder(layout_mask, all_rows=True, chunk_bytes=chunk_bytes, save_maps=save_maps)) as rec:
+        hidden = model.get_decoder()(input_ids=new_ids.to(device), attention_mask=full_mask.to(device),
+                                     position_ids=position_ids.to(device), cache=prompt_cache.cache,
+                                     use_cache=True).last_hidden_state  # [B, Q, d]
     lm_head = model.get_output_embeddings()
-    results = []
-    for b, (p, c) in enumerate(zip(prompts, completions)):
-        targets = torch.tensor(c, device=device)
-        logprob, log_h, log_v = [], [], []
-        for lo in range(0, len(c), logit_chunk_rows):
-            hi = min(lo + logit_chunk_rows, len(c))
-            logp = torch.log_softmax(lm_head(hidden[b, lo:hi]).float(), dim=-1)  # [r, V]
-            h, v = entropy_varentropy(logp)
-            logprob.append(logp.gather(-1, targets[lo:hi, None]).squeeze(-1).cpu())
-            log_h.append(h.cpu())
-            log_v.append(v.cpu())
-        maps = None
-        if b in state.maps:  # layer -> [H, n, K_b]: the completion rows over this sequence's visible keys
-            maps = {layer: torch.cat(parts, dim=1)[:, : len(c), : len(p) + len(c) - 1].numpy()
-                    for layer, parts in state.maps[b].items()}
-        results.append(Capture(attn=attn[b, : len(c)].numpy(), logprob=torch.cat(logprob).numpy(),
-                               logit_entropy=torch.cat(log_h).numpy(), logit_varentropy=torch.cat(log_v).numpy(),
-                               n_keys=np.arange(len(p), len(p) + len(c)), attention_map=maps))
-    return results
+    rows = max(1, 4 * chunk_bytes // (4 * batch * lm_head.out_features))
+    for lo in range(0, n_q, rows):
+        logp = torch.log_softmax(lm_head(hidden[:, lo:lo + rows]).float(), dim=-1)  # [B, r, V]
+        rec.record_logits(logp, targets[:, lo:lo + rows].to(device))
+    return rec.captures(model, prompts, completions)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from .capture import PromptCache, common_prefix_len, prompt_layout
+from .capture import Capture, PromptCache, common_prefix_len, prompt_layout, recording_generation
 from .data import FACTUAL, MATH, Question, fewshot_exemplars
 
 # Meta's published Llama 3.2 GSM8K protocol: this user turn, 8 worked exemplars as earlier chat turns,
@@ -73,6 +74,7 @@ class Generation:
     completion_ids: list[int]  # generated tokens up to and including the end-of-turn token, if one came
     completion: str  # decoded completion without special tokens
     finish_reason: str  # "stop" (end of turn) or "length" (max_new_tokens reached)
+    capture: Capture | None = None  # the completion tokens' statistics, when generated with record=True
 
 
 @dataclass
@@ -97,11 +99,14 @@ class PrefixStore:
 @torch.no_grad()
 def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_SHOTS, max_new_tokens: int = 128,
              min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             seed: int = 0, prefix_store: PrefixStore | None = None) -> tuple[list[Generation], PromptCache]:
+             seed: int = 0, prefix_store: PrefixStore | None = None, record: bool = False,
+             save_maps: set[int] = frozenset()) -> tuple[list[Generation], PromptCache]:
     """Generate answers for one batch; greedy unless `do_sample` (seeded per batch).
 
     The prompts' common prefix is computed once (and kept in `prefix_store` across batches), the rest of each
-    prompt is left padded after it. Returns the generations and the prompts' keys/values for `capture`."""
+    prompt is left padded after it. With `record`, every generated token's statistics are read in the decode
+    steps themselves (`Generation.capture`; `save_maps`: batch indices whose full attention rows are kept).
+    Returns the generations and the prompts' keys/values, for a later teacher-forced `capture`."""
     prompts = [prompt_ids(tokenizer, q, shots) for q in questions]
     stops = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
@@ -113,9 +118,11 @@ def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_S
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
     if do_sample:
         torch.manual_seed(seed)
-    out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                         cache=cache, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                         eos_token_id=stops, pad_token_id=pad, top_k=None, return_dict_in_generate=True, **sampling)
+    with recording_generation(model, attention_mask, save_maps) if record else nullcontext() as recorder:
+        out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                             cache=cache, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                             eos_token_id=stops, pad_token_id=pad, top_k=None, return_dict_in_generate=True,
+                             **sampling)
     width = input_ids.shape[1]
     generations = []
     for q, p, row in zip(questions, prompts, out.sequences[:, width:].tolist()):
@@ -123,6 +130,11 @@ def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_S
         completion = row if end is None else row[: end + 1]
         generations.append(Generation(q, p, completion, tokenizer.decode(completion, skip_special_tokens=True),
                                       "length" if end is None else "stop"))
+    if record:
+        recorder.finish(out.sequences)
+        captures = recorder.captures(model, prompts, [g.completion_ids for g in generations])
+        for g, c in zip(generations, captures):
+            g.capture = c
     cache = out.cache
     cache.crop(-(cache.get_seq_length() - (width - 1)))  # keep the prompts' keys/values, minus each last token
     return generations, PromptCache(input_ids, attention_mask, cache)

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .capture import ATTN_STATS, TOKEN_STATS, capture, recorded_layers
+from .capture import ATTN_STATS, TOKEN_STATS, recorded_layers
 from .data import ARITH_DEFAULT_DIFFICULTY, load_questions
 from .generate import MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS, PrefixStore, generate, protocol_kind
 from .model import DEFAULT_MODEL, load_model
@@ -100,14 +100,11 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
                disable=not progress)
     for lo in range(0, len(todo), batch_size):
         batch = todo[lo: lo + batch_size]
-        gens, prompt_cache = generate(mdl, tok, batch, shots=shots, max_new_tokens=max_new_tokens,
-                                      do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed + lo,
-                                      prefix_store=prefix_store)
-        wanted = {b for b, g in enumerate(gens) if g.question.id in save_attention}
-        caps = capture(mdl, [g.prompt_ids for g in gens], [g.completion_ids for g in gens],
-                       prompt_cache=prompt_cache, save_maps=wanted)
-        del prompt_cache
-        append_batch(out, gens, caps, tok, attn_dtype=attn_dtype)
+        wanted = {b for b, q in enumerate(batch) if q.id in save_attention}
+        gens, _ = generate(mdl, tok, batch, shots=shots, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                           temperature=temperature, top_p=top_p, seed=seed + lo, prefix_store=prefix_store,
+                           record=True, save_maps=wanted)
+        append_batch(out, gens, tok, attn_dtype=attn_dtype)
         new_tokens += sum(len(g.completion_ids) for g in gens)
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):.0f}")

@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .capture import ATTN_STATS, Capture
+from .capture import ATTN_STATS
 from .generate import Generation
 
 PARTS = ("samples", "tokens", "attn")
@@ -59,9 +59,11 @@ def done_question_ids(run_dir: Path) -> set[str]:
     return ids
 
 
-def append_batch(run_dir: Path, generations: list[Generation], captures: list[Capture], tokenizer,
-                 attn_dtype: str = "float32") -> str:
-    """Write one batch as a new part (attn, tokens, then samples last); return the part name."""
+def append_batch(run_dir: Path, generations: list[Generation], tokenizer, attn_dtype: str = "float32") -> str:
+    """Write one batch of captured generations as a new part (attn, tokens, then samples last); return its name."""
+    captures = [g.capture for g in generations]
+    if any(c is None for c in captures):
+        raise ValueError("append_batch needs generations with their capture (generate(..., record=True))")
     run_dir = Path(run_dir)
     existing = committed_parts(run_dir)
     part = f"part-{int(existing[-1].split('-')[1]) + 1 if existing else 0:05d}"

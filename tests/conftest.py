@@ -1,5 +1,8 @@
+import numpy as np
 import pytest
 import torch
+
+from attentropy.capture import ATTN_STATS, entropy_varentropy, recorded_layers
 
 torch.set_num_threads(2)  # deliberate: torch's default collapses when another process competes for the cores
 
@@ -33,3 +36,42 @@ def embedded():
     from attentropy.model import load_model
 
     return load_model("smollm2-135m")
+
+
+def eager_reference(model, prompt, completion):
+    """Every statistic recomputed from `output_attentions` of an eager forward over the unpadded sequence."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(torch.tensor([prompt + completion[:-1]]), output_attentions=True)
+    finally:
+        model.set_attn_implementation(previous)
+    first, n = len(prompt) - 1, len(completion)
+    att = torch.stack(out.attentions, 1)[0].float()  # [L, H, T, T]
+    rows = att[:, :, first:first + n].permute(2, 0, 1, 3)  # [n, L, H, K]
+    h, v = entropy_varentropy(rows.log())
+    pos = torch.arange(first, first + n)
+    idx = pos.view(-1, 1, 1, 1).expand(-1, rows.shape[1], rows.shape[2], 1)
+    stats = {
+        "entropy": h, "varentropy": v, "sink_mass": rows[..., 0],
+        "prompt_mass": rows[..., : len(prompt)].sum(-1),
+        "diag_mass": rows.gather(-1, idx).squeeze(-1),
+        "prev_mass": rows.gather(-1, (idx - 1).clamp(min=0)).squeeze(-1),
+    }
+    logp = torch.log_softmax(out.logits[0, first:first + n].float(), -1)
+    lh, lv = entropy_varentropy(logp)
+    token = {"logprob": logp.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1), "logit_entropy": lh,
+             "logit_varentropy": lv}
+    return stats, token
+
+
+def assert_matches_eager(model, prompts, completions, results, atol=1e-4):
+    for p, c, r in zip(prompts, completions, results):
+        stats, token = eager_reference(model, p, c)
+        assert r.attn.shape == (len(c), len(recorded_layers(model)), model.config.num_attention_heads, 6)
+        for s, name in enumerate(ATTN_STATS):
+            np.testing.assert_allclose(r.attn[..., s], stats[name].numpy(), atol=atol, err_msg=name)
+        for name, ref in token.items():
+            np.testing.assert_allclose(getattr(r, name), ref.numpy(), atol=atol, err_msg=name)
+        np.testing.assert_array_equal(r.n_keys, np.arange(len(p), len(p) + len(c)))

@@ -4,49 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from attentropy.capture import ATTN_IMPLEMENTATION, ATTN_STATS, capture, entropy_varentropy, recorded_layers, register
+from conftest import assert_matches_eager
 
-
-def eager_reference(model, prompt, completion):
-    """Every statistic recomputed from `output_attentions` of an eager forward over the unpadded sequence."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = model(torch.tensor([prompt + completion[:-1]]), output_attentions=True)
-    finally:
-        model.set_attn_implementation(previous)
-    first, n = len(prompt) - 1, len(completion)
-    att = torch.stack(out.attentions, 1)[0].float()  # [L, H, T, T]
-    rows = att[:, :, first:first + n].permute(2, 0, 1, 3)  # [n, L, H, K]
-    h, v = entropy_varentropy(rows.log())
-    pos = torch.arange(first, first + n)
-    idx = pos.view(-1, 1, 1, 1).expand(-1, rows.shape[1], rows.shape[2], 1)
-    stats = {
-        "entropy": h, "varentropy": v, "sink_mass": rows[..., 0],
-        "prompt_mass": rows[..., : len(prompt)].sum(-1),
-        "diag_mass": rows.gather(-1, idx).squeeze(-1),
-        "prev_mass": rows.gather(-1, (idx - 1).clamp(min=0)).squeeze(-1),
-    }
-    logp = torch.log_softmax(out.logits[0, first:first + n].float(), -1)
-    lh, lv = entropy_varentropy(logp)
-    token = {"logprob": logp.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1), "logit_entropy": lh,
-             "logit_varentropy": lv}
-    return stats, token
+from attentropy.capture import Recorder, capture, entropy_varentropy, recorded_layers, recording
 
 
 SEQS = [([1, 5, 9, 11, 3], [7, 8, 20, 21, 2]), ([1, 4], [30, 31, 32]), ([1, 6, 6, 6, 6, 6, 6, 6], [40])]
-
-
-def assert_matches_eager(model, prompts, completions, results, atol=1e-4):
-    for p, c, r in zip(prompts, completions, results):
-        stats, token = eager_reference(model, p, c)
-        assert r.attn.shape == (len(c), len(recorded_layers(model)), model.config.num_attention_heads, 6)
-        for s, name in enumerate(ATTN_STATS):
-            np.testing.assert_allclose(r.attn[..., s], stats[name].numpy(), atol=atol, err_msg=name)
-        for name, ref in token.items():
-            np.testing.assert_allclose(getattr(r, name), ref.numpy(), atol=atol, err_msg=name)
-        np.testing.assert_array_equal(r.n_keys, np.arange(len(p), len(p) + len(c)))
 
 
 def test_every_statistic_equals_eager_recomputation(tiny_llama):
@@ -92,22 +55,14 @@ def test_mass_statistics_are_probabilities(tiny_llama):
 
 
 def test_logits_are_unchanged_by_the_capture_path(tiny_llama):
-    register()
     ids = torch.tensor([SEQS[0][0] + SEQS[0][1]])
     with torch.no_grad():
         reference = tiny_llama(ids).logits
-        tiny_llama.set_attn_implementation(ATTN_IMPLEMENTATION)
-        try:
-            from attentropy import capture as capture_module
-
-            n = ids.shape[1]
-            capture_module._STATE = capture_module._CaptureState(
-                sink_key=torch.tensor([0]), prompt_keys=5, prev_key=(torch.arange(n) - 1).clamp(min=0)[None],
-                chunk_bytes=1 << 10)
+        recorder = Recorder(torch.ones(1, 5, dtype=torch.long), all_rows=True, chunk_bytes=1 << 10)
+        with recording(tiny_llama, recorder):
             captured = tiny_llama(ids).logits
-        finally:
-            capture_module._STATE = None
-            tiny_llama.set_attn_implementation("sdpa")
+    assert tiny_llama.config._attn_implementation == "sdpa"  # restored
+    assert len(recorder.attn[0][0][0, 0]) == ids.shape[1]  # every row went through the explicit path
     torch.testing.assert_close(captured, reference, atol=1e-5, rtol=1e-5)
 
 

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_matches_eager
+
 from attentropy.capture import capture, entropy_varentropy
 from attentropy.data import Question, make_arith, make_facts
 from attentropy.generate import chat_messages, exemplar_answer, generate, stop_token_ids
@@ -29,39 +31,51 @@ def test_exemplar_answer_strips_calculator_annotations():
     assert exemplar_answer("She has 2*3 = <<2*3=6>>6 eggs.\n#### 6") == "She has 2*3 = 6 eggs.\nThe final answer is 6"
 
 
-def test_generation_stops_at_end_of_turn_and_capture_matches_eager(embedded):
+def test_generation_stops_at_end_of_turn_and_records_exact_statistics(embedded):
+    """Statistics read during generation (shared prefix + left padding + decode steps) equal a teacher-forced
+    capture and an eager recomputation over each unpadded sequence, for every stored quantity."""
     model, tokenizer, _ = embedded
     questions = [Question("facts-x", "facts", "What is the capital of France?", "Paris"),
-                 Question("facts-y", "facts", "Say the single word: yes.", "yes")]
-    gens, prompt_cache = generate(model, tokenizer, questions, max_new_tokens=48)
+                 Question("facts-y", "facts", "Say the single word: yes.", "yes"),
+                 Question("facts-z", "facts", "Name three colours of the rainbow, briefly.", "red")]
+    gens, prompt_cache = generate(model, tokenizer, questions, max_new_tokens=40, record=True, save_maps={1})
     stops = stop_token_ids(model, tokenizer)
+    assert len({len(g.prompt_ids) for g in gens}) > 1  # padding is exercised
     for g in gens:
-        assert g.finish_reason == "stop" and g.completion_ids[-1] in stops
         assert all(t not in stops for t in g.completion_ids[:-1])
+        if g.finish_reason == "stop":
+            assert g.completion_ids[-1] in stops
+        else:
+            assert len(g.completion_ids) == 40 and g.completion_ids[-1] not in stops
         assert g.completion == tokenizer.decode(g.completion_ids, skip_special_tokens=True)
-    assert "Paris" in gens[0].completion
-    # the embedded model: statistics captured on generation's own prompt cache (shared prefix + padding) equal
-    # an eager recomputation over each unpadded sequence, and a capture that computes its own prompt cache
-    results = capture(model, [g.prompt_ids for g in gens], [g.completion_ids for g in gens],
-                      prompt_cache=prompt_cache)
-    standalone = capture(model, [g.prompt_ids for g in gens], [g.completion_ids for g in gens])
-    for a, b in zip(results, standalone):
+    assert "Paris" in gens[0].completion and gens[0].finish_reason == "stop"
+    prompts, completions = [g.prompt_ids for g in gens], [g.completion_ids for g in gens]
+    recorded = [g.capture for g in gens]
+    assert_matches_eager(model, prompts, completions, recorded, atol=2e-4)
+    forced = capture(model, prompts, completions, prompt_cache=prompt_cache, save_maps={1})
+    for a, b in zip(recorded, forced):
         np.testing.assert_allclose(a.attn, b.attn, atol=2e-4)
-    model.set_attn_implementation("eager")
-    try:
-        for g, r in zip(gens, results):
-            with torch.no_grad():
-                out = model(torch.tensor([g.prompt_ids + g.completion_ids[:-1]]), output_attentions=True)
-            first = len(g.prompt_ids) - 1
-            rows = torch.stack(out.attentions, 1)[0, :, :, first:].permute(2, 0, 1, 3).float()
-            h, v = entropy_varentropy(rows.log())
-            np.testing.assert_allclose(r.attn[..., 0], h.numpy(), atol=2e-4)
-            np.testing.assert_allclose(r.attn[..., 1], v.numpy(), atol=2e-4)
-            logp = torch.log_softmax(out.logits[0, first:].float(), -1)
-            np.testing.assert_allclose(r.logprob, logp.gather(-1, torch.tensor(g.completion_ids)[:, None])
-                                       .squeeze(-1).numpy(), atol=2e-4)
-    finally:
-        model.set_attn_implementation("sdpa")
+        np.testing.assert_allclose(a.logprob, b.logprob, atol=2e-4)
+    # the saved attention map of question 1: rows over visible keys, same in both paths, consistent with entropy
+    m = recorded[1].attention_map[5]
+    n, k = len(completions[1]), len(prompts[1]) + len(completions[1]) - 1
+    assert m.shape == (model.config.num_attention_heads, n, k) and forced[1].attention_map[5].shape == m.shape
+    np.testing.assert_allclose(m.astype(np.float32), forced[1].attention_map[5].astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(m.astype(np.float32).sum(-1), 1.0, atol=3e-3)
+    h, _ = entropy_varentropy(torch.tensor(m, dtype=torch.float32).log())
+    np.testing.assert_allclose(h.numpy().T, recorded[1].attn[:, 5, :, 0], atol=2e-2)
+
+
+def test_sampling_records_the_raw_distribution(embedded):
+    model, tokenizer, _ = embedded
+    questions = make_facts(2)
+    gens, _ = generate(model, tokenizer, questions, max_new_tokens=12, do_sample=True, temperature=1.7,
+                       top_p=0.9, seed=3, record=True)
+    again, _ = generate(model, tokenizer, questions, max_new_tokens=12, do_sample=True, temperature=1.7,
+                        top_p=0.9, seed=3)
+    assert [g.completion_ids for g in gens] == [g.completion_ids for g in again]  # seeded
+    assert_matches_eager(model, [g.prompt_ids for g in gens], [g.completion_ids for g in gens],
+                         [g.capture for g in gens], atol=2e-4)  # temperature/top-p do not touch the statistics
 
 
 def test_embedded_model_is_cached_as_safetensors(embedded):

@@ -1,0 +1,129 @@
+"""Benchmark: the cost of attentropy's capture on the embedded model (SmolLM2-135M-Instruct, float32, CPU).
+
+For 256 and 1024 new tokens and batch sizes 1 and 16 it measures tokens/s and peak memory of
+  (a) plain batched generation with sdpa attention (attentropy's `generate`),
+  (b) attentropy's generate + capture + store (what `attentropy run` does per batch),
+  (c) the naive approach: generation with eager attention and `output_attentions=True`, the statistics computed
+      afterwards from the returned weights.
+Every configuration runs in its own child process so peak memory (max RSS) is that configuration's alone;
+generation is forced to exactly N new tokens (min_new_tokens) so all three produce the same token count.
+Targets: (b)/(a) <= 1.10 in time and <= 1.25 in peak memory; (b) at batch 16 >= 8x the tokens/s of (c) at batch 1.
+
+    .venv/bin/python bench/capture.py [--threads 2] [--new-tokens 256 1024] [--batch-sizes 1 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+MODES = ("a_generate", "b_attentropy", "c_naive")
+
+
+def child(mode: str, batch: int, new_tokens: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from attentropy.capture import capture, entropy_varentropy
+    from attentropy.data import make_facts
+    from attentropy.generate import PrefixStore, generate, prompt_ids, stop_token_ids
+    from attentropy.model import load_model
+    from attentropy.store import append_batch
+
+    model, tokenizer, _ = load_model("smollm2-135m")
+    questions = make_facts(batch, seed=0)
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    if mode in ("a_generate", "b_attentropy"):
+        gens, prompt_cache = generate(model, tokenizer, questions, max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, prefix_store=PrefixStore())
+        if mode == "b_attentropy":
+            caps = capture(model, [g.prompt_ids for g in gens], [g.completion_ids for g in gens],
+                           prompt_cache=prompt_cache)
+            with tempfile.TemporaryDirectory() as out:
+                append_batch(out, gens, caps, tokenizer)
+        n_tokens = sum(len(g.completion_ids) for g in gens)
+    else:
+        model.set_attn_implementation("eager")
+        prompts = [prompt_ids(tokenizer, q) for q in questions]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((batch, width), tokenizer.pad_token_id)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, width - len(p):] = torch.tensor(p)
+            mask[b, width - len(p):] = 1
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, top_k=None, output_attentions=True,
+                                 output_scores=True, return_dict_in_generate=True,
+                                 eos_token_id=stop_token_ids(model, tokenizer))
+        # statistics of every generated token from the returned weights: step s, layer l -> [B, H, q, K]
+        for step, layers in enumerate(out.attentions):
+            for weights in layers:
+                entropy_varentropy(weights[:, :, -1].float().log())
+            entropy_varentropy(torch.log_softmax(out.scores[step].float(), -1))
+        n_tokens = batch * (out.sequences.shape[1] - width)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"mode": mode, "batch": batch, "new_tokens": new_tokens, "tokens": n_tokens, "seconds": seconds,
+            "tokens_per_s": n_tokens / seconds, "peak_rss_mb": peak, "rss_after_load_mb": rss_loaded}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--naive-max-gb", type=float, default=18.0,
+                        help="skip a naive configuration whose estimated peak exceeds this (it would not fit)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        mode, batch, new_tokens = args.child.split(",")
+        print(json.dumps(child(mode, int(batch), int(new_tokens), args.threads)))
+        return
+
+    results = {}
+    for new_tokens in args.new_tokens:
+        for batch in args.batch_sizes:
+            for mode in args.modes:
+                if mode == "c_naive":
+                    # the returned weights alone: steps x layers x B x H x K floats, K growing to prompt + N
+                    estimate_gb = 30 * 9 * batch * (new_tokens + 60) ** 2 / 2 * 4 / 1e9 * 2.5
+                    if estimate_gb > args.naive_max_gb:
+                        print(f"skip {mode} batch {batch} x {new_tokens}: estimated {estimate_gb:.0f} GB peak")
+                        continue
+                cmd = [sys.executable, __file__, "--child", f"{mode},{batch},{new_tokens}", "--threads",
+                       str(args.threads)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(f"{mode} batch {batch} x {new_tokens} failed:\n{proc.stderr[-2000:]}")
+                    continue
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                results[(mode, batch, new_tokens)] = r
+                print(f"{mode:13s} batch {batch:2d} new {new_tokens:4d}: {r['tokens_per_s']:7.1f} tok/s "
+                      f"({r['tokens']} tokens in {r['seconds']:.1f} s), peak RSS {r['peak_rss_mb']:.0f} MB "
+                      f"(after load {r['rss_after_load_mb']:.0f} MB)", flush=True)
+
+    print("\nratios (targets: time <= 1.10, peak <= 1.25, speedup >= 8)")
+    for new_tokens in args.new_tokens:
+        for batch in args.batch_sizes:
+            a, b = results.get(("a_generate", batch, new_tokens)), results.get(("b_attentropy", batch, new_tokens))
+            if a and b:
+                print(f"  batch {batch:2d} new {new_tokens:4d}: (b)/(a) time {b['seconds'] / a['seconds']:.3f}, "
+                      f"peak RSS {b['peak_rss_mb'] / a['peak_rss_mb']:.3f}, working memory (peak - after load) "
+                      f"{(b['peak_rss_mb'] - b['rss_after_load_mb']) / max(1, a['peak_rss_mb'] - a['rss_after_load_mb']):.2f}")
+        b16, c1 = results.get(("b_attentropy", 16, new_tokens)), results.get(("c_naive", 1, new_tokens))
+        if b16 and c1:
+            print(f"  new {new_tokens:4d}: (b) batch 16 / (c) batch 1 tokens/s "
+                  f"{b16['tokens_per_s'] / c1['tokens_per_s']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
