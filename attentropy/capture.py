@@ -35,7 +35,9 @@ def entropy_varentropy(logp: torch.Tensor, p: torch.Tensor | None = None) -> tup
     exp(logp) if already at hand). Items with p == 0 (masked keys: logp = -inf or hugely negative) contribute 0."""
     if p is None:
         p = logp.exp()
-    logp = torch.where(p > 0, logp, 0.0)
+    # where p == 0 (masked: logp ~ -3.4e38 or -inf) the clamp makes p * logp and p * (logp + H)^2 exactly 0;
+    # any p > 0 has logp > -104 (float32 underflow), so the clamp never changes a visible item
+    logp = logp.clamp(min=-1e4)
     entropy = -(p * logp).sum(-1)
     varentropy = (p * (logp + entropy.unsqueeze(-1)) ** 2).sum(-1)
     return entropy, varentropy
@@ -103,9 +105,9 @@ class Recorder:
     Key indices follow one axis for a batch: [prompt layout (width W) | completion tokens], so the last prompt
     token is key W-1 and completion token t is key W+t, both in generation and in teacher-forced capture."""
 
-    def __init__(self, layout_mask: torch.Tensor, all_rows: bool, chunk_bytes: int = 16 << 20,
+    def __init__(self, layout_mask: torch.Tensor, all_rows: bool, max_rows: int, chunk_bytes: int = 16 << 20,
                  save_maps: set[int] = frozenset()):
-        width = layout_mask.shape[1]
+        batch, width = layout_mask.shape
         self.layout_mask = layout_mask  # [B, W]
         self.all_rows = all_rows  # teacher forcing: every new query row; generation: the last row of each call
         self.chunk_bytes = chunk_bytes  # bound on one chunk's float32 scores [B, H, rows, K]
@@ -114,30 +116,98 @@ class Recorder:
         visible = layout_mask[:, :-1] * torch.arange(1, width)  # index + 1 where visible
         self.prev_of_last_prompt = visible.max(-1).values - 1  # [B] the token before the last prompt token
         self.save_maps = save_maps
-        self.attn: dict[int, list[torch.Tensor]] = {}  # layer -> [[B, H, rows, n_stats]] in row order
+        self._sink = self._prev_of_last_prompt = None  # the two above, on the model's device
+        self._pending: dict[int, tuple[torch.Tensor, int]] = {}  # generation: layer -> (logp rows, own key)
+        self._pending_maps: list[tuple[int, torch.Tensor]] = []
+        # Results go to buffers allocated once: thousands of small tensors kept across decode steps would scatter
+        # over the heap between the growing key/value cache's blocks and fragment it (peak memory +50% at batch 16).
+        self.max_rows = max_rows
+        self.attn: dict[int, list[torch.Tensor]] = {}  # teacher forcing: layer -> [[B, H, rows, n_stats]]
+        self.attn_buffer: torch.Tensor | None = None  # generation: [L, B, H, max_rows, n_stats]
+        self.attn_layers: list[int] = []
+        self.attn_rows = 0
+        self.token_stats = torch.zeros(len(TOKEN_STATS), batch, max_rows)  # (logprob, entropy, varentropy)
         self.maps: dict[int, dict[int, list[torch.Tensor]]] = {}  # batch index -> layer -> [[H, rows, K]]
-        self.logits: dict[str, list[torch.Tensor]] = {name: [] for name in TOKEN_STATS}  # [[B, rows]]
 
-    def record_logits(self, logp: torch.Tensor, targets: torch.Tensor | None) -> None:
-        """logp [B, r, V] float32 log-softmax of rows; targets [B, r] the tokens they predicted (None: later)."""
+    def mass_keys(self, own: int, rows: int, device) -> torch.Tensor:
+        """[B, 1, rows, 3] key indices (first token, own token, previous token) of `rows` query rows whose own
+        tokens are keys own, own+1, ...; the previous token of the last prompt token may lie before padding."""
+        if self._sink is None or self._sink.device != torch.device(device):
+            self._sink = self.sink_key.to(device)
+            self._prev_of_last_prompt = self.prev_of_last_prompt.to(device)
+        own_keys = torch.arange(own, own + rows, device=device).expand(len(self._sink), rows)
+        prev = own_keys - 1
+        if own <= self.prompt_keys - 1 < own + rows:
+            prev[:, self.prompt_keys - 1 - own] = self._prev_of_last_prompt
+        return torch.stack([self._sink[:, None].expand(-1, rows), own_keys, prev.clamp(min=0)], dim=-1)[:, None]
+
+    def row_stats(self, logp: torch.Tensor, own: int, p: torch.Tensor | None = None) -> torch.Tensor:
+        """Statistics [..., B, H, r, n_stats] of attention rows logp [..., B, H, r, K] (float32 log-softmax) whose
+        own tokens are keys own, own+1, ... (leading axes: e.g. layers, all with the same keys)."""
+        p = logp.exp() if p is None else p
+        entropy, varentropy = entropy_varentropy(logp, p)
+        *lead, batch, heads, rows, _ = p.shape
+        idx = self.mass_keys(own, rows, p.device)  # [B, 1, r, 3]
+        single = p.gather(-1, idx.expand(*lead, batch, heads, rows, 3))  # first token, own token, previous
+        if own == 0:  # a row without a previous token (only a forward with no prompt cache) has no such mass
+            single[..., 0, 2] = 0.0
+        for b in self.save_maps:
+            self._pending_maps.append((b, p[..., b, :, :, :].half().cpu()))
+        return torch.stack([entropy, varentropy, single[..., 0], p[..., : self.prompt_keys].sum(-1),
+                            single[..., 1], single[..., 2]], dim=-1)
+
+    def flush(self) -> None:
+        """Generation: statistics of the rows held back during one forward, all layers at once (they share the
+        key axis), which costs far fewer small operations per decode step than one pass per layer."""
+        if not self._pending:
+            return
+        layers = list(self._pending)
+        logps, own = zip(*self._pending.values())
+        stats = self.row_stats(torch.stack(logps), own[0])  # [L, B, H, r, n_stats]
+        if self.attn_buffer is None:
+            self.attn_layers = layers
+            self.attn_buffer = torch.zeros(len(layers), *stats.shape[1:3], self.max_rows, stats.shape[-1])
+        rows = stats.shape[3]
+        if layers != self.attn_layers or self.attn_rows + rows > self.max_rows:
+            raise RuntimeError(f"unexpected rows: layers {layers}, {self.attn_rows + rows} > {self.max_rows} rows")
+        self.attn_buffer[:, :, :, self.attn_rows:self.attn_rows + rows] = stats
+        self.attn_rows += rows
+        for b, maps in self._pending_maps:
+            for i, layer in enumerate(layers):
+                self.maps.setdefault(b, {}).setdefault(layer, []).append(maps[i])
+        self._pending.clear()
+        self._pending_maps.clear()
+
+    def record_logits(self, logp: torch.Tensor, row: int, targets: torch.Tensor | None = None) -> None:
+        """logp [B, r, V] float32 log-softmax of rows row, row+1, ...; targets [B, r] the tokens they predicted
+        (None: not known yet, see `record_logprob`)."""
         entropy, varentropy = entropy_varentropy(logp)
-        self.logits["logit_entropy"].append(entropy.cpu())
-        self.logits["logit_varentropy"].append(varentropy.cpu())
+        rows = slice(row, row + logp.shape[1])
+        self.token_stats[1, :, rows] = entropy.cpu()
+        self.token_stats[2, :, rows] = varentropy.cpu()
         if targets is not None:
-            self.logits["logprob"].append(logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu())
+            self.record_logprob(logp, row, targets)
+
+    def record_logprob(self, logp: torch.Tensor, row: int, targets: torch.Tensor) -> None:
+        self.token_stats[0, :, row:row + logp.shape[1]] = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
 
     def captures(self, model, prompts: list[list[int]], completions: list[list[int]]) -> list["Capture"]:
         layers = recorded_layers(model)
-        if sorted(self.attn) != layers:
-            raise RuntimeError(f"captured layers {sorted(self.attn)} but expected {layers}")
-        attn = torch.stack([torch.cat(self.attn[layer], dim=2) for layer in layers], dim=2)  # [B, H, L, R, S]
-        attn = attn.permute(0, 3, 2, 1, 4)  # [B, R, L, H, S]: rows, then (layer, head), as stored
-        token = {name: torch.cat(parts, dim=1) for name, parts in self.logits.items()}  # [B, R]
+        if self.attn_buffer is not None:
+            found, attn = self.attn_layers, self.attn_buffer[:, :, :, : self.attn_rows].permute(1, 3, 0, 2, 4)
+        else:
+            found = sorted(self.attn)
+            attn = torch.stack([torch.cat(self.attn[layer], dim=2) for layer in found], dim=2)  # [B, H, L, R, S]
+            attn = attn.permute(0, 3, 2, 1, 4)
+        if found != layers:
+            raise RuntimeError(f"captured layers {found} but expected {layers}")
+        # attn: [B, R, L, H, S], rows then (layer, head), as stored
+        token = dict(zip(TOKEN_STATS, self.token_stats))  # name -> [B, max_rows]
         width = self.layout_mask.shape[1]
         results = []
         for b, (p, c) in enumerate(zip(prompts, completions)):
             n = len(c)
-            if attn.shape[1] < n or any(token[name].shape[1] < n for name in TOKEN_STATS):
+            if attn.shape[1] < n:
                 raise RuntimeError(f"recorded {attn.shape[1]} rows for a completion of {n} tokens")
             maps = None
             if b in self.maps:  # layer -> [H, n, len(prompt) + n - 1]: completion rows over the visible keys
@@ -179,45 +249,39 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
     batch, n_heads, n_q, head_dim = query.shape
     n_kv, n_k = key.shape[1], key.shape[2]
     groups = n_heads // n_kv  # GQA: query head h reads key/value head h // groups; statistics per query head
-    mask = attention_mask[:, :, :, :n_k]
     first = 0 if rec.all_rows else n_q - 1  # first recorded row
-    output = torch.empty_like(query)  # [B, Hq, Q, D]
+    outputs = []
     if first > 0:
-        output[:, :, :first] = F.scaled_dot_product_attention(
-            query[:, :, :first], key, value, attn_mask=mask[:, :, :first], scale=scaling, enable_gqa=groups > 1)
-    dev = query.device
-    stats = torch.empty(batch, n_heads, n_q - first, len(ATTN_STATS), dtype=torch.float32, device=dev)
-    key_f, value_f = key.float(), value.float()
-    own_key = torch.arange(n_k - n_q, n_k, device=dev)  # key index of each query row's own token
-    last_prompt = own_key == rec.prompt_keys - 1
+        outputs.append(F.scaled_dot_product_attention(query[:, :, :first], key, value,
+                                                      attn_mask=attention_mask[:, :, :first, :n_k], scale=scaling,
+                                                      enable_gqa=groups > 1))
+    key_t, value_f = key.float().transpose(2, 3), value.float()
     chunk_rows = max(1, rec.chunk_bytes // (4 * batch * n_heads * n_k))
+    stats = []
     for start in range(first, n_q, chunk_rows):
         stop = min(start + chunk_rows, n_q)
         r = stop - start
         # [B, Hkv, groups * r, D] @ [B, Hkv, D, K]: grouped heads read their shared keys without copying them
         q = query[:, :, start:stop].float().reshape(batch, n_kv, groups * r, head_dim)
-        scores = torch.matmul(q, key_f.transpose(2, 3)).view(batch, n_heads, r, n_k) * scaling
-        scores += mask[:, :, start:stop].float()  # masked keys -> ~ -3.4e38 -> p = 0
+        scores = torch.matmul(q, key_t).view(batch, n_heads, r, n_k).mul_(scaling)
+        scores += attention_mask[:, :, start:stop, :n_k]  # masked keys: ~ -3.4e38, so p = 0 exactly
         logp = torch.log_softmax(scores, dim=-1)
         del scores
         p = logp.exp()  # [B, Hq, r, K]
-        out = torch.matmul(p.view(batch, n_kv, groups * r, n_k), value_f)
-        output[:, :, start:stop] = out.view(batch, n_heads, r, head_dim).to(output.dtype)
-        chunk = stats[:, :, start - first:stop - first]
-        chunk[..., 0], chunk[..., 1] = entropy_varentropy(logp, p)
-        del logp
-        own = own_key[start:stop]
-        prev = torch.where(last_prompt[start:stop], rec.prev_of_last_prompt.to(dev)[:, None], own - 1)  # [B, r]
-        chunk[..., 2] = p.gather(-1, rec.sink_key.to(dev).view(batch, 1, 1, 1).expand(-1, n_heads, r, 1))[..., 0]
-        chunk[..., 3] = p[..., : rec.prompt_keys].sum(-1)
-        chunk[..., 4] = p.gather(-1, own.view(1, 1, r, 1).expand(batch, n_heads, r, 1))[..., 0]
-        prev_mass = p.gather(-1, prev.clamp(min=0).view(batch, 1, r, 1).expand(-1, n_heads, r, 1))[..., 0]
-        chunk[..., 5] = torch.where(prev.view(batch, 1, r) >= 0, prev_mass, 0.0)  # the first token has none
-        for b in rec.save_maps:
-            rec.maps.setdefault(b, {}).setdefault(module.layer_idx, []).append(p[b].half().cpu())
-        del p
-    rec.attn.setdefault(module.layer_idx, []).append(stats.cpu())
-    return output.transpose(1, 2).contiguous(), None  # [B, Q, Hq, D], like eager attention
+        outputs.append(torch.matmul(p.view(batch, n_kv, groups * r, n_k), value_f).view(batch, n_heads, r, head_dim))
+        own = n_k - n_q + start  # key index of this chunk's first row's own token
+        if rec.all_rows:
+            stats.append(rec.row_stats(logp, own, p))  # [B, Hq, r, n_stats]
+        else:
+            rec._pending[module.layer_idx] = (logp, own)  # reduced with the other layers' rows in flush()
+        del logp, p
+    if stats:
+        rec.attn.setdefault(module.layer_idx, []).append(torch.cat(stats, dim=2).cpu())
+        for b, maps in rec._pending_maps:
+            rec.maps.setdefault(b, {}).setdefault(module.layer_idx, []).append(maps)
+        rec._pending_maps.clear()
+    output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+    return output.to(query.dtype).transpose(1, 2).contiguous(), None  # [B, Q, Hq, D], like eager attention
 
 
 def register() -> None:
@@ -246,27 +310,29 @@ def recording(model, recorder: Recorder):
 
 
 @contextmanager
-def recording_generation(model, layout_mask: torch.Tensor, save_maps: set[int] = frozenset()):
+def recording_generation(model, layout_mask: torch.Tensor, max_new_tokens: int, save_maps: set[int] = frozenset()):
     """Record during `model.generate`: each call's last query row (the prefill's last prompt token, then one
     row per decode step), and the raw next-token distribution of each step (before any logits processor).
     After generation, call `recorder.finish(sequences)` with the generated ids [B, steps]."""
-    recorder = Recorder(layout_mask, all_rows=False, save_maps=save_maps)
-    pending: dict[str, torch.Tensor] = {}
+    recorder = Recorder(layout_mask, all_rows=False, max_rows=max_new_tokens, save_maps=save_maps)
+    pending = {}  # the last step's log-probabilities and row, until the token drawn from them is known
+    rows = iter(range(max_new_tokens))
 
     def on_logits(module, args, output):  # lm_head: [B, q, V]; generation keeps only the last position
+        recorder.flush()
         logp = torch.log_softmax(output[:, -1:].float(), dim=-1)
-        recorder.record_logits(logp, None)
-        pending["logp"] = logp
+        row = next(rows)
+        recorder.record_logits(logp, row)
+        pending.update(logp=logp, row=row)
 
-    def on_forward(module, args, kwargs):  # step s's input is the token sampled from step s-1's distribution
-        if "logp" in pending:
+    def on_forward(module, args, kwargs):  # step s's input is the token drawn from step s-1's distribution
+        if pending:
             ids = kwargs.get("input_ids", args[0] if args else None)
-            recorder.logits["logprob"].append(pending.pop("logp").gather(-1, ids[:, -1:, None])[..., 0].cpu())
+            recorder.record_logprob(pending.pop("logp"), pending.pop("row"), ids[:, -1:])
 
     def finish(sequences: torch.Tensor) -> None:
-        if "logp" in pending:
-            recorder.logits["logprob"].append(
-                pending.pop("logp").gather(-1, sequences[:, -1:, None].to(model.device))[..., 0].cpu())
+        if pending:
+            recorder.record_logprob(pending.pop("logp"), pending.pop("row"), sequences[:, -1:].to(model.device))
 
     recorder.finish = finish
     hooks = [model.get_output_embeddings().register_forward_hook(on_logits),
@@ -325,7 +391,8 @@ def capture(model, prompts: list[list[int]], completions: list[list[int]], *, pr
         new_valid[b, :len(c)] = 1
     full_mask = torch.cat([layout_mask, new_valid[:, 1:]], dim=1)  # [B, W-1+Q] over the key axis
     position_ids = positions(layout_mask)[:, -1:] + torch.arange(n_q)  # [B, Q]
-    with recording(model, Recorder(layout_mask, all_rows=True, chunk_bytes=chunk_bytes, save_maps=save_maps)) as rec:
+    recorder = Recorder(layout_mask, all_rows=True, max_rows=n_q, chunk_bytes=chunk_bytes, save_maps=save_maps)
+    with recording(model, recorder) as rec:
         hidden = model.get_decoder()(input_ids=new_ids.to(device), attention_mask=full_mask.to(device),
                                      position_ids=position_ids.to(device), cache=prompt_cache.cache,
                                      use_cache=True).last_hidden_state  # [B, Q, d]
@@ -333,5 +400,5 @@ def capture(model, prompts: list[list[int]], completions: list[list[int]], *, pr
     rows = max(1, 4 * chunk_bytes // (4 * batch * lm_head.out_features))
     for lo in range(0, n_q, rows):
         logp = torch.log_softmax(lm_head(hidden[:, lo:lo + rows]).float(), dim=-1)  # [B, r, V]
-        rec.record_logits(logp, targets[:, lo:lo + rows].to(device))
+        rec.record_logits(logp, lo, targets[:, lo:lo + rows].to(device))
     return rec.captures(model, prompts, completions)

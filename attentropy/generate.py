@@ -118,7 +118,8 @@ def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_S
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
     if do_sample:
         torch.manual_seed(seed)
-    with recording_generation(model, attention_mask, save_maps) if record else nullcontext() as recorder:
+    recorder_context = recording_generation(model, attention_mask, max_new_tokens, save_maps) if record else nullcontext()
+    with recorder_context as recorder:
         out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
                              cache=cache, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                              eos_token_id=stops, pad_token_id=pad, top_k=None, return_dict_in_generate=True,

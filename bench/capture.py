@@ -2,14 +2,16 @@
 
 For 256 and 1024 new tokens and batch sizes 1 and 16 it measures tokens/s and peak memory of
   (a) plain batched generation with sdpa attention (attentropy's `generate`),
-  (b) attentropy's generate + capture + store (what `attentropy run` does per batch),
+  (b) attentropy's generate with recording + store (what `attentropy run` does per batch),
   (c) the naive approach: generation with eager attention and `output_attentions=True`, the statistics computed
       afterwards from the returned weights.
 Every configuration runs in its own child process so peak memory (max RSS) is that configuration's alone;
 generation is forced to exactly N new tokens (min_new_tokens) so all three produce the same token count.
 Targets: (b)/(a) <= 1.10 in time and <= 1.25 in peak memory; (b) at batch 16 >= 8x the tokens/s of (c) at batch 1.
 
-    .venv/bin/python bench/capture.py [--threads 2] [--new-tokens 256 1024] [--batch-sizes 1 16]
+    .venv/bin/python bench/capture.py [--threads 2] [--new-tokens 256 1024] [--batch-sizes 1 16] [--repeats 2]
+Each configuration reports the fastest of --repeats runs (interference from other processes only adds time)
+and the peak RSS of its process.
 """
 
 from __future__ import annotations
@@ -25,28 +27,43 @@ import time
 MODES = ("a_generate", "b_attentropy", "c_naive")
 
 
-def child(mode: str, batch: int, new_tokens: int, threads: int) -> dict:
+def child(mode: str, batch: int, new_tokens: int, threads: int, repeats: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from attentropy.capture import capture, entropy_varentropy
+    import attentropy.generate
+    import attentropy.store  # noqa: F401 - imported before timing: run_once's imports are then free
     from attentropy.data import make_facts
-    from attentropy.generate import PrefixStore, generate, prompt_ids, stop_token_ids
     from attentropy.model import load_model
-    from attentropy.store import append_batch
 
     model, tokenizer, _ = load_model("smollm2-135m")
     questions = make_facts(batch, seed=0)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    start = time.perf_counter()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        n_tokens = run_once(mode, model, tokenizer, questions, batch, new_tokens)
+        times.append(time.perf_counter() - start)
+    seconds = min(times)  # the least disturbed run: other processes on the machine only ever add time
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"mode": mode, "batch": batch, "new_tokens": new_tokens, "tokens": n_tokens, "seconds": seconds,
+            "all_seconds": times, "tokens_per_s": n_tokens / seconds, "peak_rss_mb": peak,
+            "rss_after_load_mb": rss_loaded}
+
+
+def run_once(mode, model, tokenizer, questions, batch, new_tokens) -> int:
+    import torch
+
+    from attentropy.capture import entropy_varentropy
+    from attentropy.generate import PrefixStore, generate, prompt_ids, stop_token_ids
+    from attentropy.store import append_batch
+
     if mode in ("a_generate", "b_attentropy"):
-        gens, prompt_cache = generate(model, tokenizer, questions, max_new_tokens=new_tokens,
-                                      min_new_tokens=new_tokens, prefix_store=PrefixStore())
+        gens, _ = generate(model, tokenizer, questions, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           prefix_store=PrefixStore(), record=mode == "b_attentropy")
         if mode == "b_attentropy":
-            caps = capture(model, [g.prompt_ids for g in gens], [g.completion_ids for g in gens],
-                           prompt_cache=prompt_cache)
             with tempfile.TemporaryDirectory() as out:
-                append_batch(out, gens, caps, tokenizer)
+                append_batch(out, gens, tokenizer)
         n_tokens = sum(len(g.completion_ids) for g in gens)
     else:
         model.set_attn_implementation("eager")
@@ -67,11 +84,9 @@ def child(mode: str, batch: int, new_tokens: int, threads: int) -> dict:
             for weights in layers:
                 entropy_varentropy(weights[:, :, -1].float().log())
             entropy_varentropy(torch.log_softmax(out.scores[step].float(), -1))
+        model.set_attn_implementation("sdpa")
         n_tokens = batch * (out.sequences.shape[1] - width)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"mode": mode, "batch": batch, "new_tokens": new_tokens, "tokens": n_tokens, "seconds": seconds,
-            "tokens_per_s": n_tokens / seconds, "peak_rss_mb": peak, "rss_after_load_mb": rss_loaded}
+    return n_tokens
 
 
 def main() -> None:
@@ -80,13 +95,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration; the fastest is reported")
     parser.add_argument("--naive-max-gb", type=float, default=18.0,
                         help="skip a naive configuration whose estimated peak exceeds this (it would not fit)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         mode, batch, new_tokens = args.child.split(",")
-        print(json.dumps(child(mode, int(batch), int(new_tokens), args.threads)))
+        print(json.dumps(child(mode, int(batch), int(new_tokens), args.threads, args.repeats)))
         return
 
     results = {}
@@ -100,7 +116,7 @@ def main() -> None:
                         print(f"skip {mode} batch {batch} x {new_tokens}: estimated {estimate_gb:.0f} GB peak")
                         continue
                 cmd = [sys.executable, __file__, "--child", f"{mode},{batch},{new_tokens}", "--threads",
-                       str(args.threads)]
+                       str(args.threads), "--repeats", str(args.repeats)]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(f"{mode} batch {batch} x {new_tokens} failed:\n{proc.stderr[-2000:]}")
