@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .data import ARITH_DEFAULT_DIFFICULTY, DataError
@@ -24,6 +25,16 @@ def _run(args) -> None:
         save_attention=tuple(args.save_attention.split(",")) if args.save_attention else (),
         attn_dtype=args.attn_dtype, progress=not args.quiet)
     print(format_summary(summary))
+
+
+def _grade(args) -> None:
+    from .grade import format_metrics, grade_run
+
+    for run_dir in args.dirs:
+        metrics = grade_run(run_dir, judge=args.judge, critic=args.critic, base_url=args.base_url,
+                            api_key_env=args.api_key_env, timeout=args.timeout, max_retries=args.max_retries,
+                            concurrency=args.concurrency, progress=not args.quiet)
+        print(format_metrics(metrics))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +68,23 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_run)
+
+    grade = sub.add_parser("grade", help="label the answers of runs (judge / offline grader, GSM8K extraction, "
+                                          "critic); resumable, replies cached")
+    grade.add_argument("dirs", nargs="+", metavar="DIR")
+    grade.add_argument("--judge", default=os.environ.get("ATTENTROPY_JUDGE"),
+                       help="SimpleQA judge model on an OpenAI-compatible endpoint (default: offline grader)")
+    grade.add_argument("--critic", default=os.environ.get("ATTENTROPY_CRITIC"),
+                       help="critic model for wrong GSM8K answers (default: offline critic)")
+    grade.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL"),
+                       help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (default: OpenAI)")
+    grade.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                       help="environment variable holding the key (the key itself is never written anywhere)")
+    grade.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    grade.add_argument("--max-retries", type=int, default=4, help="retries with backoff on 429/5xx/timeouts")
+    grade.add_argument("--concurrency", type=int, default=8, help="calls in flight at once")
+    grade.add_argument("--quiet", action="store_true")
+    grade.set_defaults(func=_grade)
 
     args = parser.parse_args(argv)
     try:

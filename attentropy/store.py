@@ -2,6 +2,9 @@
 
 Layout of DIR:
     config.json                  model, protocol, capture settings, versions (written once, checked on resume)
+    grades.parquet               labels and the critic's wrong moment, one row per question (`attentropy grade`)
+    metrics.json                 the benchmark's metrics (`attentropy grade`)
+    llm_replies.jsonl            every judge / critic reply, keyed by (model, prompt)
     samples/part-NNNNN.parquet   one row per question (written last: its presence commits the batch)
     tokens/part-NNNNN.parquet    one row per completion token
     attn/part-NNNNN.parquet      one column per attention statistic, each row a (layer x head) vector
@@ -173,5 +176,16 @@ def load_run(path: str | Path) -> Run:
     if len(samples):
         samples["metadata"] = samples["metadata"].map(json.loads)
     tokens = _read_parts(run_dir, "tokens", parts)
+    grades_path = run_dir / "grades.parquet"
+    if grades_path.exists() and len(samples):  # labels from `attentropy grade`
+        grades = pq.read_table(grades_path).to_pandas()
+        samples = samples.merge(grades, on="question_id", how="left")
+        if "error_token_start" in samples:
+            span = samples.set_index("question_id")[["error_token_start", "error_token_end"]]
+            start = tokens.question_id.map(span.error_token_start).fillna(-1).to_numpy()
+            end = tokens.question_id.map(span.error_token_end).fillna(-1).to_numpy()
+            located = start >= 0
+            tokens["in_error"] = located & (tokens.pos.to_numpy() >= start) & (tokens.pos.to_numpy() < end)
+            tokens["after_error"] = located & (tokens.pos.to_numpy() >= end)
     return Run(path=run_dir, config=config, samples=samples, tokens=tokens, layers=config["capture"]["layers"],
                n_heads=config["capture"]["n_heads"], parts=parts)

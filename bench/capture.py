@@ -5,8 +5,10 @@ For 256 and 1024 new tokens and batch sizes 1 and 16 it measures tokens/s and pe
   (b) attentropy's generate with recording + store (what `attentropy run` does per batch),
   (c) the naive approach: generation with eager attention and `output_attentions=True`, the statistics computed
       afterwards from the returned weights.
-Every configuration runs in its own child process so peak memory (max RSS) is that configuration's alone;
-generation is forced to exactly N new tokens (min_new_tokens) so all three produce the same token count.
+Timing: (a) and (b) alternate in one child process (a, b, a, b, ...) so drift of the machine hits both alike;
+each reports its fastest run (other processes only ever add time). Peak memory (max RSS): every mode in a child
+process of its own, whose run also counts as one more timing. Generation is forced to exactly N new tokens
+(min_new_tokens) so all modes produce the same token count.
 Targets: (b)/(a) <= 1.10 in time and <= 1.25 in peak memory; (b) at batch 16 >= 8x the tokens/s of (c) at batch 1.
 
     .venv/bin/python bench/capture.py [--threads 2] [--new-tokens 256 1024] [--batch-sizes 1 16] [--repeats 2]
@@ -27,7 +29,8 @@ import time
 MODES = ("a_generate", "b_attentropy", "c_naive")
 
 
-def child(mode: str, batch: int, new_tokens: int, threads: int, repeats: int) -> dict:
+def child(modes: list[str], batch: int, new_tokens: int, threads: int, repeats: int) -> dict:
+    """Run each of `modes` `repeats` times, alternating; return {mode: [seconds, ...]}, tokens and peak RSS."""
     import torch
 
     torch.set_num_threads(threads)
@@ -39,16 +42,14 @@ def child(mode: str, batch: int, new_tokens: int, threads: int, repeats: int) ->
     model, tokenizer, _ = load_model("smollm2-135m")
     questions = make_facts(batch, seed=0)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times = []
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(repeats):
-        start = time.perf_counter()
-        n_tokens = run_once(mode, model, tokenizer, questions, batch, new_tokens)
-        times.append(time.perf_counter() - start)
-    seconds = min(times)  # the least disturbed run: other processes on the machine only ever add time
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"mode": mode, "batch": batch, "new_tokens": new_tokens, "tokens": n_tokens, "seconds": seconds,
-            "all_seconds": times, "tokens_per_s": n_tokens / seconds, "peak_rss_mb": peak,
-            "rss_after_load_mb": rss_loaded}
+        for mode in modes:
+            start = time.perf_counter()
+            n_tokens = run_once(mode, model, tokenizer, questions, batch, new_tokens)
+            times[mode].append(time.perf_counter() - start)
+    return {"times": times, "tokens": n_tokens, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            / 1024, "rss_after_load_mb": rss_loaded}
 
 
 def run_once(mode, model, tokenizer, questions, batch, new_tokens) -> int:
@@ -95,19 +96,31 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--modes", nargs="+", default=list(MODES))
-    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration; the fastest is reported")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating runs of (a) and (b) besides the runs "
+                        "that measure memory; the fastest run is reported")
     parser.add_argument("--naive-max-gb", type=float, default=18.0,
                         help="skip a naive configuration whose estimated peak exceeds this (it would not fit)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        mode, batch, new_tokens = args.child.split(",")
-        print(json.dumps(child(mode, int(batch), int(new_tokens), args.threads, args.repeats)))
+        modes, batch, new_tokens = args.child.split(",")
+        print(json.dumps(child(modes.split("+"), int(batch), int(new_tokens), args.threads, args.repeats)))
         return
+
+    def spawn(modes, batch, new_tokens, repeats):
+        cmd = [sys.executable, __file__, "--child", f"{'+'.join(modes)},{batch},{new_tokens}", "--threads",
+               str(args.threads), "--repeats", str(repeats)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{modes} batch {batch} x {new_tokens} failed:\n{proc.stderr[-2000:]}")
+            return None
+        return json.loads(proc.stdout.strip().splitlines()[-1])
 
     results = {}
     for new_tokens in args.new_tokens:
         for batch in args.batch_sizes:
+            timed = [m for m in ("a_generate", "b_attentropy") if m in args.modes]
+            alternating = spawn(timed, batch, new_tokens, args.repeats) if timed else None
             for mode in args.modes:
                 if mode == "c_naive":
                     # the returned weights alone: steps x layers x B x H x K floats, K growing to prompt + N
@@ -115,17 +128,17 @@ def main() -> None:
                     if estimate_gb > args.naive_max_gb:
                         print(f"skip {mode} batch {batch} x {new_tokens}: estimated {estimate_gb:.0f} GB peak")
                         continue
-                cmd = [sys.executable, __file__, "--child", f"{mode},{batch},{new_tokens}", "--threads",
-                       str(args.threads), "--repeats", str(args.repeats)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    print(f"{mode} batch {batch} x {new_tokens} failed:\n{proc.stderr[-2000:]}")
+                alone = spawn([mode], batch, new_tokens, 1)
+                if alone is None:
                     continue
-                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                times = alone["times"][mode] + (alternating["times"][mode] if alternating and mode in timed else [])
+                r = {"seconds": min(times), "all_seconds": times, "tokens": alone["tokens"],
+                     "peak_rss_mb": alone["peak_rss_mb"], "rss_after_load_mb": alone["rss_after_load_mb"]}
+                r["tokens_per_s"] = r["tokens"] / r["seconds"]
                 results[(mode, batch, new_tokens)] = r
                 print(f"{mode:13s} batch {batch:2d} new {new_tokens:4d}: {r['tokens_per_s']:7.1f} tok/s "
-                      f"({r['tokens']} tokens in {r['seconds']:.1f} s), peak RSS {r['peak_rss_mb']:.0f} MB "
-                      f"(after load {r['rss_after_load_mb']:.0f} MB)", flush=True)
+                      f"({r['tokens']} tokens, fastest of {', '.join(f'{t:.1f}' for t in times)} s), "
+                      f"peak RSS {r['peak_rss_mb']:.0f} MB (after load {r['rss_after_load_mb']:.0f} MB)", flush=True)
 
     print("\nratios (targets: time <= 1.10, peak <= 1.25, speedup >= 8)")
     for new_tokens in args.new_tokens:

@@ -1,0 +1,582 @@
+"""Labels for a run: SimpleQA's three grades (LLM judge or offline grader), GSM8K correctness (strict and
+flexible extraction), and the critic's "moment where things went wrong" mapped to completion tokens.
+
+Every LLM reply is cached on disk (DIR/llm_replies.jsonl, keyed by model and prompt), so `attentropy grade`
+reruns only what is missing and a changed parser regrades from the stored replies without new calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import unicodedata
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+SIMPLEQA_LABELS = ("correct", "incorrect", "not_attempted", "unparsed")
+GSM8K_LABELS = ("correct", "incorrect", "unparsed")
+
+# ---------------------------------------------------------------- numbers and GSM8K extraction
+
+_NUMBER = r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\$?\s?\.\d+"
+_STRICT = re.compile(r"final answer is[:\s]*\**\s*(" + _NUMBER + r")", re.IGNORECASE)
+_ANY_NUMBER = re.compile(_NUMBER)
+
+
+def normalize_number(text: str) -> str | None:
+    """'$1,234.50' -> '1234.5', '7.0' -> '7', '+3' -> '3', '-0' -> '0'; None if it is no number."""
+    cleaned = text.strip().replace("$", "").replace(",", "").replace(" ", "").lstrip("+").rstrip(".")
+    try:
+        value = Decimal(cleaned)
+    except InvalidOperation:
+        return None
+    if value == 0:
+        return "0"
+    normalized = format(value.normalize(), "f")
+    return normalized.rstrip("0").rstrip(".") if "." in normalized else normalized
+
+
+def extract_final_number(text: str, policy: str) -> str | None:
+    """The answer's final number. `strict`: the number in the last "The final answer is N" (the format the prompt
+    asks for); `flexible`: the last number anywhere in the text. Normalised by `normalize_number`."""
+    if policy == "strict":
+        matches = _STRICT.findall(text)
+    elif policy == "flexible":
+        matches = _ANY_NUMBER.findall(text)
+    else:
+        raise ValueError(f"policy must be 'strict' or 'flexible', got {policy!r}")
+    for candidate in reversed(matches):
+        number = normalize_number(candidate)
+        if number is not None:
+            return number
+    return None
+
+
+def grade_gsm8k(target: str, completion: str, policy: str = "strict") -> str:
+    predicted = extract_final_number(completion, policy)
+    if predicted is None:
+        return "unparsed"
+    return "correct" if Decimal(predicted) == Decimal(normalize_number(target)) else "incorrect"
+
+
+# ---------------------------------------------------------------- SimpleQA offline grader
+
+_ABSTAIN = re.compile(
+    r"\b(i (do not|don't|dont) know|i'?m not (sure|certain|aware)|i am not (sure|certain|aware)|not sure|"
+    r"(i )?(cannot|can't|can not|am unable to|'m unable to|unable to) (answer|provide|determine|find|confirm|say|"
+    r"help|access|verify)|no (information|data|record)s? (is |are )?(available|about|on)|i (do not|don't) have "
+    r"(any |enough |specific )?(information|data|access|knowledge)|(could|can) you (please )?(provide|give|clarify|"
+    r"specify)|(please )?provide more (context|information|details)|more context)\b")
+
+
+def _normalize_text(text: str) -> str:
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c)).lower()
+    text = re.sub(r"[^\w\s.]|_", " ", text)
+    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text)  # keep decimal points only
+    return " ".join(text.split())
+
+
+def _contains(haystack: str, needle: str) -> bool:
+    return bool(needle) and re.search(rf"(?<!\w){re.escape(needle)}(?!\w)", haystack) is not None
+
+
+def _numbers(text: str) -> list[Decimal]:
+    return [Decimal(n) for n in (normalize_number(m) for m in _ANY_NUMBER.findall(text)) if n is not None]
+
+
+def grade_simpleqa_offline(question: str, target: str, predicted: str, aliases: list[str] | tuple = ()) -> str:
+    """SimpleQA's label without an LLM: `not_attempted` for an empty answer or an abstention ("I don't know",
+    a refusal, asking for context) that does not give the gold; `correct` when the gold (or an accepted alias)
+    appears in the answer, a numeric gold to its own precision; otherwise `incorrect` (a hedged answer that
+    contradicts the gold included)."""
+    answer = _normalize_text(predicted)
+    if not answer:
+        return "not_attempted"
+    golds = [_normalize_text(g) for g in (target, *aliases) if g and g.strip()]
+    gold_number = normalize_number(target) if re.fullmatch(r"\s*" + _NUMBER + r"\s*", target) else None
+    if gold_number is not None:
+        places = -Decimal(gold_number).as_tuple().exponent if "." in gold_number else 0
+        quantum = Decimal(1).scaleb(-places)
+        hit = any(n.quantize(quantum) == Decimal(gold_number) for n in _numbers(predicted)
+                  if abs(n) < Decimal(10) ** 15)
+    else:
+        hit = any(_contains(answer, g) for g in golds)
+    if hit:
+        return "correct"
+    if _ABSTAIN.search(" ".join(predicted.lower().replace("\u2019", "'").split())):
+        return "not_attempted"
+    return "incorrect"
+
+
+# ---------------------------------------------------------------- LLM judge / critic through an OpenAI-compatible API
+
+SIMPLEQA_JUDGE_PROMPT = """You grade answers to short factual questions. Compare the predicted answer with the \
+gold target and reply with one letter.
+
+A = CORRECT: the predicted answer contains the gold target's essential information and nothing that \
+contradicts it. Hedging ("I think", "probably") is fine when the gold answer is given and no other candidate is \
+offered as the answer. Small misspellings of names are fine. A number must match the gold to its last \
+significant figure (gold 120 accepts "about 120", not "100"). Extra correct detail is fine. Only the information \
+the question asks for must be present (gold "San Francisco, California" accepts "San Francisco" for a city).
+B = INCORRECT: the predicted answer contains a factual statement that contradicts the gold, or gives several \
+candidates of which at least one is wrong, even when hedged ("it could be X or Y").
+C = NOT_ATTEMPTED: the gold's essential information is missing and nothing contradicts it: "I don't know", a \
+refusal, a request for more context, or an answer too vague to be judged.
+
+Question: {question}
+Gold target: {target}
+Predicted answer: {predicted}
+
+Reply with exactly one letter: A, B or C."""
+
+_VERDICT = {"a": "correct", "b": "incorrect", "c": "not_attempted", "correct": "correct",
+            "incorrect": "incorrect", "not_attempted": "not_attempted", "not attempted": "not_attempted"}
+_VERDICT_PATTERN = re.compile(r"\b(not[ _]attempted|incorrect|correct|[abc])\b", re.IGNORECASE)
+
+
+def parse_judge_verdict(reply: str | None) -> str:
+    """The judge's label; the last verdict given wins (a reply may reason first). No verdict -> 'unparsed'."""
+    if not reply:
+        return "unparsed"
+    text = reply.strip()
+    letter = re.fullmatch(r"\W*([ABCabc])\W*", text)
+    if letter:
+        return _VERDICT[letter.group(1).lower()]
+    candidates = [m.group(1) for m in _VERDICT_PATTERN.finditer(text)
+                  if len(m.group(1)) > 1 or m.group(1).isupper()]  # a lone lower-case "a" is an article
+    return _VERDICT[candidates[-1].lower()] if candidates else "unparsed"
+
+
+CRITIC_PROMPT = """You check a student's solution to a grade-school math problem against the reference solution. \
+The student's final answer is wrong. Find the EARLIEST step where the student's reasoning or arithmetic goes \
+wrong: a wrong calculation, a wrong number carried forward, a wrong operation or a misread quantity.
+
+Problem:
+{question}
+
+Student's solution, split into numbered steps:
+{steps}
+
+Reference solution:
+{reference}
+
+Reply with a JSON object and nothing else:
+{{"step": <number of the earliest wrong step>, "error_text": "<the exact erroneous words or number, copied \
+verbatim from that step>", "reason": "<one short sentence>"}}"""
+
+
+@dataclass
+class LLMClient:
+    """A model behind an OpenAI-compatible chat endpoint (OpenAI, vLLM, Ollama, llama.cpp server), through the
+    official `openai` SDK, which retries 429/5xx/timeouts with exponential backoff. The key comes from the
+    environment and is never written anywhere."""
+
+    model: str
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout: float = 60.0
+    max_retries: int = 4
+    concurrency: int = 8
+
+    def client(self):
+        import os
+
+        from openai import OpenAI
+
+        key = os.environ.get(self.api_key_env) or ("not-needed" if self.base_url else None)
+        if key is None:
+            raise RuntimeError(f"set {self.api_key_env} (or pass --base-url for a local endpoint without a key)")
+        return OpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout, max_retries=self.max_retries)
+
+    def complete(self, client, prompt: str) -> str:
+        response = client.chat.completions.create(model=self.model, temperature=0,
+                                                  messages=[{"role": "user", "content": prompt}])
+        if not response.choices:
+            raise ValueError("the endpoint returned no choices")
+        return response.choices[0].message.content or ""
+
+
+class ReplyCache:
+    """Append-only JSONL of LLM replies keyed by sha256(model, prompt); a torn last line is ignored."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.replies: dict[str, dict] = {}
+        self.lock = threading.Lock()
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("error") is None:  # a failed call is asked again
+                    self.replies[row["key"]] = row
+
+    @staticmethod
+    def key(model: str, prompt: str) -> str:
+        return hashlib.sha256(json.dumps([model, prompt]).encode()).hexdigest()
+
+    def get(self, model: str, prompt: str) -> dict | None:
+        return self.replies.get(self.key(model, prompt))
+
+    def put(self, model: str, prompt: str, reply: str | None, error: str | None = None) -> dict:
+        row = {"key": self.key(model, prompt), "model": model, "reply": reply, "error": error}
+        with self.lock:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            if error is None:  # failures are logged but asked again on the next run
+                self.replies[row["key"]] = row
+        return row
+
+
+def ask_all(llm: LLMClient, prompts: list[str], cache: ReplyCache, desc: str, progress: bool = True) -> list[dict]:
+    """Replies for all prompts: cached ones at once, the rest with bounded concurrency. A call that still fails
+    after the SDK's retries gives {'reply': None, 'error': ...} (labelled unparsed, asked again next run)."""
+    from tqdm import tqdm
+
+    results: list[dict | None] = [cache.get(llm.model, p) for p in prompts]
+    todo = [i for i, r in enumerate(results) if r is None]
+    if todo:
+        client = llm.client()
+
+        def one(i: int) -> tuple[int, dict]:
+            try:
+                return i, cache.put(llm.model, prompts[i], llm.complete(client, prompts[i]))
+            except Exception as e:  # openai.APIError family, timeouts, malformed replies
+                return i, cache.put(llm.model, prompts[i], None, f"{type(e).__name__}: {e}")
+
+        with ThreadPoolExecutor(max_workers=llm.concurrency) as pool, \
+                tqdm(total=len(todo), desc=desc, disable=not progress) as bar:
+            for i, row in pool.map(one, todo):
+                results[i] = row
+                bar.update()
+    return results
+
+
+# ---------------------------------------------------------------- solutions: steps, the offline critic, spans
+
+
+def split_steps(solution: str) -> list[tuple[int, int]]:
+    """Character ranges of the solution's steps: its non-empty lines, and within a line its sentences (a
+    sentence ends at '.', '!' or '?' followed by a space and an upper-case letter or digit). Whitespace
+    around a step is not part of it."""
+    steps = []
+    for line in re.finditer(r"[^\n]+", solution):
+        start = line.start()
+        pieces = re.split(r"(?<=[.!?])\s+(?=[A-Z0-9$])", line.group())
+        for piece in pieces:
+            offset = solution.index(piece, start)
+            stripped = piece.strip()
+            if stripped:
+                lead = len(piece) - len(piece.lstrip())
+                steps.append((offset + lead, offset + lead + len(stripped)))
+            start = offset + len(piece)
+    return steps
+
+
+_OPERAND = r"\$?\(?-?\d[\d,]*(?:\.\d+)?\)?%?"
+_OPERATOR = r"\s*(?:[-+*/×÷x]|times|divided by|minus|plus)\s*"
+_EQUATION = re.compile(rf"({_OPERAND}(?:{_OPERATOR}{_OPERAND})+)\s*=\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)")
+
+
+def _evaluate(expression: str) -> Decimal | None:
+    expr = expression.replace("×", "*").replace("÷", "/").replace("$", "").replace(",", "")
+    expr = re.sub(r"(?<=[\d)])\s*x\s*(?=[\d($])", "*", expr)
+    expr = expr.replace("times", "*").replace("divided by", "/").replace("minus", "-").replace("plus", "+")
+    expr = re.sub(r"(\d+(?:\.\d+)?)%", r"(\1/100)", expr)
+    if not re.fullmatch(r"[\d.+\-*/()\s]+", expr):
+        return None
+    try:
+        value = eval(expr, {"__builtins__": {}}, {})  # noqa: S307 - digits, operators and brackets only
+    except (SyntaxError, ZeroDivisionError, TypeError):
+        return None
+    return Decimal(str(round(float(value), 6)))
+
+
+def _reference_values(question: str, reference: str) -> set[Decimal]:
+    """Numbers the reference solution supports: those of the question, every operand and result of its
+    calculator annotations, and the final answer."""
+    values = set(_numbers(question))
+    for expression, result in re.findall(r"<<([^=<>]*)=([^<>]*)>>", reference):
+        values.update(_numbers(expression))
+        values.update(_numbers(result))
+    values.update(_numbers(reference.rpartition("####")[2]))
+    return values
+
+
+_COMMON_CONSTANTS = {Decimal(n) for n in ("0", "1", "2", "3", "4", "7", "10", "12", "24", "30", "52", "60", "100",
+                                          "365", "1000")}
+
+
+def find_error_offline(question: str, solution: str, reference: str) -> tuple[int, tuple[int, int] | None, str]:
+    """(index of the first wrong step or -1, character span of the wrong value, reason). A step is wrong when one
+    of its equations `a op b = c` does not compute, or when an operand or result is supported neither by the
+    problem, the reference solution's calculator annotations, an earlier result nor a common constant."""
+    supported = _reference_values(question, reference) | _COMMON_CONSTANTS
+    earlier: set[Decimal] = set()
+    for index, (start, end) in enumerate(split_steps(solution)):
+        text = solution[start:end]
+        for m in _EQUATION.finditer(text):
+            expression, shown = m.group(1), normalize_number(m.group(2))
+            computed = _evaluate(expression)
+            result_span = (start + m.start(2), start + m.end(2))
+            if computed is not None and shown is not None and abs(computed - Decimal(shown)) > Decimal("0.01"):
+                return index, result_span, f"{expression.strip()} is {computed}, not {shown}"
+            for operand in re.finditer(_OPERAND, expression):
+                value = normalize_number(operand.group().strip("()%"))
+                if value is not None and Decimal(value) not in supported | earlier:
+                    span = (start + m.start(1) + operand.start(), start + m.start(1) + operand.end())
+                    return index, span, f"{value} is not supported by the problem or earlier steps"
+            if shown is not None and Decimal(shown) not in supported:
+                return index, result_span, f"{shown} does not appear in the reference solution"
+            if shown is not None:
+                earlier.add(Decimal(shown))
+    return -1, None, "no wrong calculation or unsupported value found"
+
+
+def locate_error_offline(question: str, solution: str, reference: str) -> int:
+    """Index into `split_steps(solution)` of the first wrong step, -1 if none is found."""
+    return find_error_offline(question, solution, reference)[0]
+
+
+def numbered_steps(solution: str) -> str:
+    return "\n".join(f"Step {i + 1}: {solution[s:e]}" for i, (s, e) in enumerate(split_steps(solution)))
+
+
+def parse_critic_reply(reply: str | None) -> dict | None:
+    """{'step': 1-based int, 'error_text': str, 'reason': str} from a critic's reply, tolerant: the last JSON
+    object with a step wins; else the last 'step N' mentioned. None when no step index is given."""
+    if not reply:
+        return None
+    for candidate in reversed(re.findall(r"\{[^{}]*\}", reply, re.DOTALL)):
+        try:
+            obj = json.loads(candidate)
+        except json.JSONDecodeError:
+            continue
+        step = obj.get("step") if isinstance(obj, dict) else None
+        if isinstance(step, str) and step.strip().lstrip("-").isdigit():
+            step = int(step)
+        if isinstance(step, int) and not isinstance(step, bool):
+            return {"step": step, "error_text": str(obj.get("error_text") or ""), "reason": str(obj.get("reason") or "")}
+    steps = re.findall(r"step\W{0,3}(\d+)", reply, re.IGNORECASE)
+    if steps:
+        return {"step": int(steps[-1]), "error_text": "", "reason": ""}
+    return None
+
+
+def locate_text(solution: str, text: str, step_span: tuple[int, int] | None) -> tuple[int, int] | None:
+    """Character span of `text` in `solution`: inside the given step first, then after the step's start, then
+    anywhere (first occurrence); whitespace-insensitive at the ends. None if it does not occur."""
+    text = text.strip()
+    if not text:
+        return None
+    windows = [step_span] if step_span else []
+    if step_span:
+        windows.append((step_span[0], len(solution)))
+    windows.append((0, len(solution)))
+    for lo, hi in windows:
+        at = solution.find(text, lo, hi)
+        if at >= 0:
+            return at, at + len(text)
+    return None
+
+
+def char_to_token_spans(tokenizer, token_ids: list[int]) -> list[tuple[int, int]]:
+    """Character span of each generated token inside decode(token_ids, skip_special_tokens=True), from decoding
+    growing prefixes of the ids (never re-tokenizing). A token holding only part of a multi-byte character
+    (its prefix decodes to a trailing U+FFFD) also covers that character, so spans of neighbours may overlap."""
+    spans, previous = [], 0
+    for i in range(1, len(token_ids) + 1):
+        text = tokenizer.decode(token_ids[:i], skip_special_tokens=True)
+        complete = max(len(text.rstrip("\ufffd")), previous)
+        spans.append((previous, complete + (1 if text.endswith("\ufffd") else 0)))
+        previous = complete
+    return spans
+
+
+def tokens_of_span(token_spans: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
+    """[first, last + 1) of the tokens whose characters overlap [start, end)."""
+    inside = [i for i, (s, e) in enumerate(token_spans) if s < end and e > start]
+    if not inside:
+        raise ValueError(f"no token covers characters [{start}, {end})")
+    return inside[0], inside[-1] + 1
+
+
+# ---------------------------------------------------------------- grading a run directory
+
+
+def simpleqa_metrics(labels) -> dict:
+    """SimpleQA's metrics over graded answers (`unparsed` ones excluded and counted)."""
+    labels = list(labels)
+    graded = [x for x in labels if x != "unparsed"]
+    n = len(graded)
+    correct, incorrect = graded.count("correct"), graded.count("incorrect")
+    attempted = correct + incorrect
+    c = correct / n if n else float("nan")
+    cga = correct / attempted if attempted else float("nan")
+    f = 2 * c * cga / (c + cga) if attempted and (c + cga) > 0 else float("nan")
+    return {"n": n, "unparsed": len(labels) - n, "correct": c, "incorrect": incorrect / n if n else float("nan"),
+            "not_attempted": graded.count("not_attempted") / n if n else float("nan"),
+            "correct_given_attempted": cga, "f_score": f}
+
+
+def math_metrics(strict, flexible) -> dict:
+    strict, flexible = list(strict), list(flexible)
+    n = len(strict)
+    return {"n": n, "accuracy_strict": strict.count("correct") / n if n else float("nan"),
+            "accuracy_flexible": flexible.count("correct") / n if n else float("nan"),
+            "unparsed_strict": strict.count("unparsed")}
+
+
+def confusion_table(rows: list[str], cols: list[str], labels: tuple[str, ...], row_name: str, col_name: str) -> str:
+    counts = {(r, c): 0 for r in labels for c in labels}
+    for r, c in zip(rows, cols):
+        counts[(r, c)] += 1
+    width = max(len(x) for x in labels) + 2
+    lines = [f"{row_name} \\ {col_name}".ljust(width + 4) + "".join(c.rjust(width) for c in labels)]
+    for r in labels:
+        lines.append(r.ljust(width + 4) + "".join(str(counts[(r, c)]).rjust(width) for c in labels))
+    agree = sum(counts[(x, x)] for x in labels)
+    lines.append(f"agreement: {agree}/{len(rows)} ({agree / max(1, len(rows)):.1%})")
+    return "\n".join(lines)
+
+
+def _critique(row, tokenizer, critic_reply: dict | None, critic_name: str) -> dict:
+    """The critic's wrong moment for one incorrect solution, located in characters and completion tokens."""
+    solution = row.completion
+    steps = split_steps(solution)
+    out = _critique_defaults(critic_name)
+    if critic_reply is None:  # offline critic
+        index, span, reason = find_error_offline(row.question, solution, row.reference)
+        out.update(error_step=index, error_reason=reason)
+        if index < 0:
+            out["critic_status"] = "no_error_found"
+            return out
+        status = "located"
+    else:
+        if critic_reply.get("error"):
+            out.update(critic_status="unparsed", error_reason=critic_reply["error"])
+            return out
+        parsed = parse_critic_reply(critic_reply.get("reply"))
+        if parsed is None or not 1 <= parsed["step"] <= len(steps):
+            out["critic_status"] = "unparsed"
+            return out
+        index = parsed["step"] - 1
+        out.update(error_step=index, error_text=parsed["error_text"], error_reason=parsed["reason"])
+        span = locate_text(solution, parsed["error_text"], steps[index])
+        status = "located"
+        if span is None:  # the critic's words are not in the solution: the whole step is the wrong moment
+            span, status = steps[index], "step_only"
+    out.update(critic_status=status, error_char_start=span[0], error_char_end=span[1],
+               error_text=out["error_text"] or solution[span[0]:span[1]])
+    first, last = tokens_of_span(char_to_token_spans(tokenizer, list(row.completion_ids)), *span)
+    out.update(error_token_start=first, error_token_end=last)
+    return out
+
+
+def grade_run(run_dir: str | Path, *, judge: str | None = None, critic: str | None = None,
+              base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
+              max_retries: int = 4, concurrency: int = 8, tokenizer=None, progress: bool = True) -> dict:
+    """Label every answer of a run (DIR/grades.parquet) and write DIR/metrics.json; returns the metrics.
+    Idempotent: labels are rebuilt from the cached replies each time, only missing LLM calls are made."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .data import FACTUAL, MATH
+    from .store import _write_parquet, load_run, write_json
+
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    samples = run.samples
+    benchmark = run.config["benchmark"]
+    cache = ReplyCache(run_dir / "llm_replies.jsonl")
+    llm = dict(base_url=base_url, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries,
+               concurrency=concurrency)
+    rows = pd.DataFrame({"question_id": samples.question_id})
+    metrics: dict = {"benchmark": benchmark, "questions": len(samples)}
+    report = []
+    if benchmark in FACTUAL:
+        offline = [grade_simpleqa_offline(r.question, r.target, r.completion, list(r.aliases))
+                   for r in samples.itertuples()]
+        rows["offline_label"] = offline
+        if judge:
+            prompts = [SIMPLEQA_JUDGE_PROMPT.format(question=r.question, target=r.target, predicted=r.completion)
+                       for r in samples.itertuples()]
+            replies = ask_all(LLMClient(judge, **llm), prompts, cache, "judge", progress)
+            rows["judge_label"] = [parse_judge_verdict(r["reply"]) for r in replies]
+            rows["judge_reply"] = [r["reply"] if r["reply"] is not None else f"[error] {r['error']}" for r in replies]
+            rows["label"], rows["grader"] = rows["judge_label"], f"judge:{judge}"
+            metrics["offline_grader"] = simpleqa_metrics(offline)
+            report.append(confusion_table(list(rows.judge_label), offline, SIMPLEQA_LABELS, "judge", "offline"))
+        else:
+            rows["label"], rows["grader"] = offline, "offline"
+        metrics.update(simpleqa_metrics(rows["label"]))
+    elif benchmark in MATH:
+        rows["extracted_strict"] = [extract_final_number(c, "strict") for c in samples.completion]
+        rows["extracted_flexible"] = [extract_final_number(c, "flexible") for c in samples.completion]
+        rows["label"] = [grade_gsm8k(t, c, "strict") for t, c in zip(samples.target, samples.completion)]
+        rows["label_flexible"] = [grade_gsm8k(t, c, "flexible") for t, c in zip(samples.target, samples.completion)]
+        rows["grader"] = "strict final-answer extraction"
+        metrics.update(math_metrics(rows["label"], rows["label_flexible"]))
+        wrong = samples[rows["label"].to_numpy() == "incorrect"]
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(run))
+        replies = [None] * len(wrong)
+        if critic and len(wrong):
+            prompts = [CRITIC_PROMPT.format(question=r.question, steps=numbered_steps(r.completion),
+                                            reference=re.sub(r"<<[^>]*>>", "", r.reference))
+                       for r in wrong.itertuples()]
+            replies = ask_all(LLMClient(critic, **llm), prompts, cache, "critic", progress)
+        name = f"llm:{critic}" if critic else "offline"
+        found = {r.question_id: _critique(r, tokenizer, reply, name) for r, reply in zip(wrong.itertuples(), replies)}
+        empty = _critique_defaults(name)
+        for column in empty:
+            rows[column] = [found.get(q, empty)[column] for q in rows.question_id]
+        statuses = [v["critic_status"] for v in found.values()]
+        metrics["critic"] = {"name": name, "incorrect_answers": len(wrong),
+                             **{s: statuses.count(s) for s in ("located", "step_only", "no_error_found", "unparsed")}}
+    else:
+        raise ValueError(f"no grader for benchmark {benchmark!r}")
+    _write_parquet(pa.Table.from_pandas(rows, preserve_index=False), run_dir / "grades.parquet")
+    write_json(run_dir / "metrics.json", metrics)
+    metrics["_tables"] = report
+    return metrics
+
+
+def _critique_defaults(name: str) -> dict:
+    return {"critic": name, "error_step": -1, "error_text": "", "error_reason": "", "critic_status": "not_critiqued",
+            "error_char_start": -1, "error_char_end": -1, "error_token_start": -1, "error_token_end": -1}
+
+
+def _tokenizer_source(run) -> str:
+    """Where the run's tokenizer lives: the embedded model's cache directory, or the model's hub id / path."""
+    from .model import EMBEDDED_ALIAS, embedded_model_dir
+
+    name = run.config["model"]["name"]
+    return str(embedded_model_dir()[0]) if name == EMBEDDED_ALIAS else run.config["model"]["source"]
+
+
+def format_metrics(m: dict) -> str:
+    lines = [f"{m['benchmark']}: {m['questions']} answers"]
+    if "f_score" in m:
+        lines.append(f"  correct {m['correct']:.3f}  incorrect {m['incorrect']:.3f}  not attempted "
+                     f"{m['not_attempted']:.3f}  correct given attempted {m['correct_given_attempted']:.3f}  "
+                     f"F-score {m['f_score']:.3f}  (n={m['n']}, unparsed {m['unparsed']})")
+    if "accuracy_strict" in m:
+        lines.append(f"  accuracy strict {m['accuracy_strict']:.3f}  flexible {m['accuracy_flexible']:.3f}  "
+                     f"(n={m['n']}, no strict final answer {m['unparsed_strict']})")
+    if "critic" in m:
+        c = m["critic"]
+        lines.append(f"  critic {c['name']}: {c['incorrect_answers']} incorrect answers, wrong moment located in "
+                     f"{c['located']} (+{c['step_only']} step only), none found {c['no_error_found']}, "
+                     f"unparsed {c['unparsed']}")
+    lines += m.get("_tables", [])
+    return "\n".join(lines)

@@ -1,0 +1,339 @@
+"""Graders, parsers, the offline critic, span mapping, and the judge/critic through the real `openai` client
+against an OpenAI-compatible server on loopback that serves scripted replies and faults."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from attentropy import load_run
+from attentropy.capture import Capture
+from attentropy.data import Question, make_arith
+from attentropy.generate import Generation
+from attentropy.grade import (char_to_token_spans, extract_final_number, grade_run, grade_simpleqa_offline,
+                              locate_error_offline, locate_text, normalize_number, parse_critic_reply,
+                              parse_judge_verdict, split_steps, tokens_of_span)
+from attentropy.store import append_batch, write_json
+
+
+@pytest.mark.parametrize("text, strict, flexible", [
+    ("So 3 + 4 = 7.\nThe final answer is 7", "7", "7"),
+    ("The final answer is $1,234.00.", "1234", "1234"),
+    ("The final answer is -3 degrees", "-3", "-3"),
+    ("The final answer is 5. Wait, the final answer is 6.", "6", "6"),
+    ("The final answer is **18**", "18", "18"),
+    ("The final answer is: 2.50 dollars", "2.5", "2.5"),
+    ("She pays $18 in total.", None, "18"),
+    ("He has 1,000 marbles and gives 250 away", None, "250"),
+    ("I cannot solve this.", None, None),
+    ("The final answer is twelve", None, None),
+])
+def test_extract_final_number(text, strict, flexible):
+    assert extract_final_number(text, "strict") == strict
+    assert extract_final_number(text, "flexible") == flexible
+
+
+@pytest.mark.parametrize("raw, expected", [("7.0", "7"), ("+3", "3"), ("-0", "0"), ("$1,000", "1000"),
+                                           ("0.50", "0.5"), ("12.", "12"), ("abc", None)])
+def test_normalize_number(raw, expected):
+    assert normalize_number(raw) == expected
+
+
+@pytest.mark.parametrize("target, aliases, predicted, label", [
+    ("Paris", [], "The capital of France is Paris.", "correct"),
+    ("Paris", [], "I'm not sure, but I think it is Paris.", "correct"),
+    ("Brasília", [], "It is brasilia.", "correct"),
+    ("South Korea", ["Republic of Korea"], "Busan is in the Republic of Korea.", "correct"),
+    ("Paris", [], "The capital of France is Lyon.", "incorrect"),
+    ("Paris", [], "I think it might be Lyon.", "incorrect"),
+    ("Paris", [], "Parisian suburbs are large.", "incorrect"),
+    ("56", [], "The atomic number of barium is 56.", "correct"),
+    ("56", [], "The atomic number of barium is 20.", "incorrect"),
+    ("3.14", [], "Pi is roughly 3.14159.", "correct"),
+    ("3.14", [], "Pi is roughly 3.2.", "incorrect"),
+    ("120", [], "About 120 people attended.", "correct"),
+    ("Paris", [], "I don't know.", "not_attempted"),
+    ("Paris", [], "I'm sorry, I cannot answer that without more context.", "not_attempted"),
+    ("Paris", [], "Could you provide more context about which France you mean?", "not_attempted"),
+    ("Paris", [], "", "not_attempted"),
+])
+def test_grade_simpleqa_offline(target, aliases, predicted, label):
+    assert grade_simpleqa_offline("Q?", target, predicted, aliases) == label
+
+
+@pytest.mark.parametrize("reply, label", [
+    ("A", "correct"), ("B.", "incorrect"), (" C ", "not_attempted"), ("a", "correct"),
+    ("The answer names the right city, so the grade is A", "correct"),
+    ("Reasoning: it contradicts the gold target.\nGrade: B (INCORRECT)", "incorrect"),
+    ("At first glance A, but on reflection the answer is NOT_ATTEMPTED", "not_attempted"),
+    ("The predicted answer is not attempted.", "not_attempted"),
+    ("I cannot decide.", "unparsed"), ("", "unparsed"), (None, "unparsed"),
+])
+def test_parse_judge_verdict(reply, label):
+    assert parse_judge_verdict(reply) == label
+
+
+def test_split_steps_lines_and_sentences():
+    solution = "  First she buys 3 apples. Then 2 more.\n\nSo 3 + 2 = 5.\nThe final answer is 5"
+    steps = [solution[s:e] for s, e in split_steps(solution)]
+    assert steps == ["First she buys 3 apples.", "Then 2 more.", "So 3 + 2 = 5.", "The final answer is 5"]
+    assert split_steps("") == []
+
+
+REFERENCE = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+             "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
+QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+            "How many clips did Natalia sell altogether in April and May?")
+
+
+@pytest.mark.parametrize("solution, step", [
+    ("Natalia sold 48/2 = 24 clips in May.\nShe sold 48 + 24 = 72 clips.\nThe final answer is 72", -1),
+    ("In May she sold 48 / 2 = 24 clips.\nAltogether 48 + 24 = 82 clips.\nThe final answer is 82", 1),
+    ("In May she sold 48 / 2 = 25 clips.\nAltogether 48 + 25 = 73 clips.\nThe final answer is 73", 0),
+    ("In May she sold 48 * 2 = 96 clips.\nAltogether 48 + 96 = 144 clips.\nThe final answer is 144", 0),
+    ("In May she sold 48 / 2 = 24 clips.\nAltogether 48 + 26 = 74 clips.\nThe final answer is 74", 1),
+    ("In May she sold half, 24 clips. Altogether 48 + 24 = 72.\nThe final answer is 72", -1),
+])
+def test_offline_critic_on_hand_written_solutions(solution, step):
+    assert locate_error_offline(QUESTION, solution, REFERENCE) == step
+
+
+@pytest.mark.parametrize("reply, parsed", [
+    ('{"step": 2, "error_text": "48 + 24 = 82", "reason": "wrong sum"}', (2, "48 + 24 = 82")),
+    ('```json\n{"step": "3", "error_text": "x", "reason": "r"}\n```', (3, "x")),
+    ('First guess {"step": 1, "error_text": "a"} but actually {"step": 2, "error_text": "b"}', (2, "b")),
+    ("The mistake is in Step 4, where the total is wrong.", (4, "")),
+    ("Everything looks fine to me.", None),
+    ('{"error_text": "no index"}', None),
+    (None, None),
+])
+def test_parse_critic_reply(reply, parsed):
+    result = parse_critic_reply(reply)
+    assert (None if result is None else (result["step"], result["error_text"])) == parsed
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded):
+    return embedded[1]
+
+
+@pytest.mark.parametrize("text, wrong", [
+    ("She pays 3 + 4 = 8 dollars.", "8"),
+    ("  Leading spaces: 12 * 2 = 25.", "25"),
+    ("Le café coûte 5€ et 3€, donc 5 + 3 = 9€ 🎉.", "9€"),
+    ("Ça fait 7 œufs 🥚🥚 au total", "🥚🥚"),
+])
+def test_character_spans_map_to_the_generated_tokens(tokenizer, text, wrong):
+    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]  # as a generation would end
+    decoded = tokenizer.decode(ids, skip_special_tokens=True)
+    spans = char_to_token_spans(tokenizer, ids)
+    assert len(spans) == len(ids) and spans[-1][1] == len(decoded)
+    start = decoded.index(wrong)
+    first, last = tokens_of_span(spans, start, start + len(wrong))
+    covered = tokenizer.decode(ids[first:last], skip_special_tokens=True)
+    assert wrong in covered and len(covered) <= len(wrong) + 2  # the span, at most a neighbouring space/char
+
+
+def test_locate_text_prefers_the_critics_step_when_the_text_occurs_twice():
+    solution = "He has 5 + 3 = 8 eggs.\nThen 8 - 2 = 6 eggs.\nAgain 8 - 2 = 6 eggs."
+    steps = split_steps(solution)
+    assert locate_text(solution, "8 - 2 = 6", steps[2]) == (solution.rindex("8 - 2"), solution.rindex("6") + 1)
+    assert locate_text(solution, "8 - 2 = 6", steps[1]) == (solution.index("8 - 2"), solution.index("= 6") + 3)
+    assert locate_text(solution, "7 * 7", steps[1]) is None
+
+
+# ---------------------------------------------------------------- run directories with hand-written answers
+
+
+def make_run(path, tokenizer, benchmark, questions, completions):
+    """A run directory as `attentropy run` writes it, with given answers and zero statistics."""
+    gens = []
+    for q, text in zip(questions, completions):
+        ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+        n = len(ids)
+        cap = Capture(attn=np.zeros((n, 2, 3, 6), np.float32), logprob=np.zeros(n, np.float32),
+                      logit_entropy=np.zeros(n, np.float32), logit_varentropy=np.zeros(n, np.float32),
+                      n_keys=np.arange(5, 5 + n))
+        gens.append(Generation(q, [1, 2, 3, 4, 5], ids, tokenizer.decode(ids, skip_special_tokens=True), "stop",
+                               cap))
+    path.mkdir()
+    write_json(path / "config.json", {"benchmark": benchmark, "model": {"name": "smollm2-135m"},
+                                      "capture": {"layers": [0, 1], "n_heads": 3}})
+    append_batch(path, gens, tokenizer)
+    return path
+
+
+FACTS = [Question(f"facts-{i:05d}", "facts", q, a) for i, (q, a) in enumerate(
+    [("What is the capital of France?", "Paris"), ("What is the capital of Peru?", "Lima"),
+     ("What is the capital of Chad?", "N'Djamena"), ("What is the capital of Laos?", "Vientiane")])]
+FACT_ANSWERS = ["It is Paris.", "It is Cusco.", "I don't know.", "Vientiane, I believe."]
+
+
+def test_math_grading_and_offline_critic_mark_token_spans(tmp_path, tokenizer):
+    questions = make_arith(3, difficulty=2, seed=4)
+    good = questions[0].reference.replace("<<", "[").replace(">>", "]")
+    good = "\n".join(line for line in questions[0].reference.split("\n") if not line.startswith("####"))
+    import re
+
+    good = re.sub(r"<<[^>]*>>", "", good) + f"\nThe final answer is {questions[0].target}"
+    lines = re.sub(r"<<[^>]*>>", "", questions[1].reference).split("\n")[:-1]
+    expression, _, shown = lines[0].rpartition(" = ")
+    value = int(re.match(r"\d+", shown).group())
+    lines[0] = f"{expression} = {value + 1}{shown[len(str(value)):]}"  # a wrong calculation in step 1
+    bad = "\n".join(lines) + "\nThe final answer is 9999"
+    run = make_run(tmp_path / "arith", tokenizer, "arith", questions,
+                   [good, bad, "I think it is about twelve."])
+    metrics = grade_run(run, tokenizer=tokenizer, progress=False)
+    assert metrics["accuracy_strict"] == pytest.approx(1 / 3)
+    r = load_run(run)
+    assert list(r.samples.label) == ["correct", "incorrect", "unparsed"]
+    wrong = r.samples.iloc[1]
+    assert wrong.critic_status == "located" and wrong.error_step == 0
+    assert wrong.error_text == str(value + 1)
+    tokens = r.tokens[r.tokens.question_id == wrong.question_id]
+    marked = tokens[tokens.in_error]
+    assert "".join(marked.token).strip() == str(value + 1)
+    assert tokens.after_error.sum() == (tokens.pos >= wrong.error_token_end).sum() > 0
+    assert not r.tokens[r.tokens.question_id != wrong.question_id].in_error.any()
+    assert json.loads((run / "metrics.json").read_text())["critic"]["located"] == 1
+
+
+# ---------------------------------------------------------------- an OpenAI-compatible server on loopback
+
+
+class ScriptedServer:
+    """/v1/chat/completions answering from `script(n, prompt)` -> ('ok', text) | ('status', code) | ('hang', s)
+    | ('garbage', body) | ('empty', None); n counts requests."""
+
+    def __init__(self, script):
+        self.script, self.requests, self.lock = script, [], threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][-1]["content"]
+                with server.lock:
+                    server.requests.append((self.headers.get("Authorization"), prompt))
+                    n = len(server.requests)
+                kind, arg = server.script(n, prompt)
+                if kind == "hang":
+                    time.sleep(arg)
+                    kind, arg = "ok", "A"
+                if kind == "status":
+                    self.send_response(arg)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(b'{"error": {"message": "scripted failure"}}')
+                    return
+                if kind == "garbage":
+                    payload = arg.encode()
+                else:
+                    choices = [] if kind == "empty" else [
+                        {"index": 0, "message": {"role": "assistant", "content": arg}, "finish_reason": "stop"}]
+                    payload = json.dumps({"id": "x", "object": "chat.completion", "created": 0,
+                                          "model": body["model"], "choices": choices}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def verdict_for(prompt):
+    """A judge that knows the answers: A when the gold is in the predicted answer, C for I don't know, else B."""
+    gold = prompt.split("Gold target: ")[1].split("\n")[0]
+    predicted = prompt.split("Predicted answer: ")[1].split("\n")[0]
+    return "C" if "know" in predicted else ("A" if gold in predicted else "B")
+
+
+JUDGE = dict(judge="judge-model", timeout=0.5, max_retries=2, concurrency=2, progress=False)
+
+
+def test_judge_through_openai_sdk_with_faults_retries_and_cache(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("ATTENTROPY_TEST_KEY", "sk-secret-do-not-store")
+    faults = {1: ("status", 429), 2: ("status", 500), 3: ("hang", 2.0)}
+    server = ScriptedServer(lambda n, p: faults.get(n, ("ok", f"Reasoning first. Grade: {verdict_for(p)}")))
+    try:
+        run = make_run(tmp_path / "facts", tokenizer, "facts", FACTS, FACT_ANSWERS)
+        metrics = grade_run(run, base_url=server.url, api_key_env="ATTENTROPY_TEST_KEY", **JUDGE)
+        r = load_run(run)
+        assert list(r.samples.judge_label) == ["correct", "incorrect", "not_attempted", "correct"]
+        assert list(r.samples.label) == list(r.samples.judge_label) and r.samples.grader[0] == "judge:judge-model"
+        assert metrics["correct"] == 0.5 and metrics["f_score"] == pytest.approx(2 / 3 * 0.5 * 2 / (0.5 + 2 / 3))
+        assert all(auth == "Bearer sk-secret-do-not-store" for auth, _ in server.requests)
+        calls = len(server.requests)
+        assert calls >= 4 + 3  # three faults were retried
+        grade_run(run, base_url=server.url, api_key_env="ATTENTROPY_TEST_KEY", **JUDGE)
+        assert len(server.requests) == calls  # everything came from the cache
+        for path in run.rglob("*"):
+            if path.is_file():
+                assert b"sk-secret-do-not-store" not in path.read_bytes()
+    finally:
+        server.close()
+
+
+def test_unusable_replies_are_unparsed_with_the_raw_text_kept(tmp_path, tokenizer):
+    replies = {"France": ("garbage", "<html>not json"), "Peru": ("empty", None), "Chad": ("ok", "Hmm, hard to say."),
+               "Laos": ("ok", "A")}
+    server = ScriptedServer(lambda n, p: next(v for k, v in replies.items() if k in p.split("Gold")[0]))
+    try:
+        run = make_run(tmp_path / "facts", tokenizer, "facts", FACTS, FACT_ANSWERS)
+        grade_run(run, base_url=server.url, **JUDGE)
+        r = load_run(run)
+        assert list(r.samples.judge_label) == ["unparsed", "unparsed", "unparsed", "correct"]
+        assert r.samples.judge_reply[2] == "Hmm, hard to say."
+        assert r.samples.judge_reply[0].startswith("[error]") and r.samples.judge_reply[1].startswith("[error]")
+    finally:
+        server.close()
+
+
+def test_interrupted_grade_resumes_asking_only_what_is_missing(tmp_path, tokenizer):
+    broken = ScriptedServer(lambda n, p: ("ok", verdict_for(p)) if "France" in p or "Peru" in p
+                            else ("status", 503))
+    run = make_run(tmp_path / "facts", tokenizer, "facts", FACTS, FACT_ANSWERS)
+    try:
+        grade_run(run, base_url=broken.url, **JUDGE)
+    finally:
+        broken.close()
+    assert list(load_run(run).samples.judge_label) == ["correct", "incorrect", "unparsed", "unparsed"]
+    healthy = ScriptedServer(lambda n, p: ("ok", verdict_for(p)))
+    try:
+        grade_run(run, base_url=healthy.url, **JUDGE)
+        assert sorted(p.split("Gold target: ")[1].split("\n")[0] for _, p in healthy.requests) == [
+            "N'Djamena", "Vientiane"]
+    finally:
+        healthy.close()
+    assert list(load_run(run).samples.label) == ["correct", "incorrect", "not_attempted", "correct"]
+
+
+def test_llm_critic_locates_the_quoted_text_in_tokens(tmp_path, tokenizer):
+    question = Question("arith-00000", "arith", QUESTION, "72", reference=REFERENCE)
+    solution = "In May she sold 48 / 2 = 24 clips.\nAltogether 48 + 24 = 82 clips.\nThe final answer is 82"
+    server = ScriptedServer(lambda n, p: ("ok", 'Looking at it: {"step": 2, "error_text": "48 + 24 = 82", '
+                                                '"reason": "the sum is 72"}'))
+    try:
+        run = make_run(tmp_path / "arith", tokenizer, "arith", [question], [solution])
+        grade_run(run, critic="critic-model", base_url=server.url, tokenizer=tokenizer, **{
+            k: v for k, v in JUDGE.items() if k != "judge"})
+        assert "Step 2: Altogether 48 + 24 = 82 clips." in server.requests[0][1]
+        s = load_run(run).samples.iloc[0]
+        assert (s.critic, s.critic_status, s.error_step) == ("llm:critic-model", "located", 1)
+        ids = list(s.completion_ids)
+        assert tokenizer.decode(ids[s.error_token_start:s.error_token_end]).strip() == "48 + 24 = 82"
+    finally:
+        server.close()
