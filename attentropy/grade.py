@@ -279,9 +279,18 @@ def split_steps(solution: str) -> list[tuple[int, int]]:
     return steps
 
 
-_OPERAND = r"\$?\(?-?\d[\d,]*(?:\.\d+)?\)?%?"
+_OPERAND = r"\$?\(?\d[\d,]*(?:\.\d+)?\)?%?"
 _OPERATOR = r"\s*(?:[-+*/×÷x]|times|divided by|minus|plus)\s*"
-_EQUATION = re.compile(rf"({_OPERAND}(?:{_OPERATOR}{_OPERAND})+)\s*=\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)")
+_EQUATION = re.compile(rf"({_OPERAND}(?:{_OPERATOR}{_OPERAND})+)\s*=\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)(%?)")
+_CONTINUES_LEFT = re.compile(r"(?:[-+*/×÷x]|times|divided by|minus|plus)\s*(?:[a-zA-Z$]+\s*)?$")
+_NUMBER_WORDS = {w: Decimal(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+_NUMBER_WORDS.update({"thirty": Decimal(30), "forty": Decimal(40), "fifty": Decimal(50), "sixty": Decimal(60),
+                      "seventy": Decimal(70), "eighty": Decimal(80), "ninety": Decimal(90),
+                      "hundred": Decimal(100), "thousand": Decimal(1000), "half": Decimal(2), "twice": Decimal(2),
+                      "double": Decimal(2), "triple": Decimal(3), "thrice": Decimal(3), "dozen": Decimal(12),
+                      "quarter": Decimal(4), "third": Decimal(3), "fourth": Decimal(4), "fifth": Decimal(5)})
 
 
 def _evaluate(expression: str) -> Decimal | None:
@@ -298,15 +307,16 @@ def _evaluate(expression: str) -> Decimal | None:
     return Decimal(str(round(float(value), 6)))
 
 
-def _reference_values(question: str, reference: str) -> set[Decimal]:
-    """Numbers the reference solution supports: those of the question, every operand and result of its
-    calculator annotations, and the final answer."""
-    values = set(_numbers(question))
+def _reference_values(question: str, reference: str) -> tuple[set[Decimal], set[Decimal]]:
+    """(operands, results) the reference supports: operands are the question's numbers (digits or number words)
+    and every number of the reference; results are the numbers of the reference (annotations, text, answer)."""
+    operands = set(_numbers(question))
+    operands.update(v for w, v in _NUMBER_WORDS.items() if re.search(rf"\b{w}\b", question, re.IGNORECASE))
+    results = set(_numbers(reference))
     for expression, result in re.findall(r"<<([^=<>]*)=([^<>]*)>>", reference):
-        values.update(_numbers(expression))
-        values.update(_numbers(result))
-    values.update(_numbers(reference.rpartition("####")[2]))
-    return values
+        operands.update(_numbers(expression))
+        results.update(_numbers(result))
+    return operands | results, results
 
 
 _COMMON_CONSTANTS = {Decimal(n) for n in ("0", "1", "2", "3", "4", "7", "10", "12", "24", "30", "52", "60", "100",
@@ -315,25 +325,30 @@ _COMMON_CONSTANTS = {Decimal(n) for n in ("0", "1", "2", "3", "4", "7", "10", "1
 
 def find_error_offline(question: str, solution: str, reference: str) -> tuple[int, tuple[int, int] | None, str]:
     """(index of the first wrong step or -1, character span of the wrong value, reason). A step is wrong when one
-    of its equations `a op b = c` does not compute, or when an operand or result is supported neither by the
-    problem, the reference solution's calculator annotations, an earlier result nor a common constant."""
-    supported = _reference_values(question, reference) | _COMMON_CONSTANTS
+    of its equations `a op b = c` does not compute, when an operand is supported neither by the problem, the
+    reference's calculator annotations, an earlier result nor a common constant, or when a result is none of the
+    reference's results."""
+    supported, reference_results = _reference_values(question, reference)
+    supported |= _COMMON_CONSTANTS
     earlier: set[Decimal] = set()
     for index, (start, end) in enumerate(split_steps(solution)):
         text = solution[start:end]
         for m in _EQUATION.finditer(text):
             expression, shown = m.group(1), normalize_number(m.group(2))
-            computed = _evaluate(expression)
+            # an equation whose left side continues further left ("60g * 4/5 = 48") is not checked as written
+            computed = None if _CONTINUES_LEFT.search(text[:m.start()]) else _evaluate(expression)
             result_span = (start + m.start(2), start + m.end(2))
-            if computed is not None and shown is not None and abs(computed - Decimal(shown)) > Decimal("0.01"):
-                return index, result_span, f"{expression.strip()} is {computed}, not {shown}"
+            if computed is not None and shown is not None:
+                candidates = (computed, computed * 100) if m.group(3) else (computed,)  # "12/20 x 100% = 60%"
+                if all(abs(c - Decimal(shown)) > Decimal("0.01") for c in candidates):
+                    return index, result_span, f"{expression.strip()} is {computed}, not {shown}"
             for operand in re.finditer(_OPERAND, expression):
                 value = normalize_number(operand.group().strip("()%"))
                 if value is not None and Decimal(value) not in supported | earlier:
                     span = (start + m.start(1) + operand.start(), start + m.start(1) + operand.end())
                     return index, span, f"{value} is not supported by the problem or earlier steps"
-            if shown is not None and Decimal(shown) not in supported:
-                return index, result_span, f"{shown} does not appear in the reference solution"
+            if shown is not None and Decimal(shown) not in reference_results:
+                return index, result_span, f"{shown} is not among the reference solution's results"
             if shown is not None:
                 earlier.add(Decimal(shown))
     return -1, None, "no wrong calculation or unsupported value found"
