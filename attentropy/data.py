@@ -271,19 +271,21 @@ def _arith_problem(rng: random.Random, steps: int) -> tuple[str, str, int]:
     return " ".join(sentences), "\n".join(lines), value
 
 
-ARITH_DEFAULT_DIFFICULTY = 2
+ARITH_DEFAULT_DIFFICULTY = 1  # SmolLM2-135M: ~50% correct at 1 step, ~5% at 2 (8-shot, greedy)
 
 
-def make_arith(n: int = 100, seed: int = 0, difficulty: int = ARITH_DEFAULT_DIFFICULTY) -> list[Question]:
-    """`n` grade-school word problems of exactly `difficulty` steps (1-4), with GSM8K-format references."""
+def make_arith(n: int = 100, seed: int = 0, difficulty: int = ARITH_DEFAULT_DIFFICULTY,
+               split: str = "test") -> list[Question]:
+    """`n` grade-school word problems of exactly `difficulty` steps (1-4), with GSM8K-format references.
+    The `train` split (the few-shot exemplars) is drawn from a random stream disjoint from `test`'s."""
     if not 1 <= difficulty <= 4:
         raise ValueError(f"arith difficulty must be 1 to 4 steps, got {difficulty}")
-    rng = random.Random(f"arith-{seed}-{difficulty}")
+    rng = random.Random(f"arith-{seed}-{difficulty}" if split == "test" else f"arith-{split}-{seed}-{difficulty}")
     out = []
     for i in range(n):
         question, solution, answer = _arith_problem(rng, difficulty)
-        out.append(Question(f"arith-{i:05d}", "arith", question, str(answer), reference=solution,
-                            metadata={"steps": difficulty, "seed": seed}))
+        out.append(Question(f"arith-{i:05d}" if split == "test" else f"arith-{split}-{i:05d}", "arith", question,
+                            str(answer), reference=solution, metadata={"steps": difficulty, "seed": seed}))
     return out
 
 
@@ -310,6 +312,12 @@ def load_questions(benchmark: str, data: str | Path | None = None, *, offset: in
     return questions[offset:end]
 
 
-def fewshot_exemplars() -> list[Question]:
-    """The 8 chain-of-thought exemplars: the first 8 rows of GSM8K's train split (MIT), shipped in the package."""
+def fewshot_exemplars(question: Question | None = None) -> list[Question]:
+    """The 8 chain-of-thought exemplars of a math question, from its benchmark's train split: for GSM8K the
+    first 8 rows of GSM8K train (MIT, shipped in the package); for arith 8 problems of the suite's train split
+    at the question's difficulty."""
+    if question is not None and question.benchmark == "arith":
+        meta = question.metadata
+        return make_arith(8, seed=meta.get("seed", 0), difficulty=meta.get("steps", ARITH_DEFAULT_DIFFICULTY),
+                          split="train")
     return read_gsm8k(Path(__file__).with_name("gsm8k_fewshot.jsonl"), benchmark="gsm8k-train")

@@ -40,11 +40,11 @@ def exemplar_answer(reference: str) -> str:
 
 def chat_messages(question: Question, shots: int = MATH_SHOTS) -> list[dict]:
     """The chat for one question: SimpleQA-style benchmarks get the bare question as the user turn; GSM8K-style
-    ones get `shots` exemplars (first rows of GSM8K train) as a multi-turn chat, then the question."""
+    ones get `shots` exemplars of the benchmark's train split as a multi-turn chat, then the question."""
     if protocol_kind(question.benchmark) == "factual":
         return [{"role": "user", "content": question.question}]
     messages = []
-    for ex in fewshot_exemplars()[:shots]:
+    for ex in fewshot_exemplars(question)[:shots]:
         messages.append({"role": "user", "content": MATH_USER_TEMPLATE.format(question=ex.question)})
         messages.append({"role": "assistant", "content": exemplar_answer(ex.reference)})
     messages.append({"role": "user", "content": MATH_USER_TEMPLATE.format(question=question.question)})

@@ -54,8 +54,9 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
     protocol = {"kind": kind, "chat_template": True, "max_new_tokens": max_new_tokens,
                 "sampling": {"do_sample": do_sample, "temperature": temperature, "top_p": top_p, "seed": seed}}
     if kind == "math":
-        protocol.update(shots=shots, user_template=MATH_USER_TEMPLATE,
-                        exemplars="first rows of GSM8K train (attentropy/gsm8k_fewshot.jsonl)")
+        exemplars = ("arith train split (same seed and difficulty)" if benchmark == "arith"
+                     else "first rows of GSM8K train (attentropy/gsm8k_fewshot.jsonl)")
+        protocol.update(shots=shots, user_template=MATH_USER_TEMPLATE, exemplars=exemplars)
     else:
         protocol.update(user_template="{question}")
     data_info = {"path": str(Path(data).resolve()), "sha256": _file_sha256(data)} if data else {"path": None}

@@ -18,13 +18,21 @@ def test_factual_prompt_is_the_bare_question():
 
 
 def test_math_prompt_is_eight_shot_chat_ending_in_the_protocol_sentence():
-    q = make_arith(1)[0]
-    messages = chat_messages(q)
-    assert len(messages) == 17 and [m["role"] for m in messages[:2]] == ["user", "assistant"]
-    assert messages[-1]["content"].startswith("Given the following problem, reason and give a final answer")
-    assert q.question in messages[-1]["content"]
-    assert messages[1]["content"].endswith("The final answer is 72") and "<<" not in messages[1]["content"]
-    assert len(chat_messages(q, shots=0)) == 1
+    gsm8k = Question("gsm8k-00000", "gsm8k", "How many?", "3", reference="1+2=<<1+2=3>>3\n#### 3")
+    arith = make_arith(1, difficulty=2)[0]
+    for q in (gsm8k, arith):
+        messages = chat_messages(q)
+        assert len(messages) == 17 and [m["role"] for m in messages[:2]] == ["user", "assistant"]
+        assert messages[-1]["content"].startswith("Given the following problem, reason and give a final answer")
+        assert q.question in messages[-1]["content"]
+        assert all(m["content"].split("\n")[-1].startswith("The final answer is ") for m in messages[1::2])
+        assert not any("<<" in m["content"] for m in messages)
+        assert len(chat_messages(q, shots=0)) == 1
+    assert chat_messages(gsm8k)[1]["content"].endswith("The final answer is 72")  # GSM8K train, first row
+    exemplars = [m["content"] for m in chat_messages(arith)[0:16:2]]
+    tests = {q.question for q in make_arith(200, difficulty=2)}
+    assert all(e.split("Problem: ")[1].split("\n")[0] not in tests for e in exemplars)  # the train split
+    assert all("the number of" in e or " has " in e for e in exemplars)
 
 
 def test_exemplar_answer_strips_calculator_annotations():
