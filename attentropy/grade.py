@@ -465,7 +465,11 @@ def _critique(row, tokenizer, critic_reply: dict | None, critic_name: str) -> di
     """The critic's wrong moment for one incorrect solution, located in characters and completion tokens."""
     solution = row.completion
     steps = split_steps(solution)
+    token_spans = char_to_token_spans(tokenizer, list(row.completion_ids))
     out = _critique_defaults(critic_name)
+    # the numbered steps the critic saw, in characters and in completion tokens
+    out["step_char_ranges"] = [list(span) for span in steps]
+    out["step_token_ranges"] = [list(tokens_of_span(token_spans, *span)) for span in steps]
     if critic_reply is None:  # offline critic
         index, span, reason = find_error_offline(row.question, solution, row.reference)
         out.update(error_step=index, error_reason=reason)
@@ -489,7 +493,7 @@ def _critique(row, tokenizer, critic_reply: dict | None, critic_name: str) -> di
             span, status = steps[index], "step_only"
     out.update(critic_status=status, error_char_start=span[0], error_char_end=span[1],
                error_text=out["error_text"] or solution[span[0]:span[1]])
-    first, last = tokens_of_span(char_to_token_spans(tokenizer, list(row.completion_ids)), *span)
+    first, last = tokens_of_span(token_spans, *span)
     out.update(error_token_start=first, error_token_end=last)
     return out
 
@@ -568,7 +572,8 @@ def grade_run(run_dir: str | Path, *, judge: str | None = None, critic: str | No
 
 def _critique_defaults(name: str) -> dict:
     return {"critic": name, "error_step": -1, "error_text": "", "error_reason": "", "critic_status": "not_critiqued",
-            "error_char_start": -1, "error_char_end": -1, "error_token_start": -1, "error_token_end": -1}
+            "error_char_start": -1, "error_char_end": -1, "error_token_start": -1, "error_token_end": -1,
+            "step_char_ranges": [], "step_token_ranges": []}
 
 
 def _tokenizer_source(run) -> str:

@@ -2,6 +2,7 @@
 against an OpenAI-compatible server on loopback that serves scripted replies and faults."""
 
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -174,10 +175,7 @@ FACT_ANSWERS = ["It is Paris.", "It is Cusco.", "I don't know.", "Vientiane, I b
 
 def test_math_grading_and_offline_critic_mark_token_spans(tmp_path, tokenizer):
     questions = make_arith(3, difficulty=2, seed=4)
-    good = questions[0].reference.replace("<<", "[").replace(">>", "]")
     good = "\n".join(line for line in questions[0].reference.split("\n") if not line.startswith("####"))
-    import re
-
     good = re.sub(r"<<[^>]*>>", "", good) + f"\nThe final answer is {questions[0].target}"
     lines = re.sub(r"<<[^>]*>>", "", questions[1].reference).split("\n")[:-1]
     expression, _, shown = lines[0].rpartition(" = ")
@@ -193,6 +191,9 @@ def test_math_grading_and_offline_critic_mark_token_spans(tmp_path, tokenizer):
     wrong = r.samples.iloc[1]
     assert wrong.critic_status == "located" and wrong.error_step == 0
     assert wrong.error_text == str(value + 1)
+    steps = [list(x) for x in wrong.step_token_ranges]
+    assert len(steps) == len(split_steps(wrong.completion)) == 3 and steps[0][0] == 0
+    assert steps[0][0] <= wrong.error_token_start < wrong.error_token_end <= steps[0][1] <= steps[1][0]
     tokens = r.tokens[r.tokens.question_id == wrong.question_id]
     marked = tokens[tokens.in_error]
     assert "".join(marked.token).strip() == str(value + 1)

@@ -146,3 +146,20 @@ def test_sigkill_at_any_moment_leaves_a_loadable_run_that_resumes(tmp_path, tiny
         assert 1 <= len(partial.samples) <= 12
         assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
         check_run(out, 12)
+
+
+def test_save_attention_stores_full_maps_of_chosen_questions(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    run_benchmark(out=out, model=tiny_model_dir, save_attention=("facts-00003",), **RUN)
+    run = load_run(out)
+    maps = run.attention_map("facts-00003")
+    sample = run.samples.set_index("question_id").loc["facts-00003"]
+    n, k = len(sample.completion_ids), len(sample.prompt_ids) + len(sample.completion_ids) - 1
+    assert sorted(maps) == run.layers and maps[0].shape == (run.n_heads, n, k)
+    np.testing.assert_allclose(maps[0].astype(np.float32).sum(-1), 1.0, atol=3e-3)
+    entropy = run.attn("entropy")[(run.tokens.question_id == "facts-00003").to_numpy()]
+    p = maps[2].astype(np.float32)
+    recomputed = -(p * np.log(np.where(p > 0, p, 1))).sum(-1).T  # [n, H]
+    np.testing.assert_allclose(recomputed, entropy[:, 2], atol=2e-2)
+    with pytest.raises(KeyError, match="--save-attention"):
+        run.attention_map("facts-00000")
