@@ -19,7 +19,7 @@ Two ways to fill the same rows, tested to agree:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch

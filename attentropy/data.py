@@ -161,8 +161,7 @@ def _facts_pool() -> list[dict]:
         if c["population"] < 1_000_000 or not c["capital"]:
             continue
         try:
-            other = CountryInfo(iso)
-            other_capital, alt = other.capital(), other.alt_spellings()
+            other_capital = CountryInfo(iso).capital()
         except Exception:  # countryinfo lacks some countries: one source only, so drop the item
             continue
         if not other_capital or _norm(other_capital) != _norm(c["capital"]):

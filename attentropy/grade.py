@@ -505,7 +505,6 @@ def grade_run(run_dir: str | Path, *, judge: str | None = None, critic: str | No
     Idempotent: labels are rebuilt from the cached replies each time, only missing LLM calls are made."""
     import pandas as pd
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from .data import FACTUAL, MATH
     from .store import _write_parquet, load_run, write_json

@@ -5,7 +5,8 @@ For 256 and 1024 new tokens and batch sizes 1 and 16 it measures tokens/s and pe
   (b) attentropy's generate with recording + store (what `attentropy run` does per batch),
   (c) the naive approach: generation with eager attention and `output_attentions=True`, the statistics computed
       afterwards from the returned weights.
-Timing: (a) and (b) alternate in one child process (a, b, a, b, ...) so drift of the machine hits both alike;
+Timing: after a short warm-up, (a) and (b) alternate in one child process (a, b, a, b, ...) so drift of the
+machine hits both alike;
 each reports its fastest run (other processes only ever add time). Peak memory (max RSS): every mode in a child
 process of its own, whose run also counts as one more timing. Generation is forced to exactly N new tokens
 (min_new_tokens) so all modes produce the same token count.
@@ -42,6 +43,8 @@ def child(modes: list[str], batch: int, new_tokens: int, threads: int, repeats: 
     model, tokenizer, _ = load_model("smollm2-135m")
     questions = make_facts(batch, seed=0)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for mode in modes:  # warm-up: first calls pay one-time costs (lazy initialisation, first page faults)
+        run_once(mode, model, tokenizer, questions, batch, 4)
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(repeats):
         for mode in modes:
