@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import functools
 import json
 import random
 import re
@@ -317,6 +318,15 @@ def fewshot_exemplars(question: Question | None = None) -> list[Question]:
     at the question's difficulty."""
     if question is not None and question.benchmark == "arith":
         meta = question.metadata
-        return make_arith(8, seed=meta.get("seed", 0), difficulty=meta.get("steps", ARITH_DEFAULT_DIFFICULTY),
-                          split="train")
+        return _arith_exemplars(meta.get("seed", 0), meta.get("steps", ARITH_DEFAULT_DIFFICULTY))
+    return _gsm8k_exemplars()
+
+
+@functools.cache
+def _gsm8k_exemplars() -> list[Question]:  # read once, not once per prompt
     return read_gsm8k(Path(__file__).with_name("gsm8k_fewshot.jsonl"), benchmark="gsm8k-train")
+
+
+@functools.cache
+def _arith_exemplars(seed: int, difficulty: int) -> list[Question]:
+    return make_arith(8, seed=seed, difficulty=difficulty, split="train")
