@@ -127,6 +127,8 @@ class Recorder:
         self.attn_layers: list[int] = []
         self.attn_rows = 0
         self.token_stats = torch.zeros(len(TOKEN_STATS), batch, max_rows)  # (logprob, entropy, varentropy)
+        self._step_logp: tuple[torch.Tensor, int] | None = None  # generation: last step's logp until a token is drawn
+        self._steps = 0
         self.maps: dict[int, dict[int, list[torch.Tensor]]] = {}  # batch index -> layer -> [[H, rows, K]]
 
     def mass_keys(self, own: int, rows: int, device) -> torch.Tensor:
@@ -190,6 +192,20 @@ class Recorder:
 
     def record_logprob(self, logp: torch.Tensor, row: int, targets: torch.Tensor) -> None:
         self.token_stats[0, :, row:row + logp.shape[1]] = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+
+    def record_step_logits(self, logp: torch.Tensor) -> None:
+        """Generation: the next-token log-probabilities [B, 1, V] of one step; the token drawn from them is
+        known only at the next step (`record_drawn`)."""
+        self.record_logits(logp, self._steps)
+        self._step_logp = (logp, self._steps)
+        self._steps += 1
+
+    def record_drawn(self, tokens: torch.Tensor) -> None:
+        """Generation: the tokens [B, 1] drawn from the last step's distribution."""
+        if self._step_logp is not None:
+            logp, row = self._step_logp
+            self.record_logprob(logp, row, tokens.to(logp.device))
+            self._step_logp = None
 
     def captures(self, model, prompts: list[list[int]], completions: list[list[int]]) -> list["Capture"]:
         layers = recorded_layers(model)
@@ -313,28 +329,16 @@ def recording(model, recorder: Recorder):
 def recording_generation(model, layout_mask: torch.Tensor, max_new_tokens: int, save_maps: set[int] = frozenset()):
     """Record during `model.generate`: each call's last query row (the prefill's last prompt token, then one
     row per decode step), and the raw next-token distribution of each step (before any logits processor).
-    After generation, call `recorder.finish(sequences)` with the generated ids [B, steps]."""
+    After generation, call `recorder.record_drawn(sequences[:, -1:])`: the last drawn token is never fed back."""
     recorder = Recorder(layout_mask, all_rows=False, max_rows=max_new_tokens, save_maps=save_maps)
-    pending = {}  # the last step's log-probabilities and row, until the token drawn from them is known
-    rows = iter(range(max_new_tokens))
 
     def on_logits(module, args, output):  # lm_head: [B, q, V]; generation keeps only the last position
         recorder.flush()
-        logp = torch.log_softmax(output[:, -1:].float(), dim=-1)
-        row = next(rows)
-        recorder.record_logits(logp, row)
-        pending.update(logp=logp, row=row)
+        recorder.record_step_logits(torch.log_softmax(output[:, -1:].float(), dim=-1))
 
     def on_forward(module, args, kwargs):  # step s's input is the token drawn from step s-1's distribution
-        if pending:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            recorder.record_logprob(pending.pop("logp"), pending.pop("row"), ids[:, -1:])
+        recorder.record_drawn(kwargs.get("input_ids", args[0] if args else None)[:, -1:])
 
-    def finish(sequences: torch.Tensor) -> None:
-        if pending:
-            recorder.record_logprob(pending.pop("logp"), pending.pop("row"), sequences[:, -1:].to(model.device))
-
-    recorder.finish = finish
     hooks = [model.get_output_embeddings().register_forward_hook(on_logits),
              model.register_forward_pre_hook(on_forward, with_kwargs=True)]
     try:
@@ -397,7 +401,7 @@ def capture(model, prompts: list[list[int]], completions: list[list[int]], *, pr
                                      position_ids=position_ids.to(device), cache=prompt_cache.cache,
                                      use_cache=True).last_hidden_state  # [B, Q, d]
     lm_head = model.get_output_embeddings()
-    rows = max(1, 4 * chunk_bytes // (4 * batch * lm_head.out_features))
+    rows = max(1, chunk_bytes // (batch * lm_head.out_features))  # float32 logits chunk <= 4 * chunk_bytes
     for lo in range(0, n_q, rows):
         logp = torch.log_softmax(lm_head(hidden[:, lo:lo + rows]).float(), dim=-1)  # [B, r, V]
         rec.record_logits(logp, lo, targets[:, lo:lo + rows].to(device))

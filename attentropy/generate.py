@@ -132,7 +132,7 @@ def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_S
         generations.append(Generation(q, p, completion, tokenizer.decode(completion, skip_special_tokens=True),
                                       "length" if end is None else "stop"))
     if record:
-        recorder.finish(out.sequences)
+        recorder.record_drawn(out.sequences[:, -1:])
         captures = recorder.captures(model, prompts, [g.completion_ids for g in generations])
         for g, c in zip(generations, captures):
             g.capture = c

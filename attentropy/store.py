@@ -28,8 +28,6 @@ import pyarrow.parquet as pq
 from .capture import ATTN_STATS
 from .generate import Generation
 
-PARTS = ("samples", "tokens", "attn")
-
 
 def _replace_atomically(tmp: Path, path: Path) -> None:
     with open(tmp, "rb") as f:
