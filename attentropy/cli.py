@@ -37,6 +37,13 @@ def _grade(args) -> None:
         print(format_metrics(metrics))
 
 
+def _report(args) -> None:
+    from .report import write_report
+
+    path = write_report(args.dirs, args.out, n_boot=args.n_boot, progress=not args.quiet)
+    print(f"report: {path.resolve()}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attentropy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     grade.add_argument("--concurrency", type=int, default=8, help="calls in flight at once")
     grade.add_argument("--quiet", action="store_true")
     grade.set_defaults(func=_grade)
+
+    report = sub.add_parser("report", help="compare the groups of graded runs; write report.html and figures/")
+    report.add_argument("dirs", nargs="+", metavar="DIR", help="graded run directories (several: side by side)")
+    report.add_argument("--out", help="where report.html and figures/ go (default: DIR for one run, the runs' "
+                                      "common parent for several)")
+    report.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates per interval")
+    report.add_argument("--quiet", action="store_true")
+    report.set_defaults(func=_report)
 
     args = parser.parse_args(argv)
     try:

@@ -4,11 +4,16 @@ control of the false discovery rate over all cells tested together.
 
 Tokens of one answer are not independent: resampling tokens would give intervals far too narrow, and a test on
 tokens would count one long answer many times. So the unit is always the question.
+
+The bootstrap is written with weights: a resample of n items drawn with replacement is the same as giving item i
+the weight c_i = how often it was drawn (multinomial counts). Effect sizes of weighted samples are then weighted
+sums: one sort per cell, then 1,000 resamples cost a cumulative sum each instead of a sort each.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -42,6 +47,46 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     return q.reshape(np.shape(p))
 
 
+def weighted_auroc(positive: np.ndarray, negative: np.ndarray, w_pos: np.ndarray, w_neg: np.ndarray
+                   ) -> np.ndarray:
+    """AUROC of weighted samples, one per row of the weights: positive [n1, C], negative [n0, C], w_pos [B, n1],
+    w_neg [B, n0] -> [B, C]. With integer counts as weights this is exactly the AUROC of the resampled data:
+    sum_i w_i (weight of negatives below x_i + half the weight of negatives equal to it) / (sum w * sum u)."""
+    n_boot, n0 = w_neg.shape
+    out = np.empty((n_boot, positive.shape[1]))
+    below = np.zeros((n_boot, n0 + 1))  # below[:, k] = weight of the k smallest negatives
+    for c in range(positive.shape[1]):
+        order = np.argsort(negative[:, c], kind="stable")
+        sorted_neg = negative[order, c]
+        np.cumsum(w_neg[:, order], axis=1, out=below[:, 1:])
+        lo = np.searchsorted(sorted_neg, positive[:, c], "left")
+        hi = np.searchsorted(sorted_neg, positive[:, c], "right")
+        score = below[:, lo] + 0.5 * (below[:, hi] - below[:, lo])  # [B, n1]
+        out[:, c] = (w_pos * score).sum(axis=1)
+    return out / (w_pos.sum(1, keepdims=True) * w_neg.sum(1, keepdims=True))
+
+
+def weighted_cohens_d(positive: np.ndarray, negative: np.ndarray, w_pos: np.ndarray, w_neg: np.ndarray
+                      ) -> np.ndarray:
+    """Cohen's d of weighted samples (weights = resampling counts), one per row of the weights -> [B, C]."""
+    def moments(x, w):
+        n = w.sum(1, keepdims=True)
+        mean = w @ x / n
+        ss = w @ (x * x) - n * mean ** 2  # sum of squared deviations
+        return n, mean, np.maximum(ss, 0.0)
+
+    n1, m1, ss1 = moments(positive, w_pos)
+    n0, m0, ss0 = moments(negative, w_neg)
+    pooled = (ss1 + ss0) / (n1 + n0 - 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(pooled > 0, (m1 - m0) / np.sqrt(pooled), 0.0)
+
+
+def resample_counts(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
+    """[n_boot, n] counts of a draw of n items with replacement, per bootstrap replicate."""
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)
+
+
 @dataclass
 class Comparison:
     """One contrast over many cells; every array has the cells' shape (e.g. (n_layers, n_heads))."""
@@ -63,17 +108,17 @@ class Comparison:
     def table(self, cell_names: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
         """One row per cell; `cell_names` maps a column name to an array of the cells' shape (e.g. layer)."""
         columns = {name: np.asarray(v).ravel() for name, v in (cell_names or {}).items()}
-        columns.update(auroc=self.auroc.ravel(), auroc_lo=self.auroc_ci[0].ravel(), auroc_hi=self.auroc_ci[1].ravel(),
-                       cohens_d=self.cohens_d.ravel(), d_lo=self.cohens_d_ci[0].ravel(),
-                       d_hi=self.cohens_d_ci[1].ravel(), p=self.p.ravel(), q=self.q.ravel(),
-                       significant=self.significant.ravel(), n_positive=self.n_positive,
+        columns.update(auroc=np.ravel(self.auroc), auroc_lo=np.ravel(self.auroc_ci[0]),
+                       auroc_hi=np.ravel(self.auroc_ci[1]), cohens_d=np.ravel(self.cohens_d),
+                       d_lo=np.ravel(self.cohens_d_ci[0]), d_hi=np.ravel(self.cohens_d_ci[1]), p=np.ravel(self.p),
+                       q=np.ravel(self.q), significant=np.ravel(self.significant), n_positive=self.n_positive,
                        n_negative=self.n_negative)
         return pd.DataFrame(columns)
 
 
-def _percentile_ci(samples: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+def _percentile_ci(samples: np.ndarray, shape: tuple, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = np.nanpercentile(samples, [50 * (1 - level), 50 * (1 + level)], axis=0)
-    return lo, hi
+    return lo.reshape(shape), hi.reshape(shape)
 
 
 def compare_answers(values: np.ndarray, positive: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
@@ -83,19 +128,18 @@ def compare_answers(values: np.ndarray, positive: np.ndarray, *, n_boot: int = 1
     Intervals: percentile bootstrap, questions resampled with replacement within each group."""
     values = np.asarray(values, dtype=float)
     positive = np.asarray(positive, dtype=bool)
-    pos, neg = values[positive], values[~positive]
+    cells = values.shape[1:]
+    pos, neg = values[positive].reshape(positive.sum(), -1), values[~positive].reshape((~positive).sum(), -1)
     if len(pos) < 2 or len(neg) < 2:
         raise ValueError(f"each group needs at least 2 questions (got {len(pos)} and {len(neg)})")
     rng = np.random.default_rng(seed)
-    boot_auc = np.empty((n_boot, *values.shape[1:]))
-    boot_d = np.empty_like(boot_auc)
-    for b in range(n_boot):
-        bp = pos[rng.integers(0, len(pos), len(pos))]
-        bn = neg[rng.integers(0, len(neg), len(neg))]
-        boot_auc[b], boot_d[b] = auroc(bp, bn), cohens_d(bp, bn)
-    p = sps.mannwhitneyu(pos, neg, axis=0, alternative="two-sided").pvalue
-    return Comparison(auroc(pos, neg), _percentile_ci(boot_auc), cohens_d(pos, neg), _percentile_ci(boot_d),
-                      p, benjamini_hochberg(p), len(pos), len(neg), alpha)
+    w_pos, w_neg = resample_counts(rng, len(pos), n_boot), resample_counts(rng, len(neg), n_boot)
+    boot_auc = weighted_auroc(pos, neg, w_pos, w_neg)
+    boot_d = weighted_cohens_d(pos, neg, w_pos, w_neg)
+    p = sps.mannwhitneyu(pos, neg, axis=0, alternative="two-sided").pvalue.reshape(cells)
+    return Comparison(auroc(pos, neg).reshape(cells), _percentile_ci(boot_auc, cells),
+                      cohens_d(pos, neg).reshape(cells), _percentile_ci(boot_d, cells), p, benjamini_hochberg(p),
+                      len(pos), len(neg), alpha)
 
 
 def compare_tokens(values: np.ndarray, positive: np.ndarray, question_ids: np.ndarray, *, n_boot: int = 500,
@@ -106,46 +150,60 @@ def compare_tokens(values: np.ndarray, positive: np.ndarray, question_ids: np.nd
     difference of means. n_positive / n_negative count those questions."""
     values = np.asarray(values, dtype=float)
     positive = np.asarray(positive, dtype=bool)
-    question_ids = np.asarray(question_ids)
-    questions, index = np.unique(question_ids, return_inverse=True)
-    members = [np.flatnonzero(index == i) for i in range(len(questions))]
-    both = [m for m in members if positive[m].any() and (~positive[m]).any()]
+    cells = values.shape[1:]
+    values = values.reshape(len(values), -1)
+    _, index = np.unique(np.asarray(question_ids), return_inverse=True)
+    has_pos = np.bincount(index, weights=positive, minlength=index.max() + 1) > 0
+    has_neg = np.bincount(index, weights=~positive, minlength=index.max() + 1) > 0
+    both = np.flatnonzero(has_pos & has_neg)
     if len(both) < 2:
         raise ValueError(f"need at least 2 questions with tokens of both kinds (got {len(both)})")
-    diffs = np.stack([values[m][positive[m]].mean(axis=0) - values[m][~positive[m]].mean(axis=0) for m in both])
-    p = sps.wilcoxon(diffs, axis=0, zero_method="wilcox").pvalue if len(both) >= 2 else np.full(diffs.shape[1:], 1.0)
-    rng = np.random.default_rng(seed)
-    boot_auc = np.empty((n_boot, *values.shape[1:]))
-    boot_d = np.empty_like(boot_auc)
-    for b in range(n_boot):
-        rows = np.concatenate([both[i] for i in rng.integers(0, len(both), len(both))])
-        sel, lab = values[rows], positive[rows]
-        boot_auc[b], boot_d[b] = auroc(sel[lab], sel[~lab]), cohens_d(sel[lab], sel[~lab])
-    rows = np.concatenate(both)
-    sel, lab = values[rows], positive[rows]
-    return Comparison(auroc(sel[lab], sel[~lab]), _percentile_ci(boot_auc), cohens_d(sel[lab], sel[~lab]),
-                      _percentile_ci(boot_d), p, benjamini_hochberg(p), len(both), len(both), alpha)
+    keep = np.isin(index, both)
+    values, positive = values[keep], positive[keep]
+    question = np.searchsorted(both, index[keep])  # 0 .. len(both)-1
+    diffs = _group_means(values[positive], question[positive], len(both)) \
+        - _group_means(values[~positive], question[~positive], len(both))
+    p = sps.wilcoxon(diffs, axis=0, zero_method="wilcox").pvalue.reshape(cells)
+    counts = resample_counts(np.random.default_rng(seed), len(both), n_boot)  # [B, questions]
+    pos, neg = values[positive], values[~positive]
+    w_pos, w_neg = counts[:, question[positive]], counts[:, question[~positive]]  # a token weighs as its question
+    boot_auc = weighted_auroc(pos, neg, w_pos, w_neg)
+    boot_d = weighted_cohens_d(pos, neg, w_pos, w_neg)
+    return Comparison(auroc(pos, neg).reshape(cells), _percentile_ci(boot_auc, cells),
+                      cohens_d(pos, neg).reshape(cells), _percentile_ci(boot_d, cells), p, benjamini_hochberg(p),
+                      len(both), len(both), alpha)
+
+
+def _group_means(values: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    sums = np.zeros((n_groups, values.shape[1]))
+    np.add.at(sums, group, values)
+    return sums / np.bincount(group, minlength=n_groups)[:, None]
 
 
 def answer_aggregates(values: np.ndarray, question_ids: np.ndarray, how: str = "mean", k: int = 8
                       ) -> tuple[np.ndarray, np.ndarray]:
     """(questions, [n_questions, *cells]) of per-token `values` aggregated per answer: `mean` over its tokens,
-    `max`, or `first_k` (mean of its first k tokens; tokens must be in answer order)."""
-    question_ids = np.asarray(question_ids)
-    questions, first, index = np.unique(question_ids, return_index=True, return_inverse=True)
-    order = np.argsort(first)  # keep the run's question order
-    out = np.empty((len(questions), *values.shape[1:]))
-    for row, i in enumerate(order):
-        v = values[index == i]
-        if how == "mean":
-            out[row] = v.mean(axis=0)
-        elif how == "max":
-            out[row] = v.max(axis=0)
-        elif how == "first_k":
-            out[row] = v[:k].mean(axis=0)
-        else:
-            raise ValueError(f"aggregation must be mean, max or first_k, got {how!r}")
-    return questions[order], out
+    `max`, or `first_k` (mean of its first k tokens; tokens must be in answer order). Questions keep the order
+    of their first token."""
+    if how not in ("mean", "max", "first_k"):
+        raise ValueError(f"aggregation must be mean, max or first_k, got {how!r}")
+    values = np.asarray(values)
+    questions, first, index = np.unique(np.asarray(question_ids), return_index=True, return_inverse=True)
+    order = np.argsort(index, kind="stable")  # tokens grouped by question, answer order kept inside a group
+    counts = np.bincount(index, minlength=len(questions))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    grouped = values[order].reshape(len(values), -1)
+    if how == "first_k":
+        rank = np.arange(len(values)) - np.repeat(starts, counts)  # position of each token inside its answer
+        mask = rank < k
+        grouped, counts = grouped[mask], np.minimum(counts, k)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    if how == "max":
+        out = np.maximum.reduceat(grouped, starts, axis=0)
+    else:
+        out = np.add.reduceat(grouped, starts, axis=0) / counts[:, None]
+    rows = np.argsort(first)  # the run's question order
+    return questions[rows], out[rows].reshape(len(questions), *values.shape[1:])
 
 
 def position_matched(question_ids: np.ndarray, pos: np.ndarray, in_error: np.ndarray, window: int = 8
@@ -161,3 +219,206 @@ def position_matched(question_ids: np.ndarray, pos: np.ndarray, in_error: np.nda
         near = (pos >= span.min() - window) & (pos <= span.max() + window)
         keep |= rows & near & ~in_error
     return keep
+
+
+# ---------------------------------------------------------------- the study's contrasts on a graded run
+
+AGGREGATIONS = ("mean", "max", "first_k")
+FIRST_K = 8  # tokens of the `first_k` aggregation
+WINDOW = 8  # positions either side of the wrong moment that count as "nearby"
+MIN_TO_CONCLUDE = 10  # questions per group below which the report says "too small to conclude"
+PROFILE_STATS = ("entropy", "varentropy", "entropy_norm")
+LOGIT_STATS = ("logit_entropy", "logit_varentropy", "logprob")
+
+
+@dataclass
+class Contrast:
+    """One of the study's comparisons as run on one run directory."""
+
+    key: str  # e.g. "hallucinated", "wrong_moment"
+    title: str
+    positive: str  # the group whose higher values give AUROC > 0.5
+    negative: str
+    level: str  # "answer" (one aggregate per question) or "token" (tokens inside incorrect answers)
+    n_positive: int  # questions
+    n_negative: int
+    status: str = "ok"  # ok | too_small (computed, not conclusive) | not_computed (fewer than 2 per group)
+    note: str = ""
+
+
+@dataclass
+class Analysis:
+    """Everything the report shows of one graded run. AUROC > 0.5: the positive group has the higher values."""
+
+    name: str
+    path: str
+    config: dict
+    benchmark: str
+    layers: list[int]
+    n_heads: int
+    excluded: dict[str, int]  # answers left out of every contrast, by reason
+    contrasts: list[Contrast]
+    comparisons: pd.DataFrame  # one row per (contrast, stat, aggregation, layer, head) cell
+    profiles: pd.DataFrame  # per group, stat and layer: mean over answers of the answer means, with a 95 % CI
+    samples: pd.DataFrame  # the run's samples with their grades (all answers, the excluded ones too)
+    answers: pd.DataFrame  # one row per analysed answer: label and answer means of the headline statistics
+    tokens: pd.DataFrame  # one row per token of the analysed answers
+    layer_means: dict[str, np.ndarray]  # stat -> [n_tokens, n_layers], mean over heads, aligned with `tokens`
+
+
+def contrasts_of(benchmark: str) -> list[tuple[str, str, tuple[str, ...], tuple[str, ...]]]:
+    """(key, title, positive labels, negative labels) of the answer-level contrasts of a benchmark."""
+    from .data import FACTUAL
+
+    if benchmark in FACTUAL:
+        return [("hallucinated", "hallucinated (incorrect) vs not (correct or not attempted)", ("incorrect",),
+                 ("correct", "not_attempted")),
+                ("incorrect_vs_correct", "incorrect vs correct", ("incorrect",), ("correct",)),
+                ("incorrect_vs_not_attempted", "incorrect vs not attempted", ("incorrect",), ("not_attempted",)),
+                ("not_attempted_vs_correct", "not attempted vs correct", ("not_attempted",), ("correct",))]
+    return [("incorrect_vs_correct", "incorrect vs correct answers", ("incorrect",), ("correct",))]
+
+
+def token_values(run, stat: str) -> np.ndarray:
+    """Per-token values of a statistic: attention stats [n_tokens, L, H]; `entropy_norm` = entropy / ln n_keys
+    (the fraction of the maximal entropy, which removes the growth with position); logit stats [n_tokens]."""
+    if stat in LOGIT_STATS:
+        return run.tokens[stat].to_numpy(np.float64)
+    if stat == "entropy_norm":
+        log_keys = np.log(np.maximum(run.tokens["n_keys"].to_numpy(np.float64), 2.0))
+        return run.attn("entropy") / log_keys[:, None, None].astype(np.float32)
+    return run.attn(stat)
+
+
+def _cells_table(c: Comparison, layers: list[int], per_head: bool) -> pd.DataFrame:
+    if c.auroc.ndim == 0:
+        return c.table({"layer": np.array([-1]), "head": np.array([-1])})
+    if per_head:
+        n_layers, n_heads = c.auroc.shape
+        return c.table({"layer": np.repeat(layers, n_heads), "head": np.tile(np.arange(n_heads), n_layers)})
+    return c.table({"layer": np.asarray(layers), "head": np.full(len(layers), -1)})
+
+
+def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW, first_k: int = FIRST_K,
+                stats: tuple[str, ...] | None = None) -> Analysis:
+    """The three contrasts of the study on a graded run (`attentropy grade` first): answer-level contrasts for
+    every statistic per layer x head and per layer (mean over heads) under each aggregation, and, for math,
+    the critic's wrong moment vs nearby tokens and after vs before it (token level, position-matched)."""
+    from .capture import ATTN_STATS
+    from .data import FACTUAL
+
+    samples, tokens = run.samples, run.tokens
+    if "label" not in samples:
+        raise FileNotFoundError(f"{run.path} has no labels: run `attentropy grade {run.path}` first")
+    stats = tuple(stats or (*ATTN_STATS, "entropy_norm", *LOGIT_STATS))
+    benchmark = run.config["benchmark"]
+    lengths = samples.completion_ids.map(len)
+    excluded = {"unparsed": int((samples.label == "unparsed").sum()), "empty answer": int((lengths == 0).sum())}
+    kept = samples[(samples.label != "unparsed") & (lengths > 0)]
+    label_of = kept.set_index("question_id").label
+    token_rows = np.flatnonzero(tokens.question_id.isin(label_of.index).to_numpy())
+    tok = tokens.iloc[token_rows].reset_index(drop=True)
+    tok["label"] = tok.question_id.map(label_of).to_numpy()
+    layers = list(run.layers)
+
+    answer_contrasts = []
+    contrasts: list[Contrast] = []
+    for key, title, pos_labels, neg_labels in contrasts_of(benchmark):
+        pos_mask, neg_mask = kept.label.isin(pos_labels).to_numpy(), kept.label.isin(neg_labels).to_numpy()
+        contrast = Contrast(key, title, "+".join(pos_labels), "+".join(neg_labels), "answer",
+                            int(pos_mask.sum()), int(neg_mask.sum()))
+        contrasts.append(contrast)
+        answer_contrasts.append((contrast, pos_mask, neg_mask))
+
+    # Wrong moment (math): tokens of incorrect answers whose critic located a span.
+    token_contrasts = []
+    if benchmark not in FACTUAL and "in_error" in tok:
+        in_error = tok.in_error.to_numpy(bool)
+        start = tok.question_id.map(kept.set_index("question_id").error_token_start).to_numpy(float)
+        end = tok.question_id.map(kept.set_index("question_id").error_token_end).to_numpy(float)
+        pos = tok.pos.to_numpy()
+        nearby = position_matched(tok.question_id.to_numpy(), pos, in_error, window)
+        before = (pos < start) & (pos >= start - window)
+        after = (pos >= end) & (pos < end + window)
+        for key, title, positive, negative, pos_name, neg_name in (
+                ("wrong_moment", f"wrong-moment tokens vs tokens within {window} positions of it", in_error,
+                 nearby, "wrong moment", "nearby"),
+                ("after_vs_before", f"the {window} tokens after the wrong moment vs the {window} before it", after,
+                 before, "after", "before")):
+            rows = np.flatnonzero(positive | negative)
+            qids = tok.question_id.to_numpy()[rows]
+            n_both = len(set(qids[positive[rows]]) & set(qids[negative[rows]]))
+            contrast = Contrast(key, title, pos_name, neg_name, "token", n_both, n_both)
+            contrasts.append(contrast)
+            token_contrasts.append((contrast, rows, positive[rows], qids))
+
+    for contrast in contrasts:
+        n = min(contrast.n_positive, contrast.n_negative)
+        if n < 2:
+            contrast.status = "not_computed"
+            contrast.note = (f"not computed: {contrast.n_positive} {contrast.positive} vs {contrast.n_negative} "
+                             f"{contrast.negative} questions (at least 2 per group needed)")
+        elif n < MIN_TO_CONCLUDE:
+            contrast.status = "too_small"
+            contrast.note = (f"too small to conclude: {contrast.n_positive} vs {contrast.n_negative} questions "
+                             f"(the report draws conclusions from {MIN_TO_CONCLUDE} per group or more)")
+
+    tables = []
+    layer_means: dict[str, np.ndarray] = {}
+    answer_means: dict[str, np.ndarray] = {}
+    profiles = []
+    for s, stat in enumerate(stats):
+        values = token_values(run, stat)[token_rows]
+        if values.ndim == 3:
+            layer_means[stat] = values.mean(axis=2)  # [n_tokens, L]
+        variants = [("head", values), ("layer", layer_means[stat])] if values.ndim == 3 else [("token", values)]
+        for how in AGGREGATIONS:
+            for level, v in variants:
+                questions, agg = answer_aggregates(v, tok.question_id.to_numpy(), how, first_k)
+                agg = agg[pd.Index(questions).get_indexer(kept.question_id)]  # the order of `kept`
+                if how == "mean" and level != "head":
+                    answer_means[stat] = agg
+                for contrast, pos_mask, neg_mask in answer_contrasts:
+                    if contrast.status == "not_computed":
+                        continue
+                    sel = pos_mask | neg_mask
+                    c = compare_answers(agg[sel], pos_mask[sel], n_boot=n_boot, seed=seed + s)
+                    tables.append(_cells_table(c, layers, level == "head").assign(
+                        contrast=contrast.key, stat=stat, aggregation=how, level=level))
+        for contrast, rows, positive, qids in token_contrasts:
+            if contrast.status == "not_computed":
+                continue
+            for level, v in variants:
+                c = compare_tokens(v[rows], positive, qids, n_boot=n_boot, seed=seed + s)
+                tables.append(_cells_table(c, layers, level == "head").assign(
+                    contrast=contrast.key, stat=stat, aggregation="tokens", level=level))
+        if stat in PROFILE_STATS and stat in answer_means:
+            for label in sorted(kept.label.unique()):
+                members = answer_means[stat][(kept.label == label).to_numpy()]
+                w = resample_counts(np.random.default_rng(seed), len(members), n_boot)
+                boot = w @ members / len(members)
+                lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
+                profiles.append(pd.DataFrame({"group": label, "stat": stat, "layer": layers,
+                                              "mean": members.mean(axis=0), "lo": lo, "hi": hi,
+                                              "n": len(members)}))
+
+    # Answer length: a confound of every answer-level mean (the maximal attention entropy grows with position).
+    for contrast, pos_mask, neg_mask in answer_contrasts:
+        if contrast.status != "not_computed":
+            sel = pos_mask | neg_mask
+            c = compare_answers(lengths[kept.index].to_numpy(float)[sel], pos_mask[sel], n_boot=n_boot, seed=seed)
+            tables.append(_cells_table(c, layers, False).assign(contrast=contrast.key, stat="answer_length",
+                                                               aggregation="count", level="answer"))
+
+    columns = ["contrast", "stat", "aggregation", "level", "layer", "head"]
+    comparisons = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=columns)
+    comparisons = comparisons[columns + [c for c in comparisons.columns if c not in columns]]
+    answers = pd.DataFrame({"question_id": kept.question_id.to_numpy(), "label": kept.label.to_numpy(),
+                            "n_tokens": lengths[kept.index].to_numpy()})
+    for stat, v in answer_means.items():
+        answers[stat if stat in LOGIT_STATS else f"attn_{stat}"] = v.mean(axis=1) if v.ndim == 2 else v
+    return Analysis(name=Path(run.path).name, path=str(run.path), config=run.config, benchmark=benchmark,
+                    layers=layers, n_heads=run.n_heads, excluded=excluded, contrasts=contrasts,
+                    comparisons=comparisons, profiles=pd.concat(profiles, ignore_index=True) if profiles else
+                    pd.DataFrame(columns=["group", "stat", "layer", "mean", "lo", "hi", "n"]),
+                    samples=samples, answers=answers, tokens=tok, layer_means=layer_means)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv in the project root and install attentropy with everything it needs. Idempotent: a second
-# invocation with unchanged project files does nothing. Sourced or run by ./run.sh and ./test.sh.
+# invocation with unchanged project files does nothing. Run by ./run.sh and ./test.sh.
+# --browser also installs Debian's chromium and chromium-driver (the report's browser tests need them).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -29,4 +30,12 @@ else
   echo "[setup] installing attentropy and its dependencies"
   "${pip[@]}" install -e ".[test]"
   echo "$want" > "$stamp"
+fi
+
+if [ "${1:-}" = "--browser" ] && ! { command -v chromium && command -v chromedriver; } >/dev/null; then
+  echo "[setup] installing Debian's chromium and chromium-driver (for the report's browser tests)"
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y -q chromium chromium-driver >/dev/null \
+    || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q chromium chromium-driver >/dev/null; }
 fi

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from attentropy.stats import (answer_aggregates, auroc, benjamini_hochberg, cohens_d, compare_answers,
-                              compare_tokens, position_matched)
+                              compare_tokens, position_matched, weighted_auroc, weighted_cohens_d)
 
 
 def test_auroc_and_cohens_d_by_hand():
@@ -72,6 +72,33 @@ def test_question_bootstrap_covers_where_a_token_bootstrap_is_falsely_narrow():
     # token resampling falls more than 5 sd below it (measured here: 0.925 and 0.60)
     assert covered["questions"] / 40 >= 0.95 - 4 * 0.034
     assert covered["tokens"] / 40 <= 0.95 - 5 * 0.034
+
+
+def test_weighted_effect_sizes_equal_those_of_the_resampled_data():
+    """The bootstrap gives each item its draw count as weight; with ties (discrete values) that must equal the
+    AUROC and Cohen's d computed on the explicitly repeated items."""
+    rng = np.random.default_rng(5)
+    pos, neg = rng.integers(0, 4, size=(30, 3)).astype(float), rng.integers(0, 4, size=(40, 3)).astype(float)
+    w_pos = rng.multinomial(30, np.full(30, 1 / 30), size=6).astype(float)
+    w_neg = rng.multinomial(40, np.full(40, 1 / 40), size=6).astype(float)
+    for b in range(6):
+        p, n = np.repeat(pos, w_pos[b].astype(int), axis=0), np.repeat(neg, w_neg[b].astype(int), axis=0)
+        np.testing.assert_allclose(weighted_auroc(pos, neg, w_pos, w_neg)[b], auroc(p, n), atol=1e-12)
+        np.testing.assert_allclose(weighted_cohens_d(pos, neg, w_pos, w_neg)[b], cohens_d(p, n), atol=1e-9)
+
+
+def test_token_intervals_do_not_narrow_when_tokens_are_duplicated():
+    """Resampling questions: repeating every token of every answer adds no information, and the interval stays
+    exactly the same. A bootstrap over tokens would shrink it by about sqrt(2)."""
+    rng = np.random.default_rng(3)
+    question = np.repeat(np.arange(25), 30)
+    positive = np.tile(np.arange(30) < 6, 25)
+    values = rng.normal(size=(750, 2)) + rng.normal(size=25)[question][:, None]
+    once = compare_tokens(values, positive, question, n_boot=300, seed=4)
+    twice = compare_tokens(np.repeat(values, 2, axis=0), np.repeat(positive, 2), np.repeat(question, 2),
+                           n_boot=300, seed=4)
+    np.testing.assert_allclose(twice.auroc_ci, once.auroc_ci, atol=1e-12)
+    np.testing.assert_allclose(twice.auroc, once.auroc, atol=1e-12)
 
 
 def test_token_contrast_finds_a_planted_wrong_moment_effect():

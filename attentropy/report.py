@@ -1,0 +1,394 @@
+"""`write_report`: graded run directories -> one self-contained report.html (figures embedded, a token viewer)
+plus figures/ with every figure as PNG and the numbers behind it as CSV, and the full comparison table."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import __version__, plots
+from .stats import FIRST_K, LOGIT_STATS, MIN_TO_CONCLUDE, PROFILE_STATS, WINDOW, Analysis, analyze_run
+from .store import load_run
+
+MAX_VIEWER_ANSWERS = 300  # per run; the viewer embeds per-token, per-layer values
+PRIMARY = ("entropy", "mean")  # the pre-declared headline test; every other statistic/aggregation is exploratory
+VIEWER_STATS = ("entropy", "varentropy", "entropy_norm", *LOGIT_STATS)
+
+
+def _run_names(run_dirs: list[Path]) -> list[str]:
+    if len(run_dirs) == 1:
+        return [run_dirs[0].name]
+    parent = Path(os.path.commonpath([d.resolve() for d in run_dirs]))
+    return [str(d.resolve().relative_to(parent)) or d.name for d in run_dirs]
+
+
+def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, n_boot: int = 1000,
+                 seed: int = 0, progress: bool = True) -> Path:
+    """Analyse each graded run and write `out`/report.html and `out`/figures/. `out` defaults to the run
+    directory itself for one run, and to the runs' common parent directory for several."""
+    run_dirs = [Path(d) for d in run_dirs]
+    if out is None:
+        out = run_dirs[0] if len(run_dirs) == 1 else Path(os.path.commonpath([d.resolve() for d in run_dirs]))
+    out = Path(out)
+    analyses, figures = [], []
+    for run_dir, name in zip(run_dirs, _run_names(run_dirs)):
+        if progress:
+            print(f"[report] analysing {run_dir}")
+        a = analyze_run(load_run(run_dir), n_boot=n_boot, seed=seed)
+        a.name = name
+        fig_dir = out / "figures" / (name if len(run_dirs) > 1 else "")
+        fig_dir.mkdir(parents=True, exist_ok=True)
+        a.comparisons.to_parquet(fig_dir / "comparisons.parquet", index=False)
+        a.comparisons.to_csv(fig_dir / "comparisons.csv", index=False)
+        analyses.append(a)
+        figures.append(_draw(a, fig_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.html"
+    tmp = path.with_name("report.html.tmp")
+    tmp.write_text(_html(analyses, figures, out), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def chosen_answers(a: Analysis, n: int = 3) -> list[str]:
+    """Answers for the token traces: the shortest incorrect answers with a located wrong moment (math) or the
+    shortest incorrect ones (factual), and the shortest correct one, for contrast."""
+    answers = a.answers.sort_values(["n_tokens", "question_id"])
+    wrong = answers[answers.label == "incorrect"]
+    if "in_error" in a.tokens:
+        located = set(a.tokens.question_id[a.tokens.in_error])
+        wrong = wrong[wrong.question_id.isin(located)]
+    correct = answers[answers.label == "correct"]
+    return list(wrong.question_id[:n]) + list(correct.question_id[:1])
+
+
+def _draw(a: Analysis, fig_dir: Path) -> dict[str, list[tuple[str, Path]]]:
+    """Figures of one run by section: section -> [(caption, png path)]."""
+    figs: dict[str, list[tuple[str, Path]]] = {"contrasts": [], "profiles": [], "traces": []}
+    for c in a.contrasts:
+        if c.status == "not_computed":
+            continue
+        aggregations = ["tokens"] if c.level == "token" else ["mean", "max", "first_k"]
+        for how in aggregations:
+            figs["contrasts"].append((f"{c.title}: AUROC per layer × head ({how})",
+                                      plots.effect_heatmaps(a, c.key, how, fig_dir, f"heatmap_{c.key}_{how}")))
+        figs["contrasts"].append((f"{c.title}: AUROC per layer", plots.layer_effects(a, c.key, fig_dir,
+                                                                                      f"layers_{c.key}")))
+    figs["profiles"].append(("per-layer profiles by label", plots.layer_profiles(a, fig_dir, "profiles")))
+    figs["profiles"].append(("entropy-varentropy quadrants", plots.quadrant(a, fig_dir, "quadrant")))
+    figs["profiles"].append(("distributions by label", plots.distributions(a, fig_dir, "distributions")))
+    chosen = chosen_answers(a)
+    if chosen:
+        figs["traces"].append(("token traces", plots.token_traces(a, chosen, fig_dir, "traces")))
+    return figs
+
+
+# ---------------------------------------------------------------- text
+
+def _fmt_cell(row) -> str:
+    layer, head = int(row["layer"]), int(row["head"])
+    where = "" if layer < 0 else f"layer {layer}" + ("" if head < 0 else f" head {head}") + ": "
+    return (f"{where}AUROC {row['auroc']:.2f} [{row['auroc_lo']:.2f}, {row['auroc_hi']:.2f}], "
+            f"d {row['cohens_d']:+.2f} [{row['d_lo']:+.2f}, {row['d_hi']:+.2f}], q {row['q']:.2g}")
+
+
+def findings(a: Analysis, contrast) -> list[str]:
+    """Plain sentences on one contrast, with n everywhere; no conclusion from groups that are too small."""
+    c = contrast
+    if c.status == "not_computed":
+        return [c.note]
+    rows = a.comparisons[a.comparisons.contrast == c.key]
+    agg = "tokens" if c.level == "token" else PRIMARY[1]
+    unit = "questions with tokens of both kinds" if c.level == "token" else "questions"
+    lines = [f"n = {c.n_positive} {c.positive} vs {c.n_negative} {c.negative} {unit}."]
+    if c.status == "too_small":
+        lines.append(f"<b>Too small to conclude</b>: {c.note}. The numbers below are descriptive only.")
+    for stat in (PRIMARY[0], "entropy_norm", "varentropy"):
+        head = rows.query("stat == @stat and aggregation == @agg and level == 'head'")
+        layer = rows.query("stat == @stat and aggregation == @agg and level == 'layer'")
+        if head.empty:
+            continue
+        best = head.loc[(head.auroc - 0.5).abs().idxmax()]
+        label = plots.STAT_NAMES[stat] + (" — the primary test" if stat == PRIMARY[0] else "")
+        if c.status == "ok" and head.significant.any():
+            verdict = (f"{int(head.significant.sum())} of {len(head)} layer × head cells differ at FDR 5 % "
+                       f"(Benjamini-Hochberg over the cells), {int(layer.significant.sum())} of {len(layer)} layers")
+        elif c.status == "ok":
+            verdict = (f"no layer × head cell differs at FDR 5 % ({len(head)} cells); at this n that is not "
+                       "evidence of no difference")
+        else:
+            verdict = f"{len(head)} cells computed"
+        lines.append(f"{label} ({agg}): {verdict}; strongest cell {_fmt_cell(best)}.")
+    for stat in LOGIT_STATS:
+        row = rows.query("stat == @stat and aggregation == @agg and level == 'token'")
+        if len(row):
+            lines.append(f"{plots.STAT_NAMES[stat]} ({agg}): {_fmt_cell(row.iloc[0])}.")
+    length = rows[rows.stat == "answer_length"]
+    if len(length):
+        lines.append(f"Answer length: {_fmt_cell(length.iloc[0])}. Mean attention entropy rises with position "
+                     "(its maximum is ln K), so a length difference alone moves answer means; entropy / ln K "
+                     "removes most of that.")
+    if c.key == "wrong_moment":
+        lines.append("Caveat: the wrong-moment span is usually a number or an equation, its neighbours are often "
+                     "words; a difference here can be one of token type as much as of being wrong.")
+    return lines
+
+
+def _config_rows(a: Analysis) -> list[tuple[str, str]]:
+    cfg = a.config
+    model = cfg.get("model", {})
+    protocol = cfg.get("protocol", {})
+    from .grade import GSM8K_LABELS, SIMPLEQA_LABELS
+    from .data import FACTUAL
+
+    counts = a.answers.label.value_counts()
+    labels = {k: int(counts.get(k, 0)) for k in (SIMPLEQA_LABELS if a.benchmark in FACTUAL else GSM8K_LABELS)
+              if k != "unparsed"}
+    grader = critic = "—"
+    if "grader" in a.samples:
+        grader = ", ".join(sorted(set(a.samples.grader.dropna())))
+    if "critic" in a.samples:
+        critic = ", ".join(sorted(set(a.samples.critic.dropna()) - {""})) or "—"
+    sampling = protocol.get("sampling", {})
+    return [
+        ("model", f"{model.get('name')} ({model.get('architecture')}, {model.get('dtype')}; revision "
+                  f"{str(model.get('revision'))[:12]})"),
+        ("benchmark", f"{a.benchmark}, {len(a.samples)} questions"),
+        ("protocol", f"{protocol.get('kind')}, " + (f"{protocol.get('shots')}-shot, " if "shots" in protocol else "")
+         + f"max {protocol.get('max_new_tokens')} new tokens, "
+         + ("sampled" if sampling.get("do_sample") else "greedy")),
+        ("grader", grader), ("critic (wrong moment)", critic),
+        ("labels (analysed)", ", ".join(f"{k} {v}" for k, v in labels.items())),
+        ("excluded", ", ".join(f"{k} {v}" for k, v in a.excluded.items())),
+        ("recorded layers × heads", f"{len(a.layers)} × {a.n_heads}"),
+        ("attentropy", f"{cfg.get('attentropy_version')} (commit {str(cfg.get('git_commit'))[:10]})"),
+    ]
+
+
+# ---------------------------------------------------------------- the token viewer's data
+
+def viewer_data(a: Analysis, max_answers: int = MAX_VIEWER_ANSWERS) -> dict:
+    """Per answer: tokens, label, wrong-moment flags and, per statistic, values per token (attention: per layer,
+    mean over heads). Rounded to 4 decimals to keep the page small."""
+    tok = a.tokens
+    answers = []
+    groups = tok.groupby("question_id", sort=False).indices
+    samples = a.samples.set_index("question_id")
+    for qid in a.answers.question_id[:max_answers]:
+        rows = groups[qid]
+        entry = {"id": qid, "label": tok.label.iloc[rows[0]],
+                 "question": samples.question[qid][:400], "target": str(samples.target[qid]),
+                 "tokens": tok.token.iloc[rows].tolist(),
+                 "err": np.flatnonzero(tok.in_error.to_numpy()[rows]).tolist() if "in_error" in tok else [],
+                 "values": {}}
+        for stat in VIEWER_STATS:
+            v = a.layer_means[stat][rows] if stat in a.layer_means else tok[stat].to_numpy()[rows]
+            entry["values"][stat] = np.round(v.astype(float), 4).tolist()
+        answers.append(entry)
+    return {"name": a.name, "layers": a.layers, "answers": answers, "n_answers": len(a.answers),
+            "labels": sorted(a.answers.label.unique()),
+            "attention_stats": [s for s in VIEWER_STATS if s in a.layer_means],
+            "stat_names": {s: plots.STAT_NAMES[s] for s in VIEWER_STATS}}
+
+
+# ---------------------------------------------------------------- html
+
+def _img(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+            f'<figcaption>{html.escape(caption)} — <code>{html.escape(path.name)}</code> (+ .csv)</figcaption></figure>')
+
+
+def _side_by_side(cells: list[str]) -> str:
+    return f'<div class="runs" style="grid-template-columns: repeat({len(cells)}, minmax(0, 1fr))">' + \
+        "".join(f"<div>{c}</div>" for c in cells) + "</div>"
+
+
+def _html(analyses: list[Analysis], figures: list[dict], out: Path) -> str:
+    esc = html.escape
+    parts = [f"<h1>attentropy report</h1><p class=meta>{esc(', '.join(a.name for a in analyses))} · generated "
+             f"{time.strftime('%Y-%m-%d %H:%M')} by attentropy {__version__}. Every figure's numbers are in "
+             f"<code>{esc(str(Path('figures')))}</code> beside this file (PNG + CSV; all tests in "
+             f"<code>comparisons.csv</code>/<code>.parquet</code>).</p>"]
+    parts.append("<h2>Runs</h2>" + _side_by_side([
+        f"<h3>{esc(a.name)}</h3><table>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>"
+                                                   for k, v in _config_rows(a)) + "</table>" for a in analyses]))
+    parts.append(
+        "<h2>How to read this</h2><ul>"
+        "<li>Entropy H = −Σ p ln p in nats, varentropy V = Σ p (ln p + H)² in nats², of each attention row (per layer "
+        "and query head) and of the next-token distribution. K = visible keys; H ≤ ln K.</li>"
+        "<li>AUROC: probability that a random member of the first group has the higher value (0.5: no difference). "
+        "Cohen's d: difference of means over the pooled SD. Intervals: 95 % percentile bootstrap resampling "
+        "<b>questions</b> (a question brings all its tokens). p: Mann-Whitney U on one aggregate per answer "
+        "(answer contrasts) or Wilcoxon signed-rank on per-question differences (token contrasts); q: "
+        "Benjamini-Hochberg over all layer × head cells of one statistic and aggregation.</li>"
+        f"<li>Answer aggregation: mean over the answer's tokens, max, or mean of the first {FIRST_K}. The "
+        "pre-declared primary test is attention entropy, mean aggregation; the other statistics and aggregations "
+        "are exploratory and not corrected across each other.</li>"
+        f"<li>Wrong moment (math): tokens of the critic's span vs tokens within {WINDOW} positions of it in the same "
+        f"answer, and the {WINDOW} tokens after the span vs the {WINDOW} before it — position-matched, and also as "
+        "entropy / ln K.</li>"
+        f"<li>Groups with fewer than {MIN_TO_CONCLUDE} questions are reported as too small to conclude; "
+        "<code>unparsed</code> answers are excluded from every contrast and counted above.</li></ul>")
+    keys = []
+    for a in analyses:
+        keys += [c.key for c in a.contrasts if c.key not in keys]
+    parts.append("<h2>Contrasts</h2>")
+    for key in keys:
+        cells = []
+        for a, figs in zip(analyses, figures):
+            c = next((c for c in a.contrasts if c.key == key), None)
+            if c is None:  # e.g. a math contrast beside a factual run: the applicable runs take the width
+                continue
+            text = "".join(f"<li>{line}</li>" for line in findings(a, c))
+            imgs = "".join(_img(p, cap) for cap, p in figs["contrasts"] if p.stem.endswith(
+                (f"_{key}_mean", f"_{key}_tokens", f"layers_{key}")))
+            more = "".join(_img(p, cap) for cap, p in figs["contrasts"] if p.stem.endswith(
+                (f"_{key}_max", f"_{key}_first_k")))
+            extra = f"<details><summary>max and first-{FIRST_K} aggregations</summary>{more}</details>" if more else ""
+            cells.append(f"<h3>{esc(a.name)}: {esc(c.title)}</h3><ul>{text}</ul>{imgs}{extra}")
+        parts.append(_side_by_side(cells))
+    parts.append("<h2>Profiles, quadrants and distributions</h2>")
+    for i in range(3):
+        parts.append(_side_by_side([_img(p, cap) if i < len(f["profiles"]) else "" for f in figures
+                                    for cap, p in f["profiles"][i:i + 1]]))
+    parts.append("<h2>Token traces</h2>" + _side_by_side([
+        "".join(_img(p, cap) for cap, p in f["traces"]) or "<p>no answers to trace</p>" for f in figures]))
+    data = [viewer_data(a) for a in analyses]
+    caps = "".join(f"<p class=meta>{esc(d['name'])}: showing {len(d['answers'])} of {d['n_answers']} answers</p>"
+                   for d in data)
+    parts.append(f"<h2>Token viewer</h2>{caps}" + VIEWER_HTML)
+    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>attentropy report</title>"
+            f"<style>{CSS}</style></head><body>{''.join(parts)}"
+            f"<script id=viewer-data type=application/json>{payload}</script><script>{VIEWER_JS}</script>"
+            "</body></html>")
+
+
+CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 1500px; padding: 0 1em; color: #222; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; margin-top: 1.6em; }
+.meta { color: #666; font-size: 12px; } code { font-size: 12px; }
+.runs { display: grid; gap: 1.2em; align-items: start; }
+table { border-collapse: collapse; font-size: 13px; } th, td { text-align: left; padding: 2px 8px; }
+th { color: #555; font-weight: 600; } tr:nth-child(odd) { background: #f5f5f5; }
+figure { margin: 0.6em 0; } figure img { max-width: 100%; } figcaption { font-size: 12px; color: #555; }
+#controls { position: sticky; top: 0; background: #fff; padding: 6px 0; border-bottom: 1px solid #ddd; z-index: 1; }
+#controls label { margin-right: 1em; } #hover { font-family: monospace; font-size: 12px; min-height: 1.4em; }
+.answer { margin: 6px 0; padding: 6px; border: 1px solid #e3e3e3; border-radius: 4px; }
+.answer .head { font-size: 12px; color: #555; margin-bottom: 3px; }
+.badge { display: inline-block; padding: 0 6px; border-radius: 3px; color: #fff; font-size: 11px; }
+.badge.correct { background: #1b9e77; } .badge.incorrect { background: #d95f02; }
+.badge.not_attempted { background: #7570b3; }
+.tok { white-space: pre-wrap; font-family: monospace; font-size: 12.5px; border-radius: 2px; }
+.tok.err { outline: 2px solid #e00000; outline-offset: -1px; }
+#legend { display: inline-block; width: 160px; height: 10px; vertical-align: middle;
+  background: linear-gradient(to right, #440154, #3b528b, #21918c, #5ec962, #fde725); }
+"""
+
+VIEWER_HTML = """
+<div id=controls>
+  <label>run <select id=run></select></label>
+  <label>statistic <select id=stat></select></label>
+  <label>layer <select id=layer></select></label>
+  <span id=filters></span>
+  <span class=meta><span id=lo></span> <span id=legend></span> <span id=hi></span> · red outline: the critic's wrong moment</span>
+  <div id=hover>hover a token for its value</div>
+</div>
+<div id=answers></div>
+"""
+
+VIEWER_JS = r"""
+(function () {
+  const data = JSON.parse(document.getElementById('viewer-data').textContent);
+  const runSel = document.getElementById('run'), statSel = document.getElementById('stat'),
+        layerSel = document.getElementById('layer'), filters = document.getElementById('filters'),
+        box = document.getElementById('answers'), hover = document.getElementById('hover');
+  const stops = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];  // viridis
+  function colour(t) {
+    t = Math.min(1, Math.max(0, t)) * (stops.length - 1);
+    const i = Math.min(stops.length - 2, Math.floor(t)), f = t - i;
+    const c = stops[i].map((v, k) => Math.round(v + f * (stops[i + 1][k] - v)));
+    return [`rgb(${c[0]},${c[1]},${c[2]})`, (0.3 * c[0] + 0.59 * c[1] + 0.11 * c[2]) > 140 ? '#000' : '#fff'];
+  }
+  data.forEach((run, i) => runSel.add(new Option(run.name, i)));
+  function value(run, answer, t) {
+    const stat = statSel.value, v = answer.values[stat][t];
+    if (!Array.isArray(v)) return v;
+    if (layerSel.value === 'mean') return v.reduce((s, x) => s + x, 0) / v.length;
+    return v[Number(layerSel.value)];
+  }
+  function build() {
+    const run = data[runSel.value];
+    statSel.innerHTML = '';
+    Object.entries(run.stat_names).forEach(([k, name]) => statSel.add(new Option(name, k)));
+    filters.innerHTML = '';
+    run.labels.forEach(label => {
+      const l = document.createElement('label');
+      l.innerHTML = `<input type=checkbox checked data-filter="${label}"> ${label}`;
+      filters.appendChild(l);
+    });
+    filters.querySelectorAll('input').forEach(el => el.addEventListener('change', filter));
+    box.innerHTML = '';
+    run.answers.forEach((answer, a) => {
+      const div = document.createElement('div');
+      div.className = 'answer'; div.dataset.label = answer.label;
+      const head = document.createElement('div'); head.className = 'head';
+      head.innerHTML = `<span class="badge ${answer.label}">${answer.label}</span> `;
+      head.appendChild(document.createTextNode(`${answer.id} · ${answer.question} · target: ${answer.target}`));
+      div.appendChild(head);
+      const err = new Set(answer.err);
+      answer.tokens.forEach((text, t) => {
+        const span = document.createElement('span');
+        span.className = 'tok' + (err.has(t) ? ' err' : '');
+        span.textContent = text; span.dataset.a = a; span.dataset.t = t;
+        div.appendChild(span);
+      });
+      box.appendChild(div);
+    });
+    layers(); paint(); filter();
+  }
+  function layers() {
+    const run = data[runSel.value], attention = run.attention_stats.includes(statSel.value);
+    const keep = layerSel.value;
+    layerSel.innerHTML = '';
+    layerSel.add(new Option(attention ? 'mean over layers and heads' : '(per token)', 'mean'));
+    if (attention) run.layers.forEach((layer, i) => layerSel.add(new Option(`layer ${layer} (mean over heads)`, i)));
+    layerSel.disabled = !attention;
+    if ([...layerSel.options].some(o => o.value === keep)) layerSel.value = keep;
+  }
+  function paint() {
+    const run = data[runSel.value], all = [];
+    run.answers.forEach(answer => answer.tokens.forEach((_, t) => all.push(value(run, answer, t))));
+    const sorted = all.filter(Number.isFinite).sort((x, y) => x - y);
+    const lo = sorted[Math.floor(0.02 * (sorted.length - 1))], hi = sorted[Math.ceil(0.98 * (sorted.length - 1))];
+    document.getElementById('lo').textContent = lo === undefined ? '' : lo.toFixed(3);
+    document.getElementById('hi').textContent = hi === undefined ? '' : hi.toFixed(3);
+    box.querySelectorAll('.tok').forEach(span => {
+      const answer = run.answers[span.dataset.a], v = value(run, answer, Number(span.dataset.t));
+      const [bg, fg] = colour(hi > lo ? (v - lo) / (hi - lo) : 0.5);
+      span.style.backgroundColor = bg; span.style.color = fg;
+      span.title = `${statSel.options[statSel.selectedIndex].text}, ${layerSel.options[layerSel.selectedIndex].text}: ${v.toFixed(4)}`;
+    });
+  }
+  function filter() {
+    const shown = new Set([...filters.querySelectorAll('input:checked')].map(el => el.dataset.filter));
+    box.querySelectorAll('.answer').forEach(div => { div.style.display = shown.has(div.dataset.label) ? '' : 'none'; });
+  }
+  box.addEventListener('mouseover', e => {
+    if (!e.target.classList.contains('tok')) return;
+    hover.textContent = `${JSON.stringify(e.target.textContent)} · ${e.target.title}`;
+  });
+  runSel.addEventListener('change', build);
+  statSel.addEventListener('change', () => { layers(); paint(); });
+  layerSel.addEventListener('change', paint);
+  build();
+})();
+"""

@@ -1,0 +1,70 @@
+"""Synthetic graded run directories written through the real store (append_batch, config.json, grades.parquet),
+with a signal planted where the test wants it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from attentropy.capture import ATTN_STATS, Capture
+from attentropy.data import Question
+from attentropy.generate import Generation
+from attentropy.store import _write_parquet, append_batch, write_json
+
+ENTROPY = ATTN_STATS.index("entropy")
+
+
+class CharTokenizer:
+    def decode(self, ids):
+        return "".join(" " + chr(97 + i % 26) * 3 for i in ids)  # word-like tokens
+
+
+def write_synthetic_run(path, *, benchmark="arith", labels=None, n_questions=60, n_layers=4, n_heads=3,
+                        n_tokens=(12, 30), planted=None, shift=0.8, wrong_moment_shift=0.0, seed=0,
+                        prompt_len=40) -> Path:
+    """A graded run. `labels`: one per question (default: alternating correct / incorrect). `planted`: (layer
+    index, head) whose attention entropy is raised by `shift` in every token of incorrect answers. Math runs get a
+    3-token wrong-moment span in each incorrect answer, its entropy at every cell raised by `wrong_moment_shift`.
+    Each question has its own offset (tokens of one answer are correlated, as in real runs)."""
+    rng = np.random.default_rng(seed)
+    path = Path(path)
+    labels = list(labels) if labels is not None else ["incorrect" if i % 2 else "correct"
+                                                      for i in range(n_questions)]
+    gens, grades = [], []
+    for i, label in enumerate(labels):
+        n = int(rng.integers(*n_tokens))
+        attn = rng.uniform(0.05, 0.3, size=(n, n_layers, n_heads, len(ATTN_STATS))).astype(np.float32)
+        n_keys = prompt_len + np.arange(n)
+        attn[..., ENTROPY] = (0.5 * np.log(n_keys)[:, None, None] + rng.normal(0, 0.3) +
+                              rng.normal(0, 0.3, size=(n, n_layers, n_heads)))
+        if planted is not None and label == "incorrect":
+            attn[:, planted[0], planted[1], ENTROPY] += shift
+        start = end = -1
+        if benchmark == "arith" and label == "incorrect":
+            start = int(rng.integers(2, n - 5))
+            end = start + 3
+            attn[start:end, :, :, ENTROPY] += wrong_moment_shift
+        q = Question(id=f"{benchmark}-{i:05d}", benchmark=benchmark, question=f"question {i}?", target=str(i))
+        completion_ids = rng.integers(0, 26, size=n).tolist()
+        capture = Capture(attn=attn, logprob=-rng.exponential(1.0, n).astype(np.float32),
+                          logit_entropy=rng.exponential(1.0, n).astype(np.float32),
+                          logit_varentropy=rng.exponential(1.0, n).astype(np.float32), n_keys=n_keys)
+        gens.append(Generation(q, list(range(prompt_len)), completion_ids, CharTokenizer().decode(completion_ids),
+                               "stop", capture))
+        grades.append({"question_id": q.id, "label": label, "grader": "synthetic",
+                       "critic": "synthetic" if benchmark == "arith" else None,
+                       "critic_status": "located" if start >= 0 else "not_critiqued",
+                       "error_token_start": start, "error_token_end": end})
+    path.mkdir(parents=True, exist_ok=True)
+    write_json(path / "config.json", {
+        "attentropy_version": "test", "git_commit": None, "benchmark": benchmark,
+        "model": {"name": "synthetic", "architecture": "none", "dtype": "float32", "revision": "0"},
+        "protocol": {"kind": "math" if benchmark == "arith" else "factual", "max_new_tokens": n_tokens[1]},
+        "capture": {"layers": list(range(n_layers)), "n_heads": n_heads}})
+    for lo in range(0, len(gens), 16):
+        append_batch(path, gens[lo:lo + 16], CharTokenizer())
+    _write_parquet(pa.Table.from_pandas(pd.DataFrame(grades), preserve_index=False), path / "grades.parquet")
+    return path

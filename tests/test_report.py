@@ -1,0 +1,162 @@
+"""The study's analysis on graded runs (planted signals, shuffled labels, small groups) and the HTML report,
+checked in a real headless Chromium (Debian's chromium + chromedriver, installed by scripts/setup.sh)."""
+
+import io
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from attentropy import load_run
+from attentropy.cli import main
+from attentropy.report import write_report
+from attentropy.stats import analyze_run
+from synthetic import write_synthetic_run
+
+
+def significant_cells(a, contrast, stat="entropy", aggregation="mean", level="head"):
+    rows = a.comparisons.query("contrast == @contrast and stat == @stat and aggregation == @aggregation "
+                               "and level == @level")
+    return rows.loc[rows.significant, ["layer", "head"]].values.tolist(), rows
+
+
+def test_the_planted_head_is_found_in_a_run(tmp_path):
+    run = load_run(write_synthetic_run(tmp_path / "run", planted=(2, 1), shift=1.0))
+    a = analyze_run(run, n_boot=200)
+    found, rows = significant_cells(a, "incorrect_vs_correct")
+    assert found == [[2, 1]]
+    cell = rows[(rows.layer == 2) & (rows["head"] == 1)].iloc[0]
+    assert cell.auroc > 0.7 and cell.auroc_lo > 0.5 and cell.n_positive == 30 and cell.n_negative == 30
+    # per layer (mean over heads) the planted head lifts layer 2 alone; entropy / ln K finds the same head
+    assert significant_cells(a, "incorrect_vs_correct", level="layer")[0] == [[2, -1]]
+    assert significant_cells(a, "incorrect_vs_correct", stat="entropy_norm")[0] == [[2, 1]]
+
+
+def test_shuffled_labels_give_no_discoveries(tmp_path):
+    labels = np.array(["incorrect" if i % 2 else "correct" for i in range(60)])
+    runs_with_a_discovery = 0
+    for seed in range(10):
+        shuffled = np.random.default_rng(seed).permutation(labels)
+        run = load_run(write_synthetic_run(tmp_path / f"run{seed}", labels=shuffled, planted=None, seed=seed))
+        a = analyze_run(run, n_boot=20, stats=("entropy",))
+        runs_with_a_discovery += bool(significant_cells(a, "incorrect_vs_correct")[0])
+    assert runs_with_a_discovery <= 2  # BH at 5 % over the 12 cells: P(any discovery) <= 0.05 under the null
+
+
+def test_wrong_moment_position_matched_and_normalised(tmp_path):
+    run = load_run(write_synthetic_run(tmp_path / "run", wrong_moment_shift=1.5))
+    a = analyze_run(run, n_boot=100, stats=("entropy", "entropy_norm"))
+    moment = next(c for c in a.contrasts if c.key == "wrong_moment")
+    assert moment.status == "ok" and moment.n_positive == 30
+    for stat in ("entropy", "entropy_norm"):
+        found, rows = significant_cells(a, "wrong_moment", stat=stat, aggregation="tokens", level="layer")
+        assert len(found) == 4 and (rows.auroc > 0.8).all()
+    # control tokens are the span's neighbours (within 8 positions) in the same answers, not the whole answer
+    nearby = a.tokens[a.tokens.question_id.isin(a.samples.question_id[a.samples.label == "incorrect"])]
+    assert nearby.in_error.sum() == 90
+
+
+def test_small_groups_are_flagged_and_unparsed_answers_excluded(tmp_path):
+    labels = ["correct"] * 20 + ["incorrect"] * 4 + ["unparsed"] * 3
+    a = analyze_run(load_run(write_synthetic_run(tmp_path / "run", labels=labels, planted=(0, 0))), n_boot=20,
+                    stats=("entropy",))
+    contrast = next(c for c in a.contrasts if c.key == "incorrect_vs_correct")
+    assert contrast.status == "too_small" and (contrast.n_positive, contrast.n_negative) == (4, 20)
+    assert a.excluded["unparsed"] == 3 and "unparsed" not in set(a.answers.label)
+    labels = ["correct"] * 20 + ["incorrect"] * 1
+    a = analyze_run(load_run(write_synthetic_run(tmp_path / "run1", labels=labels)), n_boot=20, stats=("entropy",))
+    assert next(c for c in a.contrasts if c.key == "incorrect_vs_correct").status == "not_computed"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """Two graded runs side by side: factual (with a group too small to conclude) and math."""
+    root = tmp_path_factory.mktemp("report")
+    facts_labels = ["correct"] * 16 + ["incorrect"] * 16 + ["not_attempted"] * 4 + ["unparsed"] * 2
+    write_synthetic_run(root / "facts", benchmark="facts", labels=facts_labels, planted=(1, 2), seed=1)
+    write_synthetic_run(root / "arith", planted=(2, 1), n_questions=40, wrong_moment_shift=1.0, seed=2)
+    assert main(["report", str(root / "facts"), str(root / "arith"), "--n-boot", "50", "--quiet"]) == 0
+    return root
+
+
+def test_report_files_and_text(report):
+    html = (report / "report.html").read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)  # self-contained: nothing fetched
+    for run in ("facts", "arith"):
+        figures = report / "figures" / run
+        pngs = sorted(figures.glob("*.png"))
+        assert len(pngs) >= 6
+        for png in pngs:  # the numbers behind every figure
+            assert png.with_suffix(".csv").stat().st_size > 0
+        assert (figures / "comparisons.parquet").exists()
+    assert "Too small to conclude" in html  # 4 not_attempted answers
+    assert "not computed" not in html or "at least 2 per group" in html
+    assert "unparsed 2" in html and "n = 20 incorrect vs 20 correct questions" in html
+    assert "smollm2" not in html and "synthetic" in html  # the runs' own config is shown
+
+
+def test_report_of_an_ungraded_run_says_what_to_do(tmp_path, capsys):
+    path = write_synthetic_run(tmp_path / "run")
+    (path / "grades.parquet").unlink()
+    assert main(["report", str(path)]) == 2
+    assert "attentropy grade" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail("Debian's chromium and chromium-driver are needed for the report tests: run scripts/setup.sh "
+                    "--browser (./test.sh does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1400,1000"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    b = webdriver.Chrome(service=Service(driver), options=options)
+    yield b
+    b.quit()
+
+
+def test_report_in_a_real_browser(report, browser):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.get((report / "report.html").as_uri())
+    errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+    assert errors == []
+    assert browser.execute_script("return document.querySelectorAll('img').length") >= 12
+    assert browser.execute_script("return [...document.images].every(i => i.complete && i.naturalWidth > 0)")
+
+    Select(browser.find_element(By.ID, "run")).select_by_visible_text("arith")
+    tokens = browser.find_elements(By.CSS_SELECTOR, ".tok")
+    assert len(tokens) > 100 and browser.find_elements(By.CSS_SELECTOR, ".tok.err")  # the wrong moment outlined
+
+    def colours():
+        return browser.execute_script("return [...document.querySelectorAll('.tok')].map(s => s.style.backgroundColor)")
+
+    before = colours()
+    Select(browser.find_element(By.ID, "layer")).select_by_index(3)  # layer 2, which holds the planted head
+    after = colours()
+    assert len(set(before)) > 5 and sum(x != y for x, y in zip(before, after)) > len(before) // 2
+    title = browser.find_elements(By.CSS_SELECTOR, ".tok")[0].get_attribute("title")
+    assert re.search(r"layer 2 \(mean over heads\): -?\d+\.\d{4}$", title)  # the value on hover
+
+    browser.find_element(By.CSS_SELECTOR, "input[data-filter='correct']").click()
+    shown = browser.execute_script("return [...document.querySelectorAll('.answer')]"
+                                   ".filter(d => d.style.display !== 'none').map(d => d.dataset.label)")
+    assert shown and set(shown) == {"incorrect"}
+
+    browser.find_element(By.ID, "controls").location_once_scrolled_into_view
+    png = browser.get_screenshot_as_png()
+    (report / "viewer.png").write_bytes(png)
+    image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).reshape(-1, 3)
+    # not blank (a blank page is one colour): the tokens' colour scale and the text show
+    assert len(np.unique(image, axis=0)) >= 50 and (image.min(axis=1) < 200).mean() >= 0.02
