@@ -108,6 +108,8 @@ def findings(a: Analysis, contrast) -> list[str]:
     agg = "tokens" if c.level == "token" else PRIMARY[1]
     unit = "questions with tokens of both kinds" if c.level == "token" else "questions"
     lines = [f"n = {c.n_positive} {c.positive} vs {c.n_negative} {c.negative} {unit}."]
+    if c.key == "hallucinated" and not (a.answers.label == "not_attempted").any():
+        lines.append("No answer was graded not attempted: this contrast equals incorrect vs correct.")
     if c.status == "too_small":
         lines.append(f"<b>Too small to conclude</b>: {c.note}. The numbers below are descriptive only.")
     for stat in (PRIMARY[0], "entropy_norm", "varentropy"):
