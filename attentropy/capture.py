@@ -30,9 +30,6 @@ ATTN_STATS = ("entropy", "varentropy", "sink_mass", "prompt_mass", "diag_mass", 
 TOKEN_STATS = ("logprob", "logit_entropy", "logit_varentropy")
 
 
-FLUSH_CHUNK_BYTES = 1 << 20  # attention rows reduced together in one decode step (see Recorder.flush)
-
-
 def entropy_varentropy(logp: torch.Tensor, p: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Entropy and varentropy (nats, nats^2) over the last axis of log-probabilities `logp` (float32; `p` is
     exp(logp) if already at hand). Items with p == 0 (masked keys: logp = -inf or hugely negative) contribute 0."""
@@ -168,25 +165,18 @@ class Recorder:
             return
         layers = list(self._pending)
         logps, own = zip(*self._pending.values())
-        batch, heads, rows, _ = logps[0].shape
+        stats = self.row_stats(torch.stack(logps), own[0])  # [L, B, H, r, n_stats]
         if self.attn_buffer is None:
             self.attn_layers = layers
-            self.attn_buffer = torch.zeros(len(layers), batch, heads, self.max_rows, len(ATTN_STATS))
+            self.attn_buffer = torch.zeros(len(layers), *stats.shape[1:3], self.max_rows, stats.shape[-1])
+        rows = stats.shape[3]
         if layers != self.attn_layers or self.attn_rows + rows > self.max_rows:
             raise RuntimeError(f"unexpected rows: layers {layers}, {self.attn_rows + rows} > {self.max_rows} rows")
-        # Layers in groups of about FLUSH_CHUNK_BYTES: one group for small rows (few operations per step), one
-        # layer at a time for long ones (large temporaries are fresh pages every step: 5x slower, measured).
-        group = max(1, FLUSH_CHUNK_BYTES // (4 * logps[0].numel()))
-        for first in range(0, len(layers), group):
-            stats = self.row_stats(torch.stack(logps[first:first + group]), own[0])  # [l, B, H, r, n_stats]
-            self.attn_buffer[first:first + group, :, :, self.attn_rows:self.attn_rows + rows] = stats
+        self.attn_buffer[:, :, :, self.attn_rows:self.attn_rows + rows] = stats
         self.attn_rows += rows
-        maps_of: dict[int, list] = {}
-        for b, maps in self._pending_maps:  # one entry per group of layers, in layer order
-            maps_of.setdefault(b, []).extend(maps)
-        for b, maps in maps_of.items():
-            for layer, m in zip(layers, maps):
-                self.maps.setdefault(b, {}).setdefault(layer, []).append(m)
+        for b, maps in self._pending_maps:
+            for i, layer in enumerate(layers):
+                self.maps.setdefault(b, {}).setdefault(layer, []).append(maps[i])
         self._pending.clear()
         self._pending_maps.clear()
 

@@ -39,15 +39,9 @@ def test_exemplar_answer_strips_calculator_annotations():
     assert exemplar_answer("She has 2*3 = <<2*3=6>>6 eggs.\n#### 6") == "She has 2*3 = 6 eggs.\nThe final answer is 6"
 
 
-@pytest.mark.parametrize("flush_bytes", [None, 1, 50_000])
-def test_generation_stops_at_end_of_turn_and_records_exact_statistics(embedded, flush_bytes, monkeypatch):
+def test_generation_stops_at_end_of_turn_and_records_exact_statistics(embedded):
     """Statistics read during generation (shared prefix + left padding + decode steps) equal a teacher-forced
-    capture and an eager recomputation over each unpadded sequence, for every stored quantity. `flush_bytes`:
-    the layers of a decode step reduced all together (default here), one by one, or in uneven groups."""
-    import attentropy.capture
-
-    if flush_bytes is not None:
-        monkeypatch.setattr(attentropy.capture, "FLUSH_CHUNK_BYTES", flush_bytes)
+    capture and an eager recomputation over each unpadded sequence, for every stored quantity."""
     model, tokenizer, _ = embedded
     questions = [Question("facts-x", "facts", "What is the capital of France?", "Paris"),
                  Question("facts-y", "facts", "Say the single word: yes.", "yes"),
