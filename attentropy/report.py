@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from . import __version__, plots
-from .stats import FIRST_K, LOGIT_STATS, MIN_TO_CONCLUDE, PROFILE_STATS, WINDOW, Analysis, analyze_run
+from .stats import FIRST_K, LOGIT_STATS, MIN_TO_CONCLUDE, WINDOW, Analysis, analyze_run
 from .store import load_run
 
 MAX_VIEWER_ANSWERS = 300  # per run; the viewer embeds per-token, per-layer values
@@ -205,7 +204,8 @@ def viewer_data(a: Analysis, max_answers: int = MAX_VIEWER_ANSWERS) -> dict:
 def _img(path: Path, caption: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-            f'<figcaption>{html.escape(caption)} — <code>{html.escape(path.name)}</code> (+ .csv)</figcaption></figure>')
+            f'<figcaption>{html.escape(caption)} — <code>{html.escape(path.name)}</code> (+ .csv)</figcaption>'
+            '</figure>')
 
 
 def _side_by_side(cells: list[str]) -> str:

@@ -10,7 +10,6 @@ import pytest
 
 from attentropy import load_run
 from attentropy.cli import main
-from attentropy.report import write_report
 from attentropy.stats import analyze_run
 from synthetic import write_synthetic_run
 
@@ -154,7 +153,7 @@ def test_report_in_a_real_browser(report, browser):
                                    ".filter(d => d.style.display !== 'none').map(d => d.dataset.label)")
     assert shown and set(shown) == {"incorrect"}
 
-    browser.find_element(By.ID, "controls").location_once_scrolled_into_view
+    browser.execute_script("document.getElementById('controls').scrollIntoView()")
     png = browser.get_screenshot_as_png()
     (report / "viewer.png").write_bytes(png)
     image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).reshape(-1, 3)
