@@ -138,7 +138,11 @@ def findings(a: Analysis, contrast) -> list[str]:
                      "removes most of that.")
     if c.key == "wrong_moment":
         lines.append("Caveat: the wrong-moment span is usually a number or an equation, its neighbours are often "
-                     "words; a difference here can be one of token type as much as of being wrong.")
+                     "words; a difference here can be one of token type as much as of being wrong (see the "
+                     "digits-only contrast).")
+    if c.key == "wrong_moment_numbers":
+        lines.append("Token type held fixed (tokens containing a digit on both sides), position not: the other "
+                     "numbers of an answer lie anywhere in it, so read entropy / ln K here.")
     return lines
 
 

@@ -340,9 +340,13 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
         nearby = position_matched(tok.question_id.to_numpy(), pos, in_error, window)
         before = (pos < start) & (pos >= start - window)
         after = (pos >= end) & (pos < end + window)
+        # the wrong moment is mostly a number; its neighbours mostly words: compare numbers with numbers too
+        numeric = tok.token.str.contains(r"\d").to_numpy(bool)
         for key, title, positive, negative, pos_name, neg_name in (
                 ("wrong_moment", f"wrong-moment tokens vs tokens within {window} positions of it", in_error,
                  nearby, "wrong moment", "nearby"),
+                ("wrong_moment_numbers", "wrong-moment tokens with a digit vs the other tokens with a digit of the "
+                 "same answers", in_error & numeric, ~in_error & numeric, "wrong moment (digits)", "other digits"),
                 ("after_vs_before", f"the {window} tokens after the wrong moment vs the {window} before it", after,
                  before, "after", "before")):
             rows = np.flatnonzero(positive | negative)

@@ -19,7 +19,7 @@ ENTROPY = ATTN_STATS.index("entropy")
 
 class CharTokenizer:
     def decode(self, ids):
-        return "".join(" " + chr(97 + i % 26) * 3 for i in ids)  # word-like tokens
+        return "".join(f" {i}" if i % 3 == 0 else " " + chr(97 + i % 26) * 3 for i in ids)  # words, numbers
 
 
 def write_synthetic_run(path, *, benchmark="arith", labels=None, n_questions=60, n_layers=4, n_heads=3,

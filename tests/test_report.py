@@ -51,6 +51,12 @@ def test_wrong_moment_position_matched_and_normalised(tmp_path):
     for stat in ("entropy", "entropy_norm"):
         found, rows = significant_cells(a, "wrong_moment", stat=stat, aggregation="tokens", level="layer")
         assert len(found) == 4 and (rows.auroc > 0.8).all()
+    # the same with token type held fixed: span tokens with a digit vs the other tokens with a digit
+    by_type = next(c for c in a.contrasts if c.key == "wrong_moment_numbers")
+    assert by_type.status == "ok" and 10 <= by_type.n_positive < 30
+    found, rows = significant_cells(a, "wrong_moment_numbers", stat="entropy_norm", aggregation="tokens",
+                                    level="layer")
+    assert len(found) == 4 and (rows.auroc > 0.8).all()
     # control tokens are the span's neighbours (within 8 positions) in the same answers, not the whole answer
     nearby = a.tokens[a.tokens.question_id.isin(a.samples.question_id[a.samples.label == "incorrect"])]
     assert nearby.in_error.sum() == 90
