@@ -33,10 +33,6 @@ def _save(fig, table: pd.DataFrame, out: Path, stem: str) -> Path:
     return path
 
 
-def _group_counts(a: Analysis) -> dict[str, int]:
-    return a.answers.label.value_counts().to_dict()
-
-
 def _contrast(a: Analysis, key: str):
     return next(c for c in a.contrasts if c.key == key)
 
@@ -184,7 +180,7 @@ def distributions(a: Analysis, out: Path, stem: str) -> Path:
     columns = [c for c in ("attn_entropy", "attn_entropy_norm", "attn_varentropy", "logit_entropy", "logprob",
                            "n_tokens") if c in a.answers]
     groups = sorted(a.answers.label.unique())
-    counts = _group_counts(a)
+    counts = a.answers.label.value_counts()
     fig, axes = plt.subplots(1, len(columns), figsize=(2.9 * len(columns), 3.6), squeeze=False,
                              layout="constrained")
     for ax, column in zip(axes[0], columns):

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, plots
-from .stats import FIRST_K, LOGIT_STATS, MIN_TO_CONCLUDE, WINDOW, Analysis, analyze_run
+from .data import FACTUAL
+from .grade import GSM8K_LABELS, SIMPLEQA_LABELS
+from .stats import AGGREGATIONS, FIRST_K, LOGIT_STATS, MIN_TO_CONCLUDE, WINDOW, Analysis, analyze_run
 from .store import load_run
 
 MAX_VIEWER_ANSWERS = 300  # per run; the viewer embeds per-token, per-layer values
@@ -21,23 +23,17 @@ PRIMARY = ("entropy", "mean")  # the pre-declared headline test; every other sta
 VIEWER_STATS = ("entropy", "varentropy", "entropy_norm", *LOGIT_STATS)
 
 
-def _run_names(run_dirs: list[Path]) -> list[str]:
-    if len(run_dirs) == 1:
-        return [run_dirs[0].name]
-    parent = Path(os.path.commonpath([d.resolve() for d in run_dirs]))
-    return [str(d.resolve().relative_to(parent)) or d.name for d in run_dirs]
-
-
 def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, n_boot: int = 1000,
                  seed: int = 0, progress: bool = True) -> Path:
     """Analyse each graded run and write `out`/report.html and `out`/figures/. `out` defaults to the run
     directory itself for one run, and to the runs' common parent directory for several."""
     run_dirs = [Path(d) for d in run_dirs]
-    if out is None:
-        out = run_dirs[0] if len(run_dirs) == 1 else Path(os.path.commonpath([d.resolve() for d in run_dirs]))
-    out = Path(out)
+    parent = Path(os.path.commonpath([d.resolve() for d in run_dirs]))
+    # a run's name: its directory's name, or with several runs its path below their common parent
+    names = [run_dirs[0].name] if len(run_dirs) == 1 else [str(d.resolve().relative_to(parent)) for d in run_dirs]
+    out = Path(out) if out is not None else run_dirs[0] if len(run_dirs) == 1 else parent
     analyses, figures = [], []
-    for run_dir, name in zip(run_dirs, _run_names(run_dirs)):
+    for run_dir, name in zip(run_dirs, names):
         if progress:
             print(f"[report] analysing {run_dir}")
         a = analyze_run(load_run(run_dir), n_boot=n_boot, seed=seed)
@@ -51,7 +47,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, n
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.html"
     tmp = path.with_name("report.html.tmp")
-    tmp.write_text(_html(analyses, figures, out), encoding="utf-8")
+    tmp.write_text(_html(analyses, figures), encoding="utf-8")
     os.replace(tmp, path)
     return path
 
@@ -68,18 +64,18 @@ def chosen_answers(a: Analysis, n: int = 3) -> list[str]:
     return list(wrong.question_id[:n]) + list(correct.question_id[:1])
 
 
-def _draw(a: Analysis, fig_dir: Path) -> dict[str, list[tuple[str, Path]]]:
-    """Figures of one run by section: section -> [(caption, png path)]."""
-    figs: dict[str, list[tuple[str, Path]]] = {"contrasts": [], "profiles": [], "traces": []}
+def _draw(a: Analysis, fig_dir: Path) -> dict:
+    """Figures of one run, as (caption, png path): "contrasts" maps a contrast to its figures shown at once
+    ("main": the primary aggregation and the per-layer effects) and folded ("more": the other aggregations)."""
+    figs: dict = {"contrasts": {}, "profiles": [], "traces": []}
     for c in a.contrasts:
         if c.status == "not_computed":
             continue
-        aggregations = ["tokens"] if c.level == "token" else ["mean", "max", "first_k"]
-        for how in aggregations:
-            figs["contrasts"].append((f"{c.title}: AUROC per layer × head ({how})",
-                                      plots.effect_heatmaps(a, c.key, how, fig_dir, f"heatmap_{c.key}_{how}")))
-        figs["contrasts"].append((f"{c.title}: AUROC per layer", plots.layer_effects(a, c.key, fig_dir,
-                                                                                      f"layers_{c.key}")))
+        aggregations = ["tokens"] if c.level == "token" else list(AGGREGATIONS)
+        heatmaps = [(f"{c.title}: AUROC per layer × head ({how})",
+                     plots.effect_heatmaps(a, c.key, how, fig_dir, f"heatmap_{c.key}_{how}")) for how in aggregations]
+        layers = (f"{c.title}: AUROC per layer", plots.layer_effects(a, c.key, fig_dir, f"layers_{c.key}"))
+        figs["contrasts"][c.key] = {"main": [heatmaps[0], layers], "more": heatmaps[1:]}
     figs["profiles"].append(("per-layer profiles by label", plots.layer_profiles(a, fig_dir, "profiles")))
     figs["profiles"].append(("entropy-varentropy quadrants", plots.quadrant(a, fig_dir, "quadrant")))
     figs["profiles"].append(("distributions by label", plots.distributions(a, fig_dir, "distributions")))
@@ -150,9 +146,6 @@ def _config_rows(a: Analysis) -> list[tuple[str, str]]:
     cfg = a.config
     model = cfg.get("model", {})
     protocol = cfg.get("protocol", {})
-    from .grade import GSM8K_LABELS, SIMPLEQA_LABELS
-    from .data import FACTUAL
-
     counts = a.answers.label.value_counts()
     labels = {k: int(counts.get(k, 0)) for k in (SIMPLEQA_LABELS if a.benchmark in FACTUAL else GSM8K_LABELS)
               if k != "unparsed"}
@@ -217,11 +210,11 @@ def _side_by_side(cells: list[str]) -> str:
         "".join(f"<div>{c}</div>" for c in cells) + "</div>"
 
 
-def _html(analyses: list[Analysis], figures: list[dict], out: Path) -> str:
+def _html(analyses: list[Analysis], figures: list[dict]) -> str:
     esc = html.escape
     parts = [f"<h1>attentropy report</h1><p class=meta>{esc(', '.join(a.name for a in analyses))} · generated "
              f"{time.strftime('%Y-%m-%d %H:%M')} by attentropy {__version__}. Every figure's numbers are in "
-             f"<code>{esc(str(Path('figures')))}</code> beside this file (PNG + CSV; all tests in "
+             "<code>figures/</code> beside this file (PNG + CSV; all tests in "
              f"<code>comparisons.csv</code>/<code>.parquet</code>).</p>"]
     parts.append("<h2>Runs</h2>" + _side_by_side([
         f"<h3>{esc(a.name)}</h3><table>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>"
@@ -240,7 +233,8 @@ def _html(analyses: list[Analysis], figures: list[dict], out: Path) -> str:
         "are exploratory and not corrected across each other.</li>"
         f"<li>Wrong moment (math): tokens of the critic's span vs tokens within {WINDOW} positions of it in the same "
         f"answer, and the {WINDOW} tokens after the span vs the {WINDOW} before it — position-matched, and also as "
-        "entropy / ln K.</li>"
+        "entropy / ln K; and the span's tokens containing a digit vs the answer's other such tokens (token type "
+        "held fixed, position not).</li>"
         f"<li>Groups with fewer than {MIN_TO_CONCLUDE} questions are reported as too small to conclude; "
         "<code>unparsed</code> answers are excluded from every contrast and counted above.</li></ul>")
     keys = []
@@ -254,17 +248,15 @@ def _html(analyses: list[Analysis], figures: list[dict], out: Path) -> str:
             if c is None:  # e.g. a math contrast beside a factual run: the applicable runs take the width
                 continue
             text = "".join(f"<li>{line}</li>" for line in findings(a, c))
-            imgs = "".join(_img(p, cap) for cap, p in figs["contrasts"] if p.stem.endswith(
-                (f"_{key}_mean", f"_{key}_tokens", f"layers_{key}")))
-            more = "".join(_img(p, cap) for cap, p in figs["contrasts"] if p.stem.endswith(
-                (f"_{key}_max", f"_{key}_first_k")))
+            shown = figs["contrasts"].get(key, {"main": [], "more": []})
+            imgs = "".join(_img(p, cap) for cap, p in shown["main"])
+            more = "".join(_img(p, cap) for cap, p in shown["more"])
             extra = f"<details><summary>max and first-{FIRST_K} aggregations</summary>{more}</details>" if more else ""
             cells.append(f"<h3>{esc(a.name)}: {esc(c.title)}</h3><ul>{text}</ul>{imgs}{extra}")
         parts.append(_side_by_side(cells))
     parts.append("<h2>Profiles, quadrants and distributions</h2>")
-    for i in range(3):
-        parts.append(_side_by_side([_img(p, cap) if i < len(f["profiles"]) else "" for f in figures
-                                    for cap, p in f["profiles"][i:i + 1]]))
+    for same_kind in zip(*(f["profiles"] for f in figures)):  # profiles, quadrants, distributions
+        parts.append(_side_by_side([_img(p, cap) for cap, p in same_kind]))
     parts.append("<h2>Token traces</h2>" + _side_by_side([
         "".join(_img(p, cap) for cap, p in f["traces"]) or "<p>no answers to trace</p>" for f in figures]))
     data = [viewer_data(a) for a in analyses]

@@ -243,7 +243,7 @@ class Contrast:
     n_positive: int  # questions
     n_negative: int
     status: str = "ok"  # ok | too_small (computed, not conclusive) | not_computed (fewer than 2 per group)
-    note: str = ""
+    note: str = ""  # the group sizes behind a status other than ok
 
 
 @dataclass
@@ -279,14 +279,15 @@ def contrasts_of(benchmark: str) -> list[tuple[str, str, tuple[str, ...], tuple[
     return [("incorrect_vs_correct", "incorrect vs correct answers", ("incorrect",), ("correct",))]
 
 
-def token_values(run, stat: str) -> np.ndarray:
+def token_values(run, stat: str, entropy: np.ndarray | None = None) -> np.ndarray:
     """Per-token values of a statistic: attention stats [n_tokens, L, H]; `entropy_norm` = entropy / ln n_keys
-    (the fraction of the maximal entropy, which removes the growth with position); logit stats [n_tokens]."""
+    (the fraction of the maximal entropy, which removes the growth with position; from `entropy` when it was
+    read already); logit stats [n_tokens]."""
     if stat in LOGIT_STATS:
         return run.tokens[stat].to_numpy(np.float64)
     if stat == "entropy_norm":
         log_keys = np.log(np.maximum(run.tokens["n_keys"].to_numpy(np.float64), 2.0))
-        return run.attn("entropy") / log_keys[:, None, None].astype(np.float32)
+        return (run.attn("entropy") if entropy is None else entropy) / log_keys[:, None, None].astype(np.float32)
     return run.attn(stat)
 
 
@@ -334,8 +335,9 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
     token_contrasts = []
     if benchmark not in FACTUAL and "in_error" in tok:
         in_error = tok.in_error.to_numpy(bool)
-        start = tok.question_id.map(kept.set_index("question_id").error_token_start).to_numpy(float)
-        end = tok.question_id.map(kept.set_index("question_id").error_token_end).to_numpy(float)
+        span = kept.set_index("question_id")
+        start = tok.question_id.map(span.error_token_start).to_numpy(float)
+        end = tok.question_id.map(span.error_token_end).to_numpy(float)
         pos = tok.pos.to_numpy()
         nearby = position_matched(tok.question_id.to_numpy(), pos, in_error, window)
         before = (pos < start) & (pos >= start - window)
@@ -364,15 +366,18 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
                              f"{contrast.negative} questions (at least 2 per group needed)")
         elif n < MIN_TO_CONCLUDE:
             contrast.status = "too_small"
-            contrast.note = (f"too small to conclude: {contrast.n_positive} vs {contrast.n_negative} questions "
-                             f"(the report draws conclusions from {MIN_TO_CONCLUDE} per group or more)")
+            contrast.note = (f"{contrast.n_positive} vs {contrast.n_negative} questions (the report draws "
+                             f"conclusions from {MIN_TO_CONCLUDE} per group or more)")
 
     tables = []
     layer_means: dict[str, np.ndarray] = {}
     answer_means: dict[str, np.ndarray] = {}
     profiles = []
+    entropy = None  # all tokens' attention entropy, kept for entropy_norm (read from disk once)
     for s, stat in enumerate(stats):
-        values = token_values(run, stat)[token_rows]
+        values = token_values(run, stat, entropy)
+        entropy = values if stat == "entropy" else entropy
+        values = values[token_rows]
         if values.ndim == 3:
             layer_means[stat] = values.mean(axis=2)  # [n_tokens, L]
         variants = [("head", values), ("layer", layer_means[stat])] if values.ndim == 3 else [("token", values)]
