@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -77,6 +78,52 @@ class Generation:
     capture: Capture | None = None  # the completion tokens' statistics, when generated with record=True
 
 
+def growing_cache(model):
+    """A transformers DynamicCache whose full-attention layers append in place (`GrowingLayer`)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    growing_layer = _growing_layer_class()
+    cache = DynamicCache(config=model.config.get_text_config())
+    cache.layers = [growing_layer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+@functools.cache
+def _growing_layer_class():  # defined on first use: importing transformers' cache module takes seconds
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """transformers' DynamicLayer appends a step's keys/values with torch.cat, copying the whole layer cache
+        at every decode step: at batch 16 and 1,000 keys that is ~0.7 GB moved per step on SmolLM2, a quarter
+        of the step. This layer writes into a buffer with room for `spare` more tokens and hands out the filled
+        part as a view, so it copies only when the buffer is full (or was replaced by crop/reorder/repeat)."""
+
+        spare = 256
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, new = self.get_seq_length(), key_states.shape[-2]
+            buffers = getattr(self, "buffers", None)
+            in_place = (buffers is not None and n > 0 and self.keys.data_ptr() == buffers[0].data_ptr()
+                        and self.keys.stride() == buffers[0].stride() and self.keys.shape[:2] == buffers[0].shape[:2]
+                        and n + new <= buffers[0].shape[-2])
+            if not in_place:  # first call, full, or self.keys replaced by a method of DynamicLayer
+                buffers = tuple(x.new_empty(*x.shape[:2], n + new + self.spare, x.shape[-1])
+                                for x in (key_states, value_states))
+                if n:
+                    buffers[0][..., :n, :] = self.keys
+                    buffers[1][..., :n, :] = self.values
+                self.buffers = buffers
+            buffers[0][..., n:n + new, :] = key_states
+            buffers[1][..., n:n + new, :] = value_states
+            self.keys, self.values = buffers[0][..., :n + new, :], buffers[1][..., :n + new, :]
+            return self.keys, self.values
+
+    return GrowingLayer
+
+
 @dataclass
 class PrefixStore:
     """Keys/values of the prompt prefix shared by a run's batches (system prompt and few-shot exemplars), so an
@@ -87,10 +134,8 @@ class PrefixStore:
 
     def get(self, model, ids: list[int]):
         """A fresh batch-1 copy of the cache of `ids` (computed on first use or when the prefix changes)."""
-        from transformers import DynamicCache
-
         if tuple(ids) != self.ids:
-            self.cache = DynamicCache(config=model.config.get_text_config())
+            self.cache = growing_cache(model)
             model.get_decoder()(input_ids=torch.tensor([ids], device=model.device), cache=self.cache, use_cache=True)
             self.ids = tuple(ids)
         return copy.deepcopy(self.cache)
@@ -112,14 +157,16 @@ def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_S
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     prefix_len = common_prefix_len(prompts)
     input_ids, attention_mask = prompt_layout(prompts, pad, prefix_len)
-    cache = (prefix_store or PrefixStore()).get(model, prompts[0][:prefix_len]) if prefix_len else None
-    if cache is not None:
+    if prefix_len:
+        cache = (prefix_store or PrefixStore()).get(model, prompts[0][:prefix_len])
         cache.batch_repeat_interleave(len(prompts))
+    else:
+        cache = growing_cache(model)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
     if do_sample:
         torch.manual_seed(seed)
-    recorder_context = recording_generation(model, attention_mask, max_new_tokens, save_maps) if record else nullcontext()
-    with recorder_context as recorder:
+    recording = recording_generation(model, attention_mask, max_new_tokens, save_maps) if record else nullcontext()
+    with recording as recorder:
         out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
                              cache=cache, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                              eos_token_id=stops, pad_token_id=pad, top_k=None, return_dict_in_generate=True,

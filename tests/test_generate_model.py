@@ -107,10 +107,51 @@ def test_unknown_dtype_is_an_error():
         load_model("smollm2-135m", dtype="int3")
 
 
-def test_shared_prefix_batching_generates_what_each_prompt_generates_alone(embedded):
-    from attentropy.capture import common_prefix_len
-    from attentropy.generate import PrefixStore, prompt_ids
+def test_growing_cache_layer_holds_what_transformers_dynamic_layer_holds(monkeypatch):
+    """Appends past the buffer's room, crop, deepcopy, batch repeat and select: after each, the same keys/values
+    as transformers' own DynamicLayer (which copies on every append)."""
+    import copy
 
+    from transformers.cache_utils import DynamicLayer
+
+    from attentropy.generate import _growing_layer_class
+
+    monkeypatch.setattr(_growing_layer_class(), "spare", 3)
+    gen = torch.Generator().manual_seed(0)
+    growing, plain = _growing_layer_class()(), DynamicLayer()
+
+    def step(op, *args):
+        for layer in (growing, plain):
+            if op == "update":
+                out = layer.update(*args)
+            else:
+                getattr(layer, op)(*args)
+        if op == "update":
+            assert torch.equal(out[0], plain.keys) and torch.equal(out[1], plain.values)
+        assert torch.equal(growing.keys, plain.keys) and torch.equal(growing.values, plain.values)
+
+    def kv(batch, n):
+        return torch.randn(batch, 2, n, 4, generator=gen), torch.randn(batch, 2, n, 4, generator=gen)
+
+    step("update", *kv(1, 5))
+    for n in (1, 1, 1, 1, 2, 4, 1):
+        step("update", *kv(1, n))
+    step("crop", -4)
+    step("update", *kv(1, 2))
+    growing, plain = copy.deepcopy(growing), copy.deepcopy(plain)
+    step("update", *kv(1, 1))
+    step("batch_repeat_interleave", 3)
+    for _ in range(5):
+        step("update", *kv(3, 1))
+    step("batch_select_indices", torch.tensor([2, 0]))
+    step("update", *kv(2, 1))
+
+
+def test_shared_prefix_batching_generates_what_each_prompt_generates_alone(embedded, monkeypatch):
+    from attentropy.capture import common_prefix_len
+    from attentropy.generate import PrefixStore, _growing_layer_class, prompt_ids
+
+    monkeypatch.setattr(_growing_layer_class(), "spare", 5)  # the cache's buffers grow several times
     model, tokenizer, _ = embedded
     questions = make_arith(3, difficulty=1)
     prompts = [prompt_ids(tokenizer, q, shots=2) for q in questions]
