@@ -13,7 +13,8 @@ Two ways to fill the same rows, tested to agree:
     written elsewhere), attending to the prompts' cached keys/values;
   - `Recorder` during `generate`: the decode steps' own query rows are those rows, so `attentropy run` reads the
     statistics while generating. On a CPU a decode step at batch 16 is compute bound, so a second forward would
-    cost about as much as generation itself; reading the rows in place costs a few percent.
+    cost about as much as generation itself; reading the rows in place (each layer's rows reduced while
+    still in the CPU's cache) costs far less.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class Recorder:
     token is key W-1 and completion token t is key W+t, both in generation and in teacher-forced capture."""
 
     def __init__(self, layout_mask: torch.Tensor, all_rows: bool, max_rows: int, chunk_bytes: int = 16 << 20,
-                 save_maps: set[int] = frozenset()):
+                 save_maps: set[int] = frozenset(), layers: list[int] = ()):
         batch, width = layout_mask.shape
         self.layout_mask = layout_mask  # [B, W]
         self.all_rows = all_rows  # teacher forcing: every new query row; generation: the last row of each call
@@ -117,15 +118,16 @@ class Recorder:
         self.prev_of_last_prompt = visible.max(-1).values - 1  # [B] the token before the last prompt token
         self.save_maps = save_maps
         self._sink = self._prev_of_last_prompt = None  # the two above, on the model's device
-        self._pending: dict[int, tuple[torch.Tensor, int]] = {}  # generation: layer -> (logp rows, own key)
-        self._pending_maps: list[tuple[int, torch.Tensor]] = []
+        self._pending_maps: list[tuple[int, torch.Tensor]] = []  # (batch index, [H, r, K]) of the layer in hand
         # Results go to buffers allocated once: thousands of small tensors kept across decode steps would scatter
         # over the heap between the growing key/value cache's blocks and fragment it (peak memory +50% at batch 16).
         self.max_rows = max_rows
         self.attn: dict[int, list[torch.Tensor]] = {}  # teacher forcing: layer -> [[B, H, rows, n_stats]]
         self.attn_buffer: torch.Tensor | None = None  # generation: [L, B, H, max_rows, n_stats]
-        self.attn_layers: list[int] = []
-        self.attn_rows = 0
+        self.attn_layers = list(layers)  # generation: the layers expected at every step, in buffer order
+        self._slot = {layer: i for i, layer in enumerate(self.attn_layers)}
+        self.attn_rows = 0  # generation: rows of finished steps
+        self._step_rows: dict[int, int] = {}  # generation: layer -> rows written in the current step
         self.token_stats = torch.zeros(len(TOKEN_STATS), batch, max_rows)  # (logprob, entropy, varentropy)
         self._step_logp: tuple[torch.Tensor, int] | None = None  # generation: last step's logp until a token is drawn
         self._steps = 0
@@ -158,27 +160,35 @@ class Recorder:
         return torch.stack([entropy, varentropy, single[..., 0], p[..., : self.prompt_keys].sum(-1),
                             single[..., 1], single[..., 2]], dim=-1)
 
-    def flush(self) -> None:
-        """Generation: statistics of the rows held back during one forward, all layers at once (they share the
-        key axis), which costs far fewer small operations per decode step than one pass per layer."""
-        if not self._pending:
-            return
-        layers = list(self._pending)
-        logps, own = zip(*self._pending.values())
-        stats = self.row_stats(torch.stack(logps), own[0])  # [L, B, H, r, n_stats]
-        if self.attn_buffer is None:
-            self.attn_layers = layers
-            self.attn_buffer = torch.zeros(len(layers), *stats.shape[1:3], self.max_rows, stats.shape[-1])
-        rows = stats.shape[3]
-        if layers != self.attn_layers or self.attn_rows + rows > self.max_rows:
-            raise RuntimeError(f"unexpected rows: layers {layers}, {self.attn_rows + rows} > {self.max_rows} rows")
-        self.attn_buffer[:, :, :, self.attn_rows:self.attn_rows + rows] = stats
-        self.attn_rows += rows
+    def add_rows(self, layer: int, stats: torch.Tensor) -> None:
+        """Statistics [B, H, r, n_stats] of one layer's recorded rows in this forward (and its pending maps).
+        Generation writes them straight into the buffer at the current step's row: each layer's rows are reduced
+        while they are still in the CPU's cache, instead of re-reading all layers' rows once the step is over."""
+        if self.all_rows:
+            self.attn.setdefault(layer, []).append(stats.cpu())
+        else:
+            if layer not in self._slot or layer in self._step_rows:
+                raise RuntimeError(f"unexpected attention layer {layer} in a decode step (expected {self.attn_layers})")
+            rows = stats.shape[2]
+            if self.attn_rows + rows > self.max_rows:
+                raise RuntimeError(f"{self.attn_rows + rows} rows recorded, more than the {self.max_rows} expected")
+            if self.attn_buffer is None:
+                self.attn_buffer = torch.zeros(len(self.attn_layers), *stats.shape[:2], self.max_rows, stats.shape[-1])
+            self.attn_buffer[self._slot[layer], :, :, self.attn_rows:self.attn_rows + rows] = stats
+            self._step_rows[layer] = rows
         for b, maps in self._pending_maps:
-            for i, layer in enumerate(layers):
-                self.maps.setdefault(b, {}).setdefault(layer, []).append(maps[i])
-        self._pending.clear()
+            self.maps.setdefault(b, {}).setdefault(layer, []).append(maps)
         self._pending_maps.clear()
+
+    def end_step(self) -> None:
+        """Generation: the forward is over (its logits are computed); the next rows belong to the next step."""
+        if not self._step_rows:
+            return
+        if set(self._step_rows) != set(self.attn_layers) or len(set(self._step_rows.values())) != 1:
+            raise RuntimeError(f"a decode step recorded rows {self._step_rows}, expected every layer of "
+                               f"{self.attn_layers} once")
+        self.attn_rows += next(iter(self._step_rows.values()))
+        self._step_rows.clear()
 
     def record_logits(self, logp: torch.Tensor, row: int, targets: torch.Tensor | None = None) -> None:
         """logp [B, r, V] float32 log-softmax of rows row, row+1, ...; targets [B, r] the tokens they predicted
@@ -286,16 +296,9 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
         p = logp.exp()  # [B, Hq, r, K]
         outputs.append(torch.matmul(p.view(batch, n_kv, groups * r, n_k), value_f).view(batch, n_heads, r, head_dim))
         own = n_k - n_q + start  # key index of this chunk's first row's own token
-        if rec.all_rows:
-            stats.append(rec.row_stats(logp, own, p))  # [B, Hq, r, n_stats]
-        else:
-            rec._pending[module.layer_idx] = (logp, own)  # reduced with the other layers' rows in flush()
+        stats.append(rec.row_stats(logp, own, p))  # [B, Hq, r, n_stats]
         del logp, p
-    if stats:
-        rec.attn.setdefault(module.layer_idx, []).append(torch.cat(stats, dim=2).cpu())
-        for b, maps in rec._pending_maps:
-            rec.maps.setdefault(b, {}).setdefault(module.layer_idx, []).append(maps)
-        rec._pending_maps.clear()
+    rec.add_rows(module.layer_idx, torch.cat(stats, dim=2) if len(stats) > 1 else stats[0])
     output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
     return output.to(query.dtype).transpose(1, 2).contiguous(), None  # [B, Q, Hq, D], like eager attention
 
@@ -330,10 +333,11 @@ def recording_generation(model, layout_mask: torch.Tensor, max_new_tokens: int, 
     """Record during `model.generate`: each call's last query row (the prefill's last prompt token, then one
     row per decode step), and the raw next-token distribution of each step (before any logits processor).
     After generation, call `recorder.record_drawn(sequences[:, -1:])`: the last drawn token is never fed back."""
-    recorder = Recorder(layout_mask, all_rows=False, max_rows=max_new_tokens, save_maps=save_maps)
+    recorder = Recorder(layout_mask, all_rows=False, max_rows=max_new_tokens, save_maps=save_maps,
+                        layers=recorded_layers(model))
 
     def on_logits(module, args, output):  # lm_head: [B, q, V]; generation keeps only the last position
-        recorder.flush()
+        recorder.end_step()
         recorder.record_step_logits(torch.log_softmax(output[:, -1:].float(), dim=-1))
 
     def on_forward(module, args, kwargs):  # step s's input is the token drawn from step s-1's distribution

@@ -102,9 +102,10 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
     for lo in range(0, len(todo), batch_size):
         batch = todo[lo: lo + batch_size]
         wanted = {b for b, q in enumerate(batch) if q.id in save_attention}
-        gens, _ = generate(mdl, tok, batch, shots=shots, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                           temperature=temperature, top_p=top_p, seed=seed + lo, prefix_store=prefix_store,
-                           record=True, save_maps=wanted)
+        # [0]: the prompts' keys/values are not needed here; dropped now, they are not held while the batch is stored
+        gens = generate(mdl, tok, batch, shots=shots, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                        temperature=temperature, top_p=top_p, seed=seed + lo, prefix_store=prefix_store,
+                        record=True, save_maps=wanted)[0]
         append_batch(out, gens, tok, attn_dtype=attn_dtype)
         new_tokens += sum(len(g.completion_ids) for g in gens)
         bar.update(len(batch))
