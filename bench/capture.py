@@ -63,8 +63,8 @@ def run_once(mode, model, tokenizer, questions, batch, new_tokens) -> int:
     from attentropy.store import append_batch
 
     if mode in ("a_generate", "b_attentropy"):
-        gens, _ = generate(model, tokenizer, questions, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           prefix_store=PrefixStore(), record=mode == "b_attentropy")
+        gens = generate(model, tokenizer, questions, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                        prefix_store=PrefixStore(), record=mode == "b_attentropy")[0]  # as `attentropy run` does
         if mode == "b_attentropy":
             with tempfile.TemporaryDirectory() as out:
                 append_batch(out, gens, tokenizer)
