@@ -31,17 +31,25 @@ ATTN_STATS = ("entropy", "varentropy", "sink_mass", "prompt_mass", "diag_mass", 
 TOKEN_STATS = ("logprob", "logit_entropy", "logit_varentropy")
 
 
-def entropy_varentropy(logp: torch.Tensor, p: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def entropy_varentropy(logp: torch.Tensor, p: torch.Tensor | None = None, *,
+                       finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Entropy and varentropy (nats, nats^2) over the last axis of log-probabilities `logp` (float32; `p` is
-    exp(logp) if already at hand). Items with p == 0 (masked keys: logp = -inf or hugely negative) contribute 0."""
+    exp(logp) if already at hand). Items with p == 0 (masked keys: logp = -inf or hugely negative) contribute 0.
+    `finite`: the caller guarantees no -inf in `logp` (masked keys at about -3.4e38, as transformers' masks give),
+    which saves a pass over the data."""
     if p is None:
         p = logp.exp()
-    # where p == 0 (masked: logp ~ -3.4e38 or -inf) the clamp makes p * logp and p * (logp + H)^2 exactly 0;
-    # any p > 0 has logp > -104 (float32 underflow), so the clamp never changes a visible item
-    logp = logp.clamp(min=-1e4)
-    entropy = -(p * logp).sum(-1)
-    varentropy = (p * (logp + entropy.unsqueeze(-1)) ** 2).sum(-1)
-    return entropy, varentropy
+    if not finite:
+        # any p > 0 has logp > -104 (float32 underflow), so the clamp never changes a visible item; it makes every
+        # masked item's logp finite, so that its p * logp is exactly 0 (never 0 * inf)
+        logp = logp.clamp(min=-1e4)
+    p_logp = p * logp
+    entropy = -p_logp.sum(-1)
+    deviation = logp + entropy.unsqueeze(-1)  # ln p + H; a masked item's is about -3.4e38 when finite=True
+    # p (ln p + H)^2 as (p * deviation) * deviation: a masked item's deviation^2 would overflow to inf, and 0 * inf
+    # is NaN; p * deviation is exactly 0 first. The product buffer is reused: one allocation less per call.
+    p_dev2 = torch.mul(p, deviation, out=p_logp).mul_(deviation)
+    return entropy, p_dev2.sum(-1)
 
 
 @dataclass
@@ -106,6 +114,11 @@ class Recorder:
     Key indices follow one axis for a batch: [prompt layout (width W) | completion tokens], so the last prompt
     token is key W-1 and completion token t is key W+t, both in generation and in teacher-forced capture."""
 
+    # Generation reduces several layers' rows at once, up to group_bytes of float32 log-probabilities: at batch 1
+    # a layer's rows are small, and reducing them one layer at a time costs more in per-operation overhead than in
+    # arithmetic; at batch 16 one layer already fills the group, and is reduced while still in the CPU's cache.
+    group_bytes = 1 << 20
+
     def __init__(self, layout_mask: torch.Tensor, all_rows: bool, max_rows: int, chunk_bytes: int = 16 << 20,
                  save_maps: set[int] = frozenset(), layers: list[int] = ()):
         batch, width = layout_mask.shape
@@ -117,8 +130,10 @@ class Recorder:
         visible = layout_mask[:, :-1] * torch.arange(1, width)  # index + 1 where visible
         self.prev_of_last_prompt = visible.max(-1).values - 1  # [B] the token before the last prompt token
         self.save_maps = save_maps
-        self._sink = self._prev_of_last_prompt = None  # the two above, on the model's device
-        self._pending_maps: list[tuple[int, torch.Tensor]] = []  # (batch index, [H, r, K]) of the layer in hand
+        self._group: torch.Tensor | None = None  # [2, G, B, H, r, K]: log-probabilities and probabilities
+        self._group_layers: list[int] = []
+        self._group_own = 0
+        self._mass_keys: tuple[tuple, torch.Tensor] | None = None  # (own, rows, device) -> mass_keys(...), one step
         # Results go to buffers allocated once: thousands of small tensors kept across decode steps would scatter
         # over the heap between the growing key/value cache's blocks and fragment it (peak memory +50% at batch 16).
         self.max_rows = max_rows
@@ -135,53 +150,85 @@ class Recorder:
 
     def mass_keys(self, own: int, rows: int, device) -> torch.Tensor:
         """[B, 1, rows, 3] key indices (first token, own token, previous token) of `rows` query rows whose own
-        tokens are keys own, own+1, ...; the previous token of the last prompt token may lie before padding."""
-        if self._sink is None or self._sink.device != torch.device(device):
-            self._sink = self.sink_key.to(device)
-            self._prev_of_last_prompt = self.prev_of_last_prompt.to(device)
-        own_keys = torch.arange(own, own + rows, device=device).expand(len(self._sink), rows)
+        tokens are keys own, own+1, ...; the previous token of the last prompt token may lie before padding.
+        Kept for the next call: every layer of a decode step asks for the same keys."""
+        if self._mass_keys is not None and self._mass_keys[0] == (own, rows, device):
+            return self._mass_keys[1]
+        sink = self.sink_key.to(device)
+        own_keys = torch.arange(own, own + rows, device=device).expand(len(sink), rows)
         prev = own_keys - 1
         if own <= self.prompt_keys - 1 < own + rows:
-            prev[:, self.prompt_keys - 1 - own] = self._prev_of_last_prompt
-        return torch.stack([self._sink[:, None].expand(-1, rows), own_keys, prev.clamp(min=0)], dim=-1)[:, None]
+            prev[:, self.prompt_keys - 1 - own] = self.prev_of_last_prompt.to(device)
+        keys = torch.stack([sink[:, None].expand(-1, rows), own_keys, prev.clamp(min=0)], dim=-1)[:, None]
+        self._mass_keys = ((own, rows, device), keys)
+        return keys
 
     def row_stats(self, logp: torch.Tensor, own: int, p: torch.Tensor | None = None) -> torch.Tensor:
-        """Statistics [..., B, H, r, n_stats] of attention rows logp [..., B, H, r, K] (float32 log-softmax) whose
-        own tokens are keys own, own+1, ... (leading axes: e.g. layers, all with the same keys)."""
+        """Statistics [..., B, H, r, n_stats] of attention rows logp [..., B, H, r, K] (float32 log-softmax, masked
+        keys finite: transformers' masks add the dtype's minimum, not -inf) whose own tokens are keys own, own+1,
+        ... (leading axes: e.g. layers, all with the same keys)."""
         p = logp.exp() if p is None else p
-        entropy, varentropy = entropy_varentropy(logp, p)
+        entropy, varentropy = entropy_varentropy(logp, p, finite=True)
         *lead, batch, heads, rows, _ = p.shape
         idx = self.mass_keys(own, rows, p.device)  # [B, 1, r, 3]
         single = p.gather(-1, idx.expand(*lead, batch, heads, rows, 3))  # first token, own token, previous
         if own == 0:  # a row without a previous token (only a forward with no prompt cache) has no such mass
             single[..., 0, 2] = 0.0
-        for b in self.save_maps:
-            self._pending_maps.append((b, p[..., b, :, :, :].half().cpu()))
         return torch.stack([entropy, varentropy, single[..., 0], p[..., : self.prompt_keys].sum(-1),
                             single[..., 1], single[..., 2]], dim=-1)
 
+    def rows(self, layer: int, shape: tuple[int, int, int, int], own: int,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty float32 tensors (log-probabilities, probabilities) of shape [B, H, r, K] on `device` for one
+        layer's recorded rows, whose own tokens are keys own, own+1, ...; the caller fills them, then calls
+        `rows_done`. A group holds layers of one step on one device (a model split over GPUs starts a new one)."""
+        if self._group_layers and (self._group_own != own or self._group.shape[2:] != shape
+                                   or self._group.device != device):
+            self.flush()
+        if not self._group_layers:
+            slot_bytes = 4 * shape[0] * shape[1] * shape[2] * shape[3]
+            size = 1 if self.all_rows else max(1, min(len(self.attn_layers), self.group_bytes // slot_bytes))
+            self._group = torch.empty(2, size, *shape, device=device)
+            self._group_own = own
+        self._group_layers.append(layer)
+        i = len(self._group_layers) - 1
+        return self._group[0, i], self._group[1, i]
+
+    def rows_done(self, p: torch.Tensor) -> None:
+        """The rows asked for last are filled (`p` their probabilities): keep maps, reduce a full group."""
+        for b in self.save_maps:
+            self.maps.setdefault(b, {}).setdefault(self._group_layers[-1], []).append(p[b].half().cpu())
+        if len(self._group_layers) == self._group.shape[1]:
+            self.flush()
+
+    def flush(self) -> None:
+        """Reduce the group's rows to statistics [B, H, r, n_stats] per layer and store them. Generation writes
+        them straight into the buffer at the current step's row."""
+        layers, n = self._group_layers, len(self._group_layers)
+        if not n:
+            return
+        stats = self.row_stats(self._group[0, :n], self._group_own, self._group[1, :n])  # [n, B, H, r, S]
+        self._group_layers, self._group = [], None
+        for layer, layer_stats in zip(layers, stats):
+            self.add_rows(layer, layer_stats)
+
     def add_rows(self, layer: int, stats: torch.Tensor) -> None:
-        """Statistics [B, H, r, n_stats] of one layer's recorded rows in this forward (and its pending maps).
-        Generation writes them straight into the buffer at the current step's row: each layer's rows are reduced
-        while they are still in the CPU's cache, instead of re-reading all layers' rows once the step is over."""
         if self.all_rows:
             self.attn.setdefault(layer, []).append(stats.cpu())
-        else:
-            if layer not in self._slot or layer in self._step_rows:
-                raise RuntimeError(f"unexpected attention layer {layer} in a decode step (expected {self.attn_layers})")
-            rows = stats.shape[2]
-            if self.attn_rows + rows > self.max_rows:
-                raise RuntimeError(f"{self.attn_rows + rows} rows recorded, more than the {self.max_rows} expected")
-            if self.attn_buffer is None:
-                self.attn_buffer = torch.zeros(len(self.attn_layers), *stats.shape[:2], self.max_rows, stats.shape[-1])
-            self.attn_buffer[self._slot[layer], :, :, self.attn_rows:self.attn_rows + rows] = stats
-            self._step_rows[layer] = rows
-        for b, maps in self._pending_maps:
-            self.maps.setdefault(b, {}).setdefault(layer, []).append(maps)
-        self._pending_maps.clear()
+            return
+        if layer not in self._slot or layer in self._step_rows:
+            raise RuntimeError(f"unexpected attention layer {layer} in a decode step (expected {self.attn_layers})")
+        rows = stats.shape[2]
+        if self.attn_rows + rows > self.max_rows:
+            raise RuntimeError(f"{self.attn_rows + rows} rows recorded, more than the {self.max_rows} expected")
+        if self.attn_buffer is None:
+            self.attn_buffer = torch.zeros(len(self.attn_layers), *stats.shape[:2], self.max_rows, stats.shape[-1])
+        self.attn_buffer[self._slot[layer], :, :, self.attn_rows:self.attn_rows + rows] = stats
+        self._step_rows[layer] = rows
 
     def end_step(self) -> None:
         """Generation: the forward is over (its logits are computed); the next rows belong to the next step."""
+        self.flush()
         if not self._step_rows:
             return
         if set(self._step_rows) != set(self.attn_layers) or len(set(self._step_rows.values())) != 1:
@@ -283,22 +330,21 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
                                                       enable_gqa=groups > 1))
     key_t, value_f = key.float().transpose(2, 3), value.float()
     chunk_rows = max(1, rec.chunk_bytes // (4 * batch * n_heads * n_k))
-    stats = []
     for start in range(first, n_q, chunk_rows):
         stop = min(start + chunk_rows, n_q)
         r = stop - start
         # [B, Hkv, groups * r, D] @ [B, Hkv, D, K]: grouped heads read their shared keys without copying them
-        q = query[:, :, start:stop].float().reshape(batch, n_kv, groups * r, head_dim)
-        scores = torch.matmul(q, key_t).view(batch, n_heads, r, n_k).mul_(scaling)
-        scores += attention_mask[:, :, start:stop, :n_k]  # masked keys: ~ -3.4e38, so p = 0 exactly
-        logp = torch.log_softmax(scores, dim=-1)
+        q = (query[:, :, start:stop].float() * scaling).reshape(batch, n_kv, groups * r, head_dim)
+        scores = torch.matmul(q, key_t).view(batch, n_heads, r, n_k)
+        scores += attention_mask[:, :, start:stop, :n_k]  # masked keys: ~ -3.4e38 (finite), so p = 0 exactly
+        # own token of the chunk's first row: key n_k - n_q + start
+        logp, p = rec.rows(module.layer_idx, (batch, n_heads, r, n_k), own=n_k - n_q + start, device=scores.device)
+        torch.log_softmax(scores, dim=-1, out=logp)
         del scores
-        p = logp.exp()  # [B, Hq, r, K]
+        torch.exp(logp, out=p)
         outputs.append(torch.matmul(p.view(batch, n_kv, groups * r, n_k), value_f).view(batch, n_heads, r, head_dim))
-        own = n_k - n_q + start  # key index of this chunk's first row's own token
-        stats.append(rec.row_stats(logp, own, p))  # [B, Hq, r, n_stats]
+        rec.rows_done(p)
         del logp, p
-    rec.add_rows(module.layer_idx, torch.cat(stats, dim=2) if len(stats) > 1 else stats[0])
     output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
     return output.to(query.dtype).transpose(1, 2).contiguous(), None  # [B, Q, Hq, D], like eager attention
 

@@ -6,7 +6,7 @@ import torch
 
 from conftest import assert_matches_eager
 
-from attentropy.capture import capture, entropy_varentropy
+from attentropy.capture import Recorder, capture, entropy_varentropy
 from attentropy.data import Question, make_arith, make_facts
 from attentropy.generate import chat_messages, exemplar_answer, generate, stop_token_ids
 from attentropy.model import ModelLoadError, load_model
@@ -39,14 +39,26 @@ def test_exemplar_answer_strips_calculator_annotations():
     assert exemplar_answer("She has 2*3 = <<2*3=6>>6 eggs.\n#### 6") == "She has 2*3 = 6 eggs.\nThe final answer is 6"
 
 
-def test_generation_stops_at_end_of_turn_and_records_exact_statistics(embedded):
+@pytest.mark.parametrize("group_bytes", [Recorder.group_bytes, 40_000, 1])
+def test_generation_stops_at_end_of_turn_and_records_exact_statistics(embedded, group_bytes, monkeypatch):
     """Statistics read during generation (shared prefix + left padding + decode steps) equal a teacher-forced
-    capture and an eager recomputation over each unpadded sequence, for every stored quantity."""
+    capture and an eager recomputation over each unpadded sequence, for every stored quantity; whether a decode
+    step's layers are reduced all at once (the default at this size), in several groups (the last one partial),
+    or one at a time."""
+    monkeypatch.setattr(Recorder, "group_bytes", group_bytes)
+    group_sizes, flush = [], Recorder.flush
+    monkeypatch.setattr(Recorder, "flush", lambda self: (group_sizes.append(len(self._group_layers)), flush(self)))
     model, tokenizer, _ = embedded
     questions = [Question("facts-x", "facts", "What is the capital of France?", "Paris"),
                  Question("facts-y", "facts", "Say the single word: yes.", "yes"),
                  Question("facts-z", "facts", "Name three colours of the rainbow, briefly.", "red")]
     gens, prompt_cache = generate(model, tokenizer, questions, max_new_tokens=40, record=True, save_maps={1})
+    group_sizes = [n for n in group_sizes if n]
+    n_layers = model.config.num_hidden_layers
+    if group_bytes == 40_000:  # several groups per step, the last one partial
+        assert 1 < max(group_sizes) < n_layers and min(group_sizes) < max(group_sizes), sorted(set(group_sizes))
+    else:
+        assert set(group_sizes) == {1 if group_bytes == 1 else n_layers}
     stops = stop_token_ids(model, tokenizer)
     assert len({len(g.prompt_ids) for g in gens}) > 1  # padding is exercised
     for g in gens:
