@@ -11,6 +11,9 @@ each reports its fastest run (other processes only ever add time). Peak memory (
 process of its own, whose run also counts as one more timing. Generation is forced to exactly N new tokens
 (min_new_tokens) so all modes produce the same token count.
 Targets: (b)/(a) <= 1.10 in time and <= 1.25 in peak memory; (b) at batch 16 >= 8x the tokens/s of (c) at batch 1.
+Optional mode `a_dynamic_cache` (--modes a_generate a_dynamic_cache): (a) with transformers' DynamicCache, which
+copies every layer's keys/values at each step, instead of attentropy's in-place GrowingLayer; timed alternating
+with (a), it measures what the in-place cache gains.
 
     .venv/bin/python bench/capture.py [--threads 2] [--new-tokens 256 1024] [--batch-sizes 1 16] [--repeats 2]
 Each configuration reports the fastest of --repeats runs (interference from other processes only adds time)
@@ -28,6 +31,7 @@ import tempfile
 import time
 
 MODES = ("a_generate", "b_attentropy", "c_naive")
+TIMED = ("a_generate", "b_attentropy", "a_dynamic_cache")  # alternate in one process
 
 
 def child(modes: list[str], batch: int, new_tokens: int, threads: int, repeats: int) -> dict:
@@ -62,6 +66,16 @@ def run_once(mode, model, tokenizer, questions, batch, new_tokens) -> int:
     from attentropy.generate import PrefixStore, generate, prompt_ids, stop_token_ids
     from attentropy.store import append_batch
 
+    if mode == "a_dynamic_cache":
+        import attentropy.generate
+        from transformers import DynamicCache
+
+        in_place = attentropy.generate.growing_cache
+        attentropy.generate.growing_cache = lambda model: DynamicCache(config=model.config.get_text_config())
+        try:
+            return run_once("a_generate", model, tokenizer, questions, batch, new_tokens)
+        finally:
+            attentropy.generate.growing_cache = in_place
     if mode in ("a_generate", "b_attentropy"):
         gens = generate(model, tokenizer, questions, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                         prefix_store=PrefixStore(), record=mode == "b_attentropy")[0]  # as `attentropy run` does
@@ -98,7 +112,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES + TIMED[2:])
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs of (a) and (b) besides the runs "
                         "that measure memory; the fastest run is reported")
     parser.add_argument("--naive-max-gb", type=float, default=18.0,
@@ -122,7 +136,7 @@ def main() -> None:
     results = {}
     for new_tokens in args.new_tokens:
         for batch in args.batch_sizes:
-            timed = [m for m in ("a_generate", "b_attentropy") if m in args.modes]
+            timed = [m for m in TIMED if m in args.modes]
             alternating = spawn(timed, batch, new_tokens, args.repeats) if timed else None
             for mode in args.modes:
                 if mode == "c_naive":
@@ -139,7 +153,7 @@ def main() -> None:
                      "peak_rss_mb": alone["peak_rss_mb"], "rss_after_load_mb": alone["rss_after_load_mb"]}
                 r["tokens_per_s"] = r["tokens"] / r["seconds"]
                 results[(mode, batch, new_tokens)] = r
-                print(f"{mode:13s} batch {batch:2d} new {new_tokens:4d}: {r['tokens_per_s']:7.1f} tok/s "
+                print(f"{mode:15s} batch {batch:2d} new {new_tokens:4d}: {r['tokens_per_s']:7.1f} tok/s "
                       f"({r['tokens']} tokens, fastest of {', '.join(f'{t:.1f}' for t in times)} s), "
                       f"peak RSS {r['peak_rss_mb']:.0f} MB (after load {r['rss_after_load_mb']:.0f} MB)", flush=True)
 
@@ -147,10 +161,17 @@ def main() -> None:
     for new_tokens in args.new_tokens:
         for batch in args.batch_sizes:
             a, b = results.get(("a_generate", batch, new_tokens)), results.get(("b_attentropy", batch, new_tokens))
+            dynamic = results.get(("a_dynamic_cache", batch, new_tokens))
+            if a and dynamic:
+                print(f"  batch {batch:2d} new {new_tokens:4d}: (a) with transformers' DynamicCache / (a) in place, "
+                      f"time {dynamic['seconds'] / a['seconds']:.3f}, peak RSS "
+                      f"{dynamic['peak_rss_mb'] / a['peak_rss_mb']:.3f}")
             if a and b:
+                working = (b['peak_rss_mb'] - b['rss_after_load_mb']) \
+                    / max(1, a['peak_rss_mb'] - a['rss_after_load_mb'])
                 print(f"  batch {batch:2d} new {new_tokens:4d}: (b)/(a) time {b['seconds'] / a['seconds']:.3f}, "
                       f"peak RSS {b['peak_rss_mb'] / a['peak_rss_mb']:.3f}, working memory (peak - after load) "
-                      f"{(b['peak_rss_mb'] - b['rss_after_load_mb']) / max(1, a['peak_rss_mb'] - a['rss_after_load_mb']):.2f}")
+                      f"{working:.2f}")
         b16, c1 = results.get(("b_attentropy", 16, new_tokens)), results.get(("c_naive", 1, new_tokens))
         if b16 and c1:
             print(f"  new {new_tokens:4d}: (b) batch 16 / (c) batch 1 tokens/s "
