@@ -213,6 +213,7 @@ class Recorder:
             self.add_rows(layer, layer_stats)
 
     def add_rows(self, layer: int, stats: torch.Tensor) -> None:
+        """Store one layer's statistics [B, H, r, n_stats]; generation checks that each layer comes once a step."""
         if self.all_rows:
             self.attn.setdefault(layer, []).append(stats.cpu())
             return
