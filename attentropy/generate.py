@@ -96,7 +96,8 @@ def _growing_layer_class():  # defined on first use: importing transformers' cac
     class GrowingLayer(DynamicLayer):
         """transformers' DynamicLayer appends a step's keys/values with torch.cat, copying the whole layer cache
         at every decode step: at batch 16 and 1,000 keys that is ~0.7 GB moved per step on SmolLM2 (plain
-        generation, batch 16 x 1024 new tokens, 2 CPU threads: 99 tok/s with it, 115 without). This layer
+        generation, batch 16 x 1024 new tokens, 2 CPU threads: 86 tok/s with it, 111 with this layer;
+        `bench/capture.py --new-tokens 1024 --batch-sizes 16 --modes a_generate a_dynamic_cache`). This layer
         writes into a buffer with room for `spare` more tokens and hands out the filled part as a view, so it
         copies only when the buffer is full (or was replaced by crop/reorder/repeat)."""
 
