@@ -7,7 +7,8 @@ For 256 and 1024 new tokens and batch sizes 1 and 16 it measures tokens/s and pe
       afterwards from the returned weights.
 Timing: after a short warm-up, (a) and (b) alternate in one child process (a, b, a, b, ...) so drift of the
 machine hits both alike;
-each reports its fastest run (other processes only ever add time). Peak memory (max RSS): every mode in a child
+each reports its fastest run (other processes only ever add time), and each alternating pair (a_i, b_i) its own
+ratio, whose median is robust to the machine drifting between runs. Peak memory (max RSS): every mode in a child
 process of its own, whose run also counts as one more timing. Generation is forced to exactly N new tokens
 (min_new_tokens) so all modes produce the same token count.
 Targets: (b)/(a) <= 1.10 in time and <= 1.25 in peak memory; (b) at batch 16 >= 8x the tokens/s of (c) at batch 1.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -150,6 +152,7 @@ def main() -> None:
                     continue
                 times = alone["times"][mode] + (alternating["times"][mode] if alternating and mode in timed else [])
                 r = {"seconds": min(times), "all_seconds": times, "tokens": alone["tokens"],
+                     "alternating_seconds": alternating["times"][mode] if alternating and mode in timed else [],
                      "peak_rss_mb": alone["peak_rss_mb"], "rss_after_load_mb": alone["rss_after_load_mb"]}
                 r["tokens_per_s"] = r["tokens"] / r["seconds"]
                 results[(mode, batch, new_tokens)] = r
@@ -167,6 +170,10 @@ def main() -> None:
                       f"time {dynamic['seconds'] / a['seconds']:.3f}, peak RSS "
                       f"{dynamic['peak_rss_mb'] / a['peak_rss_mb']:.3f}")
             if a and b:
+                pairs = sorted(tb / ta for ta, tb in zip(a["alternating_seconds"], b["alternating_seconds"]))
+                if pairs:
+                    print(f"  batch {batch:2d} new {new_tokens:4d}: (b)/(a) time of each alternating pair "
+                          f"{', '.join(f'{x:.3f}' for x in pairs)}, median {statistics.median(pairs):.3f}")
                 working = (b['peak_rss_mb'] - b['rss_after_load_mb']) \
                     / max(1, a['peak_rss_mb'] - a['rss_after_load_mb'])
                 print(f"  batch {batch:2d} new {new_tokens:4d}: (b)/(a) time {b['seconds'] / a['seconds']:.3f}, "
