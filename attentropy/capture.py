@@ -163,11 +163,10 @@ class Recorder:
         self._mass_keys = ((own, rows, device), keys)
         return keys
 
-    def row_stats(self, logp: torch.Tensor, own: int, p: torch.Tensor | None = None) -> torch.Tensor:
+    def row_stats(self, logp: torch.Tensor, p: torch.Tensor, own: int) -> torch.Tensor:
         """Statistics [..., B, H, r, n_stats] of attention rows logp [..., B, H, r, K] (float32 log-softmax, masked
-        keys finite: transformers' masks add the dtype's minimum, not -inf) whose own tokens are keys own, own+1,
-        ... (leading axes: e.g. layers, all with the same keys)."""
-        p = logp.exp() if p is None else p
+        keys finite: transformers' masks add the dtype's minimum, not -inf) and p = exp(logp), whose own tokens are
+        keys own, own+1, ... (leading axes: e.g. layers, all with the same keys)."""
         entropy, varentropy = entropy_varentropy(logp, p, finite=True)
         *lead, batch, heads, rows, _ = p.shape
         idx = self.mass_keys(own, rows, p.device)  # [B, 1, r, 3]
@@ -207,7 +206,7 @@ class Recorder:
         layers, n = self._group_layers, len(self._group_layers)
         if not n:
             return
-        stats = self.row_stats(self._group[0, :n], self._group_own, self._group[1, :n])  # [n, B, H, r, S]
+        stats = self.row_stats(self._group[0, :n], self._group[1, :n], self._group_own)  # [n, B, H, r, S]
         self._group_layers, self._group = [], None
         for layer, layer_stats in zip(layers, stats):
             self.add_rows(layer, layer_stats)
