@@ -5,20 +5,21 @@ For 256 and 1024 new tokens and batch sizes 1 and 16 it measures tokens/s and pe
   (b) attentropy's generate with recording + store (what `attentropy run` does per batch),
   (c) the naive approach: generation with eager attention and `output_attentions=True`, the statistics computed
       afterwards from the returned weights.
-Timing: after a short warm-up, (a) and (b) alternate in one child process (a, b, a, b, ...) so drift of the
-machine hits both alike;
-each reports its fastest run (other processes only ever add time), and each alternating pair (a_i, b_i) its own
-ratio, whose median is robust to the machine drifting between runs. Peak memory (max RSS): every mode in a child
-process of its own, whose run also counts as one more timing. Generation is forced to exactly N new tokens
-(min_new_tokens) so all modes produce the same token count.
 Targets: (b)/(a) <= 1.10 in time and <= 1.25 in peak memory; (b) at batch 16 >= 8x the tokens/s of (c) at batch 1.
-Optional mode `a_dynamic_cache` (--modes a_generate a_dynamic_cache): (a) with transformers' DynamicCache, which
-copies every layer's keys/values at each step, instead of attentropy's in-place GrowingLayer; timed alternating
-with (a), it measures what the in-place cache gains.
 
-    .venv/bin/python bench/capture.py [--threads 2] [--new-tokens 256 1024] [--batch-sizes 1 16] [--repeats 2]
-Each configuration reports the fastest of --repeats runs (interference from other processes only adds time)
-and the peak RSS of its process.
+Timing. This machine's speed drifts by tens of percent over minutes, more than the differences measured, so
+every ratio is measured on runs that alternate in one child process after a short warm-up: at batch 1,
+(a), (b), (a), (b), ...; at batch 16, (a) and (b) at batch 16 and (c) at batch 1 in turn, so the speedup of (b)
+at batch 16 over (c) at batch 1 is paired too. Each ratio is printed two ways: from each configuration's fastest
+run (other processes only ever add time), and as the median of the ratios of the --repeats rounds (the runs of a
+round follow each other, so slow drift cancels). Peak memory (max RSS): every mode in a child process of its
+own, whose run also counts as one more timing. Generation is forced to exactly N new tokens (min_new_tokens), so
+all modes produce the same token count.
+Optional mode `a_dynamic_cache` (--modes a_generate a_dynamic_cache): (a) with transformers' DynamicCache, which
+copies every layer's keys/values at each step, instead of attentropy's in-place GrowingLayer; it alternates with
+(a), and measures what the in-place cache gains.
+
+    .venv/bin/python bench/capture.py [--threads 2] [--new-tokens 256 1024] [--batch-sizes 1 16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ import tempfile
 import time
 
 MODES = ("a_generate", "b_attentropy", "c_naive")
-TIMED = ("a_generate", "b_attentropy", "a_dynamic_cache")  # alternate in one process
+TIMED = ("a_generate", "b_attentropy", "a_dynamic_cache")  # alternate in one process, at the same batch size
 
 
-def child(modes: list[str], batch: int, new_tokens: int, threads: int, repeats: int) -> dict:
-    """Run each of `modes` `repeats` times, alternating; return {mode: [seconds, ...]}, tokens and peak RSS."""
+def child(items: list[tuple[str, int]], new_tokens: int, threads: int, repeats: int) -> dict:
+    """Run each (mode, batch size) of `items` `repeats` times, in turn; return {"mode@batch": [seconds, ...]},
+    the tokens of each and the peak RSS."""
     import torch
 
     torch.set_num_threads(threads)
@@ -47,20 +49,19 @@ def child(modes: list[str], batch: int, new_tokens: int, threads: int, repeats: 
     from attentropy.model import load_model
 
     model, tokenizer, _ = load_model("smollm2-135m")
-    questions = make_facts(batch, seed=0)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    for mode in modes:  # warm-up: first calls pay one-time costs (lazy initialisation, first page faults)
-        run_once(mode, model, tokenizer, questions, batch, 4)
-    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    questions = {batch: make_facts(batch, seed=0) for _, batch in items}
+    for mode, batch in items:  # warm-up: first calls pay one-time costs (lazy initialisation, first page faults)
+        run_once(mode, model, tokenizer, questions[batch], batch, 4)
+    times: dict[str, list[float]] = {f"{mode}@{batch}": [] for mode, batch in items}
+    tokens = {}
     for _ in range(repeats):
-        for mode in modes:
+        for mode, batch in items:
             start = time.perf_counter()
-            n_tokens = run_once(mode, model, tokenizer, questions, batch, new_tokens)
-            times[mode].append(time.perf_counter() - start)
-    return {"times": times, "tokens": n_tokens, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            / 1024, "rss_after_load_mb": rss_loaded}
-
-
+            tokens[f"{mode}@{batch}"] = run_once(mode, model, tokenizer, questions[batch], batch, new_tokens)
+            times[f"{mode}@{batch}"].append(time.perf_counter() - start)
+    return {"times": times, "tokens": tokens, "rss_after_load_mb": rss_loaded,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 def run_once(mode, model, tokenizer, questions, batch, new_tokens) -> int:
     import torch
 
@@ -115,74 +116,101 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES + TIMED[2:])
-    parser.add_argument("--repeats", type=int, default=1, help="alternating runs of (a) and (b) besides the runs "
-                        "that measure memory; the fastest run is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of alternating runs besides the runs that "
+                        "measure memory")
     parser.add_argument("--naive-max-gb", type=float, default=18.0,
                         help="skip a naive configuration whose estimated peak exceeds this (it would not fit)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        modes, batch, new_tokens = args.child.split(",")
-        print(json.dumps(child(modes.split("+"), int(batch), int(new_tokens), args.threads, args.repeats)))
+        spec, new_tokens = args.child.split(",")
+        items = [(item.split("@")[0], int(item.split("@")[1])) for item in spec.split("+")]
+        print(json.dumps(child(items, int(new_tokens), args.threads, args.repeats)))
         return
 
-    def spawn(modes, batch, new_tokens, repeats):
-        cmd = [sys.executable, __file__, "--child", f"{'+'.join(modes)},{batch},{new_tokens}", "--threads",
-               str(args.threads), "--repeats", str(repeats)]
+    def spawn(items, new_tokens, repeats):
+        cmd = [sys.executable, __file__, "--child", f"{'+'.join(f'{m}@{b}' for m, b in items)},{new_tokens}",
+               "--threads", str(args.threads), "--repeats", str(repeats)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            print(f"{modes} batch {batch} x {new_tokens} failed:\n{proc.stderr[-2000:]}")
+            print(f"{items} x {new_tokens} failed:\n{proc.stderr[-2000:]}")
             return None
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    results = {}
+    def naive_fits(batch, new_tokens):
+        # the returned weights alone: steps x layers x B x H x K floats, K growing to prompt + N
+        estimate_gb = 30 * 9 * batch * (new_tokens + 60) ** 2 / 2 * 4 / 1e9 * 2.5
+        if estimate_gb > args.naive_max_gb:
+            print(f"skip c_naive batch {batch} x {new_tokens}: estimated {estimate_gb:.0f} GB peak")
+        return estimate_gb <= args.naive_max_gb
+
+    results = {}  # (mode, batch, new tokens) -> figures
+    rounds = {}  # (mode, batch, new tokens) -> seconds of each alternating round
     for new_tokens in args.new_tokens:
         for batch in args.batch_sizes:
-            timed = [m for m in TIMED if m in args.modes]
-            alternating = spawn(timed, batch, new_tokens, args.repeats) if timed else None
+            items = [(m, batch) for m in TIMED if m in args.modes]
+            if (batch == 16 and "c_naive" in args.modes and 1 in args.batch_sizes and "b_attentropy" in args.modes
+                    and naive_fits(1, new_tokens)):
+                items.append(("c_naive", 1))  # the 8x target pairs (b) at batch 16 with (c) at batch 1
+            if len(items) > 1:
+                alternating = spawn(items, new_tokens, args.repeats)
+                for mode, b in items:
+                    rounds[(mode, b, new_tokens)] = alternating["times"][f"{mode}@{b}"] if alternating else []
             for mode in args.modes:
-                if mode == "c_naive":
-                    # the returned weights alone: steps x layers x B x H x K floats, K growing to prompt + N
-                    estimate_gb = 30 * 9 * batch * (new_tokens + 60) ** 2 / 2 * 4 / 1e9 * 2.5
-                    if estimate_gb > args.naive_max_gb:
-                        print(f"skip {mode} batch {batch} x {new_tokens}: estimated {estimate_gb:.0f} GB peak")
-                        continue
-                alone = spawn([mode], batch, new_tokens, 1)
+                if mode == "c_naive" and not naive_fits(batch, new_tokens):
+                    continue
+                alone = spawn([(mode, batch)], new_tokens, 1)
                 if alone is None:
                     continue
-                times = alone["times"][mode] + (alternating["times"][mode] if alternating and mode in timed else [])
-                r = {"seconds": min(times), "all_seconds": times, "tokens": alone["tokens"],
-                     "alternating_seconds": alternating["times"][mode] if alternating and mode in timed else [],
-                     "peak_rss_mb": alone["peak_rss_mb"], "rss_after_load_mb": alone["rss_after_load_mb"]}
-                r["tokens_per_s"] = r["tokens"] / r["seconds"]
-                results[(mode, batch, new_tokens)] = r
-                print(f"{mode:15s} batch {batch:2d} new {new_tokens:4d}: {r['tokens_per_s']:7.1f} tok/s "
-                      f"({r['tokens']} tokens, fastest of {', '.join(f'{t:.1f}' for t in times)} s), "
-                      f"peak RSS {r['peak_rss_mb']:.0f} MB (after load {r['rss_after_load_mb']:.0f} MB)", flush=True)
+                results[(mode, batch, new_tokens)] = {
+                    "alone_seconds": alone["times"][f"{mode}@{batch}"][0],
+                    "tokens": alone["tokens"][f"{mode}@{batch}"],
+                    "peak_rss_mb": alone["peak_rss_mb"], "rss_after_load_mb": alone["rss_after_load_mb"]}
 
-    print("\nratios (targets: time <= 1.10, peak <= 1.25, speedup >= 8)")
+    for key, r in results.items():  # fastest of all timings of a configuration, alone or alternating
+        mode, batch, new_tokens = key
+        times = [r["alone_seconds"]] + rounds.get(key, [])
+        r["seconds"] = min(times)
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        print(f"{mode:15s} batch {batch:2d} new {new_tokens:4d}: {r['tokens_per_s']:7.1f} tok/s "
+              f"({r['tokens']} tokens, fastest of {', '.join(f'{t:.1f}' for t in times)} s), "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB (after load {r['rss_after_load_mb']:.0f} MB)", flush=True)
+
+    def paired(x, y):
+        """Time ratios y/x of each alternating round, sorted, and their median."""
+        pairs = sorted(ty / tx for tx, ty in zip(rounds.get(x, []), rounds.get(y, [])))
+        if not pairs:
+            return ""
+        return f"; each round {', '.join(f'{p:.3f}' for p in pairs)}, median {statistics.median(pairs):.3f}"
+
+    print("\nratios (targets: time <= 1.10, peak <= 1.25, speedup >= 8); 'fastest': from each configuration's "
+          "fastest run; 'each round': from the runs of one alternating round")
     for new_tokens in args.new_tokens:
         for batch in args.batch_sizes:
             a, b = results.get(("a_generate", batch, new_tokens)), results.get(("b_attentropy", batch, new_tokens))
             dynamic = results.get(("a_dynamic_cache", batch, new_tokens))
             if a and dynamic:
-                print(f"  batch {batch:2d} new {new_tokens:4d}: (a) with transformers' DynamicCache / (a) in place, "
-                      f"time {dynamic['seconds'] / a['seconds']:.3f}, peak RSS "
-                      f"{dynamic['peak_rss_mb'] / a['peak_rss_mb']:.3f}")
+                print(f"  batch {batch:2d} new {new_tokens:4d}: (a) with transformers' DynamicCache / (a) in place: "
+                      f"time, fastest {dynamic['seconds'] / a['seconds']:.3f}"
+                      f"{paired(('a_generate', batch, new_tokens), ('a_dynamic_cache', batch, new_tokens))}; "
+                      f"peak RSS {dynamic['peak_rss_mb'] / a['peak_rss_mb']:.3f}")
             if a and b:
-                pairs = sorted(tb / ta for ta, tb in zip(a["alternating_seconds"], b["alternating_seconds"]))
-                if pairs:
-                    print(f"  batch {batch:2d} new {new_tokens:4d}: (b)/(a) time of each alternating pair "
-                          f"{', '.join(f'{x:.3f}' for x in pairs)}, median {statistics.median(pairs):.3f}")
                 working = (b['peak_rss_mb'] - b['rss_after_load_mb']) \
                     / max(1, a['peak_rss_mb'] - a['rss_after_load_mb'])
-                print(f"  batch {batch:2d} new {new_tokens:4d}: (b)/(a) time {b['seconds'] / a['seconds']:.3f}, "
+                print(f"  batch {batch:2d} new {new_tokens:4d}: (b)/(a) time, fastest {b['seconds'] / a['seconds']:.3f}"
+                      f"{paired(('a_generate', batch, new_tokens), ('b_attentropy', batch, new_tokens))}; "
                       f"peak RSS {b['peak_rss_mb'] / a['peak_rss_mb']:.3f}, working memory (peak - after load) "
                       f"{working:.2f}")
         b16, c1 = results.get(("b_attentropy", 16, new_tokens)), results.get(("c_naive", 1, new_tokens))
         if b16 and c1:
-            print(f"  new {new_tokens:4d}: (b) batch 16 / (c) batch 1 tokens/s "
-                  f"{b16['tokens_per_s'] / c1['tokens_per_s']:.1f}x")
+            # tokens/s ratio = (tokens_b / t_b) / (tokens_c / t_c); per round with the same token counts
+            scale = b16["tokens"] / c1["tokens"]
+            pairs = sorted(scale * tc / tb for tb, tc in zip(rounds.get(("b_attentropy", 16, new_tokens), []),
+                                                             rounds.get(("c_naive", 1, new_tokens), [])))
+            each = f"; each round {', '.join(f'{p:.1f}' for p in pairs)}x, median {statistics.median(pairs):.1f}x" \
+                if pairs else ""
+            print(f"  new {new_tokens:4d}: (b) batch 16 / (c) batch 1 tokens/s, fastest "
+                  f"{b16['tokens_per_s'] / c1['tokens_per_s']:.1f}x{each}")
 
 
 if __name__ == "__main__":
