@@ -41,10 +41,10 @@ def write_json(path: Path, obj) -> None:
     _replace_atomically(tmp, path)
 
 
-def _write_parquet(table: pa.Table, path: Path) -> None:
+def _write_parquet(table: pa.Table, path: Path, **options) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
+    pq.write_table(table, tmp, compression="zstd", **options)
     _replace_atomically(tmp, path)
 
 
@@ -118,7 +118,11 @@ def append_batch(run_dir: Path, generations: list[Generation], tokenizer, attn_d
             np.savez_compressed(tmp, **{f"layer_{layer}": m for layer, m in c.attention_map.items()},
                                 prompt_len=len(g.prompt_ids), completion_ids=np.array(g.completion_ids))
             _replace_atomically(tmp, path)
-    _write_parquet(attn_table, run_dir / "attn" / f"{part}.parquet")
+    # Statistics are floats with few repeated values: dictionary encoding (Parquet's default) fails and leaves
+    # parts larger than the raw floats; byte-stream split (each byte of the floats stored together) lets zstd
+    # compress them (a 479-token part of the main job: 1.38x -> 0.78x the raw size, written 5x faster).
+    _write_parquet(attn_table, run_dir / "attn" / f"{part}.parquet", use_dictionary=False,
+                   use_byte_stream_split=attn_dtype == "float32")  # float16 split needs pyarrow >= 16
     _write_parquet(tokens, run_dir / "tokens" / f"{part}.parquet")
     _write_parquet(samples, run_dir / "samples" / f"{part}.parquet")  # commits the batch
     return part

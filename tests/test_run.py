@@ -73,6 +73,18 @@ def test_run_writes_the_documented_layout(tmp_path, tiny_model_dir):
     # DuckDB and pandas read the parts directly
     n = duckdb.sql(f"select count(*) from '{out}/tokens/*.parquet'").fetchall()[0][0]
     assert n == len(run.tokens)
+    entropy = duckdb.sql(f"select entropy from '{out}/attn/*.parquet'").fetchnumpy()["entropy"]
+    assert np.array_equal(np.stack(entropy), run.attn("entropy").reshape(len(run.tokens), -1))
+
+
+def test_float16_storage_holds_the_float32_statistics_rounded(tmp_path, tiny_model_dir):
+    run_benchmark(out=tmp_path / "f32", model=tiny_model_dir, **RUN)
+    run_benchmark(out=tmp_path / "f16", model=tiny_model_dir, attn_dtype="float16", **RUN)
+    full, half = check_run(tmp_path / "f32", 5), check_run(tmp_path / "f16", 5)
+    assert pq.read_schema(tmp_path / "f16" / "attn" / "part-00000.parquet").field("entropy").type.value_type \
+        == "halffloat"
+    for stat in ATTN_STATS:
+        assert np.array_equal(half.attn(stat), full.attn(stat).astype(np.float16).astype(np.float32))
 
 
 def test_attn_reads_only_the_requested_column(tmp_path, tiny_model_dir, monkeypatch):
@@ -111,11 +123,11 @@ def test_crash_while_committing_a_batch_loses_only_that_batch(tmp_path, tiny_mod
     real = store_module._write_parquet
     writes = []
 
-    def crash_on_second_samples_part(table, path):
+    def crash_on_second_samples_part(table, path, **options):
         writes.append(path)
         if path.parent.name == "samples" and path.name == "part-00001.parquet":
             raise KeyboardInterrupt("simulated interruption")
-        real(table, path)
+        real(table, path, **options)
 
     monkeypatch.setattr(store_module, "_write_parquet", crash_on_second_samples_part)
     with pytest.raises(KeyboardInterrupt):
