@@ -328,20 +328,15 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
         outputs.append(F.scaled_dot_product_attention(query[:, :, :first], key, value,
                                                       attn_mask=attention_mask[:, :, :first, :n_k], scale=scaling,
                                                       enable_gqa=groups > 1))
-    # (a decode step at batch 1 is dominated by per-operation overhead: no-op conversions and slices are skipped)
-    key_t = (key if key.dtype == torch.float32 else key.float()).transpose(2, 3)
-    value_f = value if value.dtype == torch.float32 else value.float()
+    key_t, value_f = key.float().transpose(2, 3), value.float()
     chunk_rows = max(1, rec.chunk_bytes // (4 * batch * n_heads * n_k))
     for start in range(first, n_q, chunk_rows):
         stop = min(start + chunk_rows, n_q)
         r = stop - start
-        rows_q = query if r == n_q else query[:, :, start:stop]
-        whole_mask = start == 0 and attention_mask.shape[-2:] == (r, n_k)
-        rows_mask = attention_mask if whole_mask else attention_mask[:, :, start:stop, :n_k]
         # [B, Hkv, groups * r, D] @ [B, Hkv, D, K]: grouped heads read their shared keys without copying them
-        q = (rows_q if rows_q.dtype == torch.float32 else rows_q.float()) * scaling
-        scores = torch.matmul(q.reshape(batch, n_kv, groups * r, head_dim), key_t).view(batch, n_heads, r, n_k)
-        scores += rows_mask  # masked keys: ~ -3.4e38 (finite), so p = 0 exactly
+        q = (query[:, :, start:stop].float() * scaling).reshape(batch, n_kv, groups * r, head_dim)
+        scores = torch.matmul(q, key_t).view(batch, n_heads, r, n_k)
+        scores += attention_mask[:, :, start:stop, :n_k]  # masked keys: ~ -3.4e38 (finite), so p = 0 exactly
         # own token of the chunk's first row: key n_k - n_q + start
         logp, p = rec.rows(module.layer_idx, (batch, n_heads, r, n_k), own=n_k - n_q + start, device=scores.device)
         torch.log_softmax(scores, dim=-1, out=logp)
