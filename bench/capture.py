@@ -62,6 +62,8 @@ def child(items: list[tuple[str, int]], new_tokens: int, threads: int, repeats: 
             times[f"{mode}@{batch}"].append(time.perf_counter() - start)
     return {"times": times, "tokens": tokens, "rss_after_load_mb": rss_loaded,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def run_once(mode, model, tokenizer, questions, batch, new_tokens) -> int:
     import torch
 
@@ -137,12 +139,9 @@ def main() -> None:
             return None
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    def naive_fits(batch, new_tokens):
+    def naive_gb(batch, new_tokens):
         # the returned weights alone: steps x layers x B x H x K floats, K growing to prompt + N
-        estimate_gb = 30 * 9 * batch * (new_tokens + 60) ** 2 / 2 * 4 / 1e9 * 2.5
-        if estimate_gb > args.naive_max_gb:
-            print(f"skip c_naive batch {batch} x {new_tokens}: estimated {estimate_gb:.0f} GB peak")
-        return estimate_gb <= args.naive_max_gb
+        return 30 * 9 * batch * (new_tokens + 60) ** 2 / 2 * 4 / 1e9 * 2.5
 
     results = {}  # (mode, batch, new tokens) -> figures
     rounds = {}  # (mode, batch, new tokens) -> seconds of each alternating round
@@ -150,14 +149,16 @@ def main() -> None:
         for batch in args.batch_sizes:
             items = [(m, batch) for m in TIMED if m in args.modes]
             if (batch == 16 and "c_naive" in args.modes and 1 in args.batch_sizes and "b_attentropy" in args.modes
-                    and naive_fits(1, new_tokens)):
+                    and naive_gb(1, new_tokens) <= args.naive_max_gb):
                 items.append(("c_naive", 1))  # the 8x target pairs (b) at batch 16 with (c) at batch 1
             if len(items) > 1:
                 alternating = spawn(items, new_tokens, args.repeats)
                 for mode, b in items:
                     rounds[(mode, b, new_tokens)] = alternating["times"][f"{mode}@{b}"] if alternating else []
             for mode in args.modes:
-                if mode == "c_naive" and not naive_fits(batch, new_tokens):
+                if mode == "c_naive" and naive_gb(batch, new_tokens) > args.naive_max_gb:
+                    print(f"skip c_naive batch {batch} x {new_tokens}: estimated {naive_gb(batch, new_tokens):.0f} "
+                          "GB peak (it would not fit)")
                     continue
                 alone = spawn([(mode, batch)], new_tokens, 1)
                 if alone is None:
@@ -176,12 +177,12 @@ def main() -> None:
               f"({r['tokens']} tokens, fastest of {', '.join(f'{t:.1f}' for t in times)} s), "
               f"peak RSS {r['peak_rss_mb']:.0f} MB (after load {r['rss_after_load_mb']:.0f} MB)", flush=True)
 
-    def paired(x, y):
-        """Time ratios y/x of each alternating round, sorted, and their median."""
-        pairs = sorted(ty / tx for tx, ty in zip(rounds.get(x, []), rounds.get(y, [])))
+    def paired(x, y, scale=1.0, fmt=".3f"):
+        """scale * (time of y / time of x) in each alternating round, sorted, and their median."""
+        pairs = sorted(scale * ty / tx for tx, ty in zip(rounds.get(x, []), rounds.get(y, [])))
         if not pairs:
             return ""
-        return f"; each round {', '.join(f'{p:.3f}' for p in pairs)}, median {statistics.median(pairs):.3f}"
+        return f"; each round {', '.join(f'{p:{fmt}}' for p in pairs)}, median {statistics.median(pairs):{fmt}}"
 
     print("\nratios (targets: time <= 1.10, peak <= 1.25, speedup >= 8); 'fastest': from each configuration's "
           "fastest run; 'each round': from the runs of one alternating round")
@@ -203,12 +204,9 @@ def main() -> None:
                       f"{working:.2f}")
         b16, c1 = results.get(("b_attentropy", 16, new_tokens)), results.get(("c_naive", 1, new_tokens))
         if b16 and c1:
-            # tokens/s ratio = (tokens_b / t_b) / (tokens_c / t_c); per round with the same token counts
-            scale = b16["tokens"] / c1["tokens"]
-            pairs = sorted(scale * tc / tb for tb, tc in zip(rounds.get(("b_attentropy", 16, new_tokens), []),
-                                                             rounds.get(("c_naive", 1, new_tokens), [])))
-            each = f"; each round {', '.join(f'{p:.1f}' for p in pairs)}x, median {statistics.median(pairs):.1f}x" \
-                if pairs else ""
+            # tokens/s ratio = (tokens_b / t_b) / (tokens_c / t_c): per round, the time ratio t_c / t_b scaled
+            each = paired(("b_attentropy", 16, new_tokens), ("c_naive", 1, new_tokens),
+                          scale=b16["tokens"] / c1["tokens"], fmt=".1f")
             print(f"  new {new_tokens:4d}: (b) batch 16 / (c) batch 1 tokens/s, fastest "
                   f"{b16['tokens_per_s'] / c1['tokens_per_s']:.1f}x{each}")
 
