@@ -305,6 +305,12 @@ class Recorder:
 _RECORDER: Recorder | None = None
 
 
+def key_rows(key: torch.Tensor) -> torch.Tensor:
+    """Keys [B, H, K, D] with contiguous [K, D] rows, for sdpa: the recording generation stores them as [D, K]
+    (`GrowingLayer.keys_by_dim`), a layout on which sdpa's CPU kernel is many times slower."""
+    return key if key.stride(-1) == 1 else key.contiguous()
+
+
 def attentropy_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Drop-in attention implementation (same signature and output as transformers' eager attention).
 
@@ -315,8 +321,8 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
 
     rec = _RECORDER
     if rec is None or not getattr(module, "is_causal", False) or module.training:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        return sdpa_attention_forward(module, query, key_rows(key), value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
     if attention_mask is None:  # only when the mask function was not registered: fail loudly, never attend ahead
         raise RuntimeError("attentropy attention got no mask; register the mask function with the implementation")
     batch, n_heads, n_q, head_dim = query.shape
@@ -325,7 +331,7 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
     first = 0 if rec.all_rows else n_q - 1  # first recorded row
     outputs = []
     if first > 0:
-        outputs.append(F.scaled_dot_product_attention(query[:, :, :first], key, value,
+        outputs.append(F.scaled_dot_product_attention(query[:, :, :first], key_rows(key), value,
                                                       attn_mask=attention_mask[:, :, :first, :n_k], scale=scaling,
                                                       enable_gqa=groups > 1))
     key_t, value_f = key.float().transpose(2, 3), value.float()

@@ -119,9 +119,10 @@ def test_unknown_dtype_is_an_error():
         load_model("smollm2-135m", dtype="int3")
 
 
-def test_growing_cache_layer_holds_what_transformers_dynamic_layer_holds(monkeypatch):
+@pytest.mark.parametrize("keys_by_dim", [False, True])
+def test_growing_cache_layer_holds_what_transformers_dynamic_layer_holds(monkeypatch, keys_by_dim):
     """Appends past the buffer's room, crop, deepcopy, batch repeat and select: after each, the same keys/values
-    as transformers' own DynamicLayer (which copies on every append)."""
+    as transformers' own DynamicLayer (which copies on every append); in either key layout."""
     import copy
 
     from transformers.cache_utils import DynamicLayer
@@ -131,6 +132,7 @@ def test_growing_cache_layer_holds_what_transformers_dynamic_layer_holds(monkeyp
     monkeypatch.setattr(_growing_layer_class(), "spare", 3)
     gen = torch.Generator().manual_seed(0)
     growing, plain = _growing_layer_class()(), DynamicLayer()
+    growing.keys_by_dim = keys_by_dim
 
     def step(op, *args):
         for layer in (growing, plain):
@@ -157,6 +159,10 @@ def test_growing_cache_layer_holds_what_transformers_dynamic_layer_holds(monkeyp
         step("update", *kv(3, 1))
     step("batch_select_indices", torch.tensor([2, 0]))
     step("update", *kv(2, 1))
+    for _ in range(4):
+        step("update", *kv(2, 1))
+        assert growing.keys.data_ptr() == growing.buffers[0].data_ptr()  # appended in place
+        assert (growing.keys.stride(-1) == 1) != keys_by_dim  # [D, K] rows when keys_by_dim
 
 
 def test_shared_prefix_batching_generates_what_each_prompt_generates_alone(embedded, monkeypatch):
