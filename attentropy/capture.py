@@ -334,21 +334,24 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
         outputs.append(F.scaled_dot_product_attention(query[:, :, :first], key_rows(key), value,
                                                       attn_mask=attention_mask[:, :, :first, :n_k], scale=scaling,
                                                       enable_gqa=groups > 1))
-    key_t, value_f = key.float().transpose(2, 3), value.float()
+    # 3-D views for bmm (matmul's broadcasting costs more than the product itself at batch 1): [B * Hkv, D, K] keys
+    # (contiguous rows in the recording generation's layout) and [B * Hkv, K, D] values, no copy
+    key_t = key.float().transpose(2, 3).reshape(batch * n_kv, head_dim, n_k)
+    value_f = value.float().reshape(batch * n_kv, n_k, head_dim)
     chunk_rows = max(1, rec.chunk_bytes // (4 * batch * n_heads * n_k))
     for start in range(first, n_q, chunk_rows):
         stop = min(start + chunk_rows, n_q)
         r = stop - start
-        # [B, Hkv, groups * r, D] @ [B, Hkv, D, K]: grouped heads read their shared keys without copying them
-        q = (query[:, :, start:stop].float() * scaling).reshape(batch, n_kv, groups * r, head_dim)
-        scores = torch.matmul(q, key_t).view(batch, n_heads, r, n_k)
+        # [B * Hkv, groups * r, D] @ [B * Hkv, D, K]: grouped heads read their shared keys without copying them
+        q = (query[:, :, start:stop].float() * scaling).reshape(batch * n_kv, groups * r, head_dim)
+        scores = torch.bmm(q, key_t).view(batch, n_heads, r, n_k)
         scores += attention_mask[:, :, start:stop, :n_k]  # masked keys: ~ -3.4e38 (finite), so p = 0 exactly
         # own token of the chunk's first row: key n_k - n_q + start
         logp, p = rec.rows(module.layer_idx, (batch, n_heads, r, n_k), own=n_k - n_q + start, device=scores.device)
         torch.log_softmax(scores, dim=-1, out=logp)
         del scores
         torch.exp(logp, out=p)
-        outputs.append(torch.matmul(p.view(batch, n_kv, groups * r, n_k), value_f).view(batch, n_heads, r, head_dim))
+        outputs.append(torch.bmm(p.view(batch * n_kv, groups * r, n_k), value_f).view(batch, n_heads, r, head_dim))
         rec.rows_done(p)
         del logp, p
     output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
