@@ -13,8 +13,9 @@ every ratio is measured on runs that alternate in one child process after a shor
 at batch 16 over (c) at batch 1 is paired too. Each ratio is printed two ways: from each configuration's fastest
 run (other processes only ever add time), and as the median of the ratios of the --repeats rounds (the runs of a
 round follow each other, so slow drift cancels). Peak memory (max RSS): every mode in a child process of its
-own, whose run also counts as one more timing. Generation is forced to exactly N new tokens (min_new_tokens), so
-all modes produce the same token count.
+own, whose run also counts as one more timing. Generation is forced to exactly N new tokens (the stop tokens
+suppressed until then, in place: `attentropy.generate.suppress_stops`, in all three modes), so all modes produce the
+same token count.
 Optional mode `a_dynamic_cache` (--modes a_generate a_dynamic_cache): (a) with transformers' DynamicCache, which
 copies every layer's keys/values at each step, instead of attentropy's in-place GrowingLayer; it alternates with
 (a), and measures what the in-place cache gains.
@@ -68,7 +69,9 @@ def run_once(mode, model, tokenizer, questions, batch, new_tokens) -> int:
     import torch
 
     from attentropy.capture import entropy_varentropy
-    from attentropy.generate import PrefixStore, generate, prompt_ids, stop_token_ids
+    from transformers import LogitsProcessorList
+
+    from attentropy.generate import PrefixStore, generate, prompt_ids, stop_token_ids, suppress_stops
     from attentropy.store import append_batch
 
     if mode == "a_dynamic_cache":
@@ -97,11 +100,12 @@ def run_once(mode, model, tokenizer, questions, batch, new_tokens) -> int:
         for b, p in enumerate(prompts):
             ids[b, width - len(p):] = torch.tensor(p)
             mask[b, width - len(p):] = 1
-        with torch.no_grad():
+        stops = stop_token_ids(model, tokenizer)
+        with torch.no_grad():  # forced to N tokens by the same stop suppression as (a) and (b)
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, top_k=None, output_attentions=True,
-                                 output_scores=True, return_dict_in_generate=True,
-                                 eos_token_id=stop_token_ids(model, tokenizer))
+                                 logits_processor=LogitsProcessorList([suppress_stops(stops, width, new_tokens)]),
+                                 do_sample=False, top_k=None, output_attentions=True, output_scores=True,
+                                 return_dict_in_generate=True, eos_token_id=stops)
         # statistics of every generated token from the returned weights: step s, layer l -> [B, H, q, K]
         for step, layers in enumerate(out.attentions):
             for weights in layers:

@@ -183,3 +183,23 @@ def test_shared_prefix_batching_generates_what_each_prompt_generates_alone(embed
                                eos_token_id=stop_token_ids(model, tokenizer))[0, len(p):].tolist()
         assert g.completion_ids == alone[: len(g.completion_ids)] and len(alone) == len(g.completion_ids)
     assert [g.completion_ids for g in again] == [g.completion_ids for g in batched[:2]]
+
+
+def test_min_new_tokens_generates_what_transformers_min_new_tokens_generates(embedded):
+    """attentropy's in-place stop suppression (`min_new_tokens`) against transformers' own processor, greedy, on
+    each unpadded prompt: the same tokens, and no stop token before the minimum."""
+    from attentropy.generate import prompt_ids
+
+    model, tokenizer, _ = embedded
+    stops = stop_token_ids(model, tokenizer)
+    questions = [Question("facts-y", "facts", "Say the single word: yes.", "yes"),
+                 Question("facts-x", "facts", "What is the capital of France?", "Paris")]
+    plain, _ = generate(model, tokenizer, questions, max_new_tokens=20)
+    assert all(g.finish_reason == "stop" and len(g.completion_ids) < 12 for g in plain)  # they would stop early
+    gens, _ = generate(model, tokenizer, questions, max_new_tokens=20, min_new_tokens=12)
+    for q, g in zip(questions, gens):
+        p = prompt_ids(tokenizer, q)
+        alone = model.generate(torch.tensor([p]), max_new_tokens=20, min_new_tokens=12, do_sample=False,
+                               top_k=None, eos_token_id=stops)[0, len(p):].tolist()
+        assert g.completion_ids == alone
+        assert len(g.completion_ids) >= 12 and all(t not in stops for t in g.completion_ids[:11])
