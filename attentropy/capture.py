@@ -132,6 +132,7 @@ class Recorder:
         self.save_maps = save_maps
         self._group: torch.Tensor | None = None  # [2, G, B, H, r, K]: log-probabilities and probabilities
         self._group_layers: list[int] = []
+        self._group_slots: list[tuple[torch.Tensor, torch.Tensor]] = []  # the group's (logp, p) of each layer
         self._group_own = 0
         self._mass_keys: tuple[tuple, torch.Tensor] | None = None  # (own, rows, device) -> mass_keys(...), one step
         # Results go to buffers allocated once: thousands of small tensors kept across decode steps would scatter
@@ -188,10 +189,10 @@ class Recorder:
             slot_bytes = 4 * shape[0] * shape[1] * shape[2] * shape[3]
             size = 1 if self.all_rows else max(1, min(len(self.attn_layers), self.group_bytes // slot_bytes))
             self._group = torch.empty(2, size, *shape, device=device)
+            self._group_slots = list(zip(self._group[0].unbind(0), self._group[1].unbind(0)))  # views per layer
             self._group_own = own
         self._group_layers.append(layer)
-        i = len(self._group_layers) - 1
-        return self._group[0, i], self._group[1, i]
+        return self._group_slots[len(self._group_layers) - 1]
 
     def rows_done(self, p: torch.Tensor) -> None:
         """The rows asked for last are filled (`p` their probabilities): keep maps, reduce a full group."""
@@ -343,9 +344,11 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
         stop = min(start + chunk_rows, n_q)
         r = stop - start
         # [B * Hkv, groups * r, D] @ [B * Hkv, D, K]: grouped heads read their shared keys without copying them
-        q = (query[:, :, start:stop].float() * scaling).reshape(batch * n_kv, groups * r, head_dim)
+        q = query[:, :, start:stop].float().reshape(batch * n_kv, groups * r, head_dim)
         scores = torch.bmm(q, key_t).view(batch, n_heads, r, n_k)
-        scores += attention_mask[:, :, start:stop, :n_k]  # masked keys: ~ -3.4e38 (finite), so p = 0 exactly
+        # mask + scaling * scores in one pass, as eager attention orders it (scaled scores, then the mask); masked
+        # keys: ~ -3.4e38 (finite), so p = 0 exactly
+        torch.add(attention_mask[:, :, start:stop, :n_k], scores, alpha=scaling, out=scores)
         # own token of the chunk's first row: key n_k - n_q + start
         logp, p = rec.rows(module.layer_idx, (batch, n_heads, r, n_k), own=n_k - n_q + start, device=scores.device)
         torch.log_softmax(scores, dim=-1, out=logp)
