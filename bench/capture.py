@@ -12,7 +12,8 @@ every ratio is measured on runs that alternate in one child process after a shor
 (a), (b), (a), (b), ...; at batch 16, (a) and (b) at batch 16 and (c) at batch 1 in turn, so the speedup of (b)
 at batch 16 over (c) at batch 1 is paired too. Each ratio is printed two ways: from each configuration's fastest
 run (other processes only ever add time), and as the median of the ratios of the --repeats rounds (the runs of a
-round follow each other, so slow drift cancels). Peak memory (max RSS): every mode in a child process of its
+round follow each other, so slow drift cancels). Rounds by default: 6 at 256 new tokens, 3 at 1024 (1536 / N, at
+least 3): a batch-1 run of 256 tokens lasts ~15 s, and this machine's noise over 15 s is as large as the effect. Peak memory (max RSS): every mode in a child process of its
 own, whose run also counts as one more timing. Generation is forced to exactly N new tokens (the stop tokens
 suppressed until then, in place: `attentropy.generate.suppress_stops`, in all three modes), so all modes produce the
 same token count.
@@ -20,7 +21,7 @@ Optional mode `a_dynamic_cache` (--modes a_generate a_dynamic_cache): (a) with t
 copies every layer's keys/values at each step, instead of attentropy's in-place GrowingLayer; it alternates with
 (a), and measures what the in-place cache gains.
 
-    .venv/bin/python bench/capture.py [--threads 2] [--new-tokens 256 1024] [--batch-sizes 1 16] [--repeats 3]
+    .venv/bin/python bench/capture.py [--threads 2] [--new-tokens 256 1024] [--batch-sizes 1 16] [--repeats R]
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES + TIMED[2:])
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of alternating runs besides the runs that "
-                        "measure memory")
+    parser.add_argument("--repeats", type=int, help="rounds of alternating runs besides the runs that "
+                        "measure memory (default: 1536 / new tokens, at least 3)")
     parser.add_argument("--naive-max-gb", type=float, default=18.0,
                         help="skip a naive configuration whose estimated peak exceeds this (it would not fit)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -156,7 +157,7 @@ def main() -> None:
                     and naive_gb(1, new_tokens) <= args.naive_max_gb):
                 items.append(("c_naive", 1))  # the 8x target pairs (b) at batch 16 with (c) at batch 1
             if len(items) > 1:
-                alternating = spawn(items, new_tokens, args.repeats)
+                alternating = spawn(items, new_tokens, args.repeats or max(3, -(-1536 // new_tokens)))
                 for mode, b in items:
                     rounds[(mode, b, new_tokens)] = alternating["times"][f"{mode}@{b}"] if alternating else []
             for mode in args.modes:
