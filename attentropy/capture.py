@@ -31,23 +31,18 @@ ATTN_STATS = ("entropy", "varentropy", "sink_mass", "prompt_mass", "diag_mass", 
 TOKEN_STATS = ("logprob", "logit_entropy", "logit_varentropy")
 
 
-def entropy_varentropy(logp: torch.Tensor, p: torch.Tensor | None = None, *,
-                       finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def entropy_varentropy(logp: torch.Tensor, p: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Entropy and varentropy (nats, nats^2) over the last axis of log-probabilities `logp` (float32; `p` is
-    exp(logp) if already at hand). Items with p == 0 (masked keys: logp = -inf or hugely negative) contribute 0.
-    `finite`: the caller guarantees no -inf in `logp` (masked keys at about -3.4e38, as transformers' masks give),
-    which saves a pass over the data."""
+    exp(logp) if already at hand). Items with p == 0 (masked keys: logp = -inf or hugely negative) contribute 0."""
     if p is None:
         p = logp.exp()
-    if not finite:
-        # any p > 0 has logp > -104 (float32 underflow), so the clamp never changes a visible item; it makes every
-        # masked item's logp finite, so that its p * logp is exactly 0 (never 0 * inf)
-        logp = logp.clamp(min=-1e4)
+    # any p > 0 has logp > -104 (float32 underflow), so the clamp never changes a visible item; it makes every
+    # masked item's logp finite, so that its p * logp is exactly 0 (never 0 * inf)
+    logp = logp.clamp(min=-1e4)
     p_logp = p * logp
     entropy = -p_logp.sum(-1)
-    deviation = logp + entropy.unsqueeze(-1)  # ln p + H; a masked item's is about -3.4e38 when finite=True
-    # p (ln p + H)^2 as (p * deviation) * deviation: a masked item's deviation^2 would overflow to inf, and 0 * inf
-    # is NaN; p * deviation is exactly 0 first. The product buffer is reused: one allocation less per call.
+    deviation = logp + entropy.unsqueeze(-1)  # ln p + H
+    # p (ln p + H)^2 in the product buffer: one allocation less per call
     p_dev2 = torch.mul(p, deviation, out=p_logp).mul_(deviation)
     return entropy, p_dev2.sum(-1)
 
@@ -130,9 +125,9 @@ class Recorder:
         visible = layout_mask[:, :-1] * torch.arange(1, width)  # index + 1 where visible
         self.prev_of_last_prompt = visible.max(-1).values - 1  # [B] the token before the last prompt token
         self.save_maps = save_maps
-        self._group: torch.Tensor | None = None  # [2, G, B, H, r, K]: log-probabilities and probabilities
+        self._group: torch.Tensor | None = None  # [G, B, H, r, K]: probabilities of G layers' rows
         self._group_layers: list[int] = []
-        self._group_slots: list[tuple[torch.Tensor, torch.Tensor]] = []  # the group's (logp, p) of each layer
+        self._group_slots: tuple[torch.Tensor, ...] = ()  # the group's rows of each layer
         self._group_own = 0
         self._mass_keys: tuple[tuple, torch.Tensor] | None = None  # (own, rows, device) -> mass_keys(...), one step
         # Results go to buffers allocated once: thousands of small tensors kept across decode steps would scatter
@@ -164,11 +159,14 @@ class Recorder:
         self._mass_keys = ((own, rows, device), keys)
         return keys
 
-    def row_stats(self, logp: torch.Tensor, p: torch.Tensor, own: int) -> torch.Tensor:
-        """Statistics [..., B, H, r, n_stats] of attention rows logp [..., B, H, r, K] (float32 log-softmax, masked
-        keys finite: transformers' masks add the dtype's minimum, not -inf) and p = exp(logp), whose own tokens are
-        keys own, own+1, ... (leading axes: e.g. layers, all with the same keys)."""
-        entropy, varentropy = entropy_varentropy(logp, p, finite=True)
+    def row_stats(self, p: torch.Tensor, own: int) -> torch.Tensor:
+        """Statistics [..., B, H, r, n_stats] of attention rows p [..., B, H, r, K] (float32 softmax; masked keys
+        have p = 0 exactly) whose own tokens are keys own, own+1, ... (leading axes: e.g. layers, all with the same
+        keys)."""
+        # ln p of the rounded probabilities, taken once for the whole group (a log-softmax per layer would cost one
+        # more operation per layer and step): within float32 rounding of the log-softmax (~1e-7 nats) wherever
+        # p > 0; p = 0 (masked or underflowed) gives -inf, which entropy_varentropy makes contribute exactly 0
+        entropy, varentropy = entropy_varentropy(p.log(), p)
         *lead, batch, heads, rows, _ = p.shape
         idx = self.mass_keys(own, rows, p.device)  # [B, 1, r, 3]
         single = p.gather(-1, idx.expand(*lead, batch, heads, rows, 3))  # first token, own token, previous
@@ -177,19 +175,17 @@ class Recorder:
         return torch.stack([entropy, varentropy, single[..., 0], p[..., : self.prompt_keys].sum(-1),
                             single[..., 1], single[..., 2]], dim=-1)
 
-    def rows(self, layer: int, shape: tuple[int, int, int, int], own: int,
-             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Empty float32 tensors (log-probabilities, probabilities) of shape [B, H, r, K] on `device` for one
-        layer's recorded rows, whose own tokens are keys own, own+1, ...; the caller fills them, then calls
+    def rows(self, layer: int, shape: tuple[int, int, int, int], own: int, device: torch.device) -> torch.Tensor:
+        """An empty float32 tensor [B, H, r, K] on `device` for the probabilities of one layer's recorded rows, whose own tokens are keys own, own+1, ...; the caller fills them, then calls
         `rows_done`. A group holds layers of one step on one device (a model split over GPUs starts a new one)."""
-        if self._group_layers and (self._group_own != own or self._group.shape[2:] != shape
+        if self._group_layers and (self._group_own != own or self._group.shape[1:] != shape
                                    or self._group.device != device):
             self.flush()
         if not self._group_layers:
             slot_bytes = 4 * shape[0] * shape[1] * shape[2] * shape[3]
             size = 1 if self.all_rows else max(1, min(len(self.attn_layers), self.group_bytes // slot_bytes))
-            self._group = torch.empty(2, size, *shape, device=device)
-            self._group_slots = list(zip(self._group[0].unbind(0), self._group[1].unbind(0)))  # views per layer
+            self._group = torch.empty(size, *shape, device=device)
+            self._group_slots = self._group.unbind(0)  # views per layer
             self._group_own = own
         self._group_layers.append(layer)
         return self._group_slots[len(self._group_layers) - 1]
@@ -198,7 +194,7 @@ class Recorder:
         """The rows asked for last are filled (`p` their probabilities): keep maps, reduce a full group."""
         for b in self.save_maps:
             self.maps.setdefault(b, {}).setdefault(self._group_layers[-1], []).append(p[b].half().cpu())
-        if len(self._group_layers) == self._group.shape[1]:
+        if len(self._group_layers) == len(self._group_slots):
             self.flush()
 
     def flush(self) -> None:
@@ -207,7 +203,7 @@ class Recorder:
         layers, n = self._group_layers, len(self._group_layers)
         if not n:
             return
-        stats = self.row_stats(self._group[0, :n], self._group[1, :n], self._group_own)  # [n, B, H, r, S]
+        stats = self.row_stats(self._group[:n], self._group_own)  # [n, B, H, r, S]
         self._group_layers, self._group = [], None
         for layer, layer_stats in zip(layers, stats):
             self.add_rows(layer, layer_stats)
@@ -312,16 +308,20 @@ def key_rows(key: torch.Tensor) -> torch.Tensor:
     return key if key.stride(-1) == 1 else key.contiguous()
 
 
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def attentropy_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Drop-in attention implementation (same signature and output as transformers' eager attention).
 
     query [B, Hq, Q, D]; key, value [B, Hkv, K, D] (cache included, the Q new tokens last); attention_mask
     [B, 1, Q, K] additive float. Without an active Recorder, or for non-causal (cross) attention, it is plain
     sdpa. Recorded rows are computed explicitly in float32 (softmax, statistics, output); other rows use sdpa."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     rec = _RECORDER
     if rec is None or not getattr(module, "is_causal", False) or module.training:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
         return sdpa_attention_forward(module, query, key_rows(key), value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
     if attention_mask is None:  # only when the mask function was not registered: fail loudly, never attend ahead
@@ -335,30 +335,36 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
         outputs.append(F.scaled_dot_product_attention(query[:, :, :first], key_rows(key), value,
                                                       attn_mask=attention_mask[:, :, :first, :n_k], scale=scaling,
                                                       enable_gqa=groups > 1))
+    # A decode step calls this once per layer with one row: every tensor operation saved here counts (each costs a
+    # few microseconds, as much as the arithmetic at batch 1), hence no calls that would return their input.
     # 3-D views for bmm (matmul's broadcasting costs more than the product itself at batch 1): [B * Hkv, D, K] keys
     # (contiguous rows in the recording generation's layout) and [B * Hkv, K, D] values, no copy
-    key_t = key.float().transpose(2, 3).reshape(batch * n_kv, head_dim, n_k)
-    value_f = value.float().reshape(batch * n_kv, n_k, head_dim)
+    key_t = _float32(key).transpose(2, 3).reshape(batch * n_kv, head_dim, n_k)
+    value_f = _float32(value).reshape(batch * n_kv, n_k, head_dim)
+    if attention_mask.shape[-1] != n_k:
+        attention_mask = attention_mask[..., :n_k]
     chunk_rows = max(1, rec.chunk_bytes // (4 * batch * n_heads * n_k))
     for start in range(first, n_q, chunk_rows):
         stop = min(start + chunk_rows, n_q)
         r = stop - start
+        q, mask = (query, attention_mask) if r == n_q else (query[:, :, start:stop], attention_mask[:, :, start:stop])
         # [B * Hkv, groups * r, D] @ [B * Hkv, D, K]: grouped heads read their shared keys without copying them
-        q = query[:, :, start:stop].float().reshape(batch * n_kv, groups * r, head_dim)
-        scores = torch.bmm(q, key_t).view(batch, n_heads, r, n_k)
+        scores = torch.bmm(_float32(q).reshape(batch * n_kv, groups * r, head_dim), key_t).view(batch, n_heads, r, n_k)
         # mask + scaling * scores in one pass, as eager attention orders it (scaled scores, then the mask); masked
         # keys: ~ -3.4e38 (finite), so p = 0 exactly
-        torch.add(attention_mask[:, :, start:stop, :n_k], scores, alpha=scaling, out=scores)
+        torch.add(mask, scores, alpha=scaling, out=scores)
         # own token of the chunk's first row: key n_k - n_q + start
-        logp, p = rec.rows(module.layer_idx, (batch, n_heads, r, n_k), own=n_k - n_q + start, device=scores.device)
-        torch.log_softmax(scores, dim=-1, out=logp)
+        p = rec.rows(module.layer_idx, (batch, n_heads, r, n_k), own=n_k - n_q + start, device=scores.device)
+        torch.softmax(scores, dim=-1, out=p)
         del scores
-        torch.exp(logp, out=p)
         outputs.append(torch.bmm(p.view(batch * n_kv, groups * r, n_k), value_f).view(batch, n_heads, r, head_dim))
         rec.rows_done(p)
-        del logp, p
+        del p
     output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
-    return output.to(query.dtype).transpose(1, 2).contiguous(), None  # [B, Q, Hq, D], like eager attention
+    if output.dtype != query.dtype:
+        output = output.to(query.dtype)
+    output = output.transpose(1, 2)  # [B, Q, Hq, D], like eager attention: contiguous already when Q == 1
+    return (output if n_q == 1 else output.contiguous()), None
 
 
 def register() -> None:
