@@ -109,7 +109,7 @@ class Recorder:
     Key indices follow one axis for a batch: [prompt layout (width W) | completion tokens], so the last prompt
     token is key W-1 and completion token t is key W+t, both in generation and in teacher-forced capture."""
 
-    # Generation reduces several layers' rows at once, up to group_bytes of float32 log-probabilities: at batch 1
+    # Generation reduces several layers' rows at once, up to group_bytes of float32 probabilities: at batch 1
     # a layer's rows are small, and reducing them one layer at a time costs more in per-operation overhead than in
     # arithmetic; at batch 16 one layer already fills the group, and is reduced while still in the CPU's cache.
     group_bytes = 1 << 20
@@ -176,8 +176,9 @@ class Recorder:
                             single[..., 1], single[..., 2]], dim=-1)
 
     def rows(self, layer: int, shape: tuple[int, int, int, int], own: int, device: torch.device) -> torch.Tensor:
-        """An empty float32 tensor [B, H, r, K] on `device` for the probabilities of one layer's recorded rows, whose own tokens are keys own, own+1, ...; the caller fills them, then calls
-        `rows_done`. A group holds layers of one step on one device (a model split over GPUs starts a new one)."""
+        """An empty float32 tensor [B, H, r, K] on `device` for the probabilities of one layer's recorded rows, whose
+        own tokens are keys own, own+1, ...; the caller fills it, then calls `rows_done`. A group holds layers of one
+        step on one device (a model split over GPUs starts a new one)."""
         if self._group_layers and (self._group_own != own or self._group.shape[1:] != shape
                                    or self._group.device != device):
             self.flush()

@@ -13,10 +13,10 @@ every ratio is measured on runs that alternate in one child process after a shor
 at batch 16 over (c) at batch 1 is paired too. Each ratio is printed two ways: from each configuration's fastest
 run (other processes only ever add time), and as the median of the ratios of the --repeats rounds (the runs of a
 round follow each other, so slow drift cancels). Rounds by default: 6 at 256 new tokens, 3 at 1024 (1536 / N, at
-least 3): a batch-1 run of 256 tokens lasts ~15 s, and this machine's noise over 15 s is as large as the effect. Peak memory (max RSS): every mode in a child process of its
-own, whose run also counts as one more timing. Generation is forced to exactly N new tokens (the stop tokens
-suppressed until then, in place: `attentropy.generate.suppress_stops`, in all three modes), so all modes produce the
-same token count.
+least 3): a batch-1 run of 256 tokens lasts ~15 s, and this machine's noise over 15 s is as large as the effect.
+Peak memory (max RSS): every mode in a child process of its own, whose run also counts as one more timing.
+Generation is forced to exactly N new tokens (the stop tokens suppressed until then, in place:
+`attentropy.generate.suppress_stops`, in all three modes), so all modes produce the same token count.
 Optional mode `a_dynamic_cache` (--modes a_generate a_dynamic_cache): (a) with transformers' DynamicCache, which
 copies every layer's keys/values at each step, instead of attentropy's in-place GrowingLayer; it alternates with
 (a), and measures what the in-place cache gains.
