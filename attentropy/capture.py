@@ -205,7 +205,7 @@ class Recorder:
         if not n:
             return
         stats = self.row_stats(self._group[:n], self._group_own)  # [n, B, H, r, S]
-        self._group_layers, self._group = [], None
+        self._group_layers, self._group, self._group_slots = [], None, ()  # let the rows' buffer go
         for layer, layer_stats in zip(layers, stats):
             self.add_rows(layer, layer_stats)
 
@@ -331,10 +331,12 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
     n_kv, n_k = key.shape[1], key.shape[2]
     groups = n_heads // n_kv  # GQA: query head h reads key/value head h // groups; statistics per query head
     first = 0 if rec.all_rows else n_q - 1  # first recorded row
+    if attention_mask.shape[-1] != n_k:
+        attention_mask = attention_mask[..., :n_k]
     outputs = []
     if first > 0:
         outputs.append(F.scaled_dot_product_attention(query[:, :, :first], key_rows(key), value,
-                                                      attn_mask=attention_mask[:, :, :first, :n_k], scale=scaling,
+                                                      attn_mask=attention_mask[:, :, :first], scale=scaling,
                                                       enable_gqa=groups > 1))
     # A decode step calls this once per layer with one row: every tensor operation saved here counts (each costs a
     # few microseconds, as much as the arithmetic at batch 1), hence no calls that would return their input.
@@ -342,8 +344,6 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
     # (contiguous rows in the recording generation's layout) and [B * Hkv, K, D] values, no copy
     key_t = _float32(key).transpose(2, 3).reshape(batch * n_kv, head_dim, n_k)
     value_f = _float32(value).reshape(batch * n_kv, n_k, head_dim)
-    if attention_mask.shape[-1] != n_k:
-        attention_mask = attention_mask[..., :n_k]
     chunk_rows = max(1, rec.chunk_bytes // (4 * batch * n_heads * n_k))
     for start in range(first, n_q, chunk_rows):
         stop = min(start + chunk_rows, n_q)
