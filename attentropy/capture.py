@@ -31,17 +31,22 @@ ATTN_STATS = ("entropy", "varentropy", "sink_mass", "prompt_mass", "diag_mass", 
 TOKEN_STATS = ("logprob", "logit_entropy", "logit_varentropy")
 
 
-def entropy_varentropy(logp: torch.Tensor, p: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entropy and varentropy (nats, nats^2) over the last axis of log-probabilities `logp` (float32; `p` is
-    exp(logp) if already at hand). Items with p == 0 (masked keys: logp = -inf or hugely negative) contribute 0."""
+def entropy_varentropy(logp: torch.Tensor | None = None, *, p: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy and varentropy (nats, nats^2) over the last axis of float32 log-probabilities `logp`, or of
+    probabilities `p` (ln p taken here). Items with p == 0 (masked keys: logp = -inf or hugely negative)
+    contribute 0."""
+    # any p > 0 has logp > -104 (float32 underflow), so the clamp never changes a visible item; it makes every
+    # masked item's logp finite, so that its p * logp is exactly 0 (never 0 * inf). Both branches leave a
+    # tensor of our own in logp (the caller's is not changed), reused below for ln p + H
     if p is None:
         p = logp.exp()
-    # any p > 0 has logp > -104 (float32 underflow), so the clamp never changes a visible item; it makes every
-    # masked item's logp finite, so that its p * logp is exactly 0 (never 0 * inf)
-    logp = logp.clamp(min=-1e4)
+        logp = logp.clamp(min=-1e4)
+    else:
+        logp = p.log().clamp_(min=-1e4)
     p_logp = p * logp
     entropy = -p_logp.sum(-1)
-    deviation = logp + entropy.unsqueeze(-1)  # ln p + H
+    deviation = logp.add_(entropy.unsqueeze(-1))  # ln p + H
     # p (ln p + H)^2 in the product buffer: one allocation less per call
     p_dev2 = torch.mul(p, deviation, out=p_logp).mul_(deviation)
     return entropy, p_dev2.sum(-1)
@@ -166,7 +171,7 @@ class Recorder:
         # ln p of the rounded probabilities, taken once for the whole group (a log-softmax per layer would cost one
         # more operation per layer and step): within float32 rounding of the log-softmax (~1e-7 nats) wherever
         # p > 0; p = 0 (masked or underflowed) gives -inf, which entropy_varentropy makes contribute exactly 0
-        entropy, varentropy = entropy_varentropy(p.log(), p)
+        entropy, varentropy = entropy_varentropy(p=p)
         *lead, batch, heads, rows, _ = p.shape
         idx = self.mass_keys(own, rows, p.device)  # [B, 1, r, 3]
         single = p.gather(-1, idx.expand(*lead, batch, heads, rows, 3))  # first token, own token, previous

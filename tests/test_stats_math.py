@@ -49,3 +49,18 @@ def test_varentropy_is_variance_of_surprisal_not_across_axis():
     torch.testing.assert_close(h, mean)
     torch.testing.assert_close(v, var)
     assert (v > 0).all()
+
+
+def test_probabilities_give_the_log_probabilities_statistics_and_inputs_stay_unchanged():
+    torch.manual_seed(1)
+    scores = torch.randn(4, 30) * 3
+    scores[:, :7] = torch.finfo(torch.float32).min  # masked keys: p = 0 exactly
+    logp = torch.log_softmax(scores, -1)
+    p = torch.softmax(scores, -1)
+    logp_before, p_before = logp.clone(), p.clone()
+    h_logp, v_logp = entropy_varentropy(logp)
+    h_p, v_p = entropy_varentropy(p=p)
+    assert torch.equal(logp, logp_before) and torch.equal(p, p_before)
+    assert torch.isfinite(h_p).all() and torch.isfinite(v_p).all()
+    torch.testing.assert_close(h_p, h_logp, rtol=0, atol=1e-6)
+    torch.testing.assert_close(v_p, v_logp, rtol=0, atol=1e-5)
