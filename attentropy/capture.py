@@ -39,6 +39,8 @@ def entropy_varentropy(logp: torch.Tensor | None = None, *, p: torch.Tensor | No
     # any p > 0 has logp > -104 (float32 underflow), so the clamp never changes a visible item; it makes every
     # masked item's logp finite, so that its p * logp is exactly 0 (never 0 * inf). Both branches leave a
     # tensor of our own in logp (the caller's is not changed), reused below for ln p + H
+    if (logp is None) == (p is None):
+        raise TypeError("entropy_varentropy takes either logp or p=")
     if p is None:
         p = logp.exp()
         logp = logp.clamp(min=-1e4)

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from attentropy.capture import entropy_varentropy
@@ -64,3 +65,7 @@ def test_probabilities_give_the_log_probabilities_statistics_and_inputs_stay_unc
     assert torch.isfinite(h_p).all() and torch.isfinite(v_p).all()
     torch.testing.assert_close(h_p, h_logp, rtol=0, atol=1e-6)
     torch.testing.assert_close(v_p, v_logp, rtol=0, atol=1e-5)
+    with pytest.raises(TypeError):
+        entropy_varentropy(logp, p=p)
+    with pytest.raises(TypeError):
+        entropy_varentropy()
