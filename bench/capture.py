@@ -110,7 +110,7 @@ def run_once(mode, model, tokenizer, questions, batch, new_tokens) -> int:
         # statistics of every generated token from the returned weights: step s, layer l -> [B, H, q, K]
         for step, layers in enumerate(out.attentions):
             for weights in layers:
-                entropy_varentropy(weights[:, :, -1].float().log())
+                entropy_varentropy(p=weights[:, :, -1].float())
             entropy_varentropy(torch.log_softmax(out.scores[step].float(), -1))
         model.set_attn_implementation("sdpa")
         n_tokens = batch * (out.sequences.shape[1] - width)
