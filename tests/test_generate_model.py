@@ -203,3 +203,39 @@ def test_min_new_tokens_generates_what_transformers_min_new_tokens_generates(emb
                                top_k=None, eos_token_id=stops)[0, len(p):].tolist()
         assert g.completion_ids == alone
         assert len(g.completion_ids) >= 12 and all(t not in stops for t in g.completion_ids[:11])
+
+
+def test_packed_linears_generate_what_plain_linears_generate(embedded, monkeypatch):
+    """From PACKED_MIN_BATCH rows on, decode steps multiply by MKL-packed weights: the same tokens and statistics
+    (up to float32 rounding) as `F.linear`, every linear that ran packed once, the model's forwards restored after,
+    also when generation raises."""
+    import attentropy.generate as gen
+
+    model, tokenizer, _ = embedded
+    assert gen._mkl_linear_available()  # the CPU torch this project installs has the op: no silent fallback
+    questions = make_facts(5, seed=2)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        monkeypatch.setattr(gen, "PACKED_MIN_BATCH", 10**9)
+        plain, _ = generate(model, tokenizer, questions, max_new_tokens=24, record=True)
+        assert not any("_mkl_packed" in m.__dict__ for m in linears)
+        monkeypatch.setattr(gen, "PACKED_MIN_BATCH", 4)
+        packed, _ = generate(model, tokenizer, questions, max_new_tokens=24, record=True)
+        assert all(m.__dict__["_mkl_packed"][0] == 5 for m in linears)  # every linear of the text model ran packed
+        weights = [m._mkl_packed[1] for m in linears]
+        generate(model, tokenizer, questions[:3], max_new_tokens=4)  # below the threshold: plain, packs kept
+        again, _ = generate(model, tokenizer, questions, max_new_tokens=24, record=True)
+        assert all(m._mkl_packed[1] is w for m, w in zip(linears, weights))  # packed once, reused
+        for a, b, c in zip(plain, packed, again):
+            assert a.completion_ids == b.completion_ids == c.completion_ids
+            np.testing.assert_allclose(b.capture.attn, a.capture.attn, atol=1e-4)
+            np.testing.assert_allclose(b.capture.logprob, a.capture.logprob, atol=1e-4)
+            np.testing.assert_array_equal(b.capture.attn, c.capture.attn)
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        with pytest.raises(KeyboardInterrupt), gen.packed_linears(model, 8):
+            assert all("forward" in m.__dict__ for m in linears)
+            raise KeyboardInterrupt
+        assert not any("forward" in m.__dict__ for m in model.modules())
+    finally:
+        for m in linears:
+            m.__dict__.pop("_mkl_packed", None)
