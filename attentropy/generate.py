@@ -150,8 +150,9 @@ def packed_linears(model, batch_size: int):
     91 -> 77 ms, batch 8 90 -> 72 ms, batch 16 123 -> 105 ms; batch 1 49 -> 51 ms, hence only from batch
     `PACKED_MIN_BATCH` on. Results differ from `F.linear`'s by float32 rounding at most (as results at different
     batch sizes already do). Cost: each packed weight is kept on its module (`_mkl_packed`) for reuse by later
-    batches, ~2x the weights' memory (MKL pads the packed panels): ~1 GB on SmolLM2-135M. Packed lazily, so
-    layers that never run (Mllama's vision tower) are not packed."""
+    batches, about the weights' size again: peak RSS of plain generation on SmolLM2-135M at batch 16 x 256 new
+    tokens 1,270 MB without, 1,788 MB with (`bench/capture.py`). Packed lazily, so layers that never run (Mllama's
+    vision tower) are not packed."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and "forward" not in m.__dict__
                and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
     if batch_size < PACKED_MIN_BATCH or not linears or not _mkl_linear_available():
