@@ -145,10 +145,9 @@ def packed_linears(model, batch_size: int):
     """Within this context, on CPU in float32, the linear layers multiply a decode step's `batch_size` rows by
     weights that MKL packed once for its GEMM kernel (`torch.ops.mkl._mkl_linear`, the op torch's inductor uses for
     the same purpose), instead of `F.linear`, whose MKL call re-packs the transposed weight at every call. Any
-    other row count (prefill, a teacher-forced forward) takes the plain `F.linear`. Measured on SmolLM2-135M,
-    2 CPU threads, one decode step over 300 keys (throwaway micro-benchmark, alternating, median of 7): batch 4
-    91 -> 77 ms, batch 8 90 -> 72 ms, batch 16 123 -> 105 ms; batch 1 49 -> 51 ms, hence only from batch
-    `PACKED_MIN_BATCH` on. Results differ from `F.linear`'s by float32 rounding at most (as results at different
+    other row count (prefill, a teacher-forced forward) takes the plain `F.linear`. One decode step of SmolLM2-135M
+    over 300 keys, 2 CPU threads (`bench/packed_linears.py`, alternating, median of 7): packed / plain 0.85 at
+    batch 4, 0.82 at 8, 0.81 at 16, but 1.19 at batch 1, hence only from batch `PACKED_MIN_BATCH` on. Results differ from `F.linear`'s by float32 rounding at most (as results at different
     batch sizes already do). Cost: each packed weight is kept on its module (`_mkl_packed`) for reuse by later
     batches, about the weights' size again: peak RSS of plain generation on SmolLM2-135M at batch 16 x 256 new
     tokens 1,270 MB without, 1,788 MB with (`bench/capture.py`). Packed lazily, so layers that never run (Mllama's
