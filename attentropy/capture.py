@@ -150,6 +150,7 @@ class Recorder:
         self._step_logp: tuple[torch.Tensor, int] | None = None  # generation: last step's logp until a token is drawn
         self._steps = 0
         self.maps: dict[int, dict[int, list[torch.Tensor]]] = {}  # batch index -> layer -> [[H, rows, K]]
+        self.hidden: HiddenRecorder | None = None  # hidden states of the same rows, when asked for
 
     def mass_keys(self, own: int, rows: int, device) -> torch.Tensor:
         """[B, 1, rows, 3] key indices (first token, own token, previous token) of `rows` query rows whose own
@@ -300,11 +301,95 @@ class Recorder:
                         full[:, row:row + x.shape[1], :k] = x[:, :, :k]
                         row += x.shape[1]
                     maps[layer] = full[:, :n][:, :, keys].numpy()
+            hidden = self.hidden.results(b, n) if self.hidden is not None else {}
             results.append(Capture(attn=attn[b, :n].numpy(), logprob=token["logprob"][b, :n].numpy(),
                                    logit_entropy=token["logit_entropy"][b, :n].numpy(),
                                    logit_varentropy=token["logit_varentropy"][b, :n].numpy(),
-                                   n_keys=np.arange(len(p), len(p) + n), attention_map=maps))
+                                   n_keys=np.arange(len(p), len(p) + n), attention_map=maps, **hidden))
         return results
+
+
+@dataclass(frozen=True)
+class HiddenSpec:
+    """Which hidden states to keep, by transformers' `output_hidden_states` index: 0 the token embeddings, i the
+    residual stream after block i, the last (= the number of layers) after the final norm."""
+
+    layers: tuple[int, ...] = ()  # per answer: the last prompt token's row and the mean over the answer's rows
+    token_layers: tuple[int, ...] = ()  # every row of the answer, float16 (for token-level probes)
+
+    def __bool__(self) -> bool:
+        return bool(self.layers or self.token_layers)
+
+
+def hidden_modules(model) -> list[torch.nn.Module]:
+    """Module whose output is hidden state i (`output_hidden_states[i]`): the embeddings, blocks 0 .. L-2, the final
+    norm (transformers reports the last block's output after the norm)."""
+    decoder = model.get_decoder()
+    return [decoder.embed_tokens, *decoder.layers[:-1], decoder.norm]
+
+
+class HiddenRecorder:
+    """The residual stream at the recorded rows (the rows that predict the completion tokens, as for attention):
+    per sequence, the first such row (its input is the last prompt token) and the sum over the rows that belong to
+    its completion, for `spec.layers`; every row for `spec.token_layers`. Forward hooks on the modules of
+    `hidden_modules`; in generation, `step(input_ids)` before each forward tells which rows are still in their
+    answer (a row whose input is a stop token, or follows one, is not)."""
+
+    def __init__(self, model, spec: HiddenSpec, batch: int, all_rows: bool, stops=(), valid: torch.Tensor = None):
+        self.spec, self.all_rows = spec, all_rows
+        self.stops = torch.tensor(list(stops), dtype=torch.long)
+        self.first: dict[int, torch.Tensor] = {}  # layer -> [B, d]
+        self.sums: dict[int, torch.Tensor] = {}  # layer -> [B, d] float64
+        self.rows: dict[int, list[torch.Tensor]] = {}  # token layer -> [[B, r, d] float16]
+        self.valid = valid  # teacher forcing: [B, Q] rows of the completion; generation: [B] rows still in it
+        self.finished = torch.zeros(batch, dtype=torch.bool)
+        self.counts = torch.zeros(batch, dtype=torch.long)
+        modules = hidden_modules(model)
+        for i in (*spec.layers, *spec.token_layers):
+            if not 0 <= i < len(modules):
+                raise ValueError(f"hidden-state index {i} out of range 0..{len(modules) - 1}")
+        self.hooks = [modules[i].register_forward_hook(self._hook(i))
+                      for i in sorted(set(spec.layers) | set(spec.token_layers))]
+
+    def step(self, input_ids: torch.Tensor) -> None:
+        """Generation, before each forward: the prefill's row is the last prompt token's; a decode step's input is
+        the token drawn last, and its row belongs to the answer unless a stop token has been drawn."""
+        if self.valid is not None:  # a decode step (the first call, the prefill, only sets `valid`)
+            self.finished |= torch.isin(input_ids[:, -1].cpu(), self.stops)
+        self.valid = ~self.finished
+        self.counts += self.valid
+
+    def _hook(self, index: int):
+        def on_output(module, args, output):
+            hidden = (output[0] if isinstance(output, tuple) else output).detach()  # [B, q, d]
+            rows = hidden if self.all_rows else hidden[:, -1:]
+            if index in self.spec.layers:
+                valid = (self.valid if self.all_rows else self.valid[:, None]).to(rows.device)  # [B, r]
+                if index not in self.first:
+                    self.first[index] = rows[:, 0].float().cpu()
+                total = (rows.double() * valid[..., None]).sum(1).cpu()
+                self.sums[index] = total if index not in self.sums else self.sums[index] + total
+            if index in self.spec.token_layers:
+                self.rows.setdefault(index, []).append(rows.half().cpu())
+        return on_output
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+    def results(self, b: int, n: int) -> dict:
+        """Capture fields of sequence b, whose completion has n tokens."""
+        counts = self.valid.sum(1) if self.all_rows else self.counts
+        if int(counts[b]) != n:
+            raise RuntimeError(f"hidden states of {int(counts[b])} rows recorded for a completion of {n} tokens")
+        out = {}
+        if self.spec.layers:
+            out["hidden_last_prompt"] = torch.stack([self.first[i][b] for i in self.spec.layers]).numpy()
+            out["hidden_mean"] = torch.stack([self.sums[i][b] / n for i in self.spec.layers]).float().numpy()
+        if self.spec.token_layers:
+            out["hidden_tokens"] = torch.stack([torch.cat(self.rows[i], dim=1)[b, :n] for i in self.spec.token_layers],
+                                               dim=1).numpy()
+        return out
 
 
 _RECORDER: Recorder | None = None
@@ -401,19 +486,26 @@ def recording(model, recorder: Recorder):
 
 
 @contextmanager
-def recording_generation(model, layout_mask: torch.Tensor, max_new_tokens: int, save_maps: set[int] = frozenset()):
+def recording_generation(model, layout_mask: torch.Tensor, max_new_tokens: int, save_maps: set[int] = frozenset(),
+                         hidden: HiddenSpec = HiddenSpec(), stops=()):
     """Record during `model.generate`: each call's last query row (the prefill's last prompt token, then one
-    row per decode step), and the raw next-token distribution of each step (before any logits processor).
+    row per decode step), and the raw next-token distribution of each step (before any logits processor); with
+    `hidden`, the hidden states of the same rows (`stops`: the stop tokens that end an answer).
     After generation, call `recorder.record_drawn(sequences[:, -1:])`: the last drawn token is never fed back."""
     recorder = Recorder(layout_mask, all_rows=False, max_rows=max_new_tokens, save_maps=save_maps,
                         layers=recorded_layers(model))
+    if hidden:
+        recorder.hidden = HiddenRecorder(model, hidden, layout_mask.shape[0], all_rows=False, stops=stops)
 
     def on_logits(module, args, output):  # lm_head: [B, q, V]; generation keeps only the last position
         recorder.end_step()
         recorder.record_step_logits(torch.log_softmax(output[:, -1:].float(), dim=-1))
 
     def on_forward(module, args, kwargs):  # step s's input is the token drawn from step s-1's distribution
-        recorder.record_drawn(kwargs.get("input_ids", args[0] if args else None)[:, -1:])
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        recorder.record_drawn(input_ids[:, -1:])
+        if recorder.hidden is not None:
+            recorder.hidden.step(input_ids)
 
     hooks = [model.get_output_embeddings().register_forward_hook(on_logits),
              model.register_forward_pre_hook(on_forward, with_kwargs=True)]
@@ -423,6 +515,8 @@ def recording_generation(model, layout_mask: torch.Tensor, max_new_tokens: int, 
     finally:
         for h in hooks:
             h.remove()
+        if recorder.hidden is not None:
+            recorder.hidden.remove()
 
 
 @dataclass
@@ -435,6 +529,9 @@ class Capture:
     logit_varentropy: np.ndarray
     n_keys: np.ndarray  # [n_tokens] visible keys of the row (position + 1); max attention entropy is ln n_keys
     attention_map: dict | None = None  # layer -> [n_heads, n_tokens, len(prompt) + n_tokens - 1] float16
+    hidden_last_prompt: np.ndarray | None = None  # [len(HiddenSpec.layers), d] float32: row of completion token 0
+    hidden_mean: np.ndarray | None = None  # [len(HiddenSpec.layers), d] float32: mean over the completion's rows
+    hidden_tokens: np.ndarray | None = None  # [n_tokens, len(HiddenSpec.token_layers), d] float16: every row
 
 
 def recorded_layers(model) -> list[int]:
@@ -446,13 +543,15 @@ def recorded_layers(model) -> list[int]:
 
 @torch.no_grad()
 def capture(model, prompts: list[list[int]], completions: list[list[int]], *, prompt_cache: PromptCache | None = None,
-            chunk_bytes: int = 16 << 20, save_maps: set[int] = frozenset()) -> list[Capture]:
+            chunk_bytes: int = 16 << 20, save_maps: set[int] = frozenset(), hidden: HiddenSpec = HiddenSpec()
+            ) -> list[Capture]:
     """Statistics for every completion token of each (prompt ids, completion ids) pair (never re-tokenized).
 
     One teacher-forced forward over [last prompt token, completion[:-1]] per sequence (right padded), attending
     to the prompts' cached keys/values (`prompt_cache`, or computed here): its query rows are exactly the rows
     that predicted the completion tokens.
-    `save_maps`: batch indices whose full attention rows (completion rows x visible keys) are also returned."""
+    `save_maps`: batch indices whose full attention rows (completion rows x visible keys) are also returned;
+    `hidden`: hidden states of the same rows (Capture.hidden_*)."""
     if not prompts or any(len(p) < 2 for p in prompts) or any(len(c) == 0 for c in completions):
         raise ValueError("capture needs a prompt of at least 2 tokens and a non-empty completion for every sequence")
     device = model.device
@@ -472,13 +571,19 @@ def capture(model, prompts: list[list[int]], completions: list[list[int]], *, pr
     full_mask = torch.cat([layout_mask, new_valid[:, 1:]], dim=1)  # [B, W-1+Q] over the key axis
     position_ids = positions(layout_mask)[:, -1:] + torch.arange(n_q)  # [B, Q]
     recorder = Recorder(layout_mask, all_rows=True, max_rows=n_q, chunk_bytes=chunk_bytes, save_maps=save_maps)
-    with recording(model, recorder) as rec:
-        hidden = model.get_decoder()(input_ids=new_ids.to(device), attention_mask=full_mask.to(device),
-                                     position_ids=position_ids.to(device), cache=prompt_cache.cache,
-                                     use_cache=True).last_hidden_state  # [B, Q, d]
+    if hidden:
+        recorder.hidden = HiddenRecorder(model, hidden, batch, all_rows=True, valid=new_valid.bool())
+    try:
+        with recording(model, recorder) as rec:
+            last = model.get_decoder()(input_ids=new_ids.to(device), attention_mask=full_mask.to(device),
+                                       position_ids=position_ids.to(device), cache=prompt_cache.cache,
+                                       use_cache=True).last_hidden_state  # [B, Q, d]
+    finally:
+        if recorder.hidden is not None:
+            recorder.hidden.remove()
     lm_head = model.get_output_embeddings()
     rows = max(1, chunk_bytes // (batch * lm_head.out_features))  # float32 logits chunk <= 4 * chunk_bytes
     for lo in range(0, n_q, rows):
-        logp = torch.log_softmax(lm_head(hidden[:, lo:lo + rows]).float(), dim=-1)  # [B, r, V]
+        logp = torch.log_softmax(lm_head(last[:, lo:lo + rows]).float(), dim=-1)  # [B, r, V]
         rec.record_logits(logp, lo, targets[:, lo:lo + rows].to(device))
     return rec.captures(model, prompts, completions)

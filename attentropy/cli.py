@@ -7,6 +7,7 @@ import os
 import sys
 
 from .data import ARITH_DEFAULT_DIFFICULTY, DataError
+from .instrument import InstrumentError
 from .model import ALIASES, DEFAULT_MODEL, ModelLoadError
 
 
@@ -23,7 +24,8 @@ def _run(args) -> None:
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, difficulty=args.difficulty,
         dtype=args.dtype, device=args.device, device_map=args.device_map,
         save_attention=tuple(args.save_attention.split(",")) if args.save_attention else (),
-        attn_dtype=args.attn_dtype, progress=not args.quiet)
+        attn_dtype=args.attn_dtype, probe=args.probe, hidden_layers=args.hidden_layers,
+        hidden_token_layers=args.hidden_token_layers, progress=not args.quiet)
     print(format_summary(summary))
 
 
@@ -40,8 +42,33 @@ def _grade(args) -> None:
 def _report(args) -> None:
     from .report import write_report
 
-    path = write_report(args.dirs, args.out, n_boot=args.n_boot, progress=not args.quiet)
+    path = write_report(args.dirs, args.out, n_boot=args.n_boot, probe=args.probe, progress=not args.quiet)
     print(f"report: {path.resolve()}")
+
+
+def _fit(args) -> None:
+    from .instrument import fit_instrument, format_evaluation
+
+    out = fit_instrument(args.dirs, args.out, transfer=args.transfer or [], n_boot=args.n_boot, seed=args.seed,
+                         force=args.force, progress=not args.quiet)
+    print(format_evaluation(out))
+
+
+def _score(args) -> None:
+    from .instrument import load_instrument, score_run, score_text
+
+    instrument = load_instrument(args.probe)
+    if args.model is None:
+        for run_dir in args.inputs:
+            scores = score_run(instrument, run_dir)
+            answers = scores.groupby("question_id", sort=False).prefix_confidence.last()
+            print(f"{run_dir}: {len(answers)} answers, {len(scores)} tokens scored; mean answer confidence "
+                  f"{answers.mean():.3f} -> {run_dir}/confidence/")
+        return
+    if len(args.inputs) != 1:
+        raise ValueError("with --model, give one question (in quotes)")
+    print(score_text(instrument, args.model, args.inputs[0], answer=args.answer, benchmark=args.benchmark,
+                     as_json=args.json, max_new_tokens=args.max_new_tokens))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +99,15 @@ def main(argv: list[str] | None = None) -> int:
                      "maps are stored too (e.g. facts-00000,facts-00003)")
     run.add_argument("--attn-dtype", default="float32", choices=["float32", "float16"],
                      help="storage type of attention statistics (float16 halves the size of very large runs)")
+    run.add_argument("--hidden-layers", metavar="auto|all|none|I,J,..",
+                     help="hidden states kept per answer (last prompt token and mean over the answer), by "
+                          "output_hidden_states index, 0 = embeddings (new runs: auto, 9 evenly spaced; SmolLM2: "
+                          "41 kB per answer)")
+    run.add_argument("--hidden-token-layers", metavar="auto|none|I,J,..",
+                     help="hidden states kept for every answer token, float16 (new runs: none; auto: 3 middle "
+                          "layers; SmolLM2: 3.5 kB per token)")
+    run.add_argument("--probe", help="an instrument (`attentropy fit`): score every token while generating "
+                                     "(stored in DIR/confidence/)")
     run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_run)
@@ -98,13 +134,41 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--out", help="where report.html and figures/ go (default: DIR for one run, the runs' "
                                       "common parent for several)")
     report.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates per interval")
+    report.add_argument("--probe", help="an instrument (`attentropy fit`): adds the Instrument section")
     report.add_argument("--quiet", action="store_true")
     report.set_defaults(func=_report)
+
+    fit = sub.add_parser("fit", help="fit the confidence instrument on graded runs of one model and evaluate it "
+                                     "against the baselines (question-grouped cross-validation)")
+    fit.add_argument("dirs", nargs="+", metavar="RUN", help="graded run directories (one model)")
+    fit.add_argument("--out", required=True, metavar="PROBE", help="the instrument's directory (written)")
+    fit.add_argument("--transfer", nargs="+", metavar="RUN", help="graded runs of other questions to test the "
+                                                                 "fitted methods on (e.g. a SimpleQA run)")
+    fit.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates per interval")
+    fit.add_argument("--seed", type=int, default=0, help="folds, bootstrap and shuffled-label control")
+    fit.add_argument("--force", action="store_true", help="refit even if PROBE is up to date with the runs")
+    fit.add_argument("--quiet", action="store_true")
+    fit.set_defaults(func=_fit)
+
+    score = sub.add_parser("score", help="confidence of every token and answer: of runs (stored beside their "
+                                         "parts) or, with --model, of one question's answer (printed)")
+    score.add_argument("inputs", nargs="+", metavar="RUN_OR_QUESTION",
+                       help="run directories; with --model: the question")
+    score.add_argument("--probe", required=True, help="the instrument (`attentropy fit --out PROBE`)")
+    score.add_argument("--model", help="generate (or, with --answer, read) the answer to a question with this "
+                                       "model (alias, hub id or local directory)")
+    score.add_argument("--answer", help="score this answer (teacher-forced) instead of generating one")
+    score.add_argument("--benchmark", help="protocol of the question: facts/simpleqa (bare question) or "
+                                           "arith/gsm8k (8-shot chain of thought); default: the instrument's first "
+                                           "task")
+    score.add_argument("--max-new-tokens", type=int, help="default: the protocol's")
+    score.add_argument("--json", action="store_true", help="print JSON instead of coloured text")
+    score.set_defaults(func=_score)
 
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (DataError, ModelLoadError, FileNotFoundError) as e:
+    except (DataError, ModelLoadError, FileNotFoundError, InstrumentError) as e:
         print(f"attentropy: error: {e}", file=sys.stderr)
         return 2
     return 0

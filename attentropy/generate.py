@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .capture import Capture, PromptCache, common_prefix_len, prompt_layout, recording_generation
+from .capture import Capture, HiddenSpec, PromptCache, common_prefix_len, prompt_layout, recording_generation
 from .data import FACTUAL, MATH, Question, fewshot_exemplars
 
 # Meta's published Llama 3.2 GSM8K protocol: this user turn, 8 worked exemplars as earlier chat turns,
@@ -223,12 +223,14 @@ def suppress_stops(stops: list[int], prompt_width: int, min_new_tokens: int):
 def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_SHOTS, max_new_tokens: int = 128,
              min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              seed: int = 0, prefix_store: PrefixStore | None = None, record: bool = False,
-             save_maps: set[int] = frozenset()) -> tuple[list[Generation], PromptCache]:
+             save_maps: set[int] = frozenset(), hidden: HiddenSpec = HiddenSpec()
+             ) -> tuple[list[Generation], PromptCache]:
     """Generate answers for one batch; greedy unless `do_sample` (seeded per batch).
 
     The prompts' common prefix is computed once (and kept in `prefix_store` across batches), the rest of each
     prompt is left padded after it. With `record`, every generated token's statistics are read in the decode
-    steps themselves (`Generation.capture`; `save_maps`: batch indices whose full attention rows are kept).
+    steps themselves (`Generation.capture`; `save_maps`: batch indices whose full attention rows are kept;
+    `hidden`: the hidden states of the same rows).
     Returns the generations and the prompts' keys/values, for a later teacher-forced `capture`."""
     from transformers import LogitsProcessorList
 
@@ -250,7 +252,8 @@ def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_S
     if do_sample:
         torch.manual_seed(seed)
     processors = [suppress_stops(stops, input_ids.shape[1], min_new_tokens)] if min_new_tokens else []
-    recording = recording_generation(model, attention_mask, max_new_tokens, save_maps) if record else nullcontext()
+    recording = (recording_generation(model, attention_mask, max_new_tokens, save_maps, hidden, stops) if record
+                 else nullcontext())
     with recording as recorder, packed_linears(model, len(questions)):
         out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
                              cache=cache, max_new_tokens=max_new_tokens, eos_token_id=stops,

@@ -20,7 +20,9 @@ STAT_NAMES = {"entropy": "attention entropy (nats)", "varentropy": "attention va
               "prompt_mass": "mass on the prompt", "diag_mass": "mass on the own token",
               "prev_mass": "mass on the previous token", "logit_entropy": "logit entropy (nats)",
               "logit_varentropy": "logit varentropy (nats²)", "logprob": "log-prob of the token (nats)",
-              "answer_length": "answer length (tokens)"}
+              "answer_length": "answer length (tokens)",
+              "confidence": "token confidence (instrument: P not the wrong moment)",
+              "prefix_confidence": "prefix confidence (instrument: P correct, tokens so far)"}
 HEATMAP_STATS = ("entropy", "varentropy", "entropy_norm", "sink_mass", "prompt_mass", "diag_mass", "prev_mass")
 
 
@@ -195,3 +197,105 @@ def distributions(a: Analysis, out: Path, stem: str) -> Path:
     fig.suptitle(f"{a.name}: answer-level means by label (attention: mean over tokens, layers and heads)",
                  fontsize=9)
     return _save(fig, a.answers, out, stem)
+
+
+# ---------------------------------------------------------------- the instrument (attentropy fit)
+
+METHOD_COLORS = {"instrument": "#d62728", "attention": "#ff9896", "lookback_lens": "#9467bd",
+                 "kind_logit": "#8c564b", "length": "#7f7f7f", "shuffled": "#c7c7c7"}
+
+
+def _method_color(method: str, i: int) -> str:
+    return METHOD_COLORS.get(method, plt.get_cmap("tab10")(i % 10))
+
+
+def roc_curves(predictions: pd.DataFrame, methods: list[str], out: Path, stem: str, title: str) -> Path:
+    """Out-of-fold ROC curves of the instrument and chosen baselines on the same answers (positive: correct)."""
+    from sklearn.metrics import roc_curve
+
+    lab = predictions[predictions.y >= 0]
+    fig, ax = plt.subplots(figsize=(5, 4.6), layout="constrained")
+    rows = []
+    for i, m in enumerate(methods):
+        fpr, tpr, thr = roc_curve(lab.y, lab[f"confidence:{m}"])
+        ax.plot(fpr, tpr, color=_method_color(m, i), lw=2.2 if m == "instrument" else 1.2, label=m)
+        rows.append(pd.DataFrame({"method": m, "fpr": fpr, "tpr": tpr, "threshold": thr}))
+    ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("false positive rate (incorrect answers called correct)")
+    ax.set_ylabel("true positive rate")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, pd.concat(rows, ignore_index=True), out, stem)
+
+
+def reliability(predictions: pd.DataFrame, methods: list[str], out: Path, stem: str, title: str) -> Path:
+    """Reliability diagram: fraction correct against mean confidence per bin of out-of-fold confidence; the
+    marker's area is the bin's number of answers."""
+    from .stats import reliability_table
+
+    lab = predictions[predictions.y >= 0]
+    fig, ax = plt.subplots(figsize=(5, 4.6), layout="constrained")
+    ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--", label="perfect calibration")
+    tables = []
+    for i, m in enumerate(methods):
+        t = reliability_table(lab[f"confidence:{m}"].to_numpy(), lab.y.to_numpy())
+        ax.plot(t.mean_confidence, t.fraction_correct, color=_method_color(m, i), marker=".", label=m)
+        ax.scatter(t.mean_confidence, t.fraction_correct, s=4 * t.n, color=_method_color(m, i), alpha=0.3)
+        tables.append(t.assign(method=m))
+    ax.set_xlabel("mean confidence in the bin")
+    ax.set_ylabel("fraction correct")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, pd.concat(tables, ignore_index=True), out, stem)
+
+
+def coverage_curves(predictions: pd.DataFrame, methods: list[str], out: Path, stem: str, title: str,
+                    operating: pd.DataFrame | None = None) -> Path:
+    """Selective answering: SimpleQA's F-score and correct given attempted against coverage (the share of answers
+    given) as the abstention threshold sweeps the out-of-fold confidences; crosses: the thresholds chosen on
+    training folds, applied to held-out folds."""
+    from .instrument import coverage_curve
+
+    graded = predictions[predictions.label != "unparsed"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained")
+    tables = []
+    for i, m in enumerate(methods):
+        curve = coverage_curve(graded[f"confidence:{m}"].to_numpy(), graded.label.to_numpy())
+        for ax, metric in zip(axes, ("f_score", "correct_given_attempted")):
+            ax.plot(curve.coverage, curve[metric], color=_method_color(m, i), label=m)
+            if operating is not None and m in set(operating.method):
+                point = operating[(operating.method == m)].set_index("metric").value
+                ax.plot(point["coverage"], point[metric], marker="x", ms=9, mew=2, color=_method_color(m, i))
+        tables.append(curve.assign(method=m))
+    for ax, name in zip(axes, ("F-score (SimpleQA's)", "correct given attempted (accuracy of the answers given)")):
+        ax.set_xlabel("coverage (share of answers given)")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlim(0, 1.02)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, pd.concat(tables, ignore_index=True), out, stem)
+
+
+def auroc_bars(rows: pd.DataFrame, methods: list[str], out: Path, stem: str, title: str, group: str = "subset"
+               ) -> Path:
+    """AUROC with its 95 % interval (questions resampled) per subset (e.g. question kind) and method."""
+    subsets = list(dict.fromkeys(rows[group]))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(subsets) * max(1, len(methods)) / 2.5), 4.2),
+                           layout="constrained")
+    width = 0.8 / max(1, len(methods))
+    for i, m in enumerate(methods):
+        r = rows[rows.method == m].set_index(group).reindex(subsets)
+        x = np.arange(len(subsets)) + (i - (len(methods) - 1) / 2) * width
+        ax.bar(x, r.value - 0.5, bottom=0.5, width=width, color=_method_color(m, i), label=m)
+        ax.errorbar(x, r.value, yerr=[r.value - r.lo, r.hi - r.value], fmt="none", ecolor="black", lw=0.8,
+                    capsize=2)
+    ax.axhline(0.5, color="gray", lw=0.8)
+    labels = [s if group != "subset" or "n_positive" not in rows else s for s in subsets]
+    ax.set_xticks(np.arange(len(subsets)), [str(s)[:28] for s in labels], rotation=20, ha="right", fontsize=7)
+    ax.set_ylabel("AUROC (95 % CI)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, rows[rows.method.isin(methods)], out, stem)

@@ -20,13 +20,15 @@ from .store import load_run
 
 MAX_VIEWER_ANSWERS = 300  # per run; the viewer embeds per-token, per-layer values
 PRIMARY = ("entropy", "mean")  # the pre-declared headline test; every other statistic/aggregation is exploratory
-VIEWER_STATS = ("entropy", "varentropy", "entropy_norm", *LOGIT_STATS)
+VIEWER_STATS = ("entropy", "varentropy", "entropy_norm", *LOGIT_STATS, "confidence", "prefix_confidence")
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, n_boot: int = 1000,
-                 seed: int = 0, progress: bool = True) -> Path:
+                 seed: int = 0, probe: str | Path | None = None, progress: bool = True) -> Path:
     """Analyse each graded run and write `out`/report.html and `out`/figures/. `out` defaults to the run
-    directory itself for one run, and to the runs' common parent directory for several."""
+    directory itself for one run, and to the runs' common parent directory for several. `probe`: an instrument
+    directory (`attentropy fit`), whose evaluation becomes the report's Instrument section; the token viewer then
+    colours tokens by its confidences (out of fold for the runs it was fitted on)."""
     run_dirs = [Path(d) for d in run_dirs]
     parent = Path(os.path.commonpath([d.resolve() for d in run_dirs]))
     # a run's name: its directory's name, or with several runs its path below their common parent
@@ -36,8 +38,11 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, n
     for run_dir, name in zip(run_dirs, names):
         if progress:
             print(f"[report] analysing {run_dir}")
-        a = analyze_run(load_run(run_dir), n_boot=n_boot, seed=seed)
+        run = load_run(run_dir)
+        a = analyze_run(run, n_boot=n_boot, seed=seed)
         a.name = name
+        if probe is not None:
+            attach_out_of_fold_confidence(a, probe, run)
         fig_dir = out / "figures" / (name if len(run_dirs) > 1 else "")
         fig_dir.mkdir(parents=True, exist_ok=True)
         a.comparisons.to_parquet(fig_dir / "comparisons.parquet", index=False)
@@ -45,9 +50,14 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, n
         analyses.append(a)
         figures.append(_draw(a, fig_dir))
     out.mkdir(parents=True, exist_ok=True)
+    instrument = ""
+    if probe is not None:
+        if progress:
+            print(f"[report] the instrument {probe}")
+        instrument = instrument_section(Path(probe), out / "figures" / "instrument")
     path = out / "report.html"
     tmp = path.with_name("report.html.tmp")
-    tmp.write_text(_html(analyses, figures), encoding="utf-8")
+    tmp.write_text(_html(analyses, figures, instrument), encoding="utf-8")
     os.replace(tmp, path)
     return path
 
@@ -176,6 +186,7 @@ def viewer_data(a: Analysis, max_answers: int = MAX_VIEWER_ANSWERS) -> dict:
     """Per answer: tokens, label, wrong-moment flags and, per statistic, values per token (attention: per layer,
     mean over heads). Rounded to 4 decimals to keep the page small."""
     tok = a.tokens
+    shown = [s for s in VIEWER_STATS if s in a.layer_means or (s in tok and tok[s].notna().any())]
     answers = []
     groups = tok.groupby("question_id", sort=False).indices
     samples = a.samples.set_index("question_id")
@@ -186,14 +197,15 @@ def viewer_data(a: Analysis, max_answers: int = MAX_VIEWER_ANSWERS) -> dict:
                  "tokens": tok.token.iloc[rows].tolist(),
                  "err": np.flatnonzero(tok.in_error.to_numpy()[rows]).tolist() if "in_error" in tok else [],
                  "values": {}}
-        for stat in VIEWER_STATS:
+        for stat in shown:
             v = a.layer_means[stat][rows] if stat in a.layer_means else tok[stat].to_numpy()[rows]
-            entry["values"][stat] = np.round(v.astype(float), 4).tolist()
+            v = np.round(v.astype(float), 4)
+            entry["values"][stat] = np.where(np.isnan(v), None, v).tolist()  # JSON has no NaN
         answers.append(entry)
     return {"name": a.name, "layers": a.layers, "answers": answers, "n_answers": len(a.answers),
             "labels": sorted(a.answers.label.unique()),
-            "attention_stats": [s for s in VIEWER_STATS if s in a.layer_means],
-            "stat_names": {s: plots.STAT_NAMES[s] for s in VIEWER_STATS}}
+            "attention_stats": [s for s in shown if s in a.layer_means],
+            "stat_names": {s: plots.STAT_NAMES[s] for s in shown}}
 
 
 # ---------------------------------------------------------------- html
@@ -210,7 +222,218 @@ def _side_by_side(cells: list[str]) -> str:
         "".join(f"<div>{c}</div>" for c in cells) + "</div>"
 
 
-def _html(analyses: list[Analysis], figures: list[dict]) -> str:
+def attach_out_of_fold_confidence(a: Analysis, probe: str | Path, run) -> None:
+    """The viewer's confidences for a run the instrument was fitted on: its out-of-fold ones (a score by the
+    instrument itself would be in-sample); other runs keep what `attentropy score` stored, if anything."""
+    import pandas as pd
+
+    from .instrument import run_info
+
+    fingerprint = run_info(run)["fingerprint"]
+    oof = pd.read_parquet(Path(probe) / "token_predictions.parquet")
+    oof = oof[oof.run_fingerprint == fingerprint]
+    if not len(oof):
+        return
+    key = pd.MultiIndex.from_frame(a.tokens[["question_id", "pos"]])
+    oof = oof.set_index(["question_id", "pos"])
+    a.tokens["prefix_confidence"] = oof.prefix_confidence.reindex(key).to_numpy()
+    a.tokens["confidence"] = (oof["confidence:instrument"].reindex(key).to_numpy()
+                              if "confidence:instrument" in oof else np.nan)
+
+
+def _cell(row) -> str:
+    return f"{row['value']:.3f} [{row['lo']:.3f}, {row['hi']:.3f}]"
+
+
+def _table(header: list[str], rows: list[list[str]], highlight: int | None = None) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(("<tr class=hl>" if i == highlight else "<tr>") + "".join(f"<td>{c}</td>" for c in r) + "</tr>"
+                   for i, r in enumerate(rows))
+    return f"<table class=metrics><tr>{head}</tr>{body}</table>"
+
+
+def instrument_section(probe: Path, fig_dir: Path) -> str:
+    """The Instrument section: what was fitted, the metrics of every method on the same out-of-fold answers,
+    in and out of distribution, selective answering, prefix and token confidence, with figures."""
+    import pandas as pd
+
+    from .instrument import TOKEN_COMPARISON_TITLES, load_instrument
+
+    esc = html.escape
+    inst = load_instrument(probe)
+    ev = pd.read_csv(probe / "evaluation.csv")
+    preds = pd.read_parquet(probe / "predictions.parquet")
+    meta = inst.meta
+    runs = ", ".join(f"{Path(r['path']).name} ({r['benchmark']}, {r['answers']} answers)"
+                     for r in meta["training_runs"])
+    parts = [f"<h2 id=instrument>Instrument</h2><p class=meta><code>{esc(str(probe))}</code> · fitted on {esc(runs)} · model "
+             f"{esc(str(inst.identity['name']))} · {len(inst.identity['layers'])} layers × {inst.identity['n_heads']} "
+             f"heads · answer models: {', '.join(sorted(inst.answer_models))}; token model: "
+             f"{'yes' if inst.token_model is not None else 'no (no wrong moments to learn from)'}</p>",
+             "<ul><li>Answer confidence: P(correct) from the answer's mean attention statistics per layer × head "
+             "(entropy / ln K, varentropy / (ln K)², masses on the first token, the prompt, the own and the previous "
+             "token) and its logit statistics; an L2 logistic probe, its strength chosen inside the training folds, "
+             "calibrated (Platt) on inner out-of-fold scores. Prefix confidence: the same on the tokens so far. "
+             "Token confidence: P(not the critic's wrong moment) from the token's own statistics per layer.</li>"
+             f"<li>Every number below is out of fold ({meta['evaluation']['folds']}-fold cross-validation grouped by "
+             "question: no question is in two folds), every method on the same answers and folds; 95 % intervals "
+             "resample questions; Δ AUROC = instrument − method on the same resamples. Each baseline's direction "
+             "and scale are calibrated on the training folds, which can only help it.</li></ul>"]
+    roles = {m: d["role"] for m, d in meta["methods"].items()}
+    descriptions = {m: d["description"] for m, d in meta["methods"].items()}
+    descriptions.update({f"token:{m}": d["description"] for m, d in meta["token_methods"].items()})
+    for task, rows in ev.groupby("task", sort=False):
+        summary = meta["evaluation"]["summary"][task]
+        best_logit = summary["best_logit_baseline"]
+        task_preds = preds[preds.task == task]
+        parts.append(f"<h3>{esc(task)} answers: {summary['answers']} ("
+                     + ", ".join(f"{k} {v}" for k, v in summary["labels"].items()) + ")</h3>")
+        parts.append("<ul>" + "".join(f"<li>{line}</li>" for line in instrument_findings(rows, summary)) + "</ul>")
+        ind = rows[rows.evaluation == "in_distribution"]
+        table = []
+        order = [m for m in roles if m in set(ind.method)]
+        for m in order:
+            r = ind[ind.method == m].set_index("metric")
+            gain = r.loc["auroc_gain_of_instrument"] if "auroc_gain_of_instrument" in r.index else None
+            table.append([f"<b title='{esc(descriptions[m])}'>{esc(m)}</b>", esc(roles[m]), _cell(r.loc["auroc"]),
+                          "—" if gain is None else _cell(gain), f"{r.loc['auprc', 'value']:.3f}",
+                          f"{r.loc['prr', 'value']:.3f}", f"{r.loc['brier', 'value']:.3f}",
+                          f"{r.loc['ece', 'value']:.3f}"])
+        parts.append("<p>In distribution, out of fold (AUPRC: finding the incorrect answers; PRR: "
+                     "prediction-rejection ratio as lm-polygraph defines it):</p>" + _table(
+                         ["method", "role", "AUROC [95 % CI]", "Δ AUROC of the instrument", "AUPRC", "PRR",
+                          "Brier", "ECE"], table, highlight=0))
+        kinds = rows[rows.evaluation.isin(["within_kind", "leave_one_kind_out"]) & (rows.metric == "auroc")]
+        if kinds.subset.nunique() > 1:
+            ktable = []
+            for kind, kr in kinds.groupby("subset", sort=False):
+                def get(evaluation, method):
+                    r = kr[(kr.evaluation == evaluation) & (kr.method == method)]
+                    return _cell(r.iloc[0]) if len(r) else "—"
+                first = kr.iloc[0]
+                ktable.append([esc(kind), f"{int(first.n_positive)} / {int(first.n_negative)}",
+                               get("within_kind", "instrument"), get("within_kind", best_logit),
+                               get("within_kind", "kind_logit"), get("leave_one_kind_out", "instrument"),
+                               get("leave_one_kind_out", best_logit)])
+            parts.append("<p>By question kind: within the kind (out of fold, same models as above) and leave one "
+                         "kind out (fitted on the other kinds only):</p>" + _table(
+                             ["kind", "correct / incorrect", "instrument (within)", f"{best_logit} (within)",
+                              "kind + logit (within)", "instrument (kind left out)", f"{best_logit} (kind left out)"],
+                             ktable))
+        shown = ["instrument", "attention", best_logit, "kind_logit", "lookback_lens"]
+        out = fig_dir / task
+        figs = [("ROC curves, out of fold", plots.roc_curves(task_preds, shown, out, "roc",
+                                                             f"{task}: ROC, out of fold")),
+                ("reliability of the calibrated confidence", plots.reliability(
+                    task_preds, ["instrument", best_logit], out, "reliability", f"{task}: reliability, out of fold"))]
+        sel = rows[rows.evaluation == "selective"]
+        figs.append(("selective answering: F-score and accuracy of the answers given against coverage",
+                     plots.coverage_curves(task_preds, ["instrument", best_logit], out, "coverage",
+                                           f"{task}: abstain below a confidence threshold (curves: every threshold; "
+                                           "x: threshold chosen on training folds)", sel)))
+        if kinds.subset.nunique() > 1:
+            for evaluation, caption in (("within_kind", "AUROC within each question kind"),
+                                        ("leave_one_kind_out", "AUROC on a kind left out of fitting")):
+                kr = kinds[kinds.evaluation == evaluation]
+                if len(kr):
+                    figs.append((caption, plots.auroc_bars(kr, ["instrument", best_logit, "kind_logit"], out,
+                                                           evaluation, f"{task}: {caption}")))
+        prefix = rows[rows.evaluation == "prefix"]
+        if len(prefix):
+            figs.append(("prefix confidence: AUROC of the answer's correctness from its first k tokens",
+                         plots.auroc_bars(prefix, ["instrument"], out, "prefix",
+                                          f"{task}: prefix confidence after k tokens")))
+        parts.append(_side_by_side([_img(p, cap) for cap, p in figs[:2]]))
+        parts.append(_side_by_side([_img(p, cap) for cap, p in figs[2:3]]))
+        if figs[3:]:
+            parts.append(_side_by_side([_img(p, cap) for cap, p in figs[3:]]))
+        if len(sel):
+            stable = []
+            for m, r in sel.groupby("method", sort=False):
+                r = r.set_index("metric")
+                stable.append([esc(m)] + [_cell(r.loc[k]) for k in ("coverage", "correct", "correct_given_attempted",
+                                                                      "f_score")])
+            parts.append("<p>Selective answering: an answer whose confidence is below the threshold chosen on "
+                         "its training folds (highest F-score there) becomes <i>not attempted</i>; held-out folds "
+                         "pooled:</p>" + _table(["policy", "coverage", "correct", "correct given attempted",
+                                                 "F-score"], stable))
+        tokens = rows[rows.evaluation.str.startswith("token:") & (rows.metric == "auroc")]
+        if len(tokens):
+            ttable = []
+            for evaluation, tr in tokens.groupby("evaluation", sort=False):
+                tr = tr.set_index("method")
+                first = tr.iloc[0]
+                ttable.append([esc(TOKEN_COMPARISON_TITLES[evaluation[6:]]),
+                               f"{int(first.n_positive)} / {int(first.n_negative)}"]
+                              + [_cell(tr.loc[m]) if m in tr.index else "—" for m in
+                                 ("instrument", "logit_probe", "logprob", "logit_entropy", "position")])
+            parts.append("<p>Token confidence: AUROC of finding the critic's wrong-moment tokens by low confidence "
+                         "(intervals resample questions). The type-matched rows are the ones that say whether the "
+                         "instrument sees an error rather than a kind of token.</p>" + _table(
+                             ["comparison", "wrong-moment / other tokens", "instrument", "logit probe",
+                              "token log-prob", "logit entropy", "position (control)"], ttable))
+            tbars = tokens.assign(subset=tokens.evaluation.str[6:])
+            parts.append(_side_by_side([_img(plots.auroc_bars(
+                tbars, ["instrument", "logit_probe", "logprob", "position"], out, "tokens",
+                f"{task}: token confidence, wrong moment vs other tokens"), "token confidence by comparison")]))
+        parts.append("<p class=meta>Methods: " + "; ".join(
+            f"<b>{esc(m)}</b> ({esc(roles[m])}): {esc(descriptions[m])}" for m in roles) + ".</p>")
+    return "".join(parts)
+
+
+def instrument_findings(rows, summary: dict) -> list[str]:
+    """Plain sentences on one task's evaluation: in distribution against the strongest baseline and control,
+    within and across question kinds, the shuffled-label control, selective answering."""
+    from .instrument import LOGIT_BASELINES, MIN_TO_CONCLUDE
+
+    auc = rows.query("evaluation == 'in_distribution' and metric == 'auroc'").set_index("method")
+    gain = rows.query("evaluation == 'in_distribution' and metric == 'auroc_gain_of_instrument'").set_index("method")
+    lines = [f"In distribution the instrument's AUROC is {_cell(auc.loc['instrument'])}; attention alone "
+             f"{_cell(auc.loc['attention'])}."]
+    for label, pool in (("the strongest of the logit, kind and length baselines and their combination",
+                         [*LOGIT_BASELINES, "length", "kind", "kind_logit"]),
+                        ("the strongest of all baselines and controls (published attention detectors included)",
+                         [m for m in auc.index if m not in ("instrument", "attention", "shuffled")])):
+        best = auc.loc[[m for m in pool if m in auc.index]].value.idxmax()
+        g = gain.loc[best]
+        verdict = ("above it, the paired interval above 0" if g.lo > 0 else
+                   "not distinguishable from it (the paired interval covers 0)" if g.hi >= 0 else "below it")
+        lines.append(f"Against {label}, {best} {_cell(auc.loc[best])}: Δ AUROC {_cell(g)}, {verdict}.")
+    strat = rows.query("evaluation == 'stratified' and metric == 'auroc'").set_index("method")
+    if len(strat):
+        sbest = strat.drop(index=["instrument", "attention", "shuffled"], errors="ignore").value.idxmax()
+        lines.append(f"Pairs within a question kind only (the kind cannot help): instrument "
+                     f"{_cell(strat.loc['instrument'])}, best other {sbest} {_cell(strat.loc[sbest])}.")
+    within = rows.query("evaluation == 'within_kind' and metric == 'auroc'")
+    big = within[(within.n_positive >= MIN_TO_CONCLUDE) & (within.n_negative >= MIN_TO_CONCLUDE)]
+    if big.subset.nunique():
+        wins = []
+        for kind, kr in big.groupby("subset"):
+            kr = kr.set_index("method")
+            rival = kr.drop(index=["instrument", "attention", "shuffled"], errors="ignore").value.idxmax()
+            wins.append(kr.loc["instrument", "value"] > kr.loc[rival, "value"])
+        lines.append(f"Within the kinds with at least {MIN_TO_CONCLUDE} correct and {MIN_TO_CONCLUDE} incorrect "
+                     f"answers the instrument has the highest AUROC in {sum(wins)} of {len(wins)}.")
+    loko = rows.query("evaluation == 'leave_one_kind_out' and metric == 'auroc'")
+    if loko.subset.nunique():
+        means = loko.groupby("method").value.mean()
+        logit_best = means[[m for m in LOGIT_BASELINES if m in means]].idxmax()
+        worse = means["instrument"] < means[logit_best]
+        lines.append(f"On a question kind left out of fitting (mean over {loko.subset.nunique()} kinds) the "
+                     f"instrument's AUROC is {means['instrument']:.3f} against {means[logit_best]:.3f} for "
+                     f"{logit_best}" + (": <b>on a new kind of question the logit baseline is the better score; "
+                                        "fit the instrument on the kinds of questions it will score</b>."
+                                        if worse else "."))
+    lines.append(f"Shuffled-label control (must be at chance): {_cell(auc.loc['shuffled'])}.")
+    sel = rows.query("evaluation == 'selective' and metric == 'f_score'").set_index("method")
+    if "instrument" in sel.index:
+        lines.append(f"Selective answering, F-score: answering everything {_cell(sel.loc['answer_everything'])}, "
+                     f"abstaining by the instrument {_cell(sel.loc['instrument'])}, by {summary['best_logit_baseline']}"
+                     f" {_cell(sel.loc[summary['best_logit_baseline']])}.")
+    return lines
+
+
+def _html(analyses: list[Analysis], figures: list[dict], instrument: str = "") -> str:
     esc = html.escape
     parts = [f"<h1>attentropy report</h1><p class=meta>{esc(', '.join(a.name for a in analyses))} · generated "
              f"{time.strftime('%Y-%m-%d %H:%M')} by attentropy {__version__}. Every figure's numbers are in "
@@ -254,6 +477,7 @@ def _html(analyses: list[Analysis], figures: list[dict]) -> str:
             extra = f"<details><summary>max and first-{FIRST_K} aggregations</summary>{more}</details>" if more else ""
             cells.append(f"<h3>{esc(a.name)}: {esc(c.title)}</h3><ul>{text}</ul>{imgs}{extra}")
         parts.append(_side_by_side(cells))
+    parts.append(instrument)
     parts.append("<h2>Profiles, quadrants and distributions</h2>")
     for same_kind in zip(*(f["profiles"] for f in figures)):  # profiles, quadrants, distributions
         parts.append(_side_by_side([_img(p, cap) for cap, p in same_kind]))
@@ -277,6 +501,7 @@ h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; margin-top: 1.6
 .runs { display: grid; gap: 1.2em; align-items: start; }
 table { border-collapse: collapse; font-size: 13px; } th, td { text-align: left; padding: 2px 8px; }
 th { color: #555; font-weight: 600; } tr:nth-child(odd) { background: #f5f5f5; }
+table.metrics td { white-space: nowrap; } table.metrics tr.hl { background: #fde7e7; }
 figure { margin: 0.6em 0; } figure img { max-width: 100%; } figcaption { font-size: 12px; color: #555; }
 #controls { position: sticky; top: 0; background: #fff; padding: 6px 0; border-bottom: 1px solid #ddd; z-index: 1; }
 #controls label { margin-right: 1em; } #hover { font-family: monospace; font-size: 12px; min-height: 1.4em; }
@@ -371,9 +596,13 @@ VIEWER_JS = r"""
     document.getElementById('hi').textContent = hi === undefined ? '' : hi.toFixed(3);
     box.querySelectorAll('.tok').forEach(span => {
       const answer = run.answers[span.dataset.a], v = value(run, answer, Number(span.dataset.t));
+      const what = `${statSel.options[statSel.selectedIndex].text}, ${layerSel.options[layerSel.selectedIndex].text}`;
+      if (!Number.isFinite(v)) {  // e.g. no confidence for this answer
+        span.style.backgroundColor = ''; span.style.color = ''; span.title = `${what}: no value`; return;
+      }
       const [bg, fg] = colour(hi > lo ? (v - lo) / (hi - lo) : 0.5);
       span.style.backgroundColor = bg; span.style.color = fg;
-      span.title = `${statSel.options[statSel.selectedIndex].text}, ${layerSel.options[layerSel.selectedIndex].text}: ${v.toFixed(4)}`;
+      span.title = `${what}: ${v.toFixed(4)}`;
     });
   }
   function filter() {

@@ -16,9 +16,10 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .capture import ATTN_STATS, TOKEN_STATS, recorded_layers
+from .capture import ATTN_STATS, TOKEN_STATS, HiddenSpec, recorded_layers
 from .data import ARITH_DEFAULT_DIFFICULTY, load_questions
 from .generate import MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS, PrefixStore, generate, protocol_kind
+from .instrument import answers_from_generations
 from .model import DEFAULT_MODEL, load_model
 from .store import append_batch, done_question_ids, load_run, write_json
 
@@ -45,8 +46,12 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
                   shots: int = MATH_SHOTS, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                   seed: int = 0, difficulty: int = ARITH_DEFAULT_DIFFICULTY, dtype: str = "auto",
                   device: str = "auto", device_map: str | None = None, save_attention: tuple[str, ...] = (),
-                  attn_dtype: str = "float32", progress: bool = True) -> dict:
-    """Generate and capture every question not yet in `out`; return a summary of the whole run directory."""
+                  attn_dtype: str = "float32", probe: str | Path | None = None, hidden_layers: str | None = None,
+                  hidden_token_layers: str | None = None, progress: bool = True) -> dict:
+    """Generate and capture every question not yet in `out`; return a summary of the whole run directory.
+    `probe`: an instrument directory; every new batch is scored as it is generated (DIR/confidence/).
+    `hidden_layers`, `hidden_token_layers`: hidden states kept (`hidden_spec`); default: `auto` and none for a new
+    run, the run's own for a resumed one."""
     out = Path(out)
     questions = load_questions(benchmark, data, offset=offset, limit=limit, seed=seed, difficulty=difficulty)
     kind = protocol_kind(benchmark)
@@ -71,6 +76,15 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
     if todo or previous is None:
         mdl, tok, info = load_model(model, dtype=dtype, device=device, device_map=device_map)
         text_config = mdl.config.get_text_config()
+        kept = ((previous or {}).get("capture") or {}).get("hidden") or {}
+
+        def setting(given: str | None, key: str, new_run: str) -> str:  # a resumed run keeps its own by default
+            if given:
+                return given
+            return new_run if previous is None else ",".join(map(str, kept.get(key, []))) or "none"
+
+        hidden = hidden_spec(text_config.num_hidden_layers, setting(hidden_layers, "layers", "auto"),
+                             setting(hidden_token_layers, "token_layers", "none"))
         config = {
             "attentropy_version": __version__, "git_commit": git_commit(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -84,6 +98,13 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
                         "row_convention": "completion token t <- query row len(prompt)-1+t", "units": "nats"},
             "packages": {p: importlib.metadata.version(p) for p in PACKAGES},
         }
+        if hidden:
+            config["capture"]["hidden"] = {
+                "layers": list(hidden.layers), "token_layers": list(hidden.token_layers),
+                "size": text_config.hidden_size,
+                "index": "transformers' output_hidden_states: 0 the embeddings, i after block i, the last after the "
+                         "final norm",
+                "rows": "the rows that predicted the completion tokens (inputs: last prompt token, completion[:-1])"}
         if previous is not None:
             for key in IDENTITY_KEYS:
                 if previous.get(key) != config.get(key):
@@ -93,6 +114,7 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
         else:
             out.mkdir(parents=True, exist_ok=True)
             write_json(config_path, config)
+    instrument = _live_instrument(probe, out, config if mdl is not None else previous) if probe else None
 
     started = time.perf_counter()
     new_tokens = 0
@@ -105,14 +127,65 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
         # [0]: the prompts' keys/values are not needed here; dropped now, they are not held while the batch is stored
         gens = generate(mdl, tok, batch, shots=shots, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_p=top_p, seed=seed + lo, prefix_store=prefix_store,
-                        record=True, save_maps=wanted)[0]
-        append_batch(out, gens, tok, attn_dtype=attn_dtype)
+                        record=True, save_maps=wanted, hidden=hidden)[0]
+        scores = None
+        if instrument is not None:
+            scores = instrument.score(answers_from_generations(gens, config["capture"]["layers"],
+                                                               config["capture"]["n_heads"], attn_dtype))
+        append_batch(out, gens, tok, attn_dtype=attn_dtype, confidence=scores)
         new_tokens += sum(len(g.completion_ids) for g in gens)
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
     bar.close()
     elapsed = time.perf_counter() - started
     return summarize(out, new_tokens=new_tokens, seconds=elapsed)
+
+
+HIDDEN_AUTO = 9  # hidden-state indices kept per answer by default, evenly spaced from the embeddings to the last
+
+
+def hidden_spec(n_layers: int, layers: str = "auto", token_layers: str = "none") -> HiddenSpec:
+    """The hidden states a run keeps, by `output_hidden_states` index 0 .. n_layers: `auto` (per answer: 9 evenly
+    spaced indices, the embeddings, the middle and the last included; per token: the three at 1/3, 1/2 and 2/3 of
+    the depth), `all`, `none` or a comma-separated list. Per answer, SmolLM2-135M (576 wide) at `auto` stores
+    9 x 576 x 2 float32 = 41 kB; per token, `auto` adds 3 x 576 float16 = 3.5 kB."""
+    def parse(value: str, auto: list[int]) -> tuple[int, ...]:
+        if value == "auto":
+            return tuple(auto)
+        if value == "all":
+            return tuple(range(n_layers + 1))
+        if value in ("none", ""):
+            return ()
+        try:
+            chosen = tuple(sorted({int(x) for x in value.split(",")}))
+        except ValueError:
+            raise ValueError(f"hidden-state layers must be auto, all, none or indices like 0,8,15; got {value!r}")
+        if chosen[0] < 0 or chosen[-1] > n_layers:
+            raise ValueError(f"hidden-state indices run from 0 (embeddings) to {n_layers}; got {value!r}")
+        return chosen
+
+    spread = sorted({int(round(x)) for x in np.linspace(0, n_layers, HIDDEN_AUTO)})
+    return HiddenSpec(parse(layers, spread), parse(token_layers, [n_layers // 3, n_layers // 2, 2 * n_layers // 3]))
+
+
+def _live_instrument(probe, out: Path, config: dict):
+    """The instrument that scores a run while it generates: it must belong to the run's model and layout, and a
+    run already scored by another instrument is not mixed with this one."""
+    from .instrument import InstrumentError, load_instrument, model_identity, probe_stamp
+
+    instrument = load_instrument(probe)
+    instrument.check(model_identity(config, config["capture"]["layers"], config["capture"]["n_heads"]),
+                     f"the run {out}")
+    stamp_path = out / "confidence" / "probe.json"
+    if stamp_path.exists():
+        previous = json.loads(stamp_path.read_text())
+        if previous.get("fingerprint") != instrument.fingerprint:
+            raise InstrumentError(f"{out} was scored by another instrument ({previous.get('fingerprint')}); "
+                                  f"rescore it with `attentropy score --probe {probe} {out}` or choose another --out")
+    else:
+        stamp_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(stamp_path, probe_stamp(instrument))
+    return instrument
 
 
 def summarize(out: str | Path, new_tokens: int = 0, seconds: float = 0.0) -> dict:

@@ -9,6 +9,12 @@ Layout of DIR:
     tokens/part-NNNNN.parquet    one row per completion token
     attn/part-NNNNN.parquet      one column per attention statistic, each row a (layer x head) vector
     attention_maps/<id>.npz      full attention rows of chosen questions (--save-attention)
+    hidden/part-NNNNN.parquet    per answer: hidden states (config capture.hidden.layers) of the last prompt token
+                                 (`last_prompt`) and their mean over the answer's rows (`answer_mean`), float32
+    hidden_tokens/part-NNNNN.parquet  per token: hidden states of capture.hidden.token_layers, float16 (optional)
+    confidence/part-NNNNN.parquet  per token: confidence and prefix_confidence from an instrument (`attentropy score`,
+                                 or `attentropy run --probe`, which writes it before the batch's samples part);
+                                 confidence/probe.json names the instrument
 A part is written to a temporary name and renamed, so a file either is complete or does not exist; a batch
 whose samples part is missing was not committed and is redone on resume.
 """
@@ -60,8 +66,10 @@ def done_question_ids(run_dir: Path) -> set[str]:
     return ids
 
 
-def append_batch(run_dir: Path, generations: list[Generation], tokenizer, attn_dtype: str = "float32") -> str:
-    """Write one batch of captured generations as a new part (attn, tokens, then samples last); return its name."""
+def append_batch(run_dir: Path, generations: list[Generation], tokenizer, attn_dtype: str = "float32",
+                 confidence: pd.DataFrame | None = None) -> str:
+    """Write one batch of captured generations as a new part (attn, tokens, confidence when given, then samples
+    last); return its name."""
     captures = [g.capture for g in generations]
     if any(c is None for c in captures):
         raise ValueError("append_batch needs generations with their capture (generate(..., record=True))")
@@ -124,6 +132,20 @@ def append_batch(run_dir: Path, generations: list[Generation], tokenizer, attn_d
     _write_parquet(attn_table, run_dir / "attn" / f"{part}.parquet", use_dictionary=False,
                    use_byte_stream_split=attn_dtype == "float32")  # float16 split needs pyarrow >= 16
     _write_parquet(tokens, run_dir / "tokens" / f"{part}.parquet")
+    if captures[0].hidden_mean is not None:  # every answer of a run has the same hidden-state layout
+        _write_parquet(pa.table({
+            "question_id": [g.question.id for g in generations],
+            "last_prompt": _vectors(np.stack([c.hidden_last_prompt for c in captures]), np.float32),
+            "answer_mean": _vectors(np.stack([c.hidden_mean for c in captures]), np.float32)}),
+            run_dir / "hidden" / f"{part}.parquet", use_dictionary=False,
+            use_byte_stream_split=["last_prompt.list.element", "answer_mean.list.element"])
+    if captures[0].hidden_tokens is not None:
+        _write_parquet(pa.table({
+            "question_id": token_rows["question_id"], "pos": pa.array(token_rows["pos"], pa.int32()),
+            "hidden": _vectors(np.concatenate([c.hidden_tokens for c in captures]), np.float16)}),
+            run_dir / "hidden_tokens" / f"{part}.parquet", use_dictionary=False)
+    if confidence is not None:
+        write_confidence(run_dir, part, confidence)
     _write_parquet(samples, run_dir / "samples" / f"{part}.parquet")  # commits the batch
     return part
 
@@ -153,6 +175,40 @@ class Run:
             return np.zeros((0, len(self.layers), self.n_heads), np.float32)
         return np.concatenate(chunks).astype(np.float32, copy=False)
 
+    def hidden(self, kind: str = "answer_mean", layers: list[int] | None = None) -> np.ndarray:
+        """float32 (n_answers, len(layers), hidden size), rows aligned with `samples`: the residual stream at the
+        last prompt token (`last_prompt`) or its mean over the answer's rows (`answer_mean`), at the given
+        hidden-state indices (0: the embeddings; default: all kept, `config['capture']['hidden']['layers']`)."""
+        kept, size = self._hidden_layout("layers")
+        if kind not in ("last_prompt", "answer_mean"):
+            raise KeyError(f"unknown hidden-state summary {kind!r}; expected last_prompt or answer_mean")
+        return self._read_vectors("hidden", kind, kept, size, layers)
+
+    def hidden_tokens(self, layers: list[int] | None = None) -> np.ndarray:
+        """float16 (n_tokens, len(layers), hidden size), rows aligned with `tokens`: every answer row's hidden
+        states (`attentropy run --hidden-token-layers`)."""
+        kept, size = self._hidden_layout("token_layers")
+        return self._read_vectors("hidden_tokens", "hidden", kept, size, layers)
+
+    def _hidden_layout(self, key: str) -> tuple[list[int], int]:
+        spec = self.config.get("capture", {}).get("hidden") or {}
+        if not spec.get(key):
+            raise KeyError(f"{self.path} holds no hidden states ({key}); record them with `attentropy run "
+                           f"--hidden-{key.replace('_', '-')} ...`")
+        return list(spec[key]), int(spec["size"])
+
+    def _read_vectors(self, kind: str, column: str, kept: list[int], size: int, layers) -> np.ndarray:
+        wanted = kept if layers is None else list(layers)
+        missing = [i for i in wanted if i not in kept]
+        if missing:
+            raise KeyError(f"hidden states {missing} were not kept in {self.path} (kept: {kept})")
+        chunks = []
+        for part in self.parts:
+            values = pq.read_table(self.path / kind / f"{part}.parquet", columns=[column])[column]
+            values = values.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, len(kept), size)
+            chunks.append(values[:, [kept.index(i) for i in wanted]])
+        return np.concatenate(chunks) if chunks else np.zeros((0, len(wanted), size), np.float32)
+
     def attention_map(self, question_id: str) -> dict[int, np.ndarray]:
         """Saved full attention rows of one question: layer -> [n_heads, n_completion_tokens, n_keys]."""
         path = self.path / "attention_maps" / f"{question_id}.npz"
@@ -160,6 +216,23 @@ class Run:
             raise KeyError(f"no attention map saved for {question_id!r} (run with --save-attention {question_id})")
         with np.load(path) as z:
             return {int(k.split("_")[1]): z[k] for k in z.files if k.startswith("layer_")}
+
+
+def _vectors(values: np.ndarray, dtype) -> pa.FixedSizeListArray:
+    """Rows of `values` [n, ...] as fixed-size lists of their flattened values."""
+    flat = np.ascontiguousarray(values, dtype=dtype).reshape(len(values), -1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+
+
+
+
+def write_confidence(run_dir: Path, part: str, scores: pd.DataFrame) -> None:
+    """One part's token confidences (rows: the part's tokens, in order)."""
+    table = pa.table({"question_id": pa.array(scores["question_id"], pa.string()),
+                      "pos": pa.array(scores["pos"], pa.int32()),
+                      "confidence": pa.array(scores["confidence"], pa.float32()),
+                      "prefix_confidence": pa.array(scores["prefix_confidence"], pa.float32())})
+    _write_parquet(table, Path(run_dir) / "confidence" / f"{part}.parquet")
 
 
 def _read_parts(run_dir: Path, kind: str, parts: list[str]) -> pd.DataFrame:
@@ -189,5 +262,11 @@ def load_run(path: str | Path) -> Run:
             located = start >= 0
             tokens["in_error"] = located & (tokens.pos.to_numpy() >= start) & (tokens.pos.to_numpy() < end)
             tokens["after_error"] = located & (tokens.pos.to_numpy() >= end)
+    scored = [part for part in parts if (run_dir / "confidence" / f"{part}.parquet").exists()]
+    if scored and len(tokens):  # instrument scores (`attentropy score`, `run --probe`); NaN where a part has none
+        scores = _read_parts(run_dir, "confidence", scored)
+        tokens = tokens.merge(scores, on=["question_id", "pos"], how="left")
+        last = tokens.groupby("question_id", sort=False).prefix_confidence.last()  # the whole answer's prefix
+        samples["answer_confidence"] = samples.question_id.map(last).astype(float)
     return Run(path=run_dir, config=config, samples=samples, tokens=tokens, layers=config["capture"]["layers"],
                n_heads=config["capture"]["n_heads"], parts=parts)

@@ -31,6 +31,21 @@ def tiny_llama():
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded):
+    """A tiny random Llama saved as a local model directory with the embedded model's tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    _, tokenizer, _ = embedded
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=2,
+                                                            eos_token_id=2))
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M-Instruct (model, tokenizer, info)."""
     from attentropy.model import load_model

@@ -24,11 +24,14 @@ class CharTokenizer:
 
 def write_synthetic_run(path, *, benchmark="arith", labels=None, n_questions=60, n_layers=4, n_heads=3,
                         n_tokens=(12, 30), planted=None, shift=0.8, wrong_moment_shift=0.0, seed=0,
-                        prompt_len=40) -> Path:
+                        prompt_len=40, kinds=None, model="synthetic", hidden=None, hidden_shift=0.0) -> Path:
     """A graded run. `labels`: one per question (default: alternating correct / incorrect). `planted`: (layer
     index, head) whose attention entropy is raised by `shift` in every token of incorrect answers. Math runs get a
     3-token wrong-moment span in each incorrect answer, its entropy at every cell raised by `wrong_moment_shift`.
-    Each question has its own offset (tokens of one answer are correlated, as in real runs)."""
+    Each question has its own offset (tokens of one answer are correlated, as in real runs). `kinds`: one question
+    kind per question (facts' metadata), `model`: the model name in config.json. `hidden`: (kept hidden-state
+    indices, width): random hidden states per answer, those of incorrect answers moved by `hidden_shift` along one
+    direction at the second kept index."""
     rng = np.random.default_rng(seed)
     path = Path(path)
     labels = list(labels) if labels is not None else ["incorrect" if i % 2 else "correct"
@@ -47,11 +50,18 @@ def write_synthetic_run(path, *, benchmark="arith", labels=None, n_questions=60,
             start = int(rng.integers(2, n - 5))
             end = start + 3
             attn[start:end, :, :, ENTROPY] += wrong_moment_shift
-        q = Question(id=f"{benchmark}-{i:05d}", benchmark=benchmark, question=f"question {i}?", target=str(i))
+        q = Question(id=f"{benchmark}-{i:05d}", benchmark=benchmark, question=f"question {i}?", target=str(i),
+                     metadata={"kind": kinds[i]} if kinds is not None else {})
         completion_ids = rng.integers(0, 26, size=n).tolist()
         capture = Capture(attn=attn, logprob=-rng.exponential(1.0, n).astype(np.float32),
                           logit_entropy=rng.exponential(1.0, n).astype(np.float32),
                           logit_varentropy=rng.exponential(1.0, n).astype(np.float32), n_keys=n_keys)
+        if hidden is not None:
+            layers, width = hidden
+            capture.hidden_last_prompt = rng.normal(0, 1, (len(layers), width)).astype(np.float32)
+            capture.hidden_mean = rng.normal(0, 1, (len(layers), width)).astype(np.float32)
+            if label == "incorrect":
+                capture.hidden_mean[1] += hidden_shift * np.ones(width, np.float32) / np.sqrt(width)
         gens.append(Generation(q, list(range(prompt_len)), completion_ids, CharTokenizer().decode(completion_ids),
                                "stop", capture))
         grades.append({"question_id": q.id, "label": label, "grader": "synthetic",
@@ -61,9 +71,11 @@ def write_synthetic_run(path, *, benchmark="arith", labels=None, n_questions=60,
     path.mkdir(parents=True, exist_ok=True)
     write_json(path / "config.json", {
         "attentropy_version": "test", "git_commit": None, "benchmark": benchmark,
-        "model": {"name": "synthetic", "architecture": "none", "dtype": "float32", "revision": "0"},
+        "model": {"name": model, "architecture": "none", "dtype": "float32", "revision": "0"},
         "protocol": {"kind": "math" if benchmark == "arith" else "factual", "max_new_tokens": n_tokens[1]},
-        "capture": {"layers": list(range(n_layers)), "n_heads": n_heads}})
+        "capture": {"layers": list(range(n_layers)), "n_heads": n_heads,
+                    **({"hidden": {"layers": list(hidden[0]), "token_layers": [], "size": hidden[1]}}
+                       if hidden is not None else {})}})
     for lo in range(0, len(gens), 16):
         append_batch(path, gens[lo:lo + 16], CharTokenizer())
     _write_parquet(pa.Table.from_pandas(pd.DataFrame(grades), preserve_index=False), path / "grades.parquet")

@@ -81,7 +81,10 @@ def report(tmp_path_factory):
     facts_labels = ["correct"] * 16 + ["incorrect"] * 16 + ["not_attempted"] * 4 + ["unparsed"] * 2
     write_synthetic_run(root / "facts", benchmark="facts", labels=facts_labels, planted=(1, 2), seed=1)
     write_synthetic_run(root / "arith", planted=(2, 1), n_questions=40, wrong_moment_shift=1.0, seed=2)
-    assert main(["report", str(root / "facts"), str(root / "arith"), "--n-boot", "50", "--quiet"]) == 0
+    assert main(["fit", str(root / "facts"), str(root / "arith"), "--out", str(root / "probe"), "--n-boot", "50",
+                 "--quiet"]) == 0
+    assert main(["report", str(root / "facts"), str(root / "arith"), "--n-boot", "50", "--probe",
+                 str(root / "probe"), "--quiet"]) == 0
     return root
 
 
@@ -99,6 +102,15 @@ def test_report_files_and_text(report):
     assert "not computed" not in html or "at least 2 per group" in html
     assert "unparsed 2" in html and "n = 20 incorrect vs 20 correct questions" in html
     assert "smollm2" not in html and "synthetic" in html  # the runs' own config is shown
+    # the instrument's section: its metrics against every baseline, for both tasks, with figures
+    section = html[html.index("<h2 id=instrument>"):html.index("<h2>Profiles")]
+    for text in ("factual answers: 38", "math answers: 40", "Shuffled-label control", "Δ AUROC of the instrument",
+                 "lookback_lens", "rauq", "llm_check", "head_entropy", "kind_logit", "Selective answering",
+                 "type-matched"):
+        assert text in section, text
+    for name in ("roc", "reliability", "coverage", "prefix"):
+        assert (report / "figures" / "instrument" / "factual" / f"{name}.png").exists()
+    assert (report / "figures" / "instrument" / "math" / "tokens.csv").exists()
 
 
 def test_report_of_an_ungraded_run_says_what_to_do(tmp_path, capsys):
@@ -140,7 +152,10 @@ def test_report_in_a_real_browser(report, browser):
     assert browser.execute_script("return document.querySelectorAll('img').length") >= 12
     assert browser.execute_script("return [...document.images].every(i => i.complete && i.naturalWidth > 0)")
 
+    assert browser.execute_script("return document.querySelectorAll('table.metrics').length") >= 4
     Select(browser.find_element(By.ID, "run")).select_by_visible_text("arith")
+    stats = [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "stat")).options]
+    assert {"confidence", "prefix_confidence"} <= set(stats)  # the instrument's out-of-fold confidences
     tokens = browser.find_elements(By.CSS_SELECTOR, ".tok")
     assert len(tokens) > 100 and browser.find_elements(By.CSS_SELECTOR, ".tok.err")  # the wrong moment outlined
 

@@ -10,30 +10,13 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from attentropy import load_run
 from attentropy import store as store_module
 from attentropy.capture import ATTN_STATS
 from attentropy.run import run_benchmark
-from conftest import tiny_llama_config
 
 RUN = dict(benchmark="facts", limit=5, batch_size=2, max_new_tokens=6, progress=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, embedded):
-    """A tiny random Llama saved as a local model directory with the embedded model's tokenizer."""
-    from transformers import LlamaForCausalLM
-
-    _, tokenizer, _ = embedded
-    torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=2,
-                                                            eos_token_id=2))
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def check_run(path, n_questions):

@@ -1,0 +1,173 @@
+"""Benchmark: the confidence instrument on the embedded model's graded runs (what `./run.sh` writes).
+
+Prints, for the issue's targets:
+  1. the instrument's out-of-fold AUROC against the best of the logit, kind and length baselines and their
+     combination (paired interval), within the question kinds with >= 20 answers of each class, leave one kind out,
+     and (math) the token level, type-matched: read from the instrument's evaluation (`--probe`, e.g. the one
+     ./run.sh fits) or evaluated here;
+  2. the time to fit the instrument (its answer and token models, `fit_final`) and to evaluate every method
+     (`evaluate`) on 1,000 answers: the facts run's answers drawn with replacement to 1,000 (questions repeat, which
+     changes nothing for timing);
+  3. scoring inside `attentropy run`: whole runs of the same facts questions with and without `--probe`,
+     alternating in one process, --rounds times; the median of the rounds' time ratios (target <= 1.03);
+  4. scoring given answers through the teacher-forced capture against generating the same tokens (target: >= 0.5x
+     the generation speed): recorded generation of a batch, then `capture` + `Instrument.score` of the same ids.
+
+    .venv/bin/python bench/instrument.py [--runs runs/smollm2-135m] [--probe runs/smollm2-135m/instrument]
+                                         [--questions 64] [--rounds 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def targets(probe: Path) -> None:
+    from attentropy.instrument import LOGIT_BASELINES, MIN_TO_CONCLUDE
+
+    ev = pd.read_csv(probe / "evaluation.csv")
+    pool = [*LOGIT_BASELINES, "length", "kind", "kind_logit"]
+    for task, rows in ev.groupby("task", sort=False):
+        auc = rows.query("evaluation == 'in_distribution' and metric == 'auroc'").set_index("method")
+        gain = rows.query("evaluation == 'in_distribution' and metric == 'auroc_gain_of_instrument'").set_index(
+            "method")
+        best = auc.loc[[m for m in pool if m in auc.index]].value.idxmax()
+        g = gain.loc[best]
+        ok = g.value >= 0.05 and g.lo > 0
+        print(f"{task}: instrument AUROC {auc.loc['instrument', 'value']:.3f} [{auc.loc['instrument', 'lo']:.3f}, "
+              f"{auc.loc['instrument', 'hi']:.3f}] vs best logit/kind/length {best} {auc.loc[best, 'value']:.3f}: "
+              f"gain {g.value:+.3f} [{g.lo:+.3f}, {g.hi:+.3f}] -> target (>= 0.05, interval above 0) "
+              f"{'met' if ok else 'NOT met'}")
+        within = rows.query("evaluation == 'within_kind' and metric == 'auroc'")
+        for kind, kr in within.groupby("subset"):
+            kr = kr.set_index("method")
+            n_pos, n_neg = int(kr.n_positive.iloc[0]), int(kr.n_negative.iloc[0])
+            rival = kr.loc[[m for m in pool if m in kr.index]].value.idxmax()
+            big = min(n_pos, n_neg) >= MIN_TO_CONCLUDE
+            print(f"  within {kind} ({n_pos} correct / {n_neg} incorrect{'' if big else ', too small for the target'}"
+                  f"): instrument {kr.loc['instrument', 'value']:.3f} vs {rival} {kr.loc[rival, 'value']:.3f} -> "
+                  + ("above" if kr.loc["instrument", "value"] > kr.loc[rival, "value"] else "NOT above"))
+        loko = rows.query("evaluation == 'leave_one_kind_out' and metric == 'auroc'")
+        for kind, kr in loko.groupby("subset"):
+            kr = kr.set_index("method")
+            rival = kr.loc[[m for m in LOGIT_BASELINES if m in kr.index]].value.idxmax()
+            print(f"  {kind} left out of fitting: instrument {kr.loc['instrument', 'value']:.3f} vs {rival} "
+                  f"{kr.loc[rival, 'value']:.3f}")
+        tokens = rows[rows.evaluation.str.startswith("token:") & (rows.metric == "auroc")]
+        for evaluation, tr in tokens.groupby("evaluation", sort=False):
+            tr = tr.set_index("method")
+            rival = tr.drop(index="instrument").value.idxmax()
+            gain = tr.loc["instrument", "value"] - tr.loc[rival, "value"]
+            print(f"  {evaluation}: instrument {tr.loc['instrument', 'value']:.3f} [{tr.loc['instrument', 'lo']:.3f}, "
+                  f"{tr.loc['instrument', 'hi']:.3f}] vs best baseline {rival} {tr.loc[rival, 'value']:.3f} "
+                  f"({gain:+.3f}; {int(tr.n_positive.iloc[0])} wrong-moment vs {int(tr.n_negative.iloc[0])} tokens)")
+
+
+def fitting_time(facts_run: Path, n: int = 1000) -> None:
+    from attentropy.instrument import evaluate, fit_final, load_answers
+
+    a, _, _ = load_answers([facts_run])
+    draw = np.random.default_rng(0).choice(len(a.answers), n, replace=True)
+    sample = a.subset(draw)
+    sample.answers["group"] = sample.answers.group + np.arange(n).astype(str)  # every draw its own question
+    start = time.perf_counter()
+    fit_final(sample)
+    fitted = time.perf_counter() - start
+    start = time.perf_counter()
+    evaluate(sample, "factual", n_boot=1000)
+    evaluated = time.perf_counter() - start
+    print(f"fitting the instrument on {n} answers: {fitted:.1f} s (target < 60 s); evaluating every method "
+          f"(5 folds, leave one kind out, 1,000 bootstrap resamples): {evaluated:.1f} s")
+
+
+def live_scoring(probe: Path, questions: int, rounds: int) -> None:
+    from attentropy.run import run_benchmark
+
+    def once(with_probe: bool) -> float:
+        out = Path(tempfile.mkdtemp(prefix="bench-instrument-"))
+        start = time.perf_counter()
+        run_benchmark("facts", out / "run", limit=questions, batch_size=16, probe=probe if with_probe else None,
+                      progress=False)
+        seconds = time.perf_counter() - start
+        shutil.rmtree(out)
+        return seconds
+
+    once(True)  # warm-up: model load caches, first calls
+    ratios = []
+    for r in range(rounds):
+        plain, scored = once(False), once(True)
+        ratios.append(scored / plain)
+        print(f"  round {r + 1}: run {plain:.1f} s, run --probe {scored:.1f} s, ratio {ratios[-1]:.3f}")
+    print(f"scoring inside `attentropy run` ({questions} facts questions, batch 16): time ratio with / without "
+          f"--probe, median of {rounds} alternating rounds {statistics.median(ratios):.3f} (target <= 1.03)")
+
+
+def teacher_forced(probe: Path, questions: int, rounds: int) -> None:
+    from attentropy.capture import capture
+    from attentropy.data import make_facts
+    from attentropy.generate import PrefixStore, generate
+    from attentropy.instrument import answers_from_generations, load_instrument
+    from attentropy.model import load_model
+
+    instrument = load_instrument(probe)
+    model, tokenizer, _ = load_model("smollm2-135m")
+    batch = make_facts(questions)[:16]
+    store = PrefixStore()
+    speeds = []
+    for r in range(rounds + 1):
+        start = time.perf_counter()
+        gens, prompt_cache = generate(model, tokenizer, batch, max_new_tokens=64, record=True, prefix_store=store)
+        generated = time.perf_counter() - start
+        n = sum(len(g.completion_ids) for g in gens)
+        start = time.perf_counter()
+        captures = capture(model, [g.prompt_ids for g in gens], [g.completion_ids for g in gens])
+        for g, c in zip(gens, captures):
+            g.capture = c
+        instrument.score(answers_from_generations(gens, instrument.identity["layers"],
+                                                  instrument.identity["n_heads"]))
+        scored = time.perf_counter() - start
+        if r:  # the first round warms up
+            speeds.append((n / scored) / (n / generated))
+            print(f"  round {r}: generation {n / generated:.0f} tok/s, teacher-forced scoring {n / scored:.0f} tok/s")
+    print(f"teacher-forced scoring of given answers / generation of the same tokens: median "
+          f"{statistics.median(speeds):.2f}x (target >= 0.5x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="runs/smollm2-135m", help="the main job's output (facts/, arith/)")
+    parser.add_argument("--probe", help="a fitted instrument (default: RUNS/instrument, fitted here if missing)")
+    parser.add_argument("--questions", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["targets", "fit", "live", "teacher_forced"])
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    runs = Path(args.runs)
+    probe = Path(args.probe) if args.probe else runs / "instrument"
+    if not (probe / "probe.json").exists():
+        from attentropy.instrument import fit_instrument
+
+        fit_instrument([runs / "facts", runs / "arith"], probe)
+    if "targets" not in args.skip:
+        targets(probe)
+    if "fit" not in args.skip:
+        fitting_time(runs / "facts")
+    if "live" not in args.skip:
+        live_scoring(probe, args.questions, args.rounds)
+    if "teacher_forced" not in args.skip:
+        teacher_forced(probe, args.questions, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
