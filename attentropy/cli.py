@@ -35,14 +35,15 @@ def _grade(args) -> None:
     for run_dir in args.dirs:
         metrics = grade_run(run_dir, judge=args.judge, critic=args.critic, base_url=args.base_url,
                             api_key_env=args.api_key_env, timeout=args.timeout, max_retries=args.max_retries,
-                            concurrency=args.concurrency, progress=not args.quiet)
+                            concurrency=args.concurrency, skip_damaged=args.skip_damaged, progress=not args.quiet)
         print(format_metrics(metrics))
 
 
 def _report(args) -> None:
     from .report import write_report
 
-    path = write_report(args.dirs, args.out, n_boot=args.n_boot, probe=args.probe, progress=not args.quiet)
+    path = write_report(args.dirs, args.out, n_boot=args.n_boot, probe=args.probe, skip_damaged=args.skip_damaged,
+                        progress=not args.quiet)
     print(f"report: {path.resolve()}")
 
 
@@ -50,7 +51,7 @@ def _fit(args) -> None:
     from .instrument import fit_instrument, format_evaluation
 
     out = fit_instrument(args.dirs, args.out, transfer=args.transfer or [], n_boot=args.n_boot, seed=args.seed,
-                         force=args.force, progress=not args.quiet)
+                         force=args.force, skip_damaged=args.skip_damaged, progress=not args.quiet)
     print(format_evaluation(out))
 
 
@@ -60,7 +61,7 @@ def _score(args) -> None:
     instrument = load_instrument(args.probe)
     if args.model is None:
         for run_dir in args.inputs:
-            scores = score_run(instrument, run_dir)
+            scores = score_run(instrument, run_dir, skip_damaged=args.skip_damaged)
             answers = scores.groupby("question_id", sort=False).prefix_confidence.last()
             print(f"{run_dir}: {len(answers)} answers, {len(scores)} tokens scored; mean answer confidence "
                   f"{answers.mean():.3f} -> {run_dir}/confidence/")
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     grade.add_argument("--max-retries", type=int, default=4, help="retries with backoff on 429/5xx/timeouts")
     grade.add_argument("--concurrency", type=int, default=8, help="calls in flight at once")
     grade.add_argument("--quiet", action="store_true")
+    grade.add_argument("--skip-damaged", action="store_true",
+                       help="read the intact batches of a run with damaged ones (which are named)")
     grade.set_defaults(func=_grade)
 
     report = sub.add_parser("report", help="compare the groups of graded runs; write report.html and figures/")
@@ -136,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates per interval")
     report.add_argument("--probe", help="an instrument (`attentropy fit`): adds the Instrument section")
     report.add_argument("--quiet", action="store_true")
+    report.add_argument("--skip-damaged", action="store_true",
+                       help="read the intact batches of a run with damaged ones (which are named)")
     report.set_defaults(func=_report)
 
     fit = sub.add_parser("fit", help="fit the confidence instrument on graded runs of one model and evaluate it "
@@ -148,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--seed", type=int, default=0, help="folds, bootstrap and shuffled-label control")
     fit.add_argument("--force", action="store_true", help="refit even if PROBE is up to date with the runs")
     fit.add_argument("--quiet", action="store_true")
+    fit.add_argument("--skip-damaged", action="store_true",
+                       help="read the intact batches of a run with damaged ones (which are named)")
     fit.set_defaults(func=_fit)
 
     score = sub.add_parser("score", help="confidence of every token and answer: of runs (stored beside their "
@@ -163,12 +170,21 @@ def main(argv: list[str] | None = None) -> int:
                                            "task")
     score.add_argument("--max-new-tokens", type=int, help="default: the protocol's")
     score.add_argument("--json", action="store_true", help="print JSON instead of coloured text")
+    score.add_argument("--skip-damaged", action="store_true",
+                       help="read the intact batches of a run with damaged ones (which are named)")
     score.set_defaults(func=_score)
 
     args = parser.parse_args(argv)
     try:
         args.func(args)
     except (DataError, ModelLoadError, FileNotFoundError, InstrumentError) as e:
+        print(f"attentropy: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        from .store import RunDirectoryError  # imported here: the store imports torch
+
+        if not isinstance(e, RunDirectoryError):
+            raise
         print(f"attentropy: error: {e}", file=sys.stderr)
         return 2
     return 0

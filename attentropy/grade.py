@@ -500,9 +500,11 @@ def _critique(row, tokenizer, critic_reply: dict | None, critic_name: str) -> di
 
 def grade_run(run_dir: str | Path, *, judge: str | None = None, critic: str | None = None,
               base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
-              max_retries: int = 4, concurrency: int = 8, tokenizer=None, progress: bool = True) -> dict:
+              max_retries: int = 4, concurrency: int = 8, tokenizer=None, skip_damaged: bool = False,
+              progress: bool = True) -> dict:
     """Label every answer of a run (DIR/grades.parquet) and write DIR/metrics.json; returns the metrics.
-    Idempotent: labels are rebuilt from the cached replies each time, only missing LLM calls are made."""
+    Idempotent: labels are rebuilt from the cached replies each time, only missing LLM calls are made.
+    `skip_damaged`: grade the intact batches of a run with damaged ones."""
     import pandas as pd
     import pyarrow as pa
 
@@ -510,7 +512,7 @@ def grade_run(run_dir: str | Path, *, judge: str | None = None, critic: str | No
     from .store import _write_parquet, load_run, write_json
 
     run_dir = Path(run_dir)
-    run = load_run(run_dir)
+    run = load_run(run_dir, with_grades=False, skip_damaged=skip_damaged)  # grades are rebuilt here
     samples = run.samples
     benchmark = run.config["benchmark"]
     cache = ReplyCache(run_dir / "llm_replies.jsonl")

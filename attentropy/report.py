@@ -24,7 +24,8 @@ VIEWER_STATS = ("entropy", "varentropy", "entropy_norm", *LOGIT_STATS, "confiden
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, n_boot: int = 1000,
-                 seed: int = 0, probe: str | Path | None = None, progress: bool = True) -> Path:
+                 seed: int = 0, probe: str | Path | None = None, skip_damaged: bool = False,
+                 progress: bool = True) -> Path:
     """Analyse each graded run and write `out`/report.html and `out`/figures/. `out` defaults to the run
     directory itself for one run, and to the runs' common parent directory for several. `probe`: an instrument
     directory (`attentropy fit`), whose evaluation becomes the report's Instrument section; the token viewer then
@@ -38,7 +39,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, n
     for run_dir, name in zip(run_dirs, names):
         if progress:
             print(f"[report] analysing {run_dir}")
-        run = load_run(run_dir)
+        run = load_run(run_dir, skip_damaged=skip_damaged)
         a = analyze_run(run, n_boot=n_boot, seed=seed)
         a.name = name
         if probe is not None:
@@ -266,9 +267,9 @@ def instrument_section(probe: Path, fig_dir: Path) -> str:
     meta = inst.meta
     runs = ", ".join(f"{Path(r['path']).name} ({r['benchmark']}, {r['answers']} answers)"
                      for r in meta["training_runs"])
-    parts = [f"<h2 id=instrument>Instrument</h2><p class=meta><code>{esc(str(probe))}</code> · fitted on {esc(runs)} · model "
-             f"{esc(str(inst.identity['name']))} · {len(inst.identity['layers'])} layers × {inst.identity['n_heads']} "
-             f"heads · answer models: {', '.join(sorted(inst.answer_models))}; token model: "
+    parts = [f"<h2 id=instrument>Instrument</h2><p class=meta><code>{esc(str(probe))}</code> · fitted on "
+             f"{esc(runs)} · model {esc(str(inst.identity['name']))} · {len(inst.identity['layers'])} layers × "
+             f"{inst.identity['n_heads']} heads · answer models: {', '.join(sorted(inst.answer_models))}; token model: "
              f"{'yes' if inst.token_model is not None else 'no (no wrong moments to learn from)'}</p>",
              "<ul><li>Answer confidence: P(correct) from the answer's mean attention statistics per layer × head "
              "(entropy / ln K, varentropy / (ln K)², masses on the first token, the prompt, the own and the previous "

@@ -21,7 +21,8 @@ from .data import ARITH_DEFAULT_DIFFICULTY, load_questions
 from .generate import MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS, PrefixStore, generate, protocol_kind
 from .instrument import answers_from_generations
 from .model import DEFAULT_MODEL, load_model
-from .store import append_batch, done_question_ids, load_run, write_json
+from .store import (append_batch, done_question_ids, load_run, read_config, scan_parts, set_aside, write_json,
+                    writer_lock)
 
 PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "gguf", "numpy", "pandas", "pyarrow")
 # Settings that change what a stored token means: a rerun into the same directory must repeat them.
@@ -68,77 +69,84 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
     if benchmark in ("facts", "arith"):
         data_info.update(generated=True, seed=seed, **({"difficulty": difficulty} if benchmark == "arith" else {}))
 
-    done = done_question_ids(out) if out.exists() else set()
-    todo = [q for q in questions if q.id not in done]
-    config_path = out / "config.json"
-    previous = json.loads(config_path.read_text()) if config_path.exists() else None
-    mdl = tok = None
-    if todo or previous is None:
-        mdl, tok, info = load_model(model, dtype=dtype, device=device, device_map=device_map)
-        text_config = mdl.config.get_text_config()
-        kept = ((previous or {}).get("capture") or {}).get("hidden") or {}
+    out.mkdir(parents=True, exist_ok=True)
+    with writer_lock(out, f"attentropy run --benchmark {benchmark}"):  # one writer per run directory
+        config_path = out / "config.json"
+        previous = read_config(out) if config_path.exists() else None
+        if previous is not None:  # a damaged batch (torn copy, full disk) is set aside and generated again
+            for damage in scan_parts(out, previous)[1]:
+                where = set_aside(out, damage)
+                print(f"[run] {damage.part} is damaged ({damage.reason}): set aside into {where}; its "
+                      f"{len(damage.question_ids) or 'unknown'} questions are generated again")
+        done = done_question_ids(out)
+        todo = [q for q in questions if q.id not in done]
+        mdl = tok = None
+        if todo or previous is None:
+            mdl, tok, info = load_model(model, dtype=dtype, device=device, device_map=device_map)
+            text_config = mdl.config.get_text_config()
+            kept = ((previous or {}).get("capture") or {}).get("hidden") or {}
 
-        def setting(given: str | None, key: str, new_run: str) -> str:  # a resumed run keeps its own by default
-            if given:
-                return given
-            return new_run if previous is None else ",".join(map(str, kept.get(key, []))) or "none"
+            def setting(given: str | None, key: str, new_run: str) -> str:  # a resumed run keeps its own by default
+                if given:
+                    return given
+                return new_run if previous is None else ",".join(map(str, kept.get(key, []))) or "none"
 
-        hidden = hidden_spec(text_config.num_hidden_layers, setting(hidden_layers, "layers", "auto"),
-                             setting(hidden_token_layers, "token_layers", "none"))
-        config = {
-            "attentropy_version": __version__, "git_commit": git_commit(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "model": {k: v for k, v in asdict(info).items() if k not in ("device", "extra")},
-            "runtime": {"device": info.device, **info.extra, "torch_threads": torch.get_num_threads(),
-                        "python": platform.python_version()},
-            "benchmark": benchmark, "data": data_info, "protocol": protocol,
-            "capture": {"layers": recorded_layers(mdl), "n_heads": text_config.num_attention_heads,
-                        "n_kv_heads": getattr(text_config, "num_key_value_heads", text_config.num_attention_heads),
-                        "attn_stats": list(ATTN_STATS), "token_stats": list(TOKEN_STATS), "attn_dtype": attn_dtype,
-                        "row_convention": "completion token t <- query row len(prompt)-1+t", "units": "nats"},
-            "packages": {p: importlib.metadata.version(p) for p in PACKAGES},
-        }
-        if hidden:
-            config["capture"]["hidden"] = {
-                "layers": list(hidden.layers), "token_layers": list(hidden.token_layers),
-                "size": text_config.hidden_size,
-                "index": "transformers' output_hidden_states: 0 the embeddings, i after block i, the last after the "
-                         "final norm",
-                "rows": "the rows that predicted the completion tokens (inputs: last prompt token, completion[:-1])"}
-        if previous is not None:
-            for key in IDENTITY_KEYS:
-                if previous.get(key) != config.get(key):
-                    raise ValueError(
-                        f"{out} holds a run with a different {key!r} ({previous.get(key)!r}); resume with the same "
-                        f"settings, or choose another --out")
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(config_path, config)
-    instrument = _live_instrument(probe, out, config if mdl is not None else previous) if probe else None
+            hidden = hidden_spec(text_config.num_hidden_layers, setting(hidden_layers, "layers", "auto"),
+                                 setting(hidden_token_layers, "token_layers", "none"))
+            config = {
+                "attentropy_version": __version__, "git_commit": git_commit(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "model": {k: v for k, v in asdict(info).items() if k not in ("device", "extra")},
+                "runtime": {"device": info.device, **info.extra, "torch_threads": torch.get_num_threads(),
+                            "python": platform.python_version()},
+                "benchmark": benchmark, "data": data_info, "protocol": protocol,
+                "capture": {"layers": recorded_layers(mdl), "n_heads": text_config.num_attention_heads,
+                            "n_kv_heads": getattr(text_config, "num_key_value_heads", text_config.num_attention_heads),
+                            "attn_stats": list(ATTN_STATS), "token_stats": list(TOKEN_STATS), "attn_dtype": attn_dtype,
+                            "row_convention": "completion token t <- query row len(prompt)-1+t", "units": "nats"},
+                "packages": {p: importlib.metadata.version(p) for p in PACKAGES},
+            }
+            if hidden:
+                config["capture"]["hidden"] = {
+                    "layers": list(hidden.layers), "token_layers": list(hidden.token_layers),
+                    "size": text_config.hidden_size,
+                    "index": "transformers' output_hidden_states: 0 the embeddings, i after block i, the last "
+                             "after the final norm",
+                    "rows": "the rows that predicted the completion tokens (inputs: last prompt token, "
+                            "completion[:-1])"}
+            if previous is not None:
+                for key in IDENTITY_KEYS:
+                    if previous.get(key) != config.get(key):
+                        raise ValueError(
+                            f"{out} holds a run with a different {key!r} ({previous.get(key)!r}); resume with the same "
+                            f"settings, or choose another --out")
+            else:
+                write_json(config_path, config)
+        instrument = _live_instrument(probe, out, config if mdl is not None else previous) if probe else None
 
-    started = time.perf_counter()
-    new_tokens = 0
-    prefix_store = PrefixStore()
-    bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"{benchmark}", unit="q",
-               disable=not progress)
-    for lo in range(0, len(todo), batch_size):
-        batch = todo[lo: lo + batch_size]
-        wanted = {b for b, q in enumerate(batch) if q.id in save_attention}
-        # [0]: the prompts' keys/values are not needed here; dropped now, they are not held while the batch is stored
-        gens = generate(mdl, tok, batch, shots=shots, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                        temperature=temperature, top_p=top_p, seed=seed + lo, prefix_store=prefix_store,
-                        record=True, save_maps=wanted, hidden=hidden)[0]
-        scores = None
-        if instrument is not None:
-            scores = instrument.score(answers_from_generations(gens, config["capture"]["layers"],
-                                                               config["capture"]["n_heads"], attn_dtype))
-        append_batch(out, gens, tok, attn_dtype=attn_dtype, confidence=scores)
-        new_tokens += sum(len(g.completion_ids) for g in gens)
-        bar.update(len(batch))
-        bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
-    bar.close()
-    elapsed = time.perf_counter() - started
-    return summarize(out, new_tokens=new_tokens, seconds=elapsed)
+        started = time.perf_counter()
+        new_tokens = 0
+        prefix_store = PrefixStore()
+        bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"{benchmark}", unit="q",
+                   disable=not progress)
+        for lo in range(0, len(todo), batch_size):
+            batch = todo[lo: lo + batch_size]
+            wanted = {b for b, q in enumerate(batch) if q.id in save_attention}
+            # [0]: the prompts' keys/values are not needed here; dropped now, not held while the batch is stored
+            gens = generate(mdl, tok, batch, shots=shots, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                            temperature=temperature, top_p=top_p, seed=seed + lo, prefix_store=prefix_store,
+                            record=True, save_maps=wanted, hidden=hidden)[0]
+            scores = None
+            if instrument is not None:
+                scores = instrument.score(answers_from_generations(gens, config["capture"]["layers"],
+                                                                   config["capture"]["n_heads"], attn_dtype))
+            append_batch(out, gens, tok, attn_dtype=attn_dtype, confidence=scores)
+            new_tokens += sum(len(g.completion_ids) for g in gens)
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
+        bar.close()
+        elapsed = time.perf_counter() - started
+        return summarize(out, new_tokens=new_tokens, seconds=elapsed)
 
 
 HIDDEN_AUTO = 9  # hidden-state indices kept per answer by default, evenly spaced from the embeddings to the last

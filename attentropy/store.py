@@ -15,14 +15,22 @@ Layout of DIR:
     confidence/part-NNNNN.parquet  per token: confidence and prefix_confidence from an instrument (`attentropy score`,
                                  or `attentropy run --probe`, which writes it before the batch's samples part);
                                  confidence/probe.json names the instrument
+    writer.lock                  while a process writes the directory: who (`writer_lock`)
+    damaged/<part>-<time>/       batches set aside by a resuming run because a part was unreadable or inconsistent
 A part is written to a temporary name and renamed, so a file either is complete or does not exist; a batch
-whose samples part is missing was not committed and is redone on resume.
+whose samples part is missing was not committed and is redone on resume. One writer at a time (`writer_lock`);
+`load_run` reads each question once and names damaged batches (`scan_parts`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import threading
+import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,20 +168,34 @@ class Run:
     tokens: pd.DataFrame
     layers: list[int]
     n_heads: int
-    parts: list[str] = field(repr=False, default_factory=list)
+    parts: list[str] = field(repr=False, default_factory=list)  # the batches read (intact, committed)
+    # part -> (answers kept, tokens kept) where a part holds duplicates of earlier answers (see `load_run`)
+    kept_rows: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False, default_factory=dict)
+
+    def _column(self, kind: str, column: str, per: str) -> list[np.ndarray]:
+        """One vector column of every part of `kind` (attn, hidden, hidden_tokens), rows [n, vector] per part, the
+        rows of duplicate answers left out (`per`: answer or token rows)."""
+        chunks = []
+        for part in self.parts:
+            path = self.path / kind / f"{part}.parquet"
+            try:
+                values = pq.read_table(path, columns=[column])[column].combine_chunks()
+            except (OSError, pa.ArrowException) as e:
+                raise RunDirectoryError(f"{path} is damaged ({e}); {REPAIR}") from None
+            rows = values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), -1)
+            if part in self.kept_rows:
+                rows = rows[self.kept_rows[part][0 if per == "answer" else 1]]
+            chunks.append(rows)
+        return chunks
 
     def attn(self, stat: str) -> np.ndarray:
         """float32 array (n_tokens, n_layers, n_heads) of one attention statistic; reads only that column."""
         if stat not in ATTN_STATS:
             raise KeyError(f"unknown attention statistic {stat!r}; expected one of {', '.join(ATTN_STATS)}")
-        chunks = []
-        for part in self.parts:
-            column = pq.read_table(self.path / "attn" / f"{part}.parquet", columns=[stat])[stat]
-            values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            chunks.append(values.reshape(-1, len(self.layers), self.n_heads))
+        chunks = self._column("attn", stat, "token")
         if not chunks:
             return np.zeros((0, len(self.layers), self.n_heads), np.float32)
-        return np.concatenate(chunks).astype(np.float32, copy=False)
+        return np.concatenate(chunks).astype(np.float32, copy=False).reshape(-1, len(self.layers), self.n_heads)
 
     def hidden(self, kind: str = "answer_mean", layers: list[int] | None = None) -> np.ndarray:
         """float32 (n_answers, len(layers), hidden size), rows aligned with `samples`: the residual stream at the
@@ -202,11 +224,8 @@ class Run:
         missing = [i for i in wanted if i not in kept]
         if missing:
             raise KeyError(f"hidden states {missing} were not kept in {self.path} (kept: {kept})")
-        chunks = []
-        for part in self.parts:
-            values = pq.read_table(self.path / kind / f"{part}.parquet", columns=[column])[column]
-            values = values.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, len(kept), size)
-            chunks.append(values[:, [kept.index(i) for i in wanted]])
+        chunks = [c.reshape(len(c), len(kept), size)[:, [kept.index(i) for i in wanted]]
+                  for c in self._column(kind, column, "answer" if kind == "hidden" else "token")]
         return np.concatenate(chunks) if chunks else np.zeros((0, len(wanted), size), np.float32)
 
     def attention_map(self, question_id: str) -> dict[int, np.ndarray]:
@@ -235,26 +254,154 @@ def write_confidence(run_dir: Path, part: str, scores: pd.DataFrame) -> None:
     _write_parquet(table, Path(run_dir) / "confidence" / f"{part}.parquet")
 
 
+REPAIR = ("rerun `attentropy run` with the same settings (it sets damaged batches aside into DIR/damaged/ and "
+          "generates them again), or read the intact batches with --skip-damaged")
+
+
+class RunDirectoryError(ValueError):
+    """A run directory that cannot be read as it is: a damaged part, config.json or grades file."""
+
+
+def read_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not an attentropy run directory (no config.json)")
+    try:
+        config = json.loads(path.read_text())
+        config["capture"]["layers"], config["capture"]["n_heads"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise RunDirectoryError(
+            f"{path} is damaged ({type(e).__name__}: {e}); it records the model, protocol and capture of the run and "
+            "cannot be rebuilt from the parts: restore it from a copy, or start the run again in a new directory"
+        ) from None
+    return config
+
+
+@dataclass
+class Damage:
+    """A committed batch that cannot be read as it is."""
+
+    part: str
+    reason: str
+    question_ids: list[str]  # its questions (empty when its samples part itself is unreadable)
+
+
+def _rows(path: Path) -> int:
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def scan_parts(run_dir: Path, config: dict) -> tuple[dict[str, pd.DataFrame], list[Damage]]:
+    """Every committed batch checked: its samples part read, and each other part of the batch present, readable
+    (its Parquet footer) and of the row count the samples imply (tokens, attn, hidden_tokens, confidence: one row
+    per completion token; hidden: one per answer). Returns the intact batches' samples and the damaged batches."""
+    run_dir = Path(run_dir)
+    hidden = config.get("capture", {}).get("hidden") or {}
+    intact, damaged = {}, []
+    for part in committed_parts(run_dir):
+        try:
+            samples = pq.read_table(run_dir / "samples" / f"{part}.parquet").to_pandas()
+        except (OSError, pa.ArrowException) as e:
+            damaged.append(Damage(part, f"samples part unreadable ({e})", []))
+            continue
+        n_tokens = int(samples.completion_ids.map(len).sum())
+        expected = {"tokens": n_tokens, "attn": n_tokens}
+        if hidden.get("layers"):
+            expected["hidden"] = len(samples)
+        if hidden.get("token_layers"):
+            expected["hidden_tokens"] = n_tokens
+        if (run_dir / "confidence" / f"{part}.parquet").exists():
+            expected["confidence"] = None  # merged by (question_id, pos): readable is enough
+        problems = []
+        for kind, n in expected.items():
+            path = run_dir / kind / f"{part}.parquet"
+            try:
+                found = _rows(path)
+            except FileNotFoundError:
+                problems.append(f"{kind} part missing")
+                continue
+            except (OSError, pa.ArrowException) as e:
+                problems.append(f"{kind} part unreadable ({e})")
+                continue
+            if n is not None and found != n:
+                problems.append(f"{kind} part has {found} rows, its samples imply {n}")
+        if problems:
+            damaged.append(Damage(part, "; ".join(problems), samples.question_id.tolist()))
+        else:
+            intact[part] = samples
+    return intact, damaged
+
+
+def set_aside(run_dir: Path, damage: Damage) -> Path:
+    """Move every file of a damaged batch into DIR/damaged/<part>-<time>/ (nothing is deleted); its questions are
+    then not done, and a resumed run generates them again."""
+    run_dir = Path(run_dir)
+    target = run_dir / "damaged" / f"{damage.part}-{time.strftime('%Y%m%dT%H%M%S')}"
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "reason.txt").write_text(damage.reason + "\n")
+    for kind in PART_KINDS[::-1]:  # samples last: the batch stays committed until its other parts are gone
+        path = run_dir / kind / f"{damage.part}.parquet"
+        if path.exists():
+            os.replace(path, target / f"{kind}.parquet")
+    return target
+
+
+PART_KINDS = ("samples", "tokens", "attn", "hidden", "hidden_tokens", "confidence")
+
+
 def _read_parts(run_dir: Path, kind: str, parts: list[str]) -> pd.DataFrame:
-    tables = [pq.read_table(run_dir / kind / f"{part}.parquet") for part in parts]
+    tables = []
+    for part in parts:
+        path = run_dir / kind / f"{part}.parquet"
+        try:
+            tables.append(pq.read_table(path))
+        except (OSError, pa.ArrowException) as e:
+            raise RunDirectoryError(f"{path} is damaged ({e}); {REPAIR}") from None
     return pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame()
 
 
-def load_run(path: str | Path) -> Run:
+def load_run(path: str | Path, *, skip_damaged: bool = False, with_grades: bool = True) -> Run:
+    """Read a run directory. A damaged batch (a part unreadable, missing, or of the wrong row count) is an error
+    naming it and the repair, unless `skip_damaged`: then the intact batches are read and a warning names the
+    questions left out. An answer committed more than once (two writers before there was a lock, directories
+    merged by hand) is kept once, its first committed copy (the earliest part), with a warning. `with_grades`:
+    merge grades.parquet (`attentropy grade` reads the run without its old grades)."""
     run_dir = Path(path)
-    config_path = run_dir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{run_dir} is not an attentropy run directory (no config.json)")
-    config = json.loads(config_path.read_text())
-    parts = committed_parts(run_dir)
-    samples = _read_parts(run_dir, "samples", parts)
+    config = read_config(run_dir)
+    intact, damaged = scan_parts(run_dir, config)
+    if damaged:
+        listing = "; ".join(f"{d.part}: {d.reason}" for d in damaged)
+        if not skip_damaged:
+            raise RunDirectoryError(f"{run_dir} has {len(damaged)} damaged batch(es) — {listing}. {REPAIR}")
+        missing = sorted(q for d in damaged for q in d.question_ids)
+        warnings.warn(f"{run_dir}: {len(damaged)} damaged batch(es) left out — {listing}; questions missing: "
+                      f"{', '.join(missing) if missing else 'unknown (samples part unreadable)'}", stacklevel=2)
+    parts = list(intact)
+    samples = pd.concat([intact[p].assign(_part=p) for p in parts], ignore_index=True) if parts else pd.DataFrame()
+    tokens = _read_parts(run_dir, "tokens", parts)
+    kept_rows = {}
+    if len(samples) and samples.question_id.duplicated().any():
+        duplicated = samples.question_id.duplicated(keep="first")
+        n_tokens = samples.completion_ids.map(len).to_numpy()
+        token_keep = np.repeat(~duplicated.to_numpy(), n_tokens)
+        for part, rows in samples.groupby("_part", sort=False).indices.items():
+            if duplicated.iloc[rows].any():
+                token_rows = np.arange(n_tokens[:rows[0]].sum(), n_tokens[:rows[-1] + 1].sum())
+                kept_rows[part] = (~duplicated.to_numpy()[rows], token_keep[token_rows])
+        warnings.warn(f"{run_dir}: {int(duplicated.sum())} answers are duplicates of questions committed earlier "
+                      f"(e.g. {', '.join(samples.question_id[duplicated].unique()[:5])}, in "
+                      f"{', '.join(sorted(kept_rows))}); keeping each question's first committed copy", stacklevel=2)
+        samples, tokens = samples[~duplicated].reset_index(drop=True), tokens[token_keep].reset_index(drop=True)
+    samples = samples.drop(columns="_part", errors="ignore")
     if len(samples):
         samples["metadata"] = samples["metadata"].map(json.loads)
-    tokens = _read_parts(run_dir, "tokens", parts)
     grades_path = run_dir / "grades.parquet"
-    if grades_path.exists() and len(samples):  # labels from `attentropy grade`
-        grades = pq.read_table(grades_path).to_pandas()
-        samples = samples.merge(grades, on="question_id", how="left")
+    if with_grades and grades_path.exists() and len(samples):  # labels from `attentropy grade`
+        try:
+            grades = pq.read_table(grades_path).to_pandas()
+        except (OSError, pa.ArrowException) as e:
+            raise RunDirectoryError(f"{grades_path} is damaged ({e}); rerun `attentropy grade {run_dir}`: the labels "
+                                    "are rebuilt from the answers and the cached judge/critic replies") from None
+        samples = samples.merge(grades.drop_duplicates("question_id"), on="question_id", how="left")
         if "error_token_start" in samples:
             span = samples.set_index("question_id")[["error_token_start", "error_token_end"]]
             start = tokens.question_id.map(span.error_token_start).fillna(-1).to_numpy()
@@ -264,9 +411,100 @@ def load_run(path: str | Path) -> Run:
             tokens["after_error"] = located & (tokens.pos.to_numpy() >= end)
     scored = [part for part in parts if (run_dir / "confidence" / f"{part}.parquet").exists()]
     if scored and len(tokens):  # instrument scores (`attentropy score`, `run --probe`); NaN where a part has none
-        scores = _read_parts(run_dir, "confidence", scored)
+        scores = _read_parts(run_dir, "confidence", scored).drop_duplicates(["question_id", "pos"])
         tokens = tokens.merge(scores, on=["question_id", "pos"], how="left")
         last = tokens.groupby("question_id", sort=False).prefix_confidence.last()  # the whole answer's prefix
         samples["answer_confidence"] = samples.question_id.map(last).astype(float)
     return Run(path=run_dir, config=config, samples=samples, tokens=tokens, layers=config["capture"]["layers"],
-               n_heads=config["capture"]["n_heads"], parts=parts)
+               n_heads=config["capture"]["n_heads"], parts=parts, kept_rows=kept_rows)
+
+
+# ---------------------------------------------------------------- one writer at a time
+
+LOCK_NAME = "writer.lock"
+HEARTBEAT_S = 30.0  # the holder refreshes its lock this often
+STALE_AFTER_S = 600.0  # a lock of another host without a heartbeat for this long is taken over
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a process (Linux: field 22 of /proc/PID/stat), to tell a pid reused from the same pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_alive(holder: dict, mtime: float) -> bool:
+    if holder.get("host") != socket.gethostname():
+        return time.time() - mtime < STALE_AFTER_S
+    pid = holder.get("pid")
+    if not isinstance(pid, int):
+        return time.time() - mtime < STALE_AFTER_S
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    start = holder.get("pid_start")
+    return start is None or start == _process_start(pid)
+
+
+@contextmanager
+def writer_lock(run_dir: str | Path, command: str, name: str = LOCK_NAME):
+    """Hold DIR/writer.lock while writing a run directory, so that it has one writer at a time. The lock file is
+    created exclusively and names its holder (host, pid, command, since when); a second writer is refused with a
+    RunDirectoryError that says who holds it. A lock whose holder is gone is taken over: on the same host when its
+    process no longer runs (kill -9 included), from another host (a shared file system) when its heartbeat, the
+    file's modification time refreshed every 30 s, is older than 10 minutes. The data-parallel runs take this one
+    lock in their driver; its workers write batches under it."""
+    path = Path(run_dir) / name
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
+          "command": command, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": os.urandom(8).hex()}
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder, mtime = json.loads(path.read_text() or "{}"), path.stat().st_mtime
+            except (OSError, json.JSONDecodeError):  # being written, or gone since: look again
+                time.sleep(0.1)
+                continue
+            if _holder_alive(holder, mtime):
+                raise RunDirectoryError(
+                    f"{run_dir} is being written by another process: {holder.get('command')} (host "
+                    f"{holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}); wait for it to "
+                    f"finish or stop it. A lock left by a killed process is taken over automatically") from None
+            try:  # stale: move it out of the way atomically (one taker wins), then try again
+                os.replace(path, path.with_name(f"{name}.stale-{me['token']}"))
+                os.unlink(path.with_name(f"{name}.stale-{me['token']}"))
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+            f.flush()
+            os.fsync(f.fileno())
+        break
+    else:
+        raise RunDirectoryError(f"could not take the lock {path}")
+    stop = threading.Event()
+
+    def heartbeat():
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(path)
+            except OSError:
+                return
+
+    beat = threading.Thread(target=heartbeat, daemon=True)
+    beat.start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        try:
+            if json.loads(path.read_text()).get("token") == me["token"]:
+                path.unlink()
+        except (OSError, json.JSONDecodeError):
+            pass
