@@ -92,9 +92,8 @@ class Answers:
 
     def subset(self, answer_rows: np.ndarray) -> "Answers":
         answer_rows = np.asarray(answer_rows)
-        token_rows = np.concatenate([np.arange(s, s + n) for s, n in zip(self.answers.start.to_numpy()[answer_rows],
-                                                                          self.answers.n_tokens.to_numpy()[answer_rows])]
-                                    or [np.zeros(0, int)])
+        starts, counts = self.answers.start.to_numpy()[answer_rows], self.answers.n_tokens.to_numpy()[answer_rows]
+        token_rows = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, counts)] or [np.zeros(0, int)])
         answers = self.answers.iloc[answer_rows].reset_index(drop=True)
         answers["start"] = np.r_[0, np.cumsum(answers.n_tokens.to_numpy())[:-1]].astype(int)
         tokens = self.tokens.iloc[token_rows].reset_index(drop=True)
@@ -115,16 +114,17 @@ def normalised_attention(stat_arrays: dict[str, np.ndarray], n_keys: np.ndarray)
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
-def load_answers(run_dirs: list[str | Path], *, require_labels: bool = True) -> tuple[Answers, list[dict], dict]:
+def load_answers(run_dirs: list[str | Path], *, require_labels: bool = True, skip_damaged: bool = False
+                 ) -> tuple[Answers, list[dict], dict]:
     """The answers of graded runs of one model, one description per run (path, fingerprint, benchmark, labels)
-    and the model's identity (`model_identity`)."""
+    and the model's identity (`model_identity`). `skip_damaged`: read the intact batches of a damaged run."""
     from .capture import ATTN_STATS
     from .store import load_run
 
     parts, infos = [], []
     model = None
     for run_dir in run_dirs:
-        run = load_run(run_dir)
+        run = load_run(run_dir, skip_damaged=skip_damaged)
         if require_labels and "label" not in run.samples:
             raise InstrumentError(f"{run.path} has no labels: run `attentropy grade {run.path}` first")
         identity = model_identity(run.config, run.layers, run.n_heads)
@@ -439,7 +439,7 @@ def fit_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray, *, Cs=CS, penalt
     return probe, _sigmoid(platt[0] * oof[best] + platt[1])
 
 
-# ---------------------------------------------------------------- the methods compared: the instrument, baselines, controls
+# ---------------------------------------------------------------- the methods compared: instrument, baselines, controls
 
 @dataclass
 class Fitted:
@@ -873,17 +873,18 @@ def stratified_rows(task: str, confidences: pd.DataFrame, y: np.ndarray, strata:
     return rows
 
 
-def selective_rows(task: str, cv: CrossValidation, labels: np.ndarray, groups: np.ndarray, roles: dict,
-                   policies: list[str], *, n_boot: int, seed: int) -> list[dict]:
-    """Abstention below each fold's training threshold, pooled over the held-out folds: coverage, correct, correct
-    given attempted and F-score (SimpleQA's), next to answering everything."""
+def selective_rows(task: str, confidence: pd.DataFrame, thresholds: pd.DataFrame, labels: np.ndarray,
+                   groups: np.ndarray, roles: dict, policies: list[str], *, n_boot: int, seed: int) -> list[dict]:
+    """Abstention below each answer's fold's training threshold (`thresholds`, per method), pooled over the
+    held-out folds: coverage, correct, correct given attempted and F-score (SimpleQA's), next to answering
+    everything."""
     weights = np.r_[np.ones((1, len(labels))), stats.group_counts(groups, n_boot, seed)]
     rows = []
     for method in [None, *policies]:
         if method is None:
             attempted = labels != "not_attempted"
         else:
-            attempted = (cv.answer[method].to_numpy(float) >= cv.selective[method].to_numpy(float)) & (
+            attempted = (confidence[method].to_numpy(float) >= thresholds[method].to_numpy(float)) & (
                 labels != "not_attempted")
         correct = attempted & (labels == "correct")
         n = weights.sum(1)
@@ -964,11 +965,16 @@ def _roles(methods: dict) -> dict:
     return {name: spec[2] for name, spec in methods.items()}
 
 
+NOT_OUT_OF_KIND = ("kind", "kind_logit", "shuffled")
+
+
 def leave_one_kind_out(a: Answers, rows: np.ndarray, *, methods: dict | None = None, seed: int = 0,
                        progress=None) -> pd.DataFrame:
     """Out-of-kind confidences: each kind scored by the methods fitted on the other kinds only (the kinds the
-    instrument will meet are not the ones it was fitted on). Empty where fewer than two kinds exist."""
+    instrument will meet are not the ones it was fitted on). Empty where fewer than two kinds exist. Not for the
+    controls that read the kind (a kind left out has no column of its own) or the shuffled labels."""
     methods = methods_for(a) if methods is None else methods
+    methods = {m: spec for m, spec in methods.items() if m not in NOT_OUT_OF_KIND}
     kinds = a.answers.kind.to_numpy()[rows]
     y = a.answers.y.to_numpy()
     feats = answer_feature_sets(a)
@@ -1016,10 +1022,8 @@ def evaluate(a: Answers, task: str, *, n_boot: int = 1000, seed: int = 0, progre
     auc = in_dist.query("evaluation == 'in_distribution' and metric == 'auroc'").set_index("method").value
     best_logit = max(LOGIT_BASELINES, key=lambda m: auc.get(m, -1))
     graded = answers.label.to_numpy() != "unparsed"
-    out += selective_rows(task, CrossValidation(cv.rows[graded], cv.fold[graded], cv.answer[graded],
-                                                cv.selective[graded], cv.prefix, cv.token, cv.details),
-                          answers.label.to_numpy()[graded], groups[graded], roles, ["instrument", best_logit],
-                          n_boot=n_boot, seed=seed)
+    out += selective_rows(task, cv.answer[graded], cv.selective[graded], answers.label.to_numpy()[graded],
+                          groups[graded], roles, ["instrument", best_logit], n_boot=n_boot, seed=seed)
     # prefix confidence: the answer model on the first k tokens (whole answers when shorter)
     tok_rows = _token_rows(a, rows)
     lengths = answers.n_tokens.to_numpy()
@@ -1045,7 +1049,8 @@ def evaluate(a: Answers, task: str, *, n_boot: int = 1000, seed: int = 0, progre
                                        seed=seed, metrics=("auroc",))
         token_table = cv.token
     evaluation = pd.DataFrame(out)
-    predictions = answers[["run", "run_fingerprint", "question_id", "kind", "label", "y"]].reset_index(drop=True).assign(
+    identity = answers[["run", "run_fingerprint", "question_id", "kind", "label", "y"]].reset_index(drop=True)
+    predictions = identity.assign(
         fold=cv.fold, **{f"confidence:{m}": cv.answer[m].to_numpy(float) for m in cv.answer},
         **{f"threshold:{m}": cv.selective[m].to_numpy(float) for m in cv.selective},
         **({f"loko:{m}": loko[m].reindex(rows).to_numpy(float) for m in loko} if len(loko) else {}))
@@ -1202,7 +1207,8 @@ def up_to_date(out: str | Path, infos: list[dict], n_boot: int, seed: int, trans
 
 
 def fit_instrument(run_dirs: list[str | Path], out: str | Path, *, transfer: list[str | Path] = (),
-                   n_boot: int = 1000, seed: int = 0, force: bool = False, progress: bool = True) -> Path:
+                   n_boot: int = 1000, seed: int = 0, force: bool = False, skip_damaged: bool = False,
+                   progress: bool = True) -> Path:
     """`attentropy fit`: evaluate every method by question-grouped cross-validation on the graded runs, fit the
     instrument on all of them and write the instrument directory `out`."""
     import importlib.metadata
@@ -1215,36 +1221,56 @@ def fit_instrument(run_dirs: list[str | Path], out: str | Path, *, transfer: lis
         if progress:
             print(f"[fit] {msg}", flush=True)
 
-    started = time.perf_counter()
-    a, infos, identity = load_answers(run_dirs)
+    from .store import load_run
+
+    runs = [load_run(d, skip_damaged=skip_damaged) for d in run_dirs]  # each run's task and fingerprint
+    infos = [run_info(run) for run in runs]
     if not force and up_to_date(out, infos, n_boot, seed, transfer):
         say(f"{out} is up to date (same runs, labels and settings; --force refits)")
         return Path(out)
-    say(f"{len(a.answers)} answers, {len(a.tokens)} tokens from {len(infos)} run(s)")
+    by_task: dict[str, list] = {}
+    for run_dir, run in zip(run_dirs, runs):
+        by_task.setdefault(task_of(run.config["benchmark"]), []).append(run_dir)
+    del runs
+    transfer_answers = [load_answers([path], skip_damaged=skip_damaged) for path in transfer]
     evaluations, answer_predictions, token_predictions, summaries = [], [], [], {}
-    for task in sorted(a.answers.task.unique()):
-        say(f"evaluating {task} answers (5-fold cross-validation by question, every method)")
+    answer_models, token_model, identity, methods, token_methods_ = {}, None, None, {}, {}
+    seconds = {"evaluation": 0.0, "fit": 0.0}
+    for task, dirs in sorted(by_task.items()):
+        # each task's runs on their own: hidden states count where that task's runs kept them
+        a, _, task_identity = load_answers(dirs, skip_damaged=skip_damaged)
+        if identity is None:
+            identity = task_identity
+        Instrument(identity, {}, None).check(task_identity, f"the {task} runs")
+        say(f"{task}: {len(a.answers)} answers, {len(a.tokens)} tokens from {len(dirs)} run(s); 5-fold "
+            "cross-validation by question, every method")
+        tick = time.perf_counter()
         rows, preds = evaluate(a, task, n_boot=n_boot, seed=seed)
         evaluations.append(rows)
         answer_predictions.append(preds["answers"].assign(task=task))
         token_predictions.append(preds["tokens"].assign(task=task))
         summaries[task] = preds["summary"]
-    evaluated = time.perf_counter()
-    answer_models, token_model = fit_final(a, seed)
+        methods.update(methods_for(a))
+        token_methods_.update(token_methods_for(a) if (a.tokens.target == 1).any() else {})
+        seconds["evaluation"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        task_models, task_token_model = fit_final(a, seed)
+        answer_models.update(task_models)
+        token_model = task_token_model or token_model
+        seconds["fit"] += time.perf_counter() - tick
+        for path, (test, _, test_identity) in zip(transfer, transfer_answers):
+            if task in set(test.answers.task):
+                say(f"transfer to {path}")
+                Instrument(identity, {}, None).check(test_identity, f"the run {path}")
+                evaluations.append(pd.DataFrame(transfer_rows(a, test, str(path), n_boot=n_boot, seed=seed)))
     if not answer_models:
         raise InstrumentError("no task has at least 2 correct and 2 incorrect answers: nothing to fit")
-    fitted = time.perf_counter()
-    for path in transfer:
-        say(f"transfer to {path}")
-        test, _, test_identity = load_answers([path])
-        Instrument(identity, {}, None).check(test_identity, f"the run {path}")
-        evaluations.append(pd.DataFrame(transfer_rows(a, test, str(path), n_boot=n_boot, seed=seed)))
     evaluation = pd.concat(evaluations, ignore_index=True)
     packages = {p: importlib.metadata.version(p) for p in ("numpy", "scikit-learn", "pandas", "pyarrow")}
+    layers, n_heads = identity["layers"], identity["n_heads"]
     meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "attentropy_version": __version__,
             "git_commit": git_commit(), "packages": packages, "training_runs": infos,
-            "features": {"answer": feature_names(a.layers, a.n_heads),
-                         "token": feature_names(a.layers, a.n_heads, "token"),
+            "features": {"answer": feature_names(layers, n_heads), "token": feature_names(layers, n_heads, "token"),
                          "attention": list(ATTN_FEATURES), "normalisation": "entropy / ln K, varentropy / (ln K)^2",
                          "aggregation": "answer: mean over its tokens (log-prob also its minimum); prefix: the same "
                                         "over the tokens so far; token: the token's own row"},
@@ -1253,10 +1279,10 @@ def fit_instrument(run_dirs: list[str | Path], out: str | Path, *, transfer: lis
                                  "incorrect answers with a located wrong moment"},
             "evaluation": {"folds": OUTER_FOLDS, "inner_folds": INNER_FOLDS, "Cs": list(CS), "n_boot": n_boot,
                            "seed": seed, "transfer": [str(t) for t in transfer], "summary": summaries},
-            "seconds": {"evaluation": round(evaluated - started, 1), "fit": round(fitted - evaluated, 1)},
-            "methods": {name: {"role": spec[2], "description": spec[3]} for name, spec in methods_for(a).items()},
+            "seconds": {k: round(v, 1) for k, v in seconds.items()},
+            "methods": {name: {"role": spec[2], "description": spec[3]} for name, spec in methods.items()},
             "token_methods": {name: {"role": spec[2], "description": spec[3]}
-                              for name, spec in token_methods_for(a).items()}}
+                              for name, spec in token_methods_.items()}}
     instrument = Instrument(identity, answer_models, token_model, meta)
     out = instrument.save(out)
     evaluation.to_csv(out / "evaluation.csv", index=False)
@@ -1271,7 +1297,7 @@ def fit_instrument(run_dirs: list[str | Path], out: str | Path, *, transfer: lis
     return out
 
 
-def score_run(instrument: Instrument, run_dir: str | Path) -> pd.DataFrame:
+def score_run(instrument: Instrument, run_dir: str | Path, skip_damaged: bool = False) -> pd.DataFrame:
     """`attentropy score --probe PROBE RUN`: score every answer of a run with the instrument and store the token
     confidences beside its parts (`load_run` then has tokens.confidence, tokens.prefix_confidence and
     samples.answer_confidence). Returns the scores."""
@@ -1280,7 +1306,7 @@ def score_run(instrument: Instrument, run_dir: str | Path) -> pd.DataFrame:
     from .capture import ATTN_STATS
     from .store import load_run, write_confidence, write_json
 
-    run = load_run(run_dir)
+    run = load_run(run_dir, skip_damaged=skip_damaged)
     instrument.check(model_identity(run.config, run.layers, run.n_heads), f"the run {run_dir}")
     trained_on = {r["fingerprint"] for r in instrument.meta.get("training_runs", [])}
     if run_info(run)["fingerprint"] in trained_on:
@@ -1294,8 +1320,9 @@ def score_run(instrument: Instrument, run_dir: str | Path) -> pd.DataFrame:
     scores = instrument.score(a)
     (Path(run_dir) / "confidence").mkdir(exist_ok=True)
     start = 0
-    for part in run.parts:
-        n = pq.ParquetFile(Path(run_dir) / "tokens" / f"{part}.parquet").metadata.num_rows
+    for part in run.parts:  # the scores of each part's tokens (those of duplicate answers left out)
+        n = (int(run.kept_rows[part][1].sum()) if part in run.kept_rows
+             else pq.ParquetFile(Path(run_dir) / "tokens" / f"{part}.parquet").metadata.num_rows)
         write_confidence(run_dir, part, scores.iloc[start:start + n])
         start += n
     write_json(Path(run_dir) / "confidence" / "probe.json", probe_stamp(instrument))
