@@ -202,20 +202,29 @@ class LLMClient:
 
 
 class ReplyCache:
-    """Append-only JSONL of LLM replies keyed by sha256(model, prompt); a torn last line is ignored."""
+    """Append-only JSONL of LLM replies keyed by sha256(model, prompt). An unreadable line (a torn last line, a
+    damaged copy) is skipped with a warning: its call is made again when needed."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.replies: dict[str, dict] = {}
         self.lock = threading.Lock()
+        unreadable = 0
         if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError:
+                    row["key"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    unreadable += 1
                     continue
                 if row.get("error") is None:  # a failed call is asked again
                     self.replies[row["key"]] = row
+        if unreadable:
+            import warnings
+
+            warnings.warn(f"{self.path}: {unreadable} unreadable line(s) skipped (their calls are made again when "
+                          "needed)", stacklevel=2)
 
     @staticmethod
     def key(model: str, prompt: str) -> str:
@@ -504,14 +513,25 @@ def grade_run(run_dir: str | Path, *, judge: str | None = None, critic: str | No
               progress: bool = True) -> dict:
     """Label every answer of a run (DIR/grades.parquet) and write DIR/metrics.json; returns the metrics.
     Idempotent: labels are rebuilt from the cached replies each time, only missing LLM calls are made.
-    `skip_damaged`: grade the intact batches of a run with damaged ones."""
+    `skip_damaged`: grade the intact batches of a run with damaged ones. One `grade` per run directory at a time
+    (DIR/grade.lock, as `store.writer_lock`): a second is refused, so the reply cache and the grades are written
+    by one process."""
+    from .store import writer_lock
+
+    with writer_lock(run_dir, "attentropy grade", name="grade.lock"):
+        return _grade_run(Path(run_dir), judge=judge, critic=critic, base_url=base_url, api_key_env=api_key_env,
+                          timeout=timeout, max_retries=max_retries, concurrency=concurrency, tokenizer=tokenizer,
+                          skip_damaged=skip_damaged, progress=progress)
+
+
+def _grade_run(run_dir: Path, *, judge, critic, base_url, api_key_env, timeout, max_retries, concurrency, tokenizer,
+               skip_damaged, progress) -> dict:
     import pandas as pd
     import pyarrow as pa
 
     from .data import FACTUAL, MATH
     from .store import _write_parquet, load_run, write_json
 
-    run_dir = Path(run_dir)
     run = load_run(run_dir, with_grades=False, skip_damaged=skip_damaged)  # grades are rebuilt here
     samples = run.samples
     benchmark = run.config["benchmark"]

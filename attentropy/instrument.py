@@ -24,6 +24,7 @@ import hashlib
 import json
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1134,13 +1135,22 @@ def load_instrument(path: str | Path) -> Instrument:
     if not meta_path.exists():
         raise InstrumentError(f"{path} is not an attentropy instrument (no probe.json; make one with `attentropy "
                               "fit`)")
-    meta = json.loads(meta_path.read_text())
+    refit = "refit it with `attentropy fit RUN... --out PROBE --force`"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InstrumentError(f"{meta_path} is damaged ({e}); {refit}") from None
     if meta.get("format") != FORMAT:
         raise InstrumentError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    with np.load(path / "arrays.npz", allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    answer_models = {task: LinearProbe.from_arrays(arrays, f"answer.{task}") for task in meta["answer_models"]}
-    token_model = LinearProbe.from_arrays(arrays, "token") if meta["token_model"] else None
+    try:
+        with np.load(path / "arrays.npz", allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        answer_models = {task: LinearProbe.from_arrays(arrays, f"answer.{task}") for task in meta["answer_models"]}
+        token_model = LinearProbe.from_arrays(arrays, "token") if meta["token_model"] else None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise InstrumentError(f"{path / 'arrays.npz'} is damaged ({type(e).__name__}: {e}); {refit}") from None
+    if hashlib.sha256((path / "arrays.npz").read_bytes()).hexdigest()[:16] != meta.get("fingerprint"):
+        raise InstrumentError(f"{path / 'arrays.npz'} is not the file probe.json was written with; {refit}")
     identity = meta.pop("model")
     for key in ("format", "answer_models", "token_model"):
         meta.pop(key)

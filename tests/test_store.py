@@ -155,3 +155,36 @@ def test_a_resumed_run_sets_damaged_batches_aside_and_regenerates_them(tmp_path,
     assert sorted(run.samples.question_id) == sorted(before.samples.question_id)
     by_id = before.samples.set_index("question_id").completion_ids.map(list)
     assert all(list(r.completion_ids) == by_id[r.question_id] for r in run.samples.itertuples())  # greedy: same
+
+
+def test_grade_has_one_writer_and_reads_past_damaged_replies(tmp_path):
+    from attentropy.grade import ReplyCache, grade_run
+
+    path = write_synthetic_run(tmp_path / "run", benchmark="facts", n_questions=20)
+    with writer_lock(path, "attentropy grade", name="grade.lock"):
+        with pytest.raises(RunDirectoryError, match="attentropy grade"):
+            grade_run(path, progress=False)
+    replies = path / "llm_replies.jsonl"
+    replies.write_text(json.dumps({"key": "a", "model": "m", "reply": "A", "error": None}) + "\n"
+                       + '{"key": "b", "model": "m", "repl' + "\n\x00\x01garbage\n")
+    with pytest.warns(UserWarning, match="2 unreadable line"):
+        cache = ReplyCache(replies)
+    assert set(cache.replies) == {"a"}
+    damage(path / "grades.parquet", "zero-byte")
+    with pytest.warns(UserWarning, match="unreadable line"):
+        grade_run(path, progress=False)  # rebuilds the grades
+    assert "label" in load_run(path).samples
+
+
+def test_a_damaged_instrument_is_named(tmp_path):
+    from attentropy import instrument as ins
+
+    run = write_synthetic_run(tmp_path / "run", benchmark="facts", n_questions=40)
+    assert main(["fit", str(run), "--out", str(tmp_path / "probe"), "--n-boot", "20", "--quiet"]) == 0
+    ins.load_instrument(tmp_path / "probe")
+    damage(tmp_path / "probe" / "arrays.npz", "truncated")
+    with pytest.raises(ins.InstrumentError, match="arrays.npz is damaged.*--force"):
+        ins.load_instrument(tmp_path / "probe")
+    (tmp_path / "probe" / "probe.json").write_text("{")
+    with pytest.raises(ins.InstrumentError, match="probe.json is damaged"):
+        ins.load_instrument(tmp_path / "probe")
