@@ -597,6 +597,9 @@ ANSWER_METHODS = {
                  "the instrument trained on shuffled labels (must be at chance)"),
 }
 LOGIT_BASELINES = ("logit_probe", "mean_logprob", "min_logprob", "logit_entropy", "logit_varentropy")
+# the instrument itself, its variants (attention alone, with hidden states) and the shuffled-label control: not the
+# baselines or controls it is measured against
+NOT_COMPETITORS = ("instrument", "attention", "attention_hidden", "shuffled")
 
 
 def best_layer_fitter(layers: list[int], balanced: bool = False):
@@ -1423,8 +1426,7 @@ def format_evaluation(probe_dir: str | Path) -> str:
                      f"{_ci(auc.loc['shuffled'])}  (n = {int(auc.n_positive.iloc[0])} correct, "
                      f"{int(auc.n_negative.iloc[0])} incorrect, out of fold)")
         for label, pool in (("logit/kind/length", [*LOGIT_BASELINES, "length", "kind", "kind_logit"]),
-                            ("any baseline", [m for m in auc.index if m not in ("instrument", "attention",
-                                                                                 "shuffled")])):
+                            ("any baseline", [m for m in auc.index if m not in NOT_COMPETITORS])):
             best = auc.loc[[m for m in pool if m in auc.index]].value.idxmax()
             lines.append(f"    best {label}: {best} {_ci(auc.loc[best])}; instrument - it: {_ci(gain.loc[best])}")
         loko = rows.query("evaluation == 'leave_one_kind_out' and metric == 'auroc'")

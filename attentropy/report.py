@@ -385,7 +385,7 @@ def instrument_section(probe: Path, fig_dir: Path) -> str:
 def instrument_findings(rows, summary: dict) -> list[str]:
     """Plain sentences on one task's evaluation: in distribution against the strongest baseline and control,
     within and across question kinds, the shuffled-label control, selective answering."""
-    from .instrument import LOGIT_BASELINES, MIN_TO_CONCLUDE
+    from .instrument import LOGIT_BASELINES, MIN_TO_CONCLUDE, NOT_COMPETITORS
 
     auc = rows.query("evaluation == 'in_distribution' and metric == 'auroc'").set_index("method")
     gain = rows.query("evaluation == 'in_distribution' and metric == 'auroc_gain_of_instrument'").set_index("method")
@@ -394,15 +394,21 @@ def instrument_findings(rows, summary: dict) -> list[str]:
     for label, pool in (("the strongest of the logit, kind and length baselines and their combination",
                          [*LOGIT_BASELINES, "length", "kind", "kind_logit"]),
                         ("the strongest of all baselines and controls (published attention detectors included)",
-                         [m for m in auc.index if m not in ("instrument", "attention", "shuffled")])):
+                         [m for m in auc.index if m not in NOT_COMPETITORS])):
         best = auc.loc[[m for m in pool if m in auc.index]].value.idxmax()
         g = gain.loc[best]
         verdict = ("above it, the paired interval above 0" if g.lo > 0 else
                    "not distinguishable from it (the paired interval covers 0)" if g.hi >= 0 else "below it")
         lines.append(f"Against {label}, {best} {_cell(auc.loc[best])}: Δ AUROC {_cell(g)}, {verdict}.")
+    if "hidden" in auc.index:
+        lines.append(f"Against the residual stream: the hidden-state probe {_cell(auc.loc['hidden'])} (instrument − "
+                     f"it: {_cell(gain.loc['hidden'])}); instrument + hidden states "
+                     f"{_cell(auc.loc['attention_hidden'])}; the bag of tokens (what the answer says) "
+                     f"{_cell(auc.loc['bag_of_tokens'])}." if "bag_of_tokens" in auc.index else
+                     f"Against the residual stream: the hidden-state probe {_cell(auc.loc['hidden'])}.")
     strat = rows.query("evaluation == 'stratified' and metric == 'auroc'").set_index("method")
     if len(strat):
-        sbest = strat.drop(index=["instrument", "attention", "shuffled"], errors="ignore").value.idxmax()
+        sbest = strat.drop(index=list(NOT_COMPETITORS), errors="ignore").value.idxmax()
         lines.append(f"Pairs within a question kind only (the kind cannot help): instrument "
                      f"{_cell(strat.loc['instrument'])}, best other {sbest} {_cell(strat.loc[sbest])}.")
     within = rows.query("evaluation == 'within_kind' and metric == 'auroc'")
@@ -411,10 +417,11 @@ def instrument_findings(rows, summary: dict) -> list[str]:
         wins = []
         for kind, kr in big.groupby("subset"):
             kr = kr.set_index("method")
-            rival = kr.drop(index=["instrument", "attention", "shuffled"], errors="ignore").value.idxmax()
-            wins.append(kr.loc["instrument", "value"] > kr.loc[rival, "value"])
+            rival = kr.loc[[m for m in (*LOGIT_BASELINES, "length", "kind", "kind_logit") if m in kr.index]]
+            wins.append(kr.loc["instrument", "value"] > rival.value.max())
         lines.append(f"Within the kinds with at least {MIN_TO_CONCLUDE} correct and {MIN_TO_CONCLUDE} incorrect "
-                     f"answers the instrument has the highest AUROC in {sum(wins)} of {len(wins)}.")
+                     f"answers the instrument is above every logit, kind and length baseline in {sum(wins)} of "
+                     f"{len(wins)}.")
     loko = rows.query("evaluation == 'leave_one_kind_out' and metric == 'auroc'")
     if loko.subset.nunique():
         means = loko.groupby("method").value.mean()

@@ -188,3 +188,16 @@ def test_a_damaged_instrument_is_named(tmp_path):
     (tmp_path / "probe" / "probe.json").write_text("{")
     with pytest.raises(ins.InstrumentError, match="probe.json is damaged"):
         ins.load_instrument(tmp_path / "probe")
+
+
+def test_a_damaged_confidence_part_is_named(tmp_path):
+    from attentropy import instrument as ins
+
+    run = write_synthetic_run(tmp_path / "run", benchmark="facts", n_questions=40)
+    assert main(["fit", str(run), "--out", str(tmp_path / "probe"), "--n-boot", "20", "--quiet"]) == 0
+    with pytest.warns(UserWarning, match="in-sample"):
+        ins.score_run(ins.load_instrument(tmp_path / "probe"), run)
+    assert load_run(run).tokens.prefix_confidence.notna().all()  # a factual instrument: no token model
+    damage(run / "confidence" / "part-00001.parquet", "truncated")
+    with pytest.raises(RunDirectoryError, match="part-00001: confidence part unreadable"):
+        load_run(run)
