@@ -29,14 +29,22 @@ def _run(args) -> None:
     print(format_summary(summary))
 
 
-def _grade(args) -> None:
+def _grade(args) -> int:
     from .grade import format_metrics, grade_run
 
+    failed = 0
     for run_dir in args.dirs:
         metrics = grade_run(run_dir, judge=args.judge, critic=args.critic, base_url=args.base_url,
                             api_key_env=args.api_key_env, timeout=args.timeout, max_retries=args.max_retries,
-                            concurrency=args.concurrency, skip_damaged=args.skip_damaged, progress=not args.quiet)
+                            concurrency=args.concurrency, skip_damaged=args.skip_damaged,
+                            max_tokens=args.max_tokens, progress=not args.quiet)
         print(format_metrics(metrics))
+        failed += sum(sum(c.values()) for c in metrics.get("failed_calls", {}).values())
+    if failed:
+        print(f"attentropy: {failed} judge/critic calls got no reply; rerun the same command to ask them again",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def _report(args) -> None:
@@ -127,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     grade.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
     grade.add_argument("--max-retries", type=int, default=4, help="retries with backoff on 429/5xx/timeouts")
     grade.add_argument("--concurrency", type=int, default=8, help="calls in flight at once")
+    grade.add_argument("--max-tokens", type=int, default=512, help="bound on every judge / critic reply")
     grade.add_argument("--quiet", action="store_true")
     grade.add_argument("--skip-damaged", action="store_true",
                        help="read the intact batches of a run with damaged ones (which are named)")
@@ -176,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (DataError, ModelLoadError, FileNotFoundError, InstrumentError) as e:
         print(f"attentropy: error: {e}", file=sys.stderr)
         return 2
@@ -187,7 +196,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"attentropy: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except RuntimeError as e:
+        from .grade import EndpointError
+
+        if not isinstance(e, EndpointError):
+            raise
+        print(f"attentropy: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

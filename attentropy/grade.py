@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+import numpy as np
+
 SIMPLEQA_LABELS = ("correct", "incorrect", "not_attempted", "unparsed")
 GSM8K_LABELS = ("correct", "incorrect", "unparsed")
 
@@ -182,23 +184,58 @@ class LLMClient:
     timeout: float = 60.0
     max_retries: int = 4
     concurrency: int = 8
+    max_tokens: int = 512  # every reply is bounded: a rambling model behind a local server cannot run for minutes
 
-    def client(self):
+    @property
+    def where(self) -> str:
+        return self.base_url or "https://api.openai.com/v1"
+
+    def client(self, max_retries: int | None = None):
         import os
 
         from openai import OpenAI
 
         key = os.environ.get(self.api_key_env) or ("not-needed" if self.base_url else None)
         if key is None:
-            raise RuntimeError(f"set {self.api_key_env} (or pass --base-url for a local endpoint without a key)")
-        return OpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout, max_retries=self.max_retries)
+            raise EndpointError(f"set {self.api_key_env} (or pass --base-url for a local endpoint without a key)")
+        return OpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout,
+                      max_retries=self.max_retries if max_retries is None else max_retries)
 
     def complete(self, client, prompt: str) -> str:
-        response = client.chat.completions.create(model=self.model, temperature=0,
+        response = client.chat.completions.create(model=self.model, temperature=0, max_tokens=self.max_tokens,
                                                   messages=[{"role": "user", "content": prompt}])
-        if not response.choices:
-            raise ValueError("the endpoint returned no choices")
+        if not getattr(response, "choices", None):
+            raise NoReply("the endpoint returned no choices")
         return response.choices[0].message.content or ""
+
+
+class EndpointError(RuntimeError):
+    """The judge / critic endpoint cannot be used at all (unreachable, key refused, unknown model)."""
+
+
+class NoReply(RuntimeError):
+    """A call that came back without a usable reply (no choices, not an OpenAI-compatible response)."""
+
+
+def fatal_cause(error: Exception) -> str | None:
+    """Why no call to this endpoint can succeed, or None for a failure that may pass (timeout, 429, 5xx)."""
+    import openai
+
+    if isinstance(error, openai.APITimeoutError):
+        return None
+    if isinstance(error, openai.APIConnectionError):
+        return f"cannot connect ({error.__cause__ or error})"
+    if isinstance(error, openai.AuthenticationError):
+        return "the key was refused (401)"
+    if isinstance(error, openai.PermissionDeniedError):
+        return "permission denied (403)"
+    if isinstance(error, openai.NotFoundError):
+        return "not found (404): a wrong --base-url path or an unknown model"
+    if isinstance(error, openai.BadRequestError):
+        return f"the request was refused (400: {error})"
+    if isinstance(error, (NoReply, openai.APIResponseValidationError, json.JSONDecodeError)):
+        return f"not an OpenAI-compatible reply ({error})"
+    return None
 
 
 class ReplyCache:
@@ -244,27 +281,49 @@ class ReplyCache:
 
 
 def ask_all(llm: LLMClient, prompts: list[str], cache: ReplyCache, desc: str, progress: bool = True) -> list[dict]:
-    """Replies for all prompts: cached ones at once, the rest with bounded concurrency. A call that still fails
-    after the SDK's retries gives {'reply': None, 'error': ...} (labelled unparsed, asked again next run)."""
+    """Replies for all prompts: cached ones at once, the rest with bounded concurrency. The first call made checks
+    the endpoint and the key, without retries: when it cannot succeed (unreachable, key refused, unknown model, not
+    an OpenAI-compatible reply) EndpointError stops the grading at once, naming the URL and the cause. A later call
+    that still fails after the SDK's retries gives {'reply': None, 'error': ...}: kept in the cache file as a failure,
+    never a label, asked again on the next run."""
     from tqdm import tqdm
 
     results: list[dict | None] = [cache.get(llm.model, p) for p in prompts]
     todo = [i for i, r in enumerate(results) if r is None]
-    if todo:
-        client = llm.client()
+    if not todo:
+        return results
+    first = todo[0]
+    try:
+        results[first] = cache.put(llm.model, prompts[first], llm.complete(llm.client(max_retries=0), prompts[first]))
+        todo = todo[1:]
+    except Exception as e:  # noqa: BLE001 - every failure of the first call is classified here
+        cause = fatal_cause(e)
+        if cause is not None:
+            raise EndpointError(f"{desc} model {llm.model!r} at {llm.where}: {cause}") from None
+    client = llm.client()
 
-        def one(i: int) -> tuple[int, dict]:
-            try:
-                return i, cache.put(llm.model, prompts[i], llm.complete(client, prompts[i]))
-            except Exception as e:  # openai.APIError family, timeouts, malformed replies
-                return i, cache.put(llm.model, prompts[i], None, f"{type(e).__name__}: {e}")
+    def one(i: int) -> tuple[int, dict]:
+        try:
+            return i, cache.put(llm.model, prompts[i], llm.complete(client, prompts[i]))
+        except Exception as e:  # openai.APIError family, timeouts, malformed replies: no reply
+            return i, cache.put(llm.model, prompts[i], None, f"{type(e).__name__}: {e}")
 
-        with ThreadPoolExecutor(max_workers=llm.concurrency) as pool, \
-                tqdm(total=len(todo), desc=desc, disable=not progress) as bar:
-            for i, row in pool.map(one, todo):
-                results[i] = row
-                bar.update()
+    with ThreadPoolExecutor(max_workers=llm.concurrency) as pool, \
+            tqdm(total=len(todo), desc=desc, disable=not progress) as bar:
+        for i, row in pool.map(one, todo):
+            results[i] = row
+            bar.update()
     return results
+
+
+def failure_causes(replies: list[dict]) -> dict[str, int]:
+    """Calls that got no reply, counted by cause (the exception's type)."""
+    counts: dict[str, int] = {}
+    for r in replies:
+        if r is not None and r.get("reply") is None:
+            cause = str(r.get("error") or "unknown").split(":")[0]
+            counts[cause] = counts.get(cause, 0) + 1
+    return counts
 
 
 # ---------------------------------------------------------------- solutions: steps, the offline critic, spans
@@ -487,8 +546,8 @@ def _critique(row, tokenizer, critic_reply: dict | None, critic_name: str) -> di
             return out
         status = "located"
     else:
-        if critic_reply.get("error"):
-            out.update(critic_status="unparsed", error_reason=critic_reply["error"])
+        if critic_reply.get("reply") is None:  # no reply: not a verdict; asked again on the next run
+            out.update(critic_status="no_reply", error_reason=str(critic_reply.get("error")))
             return out
         parsed = parse_critic_reply(critic_reply.get("reply"))
         if parsed is None or not 1 <= parsed["step"] <= len(steps):
@@ -510,9 +569,12 @@ def _critique(row, tokenizer, critic_reply: dict | None, critic_name: str) -> di
 def grade_run(run_dir: str | Path, *, judge: str | None = None, critic: str | None = None,
               base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
               max_retries: int = 4, concurrency: int = 8, tokenizer=None, skip_damaged: bool = False,
-              progress: bool = True) -> dict:
+              max_tokens: int = 512, progress: bool = True) -> dict:
     """Label every answer of a run (DIR/grades.parquet) and write DIR/metrics.json; returns the metrics.
-    Idempotent: labels are rebuilt from the cached replies each time, only missing LLM calls are made.
+    Idempotent: labels are rebuilt from the cached replies each time, only missing LLM calls are made. A judge or
+    critic call without a reply is no label: the answer keeps its previous label or critique (or none yet), the
+    failure is counted in the metrics (`failed_calls`) and asked again on the next run; an endpoint that cannot be
+    used at all stops the grading at its first call (EndpointError). Replies are bounded by `max_tokens`.
     `skip_damaged`: grade the intact batches of a run with damaged ones. One `grade` per run directory at a time
     (DIR/grade.lock, as `store.writer_lock`): a second is refused, so the reply cache and the grades are written
     by one process."""
@@ -521,11 +583,23 @@ def grade_run(run_dir: str | Path, *, judge: str | None = None, critic: str | No
     with writer_lock(run_dir, "attentropy grade", name="grade.lock"):
         return _grade_run(Path(run_dir), judge=judge, critic=critic, base_url=base_url, api_key_env=api_key_env,
                           timeout=timeout, max_retries=max_retries, concurrency=concurrency, tokenizer=tokenizer,
-                          skip_damaged=skip_damaged, progress=progress)
+                          skip_damaged=skip_damaged, max_tokens=max_tokens, progress=progress)
+
+
+def _previous_grades(run_dir: Path):
+    """The grades of the last `attentropy grade`, by question (empty if none or unreadable: they are rebuilt)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(run_dir / "grades.parquet").to_pandas().drop_duplicates("question_id").set_index(
+            "question_id")
+    except (OSError, ValueError):
+        return pd.DataFrame()
 
 
 def _grade_run(run_dir: Path, *, judge, critic, base_url, api_key_env, timeout, max_retries, concurrency, tokenizer,
-               skip_damaged, progress) -> dict:
+               skip_damaged, max_tokens, progress) -> dict:
     import pandas as pd
     import pyarrow as pa
 
@@ -536,8 +610,9 @@ def _grade_run(run_dir: Path, *, judge, critic, base_url, api_key_env, timeout, 
     samples = run.samples
     benchmark = run.config["benchmark"]
     cache = ReplyCache(run_dir / "llm_replies.jsonl")
+    previous = _previous_grades(run_dir)
     llm = dict(base_url=base_url, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries,
-               concurrency=concurrency)
+               concurrency=concurrency, max_tokens=max_tokens)
     rows = pd.DataFrame({"question_id": samples.question_id})
     metrics: dict = {"benchmark": benchmark, "questions": len(samples)}
     report = []
@@ -549,14 +624,25 @@ def _grade_run(run_dir: Path, *, judge, critic, base_url, api_key_env, timeout, 
             prompts = [SIMPLEQA_JUDGE_PROMPT.format(question=r.question, target=r.target, predicted=r.completion)
                        for r in samples.itertuples()]
             replies = ask_all(LLMClient(judge, **llm), prompts, cache, "judge", progress)
-            rows["judge_label"] = [parse_judge_verdict(r["reply"]) for r in replies]
-            rows["judge_reply"] = [r["reply"] if r["reply"] is not None else f"[error] {r['error']}" for r in replies]
-            rows["label"], rows["grader"] = rows["judge_label"], f"judge:{judge}"
+            answered = [r["reply"] is not None for r in replies]
+            # a call without a reply is no label: the answer keeps its previous one, or none yet
+            rows["judge_label"] = [parse_judge_verdict(r["reply"]) if ok else None for r, ok in zip(replies, answered)]
+            rows["judge_reply"] = [r["reply"] if ok else f"[no reply] {r['error']}" for r, ok in zip(replies, answered)]
+            before = previous.reindex(rows.question_id) if len(previous) else None
+            rows["label"] = [label if ok else (before.label.iloc[i] if before is not None else None)
+                             for i, (label, ok) in enumerate(zip(rows.judge_label, answered))]
+            rows["grader"] = [f"judge:{judge}" if ok else (before.grader.iloc[i] if before is not None else None)
+                              for i, ok in enumerate(answered)]
             metrics["offline_grader"] = simpleqa_metrics(offline)
-            report.append(confusion_table(list(rows.judge_label), offline, SIMPLEQA_LABELS, "judge", "offline"))
+            judged = np.array(answered)
+            report.append(confusion_table(list(rows.judge_label[judged]), list(np.array(offline)[judged]),
+                                          SIMPLEQA_LABELS, "judge", "offline"))
+            if failure_causes(replies):
+                metrics["failed_calls"] = {"judge": failure_causes(replies)}
         else:
             rows["label"], rows["grader"] = offline, "offline"
-        metrics.update(simpleqa_metrics(rows["label"]))
+        metrics.update(simpleqa_metrics([x for x in rows["label"] if isinstance(x, str)]))
+        metrics["not_graded"] = int(sum(not isinstance(x, str) for x in rows["label"]))
     elif benchmark in MATH:
         rows["extracted_strict"] = [extract_final_number(c, "strict") for c in samples.completion]
         rows["extracted_flexible"] = [extract_final_number(c, "flexible") for c in samples.completion]
@@ -577,12 +663,19 @@ def _grade_run(run_dir: Path, *, judge, critic, base_url, api_key_env, timeout, 
             replies = ask_all(LLMClient(critic, **llm), prompts, cache, "critic", progress)
         name = f"llm:{critic}" if critic else "offline"
         found = {r.question_id: _critique(r, tokenizer, reply, name) for r, reply in zip(wrong.itertuples(), replies)}
+        for q, critique in found.items():  # no reply: the previous critique of the same critic stays
+            if critique["critic_status"] == "no_reply" and q in previous.index and \
+                    previous.loc[q].get("critic") == name and previous.loc[q].get("critic_status") != "no_reply":
+                found[q] = {k: previous.loc[q][k] for k in critique}
+        if critic and failure_causes(replies):
+            metrics["failed_calls"] = {"critic": failure_causes(replies)}
         empty = _critique_defaults(name)
         for column in empty:
             rows[column] = [found.get(q, empty)[column] for q in rows.question_id]
         statuses = [v["critic_status"] for v in found.values()]
         metrics["critic"] = {"name": name, "incorrect_answers": len(wrong),
-                             **{s: statuses.count(s) for s in ("located", "step_only", "no_error_found", "unparsed")}}
+                             **{s: statuses.count(s) for s in ("located", "step_only", "no_error_found", "unparsed",
+                                                                "no_reply")}}
     else:
         raise ValueError(f"no grader for benchmark {benchmark!r}")
     _write_parquet(pa.Table.from_pandas(rows, preserve_index=False), run_dir / "grades.parquet")
@@ -618,6 +711,12 @@ def format_metrics(m: dict) -> str:
         c = m["critic"]
         lines.append(f"  critic {c['name']}: {c['incorrect_answers']} incorrect answers, wrong moment located in "
                      f"{c['located']} (+{c['step_only']} step only), none found {c['no_error_found']}, "
-                     f"unparsed {c['unparsed']}")
+                     f"unparsed {c['unparsed']}, no reply {c.get('no_reply', 0)}")
+    if m.get("not_graded"):
+        lines.append(f"  not graded (the judge gave no reply and there was no earlier label): {m['not_graded']}")
+    for who, causes in m.get("failed_calls", {}).items():
+        lines.append(f"  {who}: {sum(causes.values())} calls got no reply ("
+                     + ", ".join(f"{n} {cause}" for cause, n in causes.items())
+                     + "); they are asked again when you rerun the same command")
     lines += m.get("_tables", [])
     return "\n".join(lines)

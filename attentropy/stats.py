@@ -318,8 +318,9 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
     stats = tuple(stats or (*ATTN_STATS, "entropy_norm", *LOGIT_STATS))
     benchmark = run.config["benchmark"]
     lengths = samples.completion_ids.map(len)
-    excluded = {"unparsed": int((samples.label == "unparsed").sum()), "empty answer": int((lengths == 0).sum())}
-    kept = samples[(samples.label != "unparsed") & (lengths > 0)]
+    excluded = {"unparsed": int((samples.label == "unparsed").sum()), "empty answer": int((lengths == 0).sum()),
+                "not graded": int(samples.label.isna().sum())}  # the judge gave no reply and there was no label
+    kept = samples[(samples.label != "unparsed") & (lengths > 0) & samples.label.notna()]
     label_of = kept.set_index("question_id").label
     token_rows = np.flatnonzero(tokens.question_id.isin(label_of.index).to_numpy())
     tok = tokens.iloc[token_rows].reset_index(drop=True)

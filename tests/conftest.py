@@ -53,6 +53,12 @@ def embedded():
     return load_model("smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def tokenizer(embedded):
+    """The embedded model's tokenizer."""
+    return embedded[1]
+
+
 def eager_reference(model, prompt, completion):
     """Every statistic recomputed from `output_attentions` of an eager forward over the unpadded sequence."""
     previous = model.config._attn_implementation

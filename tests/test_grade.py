@@ -12,6 +12,7 @@ import pytest
 
 from attentropy import load_run
 from attentropy.capture import Capture
+from attentropy.cli import main
 from attentropy.data import Question, make_arith
 from attentropy.generate import Generation
 from attentropy.grade import (char_to_token_spans, extract_final_number, grade_run, grade_simpleqa_offline,
@@ -116,11 +117,6 @@ def test_parse_critic_reply(reply, parsed):
     assert (None if result is None else (result["step"], result["error_text"])) == parsed
 
 
-@pytest.fixture(scope="module")
-def tokenizer(embedded):
-    return embedded[1]
-
-
 @pytest.mark.parametrize("text, wrong", [
     ("She pays 3 + 4 = 8 dollars.", "8"),
     ("  Leading spaces: 12 * 2 = 25.", "25"),
@@ -210,7 +206,7 @@ class ScriptedServer:
     | ('garbage', body) | ('empty', None); n counts requests."""
 
     def __init__(self, script):
-        self.script, self.requests, self.lock = script, [], threading.Lock()
+        self.script, self.requests, self.bodies, self.lock = script, [], [], threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -222,6 +218,7 @@ class ScriptedServer:
                 prompt = body["messages"][-1]["content"]
                 with server.lock:
                     server.requests.append((self.headers.get("Authorization"), prompt))
+                    server.bodies.append(body)
                     n = len(server.requests)
                 kind, arg = server.script(n, prompt)
                 if kind == "hang":
@@ -288,17 +285,22 @@ def test_judge_through_openai_sdk_with_faults_retries_and_cache(tmp_path, tokeni
         server.close()
 
 
-def test_unusable_replies_are_unparsed_with_the_raw_text_kept(tmp_path, tokenizer):
-    replies = {"France": ("garbage", "<html>not json"), "Peru": ("empty", None), "Chad": ("ok", "Hmm, hard to say."),
-               "Laos": ("ok", "A")}
+def test_a_reply_without_a_verdict_is_unparsed_and_no_reply_is_no_label(tmp_path, tokenizer):
+    replies = {"France": ("ok", "A"), "Peru": ("garbage", "<html>not json"), "Chad": ("ok", "Hmm, hard to say."),
+               "Laos": ("empty", None)}
     server = ScriptedServer(lambda n, p: next(v for k, v in replies.items() if k in p.split("Gold")[0]))
     try:
         run = make_run(tmp_path / "facts", tokenizer, "facts", FACTS, FACT_ANSWERS)
-        grade_run(run, base_url=server.url, **JUDGE)
+        metrics = grade_run(run, base_url=server.url, **JUDGE)
         r = load_run(run)
-        assert list(r.samples.judge_label) == ["unparsed", "unparsed", "unparsed", "correct"]
+        assert list(r.samples.judge_label.fillna("-")) == ["correct", "-", "unparsed", "-"]
+        assert list(r.samples.label.fillna("-")) == ["correct", "-", "unparsed", "-"]  # no earlier label to keep
         assert r.samples.judge_reply[2] == "Hmm, hard to say."
-        assert r.samples.judge_reply[0].startswith("[error]") and r.samples.judge_reply[1].startswith("[error]")
+        assert r.samples.judge_reply[1].startswith("[no reply]") and r.samples.judge_reply[3].startswith("[no reply]")
+        assert metrics["not_graded"] == 2 and sum(metrics["failed_calls"]["judge"].values()) == 2
+        assert all(body["max_tokens"] == 512 for body in server.bodies)  # every reply is bounded
+        failures = [json.loads(line) for line in (run / "llm_replies.jsonl").read_text().splitlines()]
+        assert sum(row["reply"] is None for row in failures) >= 2  # kept, and asked again next time
     finally:
         server.close()
 
@@ -307,11 +309,17 @@ def test_interrupted_grade_resumes_asking_only_what_is_missing(tmp_path, tokeniz
     broken = ScriptedServer(lambda n, p: ("ok", verdict_for(p)) if "France" in p or "Peru" in p
                             else ("status", 503))
     run = make_run(tmp_path / "facts", tokenizer, "facts", FACTS, FACT_ANSWERS)
+    grade_run(run, progress=False)  # the offline grader first
+    offline = list(load_run(run).samples.label)
     try:
         grade_run(run, base_url=broken.url, **JUDGE)
     finally:
         broken.close()
-    assert list(load_run(run).samples.judge_label) == ["correct", "incorrect", "unparsed", "unparsed"]
+    graded = load_run(run).samples
+    assert list(graded.judge_label.fillna("-")) == ["correct", "incorrect", "-", "-"]
+    # the two answers the judge could not grade keep their earlier (offline) labels
+    assert list(graded.label) == ["correct", "incorrect", *offline[2:]]
+    assert list(graded.grader) == ["judge:judge-model", "judge:judge-model", "offline", "offline"]
     healthy = ScriptedServer(lambda n, p: ("ok", verdict_for(p)))
     try:
         grade_run(run, base_url=healthy.url, **JUDGE)
@@ -338,3 +346,46 @@ def test_llm_critic_locates_the_quoted_text_in_tokens(tmp_path, tokenizer):
         assert tokenizer.decode(ids[s.error_token_start:s.error_token_end]).strip() == "48 + 24 = 82"
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("fault, cause", [(("status", 401), "key was refused"), (("status", 404), "not found"),
+                                          (("garbage", "<html>a web page"), "not an OpenAI-compatible reply")])
+def test_an_unusable_endpoint_stops_grading_at_its_first_call(tmp_path, tokenizer, capsys, fault, cause):
+    server = ScriptedServer(lambda n, p: fault)
+    run = make_run(tmp_path / "facts", tokenizer, "facts", FACTS, FACT_ANSWERS)
+    grade_run(run, progress=False)
+    before = (run / "grades.parquet").read_bytes()
+    try:
+        assert main(["grade", str(run), "--judge", "judge-model", "--base-url", server.url, "--quiet"]) == 2
+        assert len(server.requests) == 1  # no retries over the other answers
+    finally:
+        server.close()
+    err = capsys.readouterr().err
+    assert server.url in err and cause in err
+    assert (run / "grades.parquet").read_bytes() == before  # nothing overwritten
+
+
+def test_an_unreachable_endpoint_is_named_at_once(tmp_path, tokenizer, capsys):
+    import socket
+
+    with socket.socket() as sock:  # a port with nothing listening
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    run = make_run(tmp_path / "facts", tokenizer, "facts", FACTS, FACT_ANSWERS)
+    started = time.perf_counter()
+    assert main(["grade", str(run), "--judge", "judge-model", "--base-url", url, "--quiet"]) == 2
+    assert time.perf_counter() - started < 10
+    err = capsys.readouterr().err
+    assert url in err and "cannot connect" in err
+
+
+def test_failed_calls_make_grade_exit_non_zero(tmp_path, tokenizer, capsys):
+    server = ScriptedServer(lambda n, p: ("ok", verdict_for(p)) if "France" in p else ("status", 503))
+    run = make_run(tmp_path / "facts", tokenizer, "facts", FACTS, FACT_ANSWERS)
+    try:
+        assert main(["grade", str(run), "--judge", "judge-model", "--base-url", server.url, "--timeout", "0.5",
+                     "--max-retries", "1", "--quiet"]) == 1
+    finally:
+        server.close()
+    captured = capsys.readouterr()
+    assert "3 calls got no reply (3 InternalServerError)" in captured.out and "rerun the same command" in captured.err
