@@ -11,13 +11,14 @@ import hashlib
 import json
 import re
 import threading
-import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import numpy as np
+
+from .simpleqa import grade_simpleqa_offline
 
 SIMPLEQA_LABELS = ("correct", "incorrect", "not_attempted", "unparsed")
 GSM8K_LABELS = ("correct", "incorrect", "unparsed")
@@ -65,54 +66,8 @@ def grade_gsm8k(target: str, completion: str, policy: str = "strict") -> str:
     return "correct" if Decimal(predicted) == Decimal(normalize_number(target)) else "incorrect"
 
 
-# ---------------------------------------------------------------- SimpleQA offline grader
-
-_ABSTAIN = re.compile(
-    r"\b(i (do not|don't|dont) know|i'?m not (sure|certain|aware)|i am not (sure|certain|aware)|not sure|"
-    r"(i )?(cannot|can't|can not|am unable to|'m unable to|unable to) (answer|provide|determine|find|confirm|say|"
-    r"help|access|verify)|no (information|data|record)s? (is |are )?(available|about|on)|i (do not|don't) have "
-    r"(any |enough |specific )?(information|data|access|knowledge)|(could|can) you (please )?(provide|give|clarify|"
-    r"specify)|(please )?provide more (context|information|details)|more context)\b")
-
-
-def _normalize_text(text: str) -> str:
-    text = unicodedata.normalize("NFKD", text)
-    text = "".join(c for c in text if not unicodedata.combining(c)).lower()
-    text = re.sub(r"[^\w\s.]|_", " ", text)
-    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text)  # keep decimal points only
-    return " ".join(text.split())
-
-
-def _contains(haystack: str, needle: str) -> bool:
-    return bool(needle) and re.search(rf"(?<!\w){re.escape(needle)}(?!\w)", haystack) is not None
-
-
 def _numbers(text: str) -> list[Decimal]:
     return [Decimal(n) for n in (normalize_number(m) for m in _ANY_NUMBER.findall(text)) if n is not None]
-
-
-def grade_simpleqa_offline(question: str, target: str, predicted: str, aliases: list[str] | tuple = ()) -> str:
-    """SimpleQA's label without an LLM: `not_attempted` for an empty answer or an abstention ("I don't know",
-    a refusal, asking for context) that does not give the gold; `correct` when the gold (or an accepted alias)
-    appears in the answer, a numeric gold to its own precision; otherwise `incorrect` (a hedged answer that
-    contradicts the gold included)."""
-    answer = _normalize_text(predicted)
-    if not answer:
-        return "not_attempted"
-    golds = [_normalize_text(g) for g in (target, *aliases) if g and g.strip()]
-    gold_number = normalize_number(target) if re.fullmatch(r"\s*" + _NUMBER + r"\s*", target) else None
-    if gold_number is not None:
-        places = -Decimal(gold_number).as_tuple().exponent if "." in gold_number else 0
-        quantum = Decimal(1).scaleb(-places)
-        hit = any(n.quantize(quantum) == Decimal(gold_number) for n in _numbers(predicted)
-                  if abs(n) < Decimal(10) ** 15)
-    else:
-        hit = any(_contains(answer, g) for g in golds)
-    if hit:
-        return "correct"
-    if _ABSTAIN.search(" ".join(predicted.lower().replace("\u2019", "'").split())):
-        return "not_attempted"
-    return "incorrect"
 
 
 # ---------------------------------------------------------------- LLM judge / critic through an OpenAI-compatible API
@@ -617,8 +572,8 @@ def _grade_run(run_dir: Path, *, judge, critic, base_url, api_key_env, timeout, 
     metrics: dict = {"benchmark": benchmark, "questions": len(samples)}
     report = []
     if benchmark in FACTUAL:
-        offline = [grade_simpleqa_offline(r.question, r.target, r.completion, list(r.aliases))
-                   for r in samples.itertuples()]
+        offline = [grade_simpleqa_offline(r.question, r.target, r.completion, list(r.aliases),
+                                          (r.metadata or {}).get("answer_type")) for r in samples.itertuples()]
         rows["offline_label"] = offline
         if judge:
             prompts = [SIMPLEQA_JUDGE_PROMPT.format(question=r.question, target=r.target, predicted=r.completion)

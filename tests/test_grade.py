@@ -15,7 +15,7 @@ from attentropy.capture import Capture
 from attentropy.cli import main
 from attentropy.data import Question, make_arith
 from attentropy.generate import Generation
-from attentropy.grade import (char_to_token_spans, extract_final_number, grade_run, grade_simpleqa_offline,
+from attentropy.grade import (char_to_token_spans, extract_final_number, grade_run,
                               locate_error_offline, locate_text, normalize_number, parse_critic_reply,
                               parse_judge_verdict, split_steps, tokens_of_span)
 from attentropy.store import append_batch, write_json
@@ -42,28 +42,6 @@ def test_extract_final_number(text, strict, flexible):
                                            ("0.50", "0.5"), ("12.", "12"), ("abc", None)])
 def test_normalize_number(raw, expected):
     assert normalize_number(raw) == expected
-
-
-@pytest.mark.parametrize("target, aliases, predicted, label", [
-    ("Paris", [], "The capital of France is Paris.", "correct"),
-    ("Paris", [], "I'm not sure, but I think it is Paris.", "correct"),
-    ("Brasília", [], "It is brasilia.", "correct"),
-    ("South Korea", ["Republic of Korea"], "Busan is in the Republic of Korea.", "correct"),
-    ("Paris", [], "The capital of France is Lyon.", "incorrect"),
-    ("Paris", [], "I think it might be Lyon.", "incorrect"),
-    ("Paris", [], "Parisian suburbs are large.", "incorrect"),
-    ("56", [], "The atomic number of barium is 56.", "correct"),
-    ("56", [], "The atomic number of barium is 20.", "incorrect"),
-    ("3.14", [], "Pi is roughly 3.14159.", "correct"),
-    ("3.14", [], "Pi is roughly 3.2.", "incorrect"),
-    ("120", [], "About 120 people attended.", "correct"),
-    ("Paris", [], "I don't know.", "not_attempted"),
-    ("Paris", [], "I'm sorry, I cannot answer that without more context.", "not_attempted"),
-    ("Paris", [], "Could you provide more context about which France you mean?", "not_attempted"),
-    ("Paris", [], "", "not_attempted"),
-])
-def test_grade_simpleqa_offline(target, aliases, predicted, label):
-    assert grade_simpleqa_offline("Q?", target, predicted, aliases) == label
 
 
 @pytest.mark.parametrize("reply, label", [
