@@ -11,7 +11,9 @@ Prints, for the issue's targets:
   3. scoring inside `attentropy run`: whole runs of the same facts questions with and without `--probe`,
      alternating in one process, --rounds times; the median of the rounds' time ratios (target <= 1.03);
   4. scoring given answers through the teacher-forced capture against generating the same tokens (target: >= 0.5x
-     the generation speed): recorded generation of a batch, then `capture` + `Instrument.score` of the same ids.
+     the generation speed): recorded generation of a batch, then `capture` + `Instrument.score` of the same ids;
+  5. the token model's features: per layer (mean over heads, what the instrument uses) against per layer x head,
+     fitted on the same training tokens of 4/5 of the arith questions, AUROC on the other 1/5 and fitting time.
 
     .venv/bin/python bench/instrument.py [--runs runs/smollm2-135m] [--probe runs/smollm2-135m/instrument]
                                          [--questions 64] [--rounds 5] [--threads 2]
@@ -141,6 +143,34 @@ def teacher_forced(probe: Path, questions: int, rounds: int) -> None:
           f"{statistics.median(speeds):.2f}x (target >= 0.5x)")
 
 
+def token_features(arith_run: Path) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from attentropy.instrument import (NEGATIVES_PER_POSITIVE, _sample_negatives, attention_token_matrix, fit_probe,
+                                       instrument_features, load_answers, token_types)
+
+    a, _, _ = load_answers([arith_run])
+    target = a.tokens.target.to_numpy()
+    groups = a.answers.group.to_numpy()[a.answer_of_token]
+    questions = np.unique(groups)
+    held_out = np.isin(groups, np.random.default_rng(0).choice(questions, len(questions) // 5, replace=False))
+    usable = np.flatnonzero(~held_out & (target >= 0))
+    train = usable[_sample_negatives(1 - target[usable], NEGATIVES_PER_POSITIVE, 0)]
+    test = np.flatnonzero(held_out & (target >= 0))
+    digits, results = token_types(a.tokens.token)
+    per_layer = instrument_features(a, "token")
+    per_head = np.concatenate([attention_token_matrix(a), per_layer[:, -3:]], axis=1)
+    for name, X in (("per layer (mean over heads)", per_layer), ("per layer x head", per_head)):
+        start = time.perf_counter()
+        probe, _ = fit_probe(X[train], 1 - target[train], groups[train], balanced=True)
+        seconds = time.perf_counter() - start
+        flagged = -probe.confidence(X[test])
+        y = target[test]
+        print(f"token model, {name} ({X.shape[1]} features): fitted in {seconds:.1f} s; held-out AUROC all tokens "
+              f"{roc_auc_score(y, flagged):.3f}, digits {roc_auc_score(y[digits[test]], flagged[digits[test]]):.3f}, "
+              f"results {roc_auc_score(y[results[test]], flagged[results[test]]):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs/smollm2-135m", help="the main job's output (facts/, arith/)")
@@ -148,7 +178,8 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["targets", "fit", "live", "teacher_forced"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["targets", "fit", "live", "teacher_forced", "token_features"])
     args = parser.parse_args()
     import torch
 
@@ -167,6 +198,8 @@ def main() -> None:
         live_scoring(probe, args.questions, args.rounds)
     if "teacher_forced" not in args.skip:
         teacher_forced(probe, args.questions, args.rounds)
+    if "token_features" not in args.skip:
+        token_features(runs / "arith")
 
 
 if __name__ == "__main__":
