@@ -43,7 +43,8 @@ def effect_heatmaps(a: Analysis, contrast: str, aggregation: str, out: Path, ste
     """AUROC per layer x head for every attention statistic; cells not significant after Benjamini-Hochberg
     (q >= 0.05 over the layer x head cells of that panel) are drawn faded and without their colour."""
     c = _contrast(a, contrast)
-    rows = a.comparisons.query("contrast == @contrast and aggregation == @aggregation and level == 'head'")
+    rows = a.comparisons.query("contrast == @contrast and aggregation == @aggregation and level == 'head' "
+                               "and control == 'none'")
     stats = [s for s in HEATMAP_STATS if s in set(rows.stat)]
     fig, axes = plt.subplots(1, len(stats), figsize=(2.1 * len(stats) + 1.5, 0.16 * len(a.layers) + 2.2),
                              sharey=True, squeeze=False, layout="constrained")
@@ -73,7 +74,8 @@ def effect_heatmaps(a: Analysis, contrast: str, aggregation: str, out: Path, ste
 def layer_effects(a: Analysis, contrast: str, out: Path, stem: str) -> Path:
     """AUROC per layer (mean over heads) with 95 % question-bootstrap intervals, one line per aggregation."""
     c = _contrast(a, contrast)
-    rows = a.comparisons.query("contrast == @contrast and level == 'layer' and stat in @PROFILE_STATS")
+    rows = a.comparisons.query("contrast == @contrast and level == 'layer' and stat in @PROFILE_STATS "
+                               "and control == 'none'")
     fig, axes = plt.subplots(1, len(PROFILE_STATS), figsize=(4.2 * len(PROFILE_STATS), 3.6), squeeze=False,
                              layout="constrained")
     for ax, stat in zip(axes[0], PROFILE_STATS):

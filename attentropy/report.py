@@ -15,7 +15,7 @@ import numpy as np
 from . import __version__, plots
 from .data import FACTUAL
 from .grade import GSM8K_LABELS, SIMPLEQA_LABELS
-from .stats import AGGREGATIONS, FIRST_K, LOGIT_STATS, MIN_TO_CONCLUDE, WINDOW, Analysis, analyze_run
+from .stats import AGGREGATIONS, CONTROLS, FIRST_K, LOGIT_STATS, MIN_TO_CONCLUDE, WINDOW, Analysis, analyze_run
 from .store import load_run
 
 MAX_VIEWER_ANSWERS = 300  # per run; the viewer embeds per-token, per-layer values
@@ -110,7 +110,8 @@ def findings(a: Analysis, contrast) -> list[str]:
     c = contrast
     if c.status == "not_computed":
         return [c.note]
-    rows = a.comparisons[a.comparisons.contrast == c.key]
+    all_rows = a.comparisons[a.comparisons.contrast == c.key]
+    rows = all_rows[all_rows.control == "none"]
     agg = "tokens" if c.level == "token" else PRIMARY[1]
     unit = "questions with tokens of both kinds" if c.level == "token" else "questions"
     lines = [f"n = {c.n_positive} {c.positive} vs {c.n_negative} {c.negative} {unit}."]
@@ -134,6 +135,12 @@ def findings(a: Analysis, contrast) -> list[str]:
         else:
             verdict = f"{len(head)} cells computed"
         lines.append(f"{label} ({agg}): {verdict}; strongest cell {_fmt_cell(best)}.")
+        for control, crows in all_rows.query("stat == @stat and aggregation == @agg and level == 'head' and "
+                                             "control != 'none'").groupby("control", sort=False):
+            cbest = crows.loc[(crows.auroc - 0.5).abs().idxmax()]
+            lines.append(f"&nbsp;&nbsp;controlled ({CONTROL_NAMES[control]}): {int(crows.significant.sum())} of "
+                         f"{len(crows)} cells at FDR 5 %; strongest {_fmt_cell(cbest)}, n = "
+                         f"{int(cbest.n_positive)} vs {int(cbest.n_negative)}.")
     for stat in LOGIT_STATS:
         row = rows.query("stat == @stat and aggregation == @agg and level == 'token'")
         if len(row):
@@ -153,6 +160,94 @@ def findings(a: Analysis, contrast) -> list[str]:
     return lines
 
 
+CONTROL_NAMES = {"stratified": "pairs inside a question kind", "length_matched": "pairs inside an answer-length bin",
+                 "correct_baseline": "against pseudo-moments in correct answers, difference in differences"}
+CONTROL_COLUMNS = {"stratified": "inside kinds", "length_matched": "length-matched",
+                   "correct_baseline": "vs correct answers"}
+FINDING_STATS = ("entropy", "entropy_norm", "varentropy")
+
+
+def controlled_findings(a: Analysis) -> tuple[list[list[str]], list[list[str]]]:
+    """(survive, vanished) table rows: per contrast and attention statistic (primary aggregation, layer x head
+    cells), the cells significant at FDR 5 % raw that stay significant under every control that applies, with the
+    strongest of them raw and controlled; and per control the raw-significant cells it removed. A contrast equal
+    to an earlier one (incorrect vs correct when no answer was not attempted) is left out."""
+    survive, vanished = [], []
+    keys = {c.key: c for c in a.contrasts}
+    for c in a.contrasts:
+        if c.status != "ok":
+            continue
+        hallucinated = keys.get("hallucinated")
+        if c.key == "incorrect_vs_correct" and hallucinated and hallucinated.n_negative == c.n_negative:
+            continue
+        agg = "tokens" if c.level == "token" else PRIMARY[1]
+        rows = a.comparisons[(a.comparisons.contrast == c.key) & (a.comparisons.aggregation == agg)
+                             & (a.comparisons.level == "head")]
+        for stat in FINDING_STATS:
+            by = {k: g.set_index(["layer", "head"]) for k, g in rows[rows.stat == stat].groupby("control")}
+            if "none" not in by or not by["none"].significant.any():
+                continue
+            raw = by["none"]
+            hits = set(raw.index[raw.significant])
+            controls = [k for k in CONTROL_COLUMNS if k in by]
+            kept = set(hits)
+            for k in controls:
+                kept &= set(by[k].index[by[k].significant])
+            where = [html.escape(a.name), html.escape(c.title), plots.STAT_NAMES[stat]]
+            if kept or not controls:
+                best = max(kept or hits, key=lambda cell: abs(raw.loc[cell, "auroc"] - 0.5))
+                survive.append(where + [
+                    f"{len(kept)} of {len(hits)}" if controls else f"{len(hits)} (no control applies)",
+                    f"{best[0]} / {best[1]}", _fmt_auc(raw.loc[best]),
+                    *[_fmt_auc(by[k].loc[best], raw.loc[best]) if k in by else "—" for k in CONTROL_COLUMNS],
+                    f"{int(raw.loc[best].n_positive)} vs {int(raw.loc[best].n_negative)}"])
+            gone = {k: hits - set(by[k].index[by[k].significant]) for k in controls}
+            if any(gone.values()):
+                vanished.append(where + [str(len(hits))] + [
+                    (f"{len(gone[k])}" + (f" (e.g. {_cell_name(cell)}: {raw.loc[cell, 'auroc']:.2f} → "
+                                          f"{by[k].loc[cell, 'auroc']:.2f})" if (cell := _strongest(raw, gone[k]))
+                                          else "")) if k in by else "—" for k in CONTROL_COLUMNS])
+    return survive, vanished
+
+
+def _strongest(raw, cells: set):
+    return max(cells, key=lambda cell: abs(raw.loc[cell, "auroc"] - 0.5)) if cells else None
+
+
+def _cell_name(cell) -> str:
+    return f"{cell[0]} / {cell[1]}"
+
+
+def _fmt_auc(row, raw=None) -> str:
+    """AUROC [interval]; with `raw`, the group sizes too where the control changed them (answers left alone in
+    their stratum, correct answers as baselines)."""
+    n = (f" <span class=meta>n {int(row['n_positive'])} vs {int(row['n_negative'])}</span>" if raw is not None and
+         (row["n_positive"], row["n_negative"]) != (raw["n_positive"], raw["n_negative"]) else "")
+    return f"{row['auroc']:.2f} [{row['auroc_lo']:.2f}, {row['auroc_hi']:.2f}]{n}"
+
+
+def findings_section(analyses: list[Analysis]) -> str:
+    """The report's opening section: effects that survive FDR and their controls, then those a control removed."""
+    survive, vanished = [], []
+    for a in analyses:
+        kept, gone = controlled_findings(a)
+        survive += kept
+        vanished += gone
+    controls = list(CONTROL_COLUMNS)
+    return (
+        "<h2 id=findings>Findings</h2><p>Effects significant at FDR 5 % (Benjamini-Hochberg over the layer × head "
+        "cells) that stay significant under every control that applies: "
+        + "; ".join(f"<b>{CONTROL_COLUMNS[k]}</b>: {CONTROLS[k]}" for k in controls)
+        + ". AUROCs with 95 % intervals from resampled questions; the cell shown is the strongest surviving one "
+          "(layer / head); n: questions per group.</p>"
+        + (_table(["run", "contrast", "statistic", "cells surviving", "layer / head", "raw AUROC",
+                   *[CONTROL_COLUMNS[k] for k in controls], "n"], survive) if survive else "<p>None.</p>")
+        + "<p>Significant cells that a control removed (what a reviewer would have caught), per control: how many, "
+          "and the strongest of them, raw AUROC → controlled:</p>"
+        + (_table(["run", "contrast", "statistic", "significant raw", *[CONTROL_COLUMNS[k] for k in controls]],
+                  vanished) if vanished else "<p>None.</p>"))
+
+
 def _config_rows(a: Analysis) -> list[tuple[str, str]]:
     cfg = a.config
     model = cfg.get("model", {})
@@ -163,6 +258,11 @@ def _config_rows(a: Analysis) -> list[tuple[str, str]]:
     grader = critic = "—"
     if "grader" in a.samples:
         grader = ", ".join(sorted(set(a.samples.grader.dropna())))
+    if {"offline_label", "judge_label"} <= set(a.samples):  # an LLM judge graded: does the offline grader agree?
+        both = a.samples.dropna(subset=["offline_label", "judge_label"])
+        if len(both):
+            agree = int((both.offline_label == both.judge_label).sum())
+            grader += f"; the offline grader agrees with the judge on {agree} of {len(both)} ({agree / len(both):.0%})"
     if "critic" in a.samples:
         critic = ", ".join(sorted(set(a.samples.critic.dropna()) - {""})) or "—"
     sampling = protocol.get("sampling", {})
@@ -447,6 +547,7 @@ def _html(analyses: list[Analysis], figures: list[dict], instrument: str = "") -
              f"{time.strftime('%Y-%m-%d %H:%M')} by attentropy {__version__}. Every figure's numbers are in "
              "<code>figures/</code> beside this file (PNG + CSV; all tests in "
              f"<code>comparisons.csv</code>/<code>.parquet</code>).</p>"]
+    parts.append(findings_section(analyses))
     parts.append("<h2>Runs</h2>" + _side_by_side([
         f"<h3>{esc(a.name)}</h3><table>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>"
                                                    for k, v in _config_rows(a)) + "</table>" for a in analyses]))

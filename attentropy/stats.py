@@ -12,6 +12,7 @@ sums: one sort per cell, then 1,000 resamples cost a cumulative sum each instead
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +68,8 @@ def weighted_auroc(positive: np.ndarray, negative: np.ndarray, w_pos: np.ndarray
         hi = np.searchsorted(sorted_neg, positive[:, c], "right")
         score = 0.5 * (below[lo] + below[hi])  # [n1, B]: weight below + half the weight equal
         out[c] = np.einsum("ib,ib->b", w_pos_t, score)
-    return out.T / (w_pos.sum(1, keepdims=True) * w_neg.sum(1, keepdims=True))
+    with np.errstate(invalid="ignore", divide="ignore"):  # a resample without one group: NaN
+        return out.T / (w_pos.sum(1, keepdims=True) * w_neg.sum(1, keepdims=True))
 
 
 def weighted_cohens_d(positive: np.ndarray, negative: np.ndarray, w_pos: np.ndarray, w_neg: np.ndarray
@@ -144,6 +146,59 @@ def compare_answers(values: np.ndarray, positive: np.ndarray, *, n_boot: int = 1
     return Comparison(auroc(pos, neg).reshape(cells), _percentile_ci(boot_auc, cells),
                       cohens_d(pos, neg).reshape(cells), _percentile_ci(boot_d, cells), p, benjamini_hochberg(p),
                       len(pos), len(neg), alpha)
+
+
+def compare_answers_stratified(values: np.ndarray, positive: np.ndarray, strata: np.ndarray, *, n_boot: int = 1000,
+                               seed: int = 0, alpha: float = 0.05) -> Comparison:
+    """`compare_answers` with pairs formed inside strata only (e.g. question kind, answer-length bin), so that a
+    difference between the strata cannot make the effect. AUROC: the pair-weighted mean of the per-stratum AUROCs
+    (strata with both groups); Cohen's d: of the values minus their stratum's mean; p: van Elteren's stratified
+    rank-sum test (normal approximation); intervals: questions resampled within each group, as `compare_answers`."""
+    values = np.asarray(values, dtype=float)
+    positive = np.asarray(positive, dtype=bool)
+    strata = np.asarray(strata)
+    cells = values.shape[1:]
+    flat = values.reshape(len(values), -1)
+    usable = [st for st in np.unique(strata) if positive[strata == st].any() and (~positive[strata == st]).any()]
+    keep = np.isin(strata, usable)
+    flat, positive, strata = flat[keep], positive[keep], strata[keep]
+    if positive.sum() < 2 or (~positive).sum() < 2:
+        raise ValueError(f"each group needs at least 2 questions in shared strata (got {positive.sum()} and "
+                         f"{(~positive).sum()})")
+    rng = np.random.default_rng(seed)
+    pos_idx, neg_idx = np.flatnonzero(positive), np.flatnonzero(~positive)
+    w = np.zeros((n_boot, len(positive)))
+    w[:, pos_idx] = resample_counts(rng, len(pos_idx), n_boot)
+    w[:, neg_idx] = resample_counts(rng, len(neg_idx), n_boot)
+    total = np.zeros((n_boot + 1, flat.shape[1]))
+    pairs = np.zeros((n_boot + 1, 1))
+    statistic = expected = variance = 0.0
+    centred = np.empty_like(flat)
+    for st in usable:
+        m = strata == st
+        p_m = positive[m]
+        x = flat[m]
+        centred[m] = x - x.mean(axis=0)
+        ws = np.r_[np.ones((1, m.sum())), w[:, m]]
+        auc = weighted_auroc(x[p_m], x[~p_m], ws[:, p_m], ws[:, ~p_m])  # [B+1, C]
+        n_pairs = (ws[:, p_m].sum(1) * ws[:, ~p_m].sum(1))[:, None]
+        total += np.nan_to_num(auc) * n_pairs
+        pairs += n_pairs
+        n1, n = int(p_m.sum()), int(m.sum())
+        ranks = sps.rankdata(x, axis=0)
+        weight = 1.0 / (n + 1)
+        statistic = statistic + weight * ranks[p_m].sum(axis=0)
+        expected = expected + weight * n1 * (n + 1) / 2
+        variance = variance + weight ** 2 * n1 * (n - n1) * (n + 1) / 12
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = total / pairs
+        z = (statistic - expected) / np.sqrt(variance)
+    p = (2 * sps.norm.sf(np.abs(z))).reshape(cells)
+    pos, neg = centred[positive], centred[~positive]
+    boot_d = weighted_cohens_d(pos, neg, w[:, positive], w[:, ~positive])
+    return Comparison(auc[0].reshape(cells), _percentile_ci(auc[1:], cells), cohens_d(pos, neg).reshape(cells),
+                      _percentile_ci(boot_d, cells), p, benjamini_hochberg(p), int(positive.sum()),
+                      int((~positive).sum()), alpha)
 
 
 def compare_tokens(values: np.ndarray, positive: np.ndarray, question_ids: np.ndarray, *, n_boot: int = 500,
@@ -283,6 +338,112 @@ def contrasts_of(benchmark: str) -> list[tuple[str, str, tuple[str, ...], tuple[
     return [("incorrect_vs_correct", "incorrect vs correct answers", ("incorrect",), ("correct",))]
 
 
+CONTROLLED_STATS = ("entropy", "varentropy", "entropy_norm", *LOGIT_STATS)  # the statistics with controlled rows
+LENGTH_BIN_WIDTH = 0.05  # the length control: pairs of answers whose lengths differ by at most ~5 %
+CONTROLS = {"none": "raw: as computed",
+            "stratified": "pairs inside one question kind only (facts: the kind; SimpleQA: the topic; arith: the "
+                          "number of steps)",
+            "length_matched": "pairs of answers whose lengths differ by at most ~5 % only",
+            "correct_baseline": "difference in differences: the wrong moment against its window in incorrect "
+                                "answers, minus a pseudo-moment at the same token position against its window "
+                                "in correct answers (template tokens left out of every window)"}
+
+
+def answer_strata(kept: pd.DataFrame, benchmark: str) -> np.ndarray | None:
+    """The stratum of each answer for the stratified control, or None when the benchmark has no kinds."""
+    from .instrument import question_kind
+
+    if benchmark == "gsm8k":
+        return None
+    kinds = np.array([question_kind(benchmark, m) for m in kept.metadata])
+    return kinds if len(np.unique(kinds)) > 1 else None
+
+
+def length_bins(lengths: np.ndarray, width: float = LENGTH_BIN_WIDTH) -> np.ndarray:
+    """The length stratum of each answer: bins of `width` in ln(length), so answers paired inside one differ in
+    length by at most ~5 % (exactly equal up to 20 tokens): a coarser binning leaves a length difference inside
+    each bin that the statistics' growth with position still shows."""
+    return np.floor(np.log(np.maximum(np.asarray(lengths, float), 1.0)) / width).astype(int)
+
+
+_TEMPLATE = re.compile(r"The final answer is")
+
+
+def template_tokens(tok: pd.DataFrame) -> np.ndarray:
+    """Tokens of the protocol's template: the closing "The final answer is N" sentence and chat markup
+    (<|...|> tokens), whatever the answer. Windows around a wrong moment leave them out: any answer, right or
+    wrong, has them at its end."""
+    out = np.array(tok.token.astype(str).str.fullmatch(r"\s*<\|[^|]+\|>\s*"), dtype=bool)
+    for _, rows in tok.groupby("question_id", sort=False).indices.items():
+        text, starts = "", []
+        for t in tok.token.iloc[rows].astype(str):
+            starts.append(len(text))
+            text += t
+        m = None
+        for m in _TEMPLATE.finditer(text):
+            pass
+        if m is not None:
+            out[rows[np.searchsorted(starts, m.start(), side="right") - 1:]] = True
+    return out
+
+
+def wrong_moment_differences(values: np.ndarray, tok: pd.DataFrame, incorrect: set, correct: set, kind: str,
+                             window: int = 8, template: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per answer, the difference of means (moment - its window) behind the `correct_baseline` control: in
+    incorrect answers the critic's wrong moment; in correct answers a pseudo-moment of the same length at the
+    same token position (the correct answers, in question order, take the located incorrect ones' positions in
+    turn; moved earlier where the answer is shorter): the statistics grow with the number of visible keys, so the
+    same position, not the same share of the answer, is what cancels that growth. `kind`: wrong_moment (window:
+    tokens within `window` positions), wrong_moment_numbers (the moment's digit tokens against the answer's other
+    digit tokens; the pseudo-moment is the number nearest the position), after_vs_before (the `window` tokens after
+    minus the `window` before). Template tokens are in no window.
+    `template`: `template_tokens(tok)` when already computed. Returns (differences [n_answers, *cells],
+    is_incorrect [n_answers])."""
+    template = template_tokens(tok) if template is None else template
+    digits = tok.token.astype(str).str.contains(r"\d").to_numpy(bool)
+    in_error = tok.in_error.to_numpy(bool)
+    groups = tok.groupby("question_id", sort=False).indices
+    located = sorted(q for q in incorrect if q in groups and in_error[groups[q]].any())
+    shapes = [(int(np.flatnonzero(in_error[groups[q]])[0]), int(in_error[groups[q]].sum())) for q in located]
+    diffs, is_incorrect = [], []
+    for i, q in enumerate(located + sorted(q for q in correct if q in groups)):
+        rows = groups[q]
+        n, keep = len(rows), ~template[rows]
+        if i < len(located):
+            span = np.flatnonzero(in_error[rows])
+        else:
+            if not shapes:
+                break
+            start, length = shapes[(i - len(located)) % len(shapes)]
+            free = int(keep.sum())
+            start = int(min(start, max(free - length, 0)))
+            span = np.arange(start, min(start + length, n))
+            if kind == "wrong_moment_numbers":  # the number nearest that position
+                candidates = np.flatnonzero(digits[rows] & keep)
+                if not len(candidates):
+                    continue
+                centre = candidates[np.argmin(np.abs(candidates - start))]
+                span = np.array([centre])
+        if kind == "wrong_moment_numbers":
+            moment = span[digits[rows][span]]
+            other = np.setdiff1d(np.flatnonzero(digits[rows] & keep), span)
+            first, second = moment, other
+        elif kind == "after_vs_before":
+            positions = np.arange(n)
+            first = positions[(positions >= span[-1] + 1) & (positions <= span[-1] + window) & keep]
+            second = positions[(positions < span[0]) & (positions >= span[0] - window) & keep]
+        else:
+            positions = np.arange(n)
+            near = (positions >= span[0] - window) & (positions <= span[-1] + window) & keep
+            first, second = span, np.setdiff1d(positions[near], span)
+        if len(first) and len(second):
+            diffs.append(values[rows[first]].mean(axis=0) - values[rows[second]].mean(axis=0))
+            is_incorrect.append(i < len(located))
+    if not diffs:
+        return np.zeros((0, *values.shape[1:])), np.zeros(0, bool)
+    return np.stack(diffs), np.array(is_incorrect)
+
+
 def token_values(run, stat: str, entropy: np.ndarray | None = None) -> np.ndarray:
     """Per-token values of a statistic: attention stats [n_tokens, L, H]; `entropy_norm` = entropy / ln n_keys
     (the fraction of the maximal entropy, which removes the growth with position; from `entropy` when it was
@@ -374,6 +535,24 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
             contrast.note = (f"{contrast.n_positive} vs {contrast.n_negative} questions (the report draws "
                              f"conclusions from {MIN_TO_CONCLUDE} per group or more)")
 
+    strata = answer_strata(kept, benchmark)
+    bins = length_bins(lengths[kept.index].to_numpy(float))
+    incorrect_ids = set(kept.question_id[kept.label == "incorrect"])
+    correct_ids = set(kept.question_id[kept.label == "correct"])
+    template = None  # the template tokens, computed for the first controlled token contrast
+
+    def controlled(agg: np.ndarray, sel: np.ndarray, pos_mask: np.ndarray, s: int) -> list[tuple[str, Comparison]]:
+        out = []
+        for control, groups in (("stratified", strata), ("length_matched", bins)):
+            if groups is None or len(np.unique(groups[sel])) < 2:
+                continue
+            try:
+                out.append((control, compare_answers_stratified(agg[sel], pos_mask[sel], groups[sel], n_boot=n_boot,
+                                                                seed=seed + s)))
+            except ValueError:  # too few answers of a group inside shared strata
+                pass
+        return out
+
     tables = []
     layer_means: dict[str, np.ndarray] = {}
     answer_means: dict[str, np.ndarray] = {}
@@ -397,15 +576,30 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
                         continue
                     sel = pos_mask | neg_mask
                     c = compare_answers(agg[sel], pos_mask[sel], n_boot=n_boot, seed=seed + s)
-                    tables.append(_cells_table(c, layers, level == "head").assign(
-                        contrast=contrast.key, stat=stat, aggregation=how, level=level))
+                    found = [("none", c)]
+                    if how == "mean" and stat in CONTROLLED_STATS:
+                        found += controlled(agg, sel, pos_mask, s)
+                    for control, c in found:
+                        tables.append(_cells_table(c, layers, level == "head").assign(
+                            contrast=contrast.key, stat=stat, aggregation=how, level=level, control=control))
         for contrast, rows, positive, qids in token_contrasts:
             if contrast.status == "not_computed":
                 continue
             for level, v in variants:
                 c = compare_tokens(v[rows], positive, qids, n_boot=n_boot, seed=seed + s)
                 tables.append(_cells_table(c, layers, level == "head").assign(
-                    contrast=contrast.key, stat=stat, aggregation="tokens", level=level))
+                    contrast=contrast.key, stat=stat, aggregation="tokens", level=level, control="none"))
+                if stat not in CONTROLLED_STATS:
+                    continue
+                if template is None:
+                    template = template_tokens(tok)
+                diffs, is_incorrect = wrong_moment_differences(v, tok, incorrect_ids, correct_ids, contrast.key,
+                                                               window, template)
+                if is_incorrect.sum() >= 2 and (~is_incorrect).sum() >= 2:
+                    c = compare_answers(diffs, is_incorrect, n_boot=n_boot, seed=seed + s)
+                    tables.append(_cells_table(c, layers, level == "head").assign(
+                        contrast=contrast.key, stat=stat, aggregation="tokens", level=level,
+                        control="correct_baseline"))
         if stat in PROFILE_STATS and stat in answer_means:
             for label in sorted(kept.label.unique()):
                 members = answer_means[stat][(kept.label == label).to_numpy()]
@@ -422,9 +616,9 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
             sel = pos_mask | neg_mask
             c = compare_answers(lengths[kept.index].to_numpy(float)[sel], pos_mask[sel], n_boot=n_boot, seed=seed)
             tables.append(_cells_table(c, layers, False).assign(contrast=contrast.key, stat="answer_length",
-                                                               aggregation="count", level="answer"))
+                                                               aggregation="count", level="answer", control="none"))
 
-    columns = ["contrast", "stat", "aggregation", "level", "layer", "head"]
+    columns = ["contrast", "stat", "aggregation", "level", "control", "layer", "head"]
     comparisons = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=columns)
     comparisons = comparisons[columns + [c for c in comparisons.columns if c not in columns]]
     answers = pd.DataFrame({"question_id": kept.question_id.to_numpy(), "label": kept.label.to_numpy(),

@@ -24,30 +24,35 @@ class CharTokenizer:
 
 def write_synthetic_run(path, *, benchmark="arith", labels=None, n_questions=60, n_layers=4, n_heads=3,
                         n_tokens=(12, 30), planted=None, shift=0.8, wrong_moment_shift=0.0, seed=0,
-                        prompt_len=40, kinds=None, model="synthetic", hidden=None, hidden_shift=0.0) -> Path:
+                        prompt_len=40, kinds=None, model="synthetic", hidden=None, hidden_shift=0.0, kind_shift=None,
+                        n_tokens_by_label=None, late_moment=False) -> Path:
     """A graded run. `labels`: one per question (default: alternating correct / incorrect). `planted`: (layer
     index, head) whose attention entropy is raised by `shift` in every token of incorrect answers. Math runs get a
     3-token wrong-moment span in each incorrect answer, its entropy at every cell raised by `wrong_moment_shift`.
     Each question has its own offset (tokens of one answer are correlated, as in real runs). `kinds`: one question
     kind per question (facts' metadata), `model`: the model name in config.json. `hidden`: (kept hidden-state
     indices, width): random hidden states per answer, those of incorrect answers moved by `hidden_shift` along one
-    direction at the second kept index."""
+    direction at the second kept index. Confounds: `kind_shift` {kind: entropy offset of every cell},
+    `n_tokens_by_label` {label: (min, max) tokens}, `late_moment`: the wrong moment in the last third of the answer
+    (entropy grows with position, as ln K)."""
     rng = np.random.default_rng(seed)
     path = Path(path)
     labels = list(labels) if labels is not None else ["incorrect" if i % 2 else "correct"
                                                       for i in range(n_questions)]
     gens, grades = [], []
     for i, label in enumerate(labels):
-        n = int(rng.integers(*n_tokens))
+        n = int(rng.integers(*(n_tokens_by_label or {}).get(label, n_tokens)))
         attn = rng.uniform(0.05, 0.3, size=(n, n_layers, n_heads, len(ATTN_STATS))).astype(np.float32)
         n_keys = prompt_len + np.arange(n)
         attn[..., ENTROPY] = (0.5 * np.log(n_keys)[:, None, None] + rng.normal(0, 0.3) +
                               rng.normal(0, 0.3, size=(n, n_layers, n_heads)))
         if planted is not None and label == "incorrect":
             attn[:, planted[0], planted[1], ENTROPY] += shift
+        if kind_shift and kinds is not None:
+            attn[..., ENTROPY] += kind_shift.get(kinds[i], 0.0)
         start = end = -1
         if benchmark == "arith" and label == "incorrect":
-            start = int(rng.integers(2, n - 5))
+            start = int(rng.integers(2 * n // 3, n - 4) if late_moment else rng.integers(2, n - 5))
             end = start + 3
             attn[start:end, :, :, ENTROPY] += wrong_moment_shift
         q = Question(id=f"{benchmark}-{i:05d}", benchmark=benchmark, question=f"question {i}?", target=str(i),

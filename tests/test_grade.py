@@ -6,6 +6,7 @@ import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from attentropy.generate import Generation
 from attentropy.grade import (char_to_token_spans, extract_final_number, grade_run,
                               locate_error_offline, locate_text, normalize_number, parse_critic_reply,
                               parse_judge_verdict, split_steps, tokens_of_span)
+from attentropy.report import _config_rows
 from attentropy.store import append_batch, write_json
 
 
@@ -251,6 +253,11 @@ def test_judge_through_openai_sdk_with_faults_retries_and_cache(tmp_path, tokeni
         assert list(r.samples.judge_label) == ["correct", "incorrect", "not_attempted", "correct"]
         assert list(r.samples.label) == list(r.samples.judge_label) and r.samples.grader[0] == "judge:judge-model"
         assert metrics["correct"] == 0.5 and metrics["f_score"] == pytest.approx(2 / 3 * 0.5 * 2 / (0.5 + 2 / 3))
+        # the report's run table: the judge, and how often the offline grader says the same
+        agree = int((r.samples.offline_label == r.samples.judge_label).sum())
+        shown = dict(_config_rows(SimpleNamespace(config={}, answers=r.samples, samples=r.samples, benchmark="facts",
+                                                  excluded={}, layers=[], n_heads=0)))["grader"]
+        assert shown == f"judge:judge-model; the offline grader agrees with the judge on {agree} of 4 ({agree / 4:.0%})"
         assert all(auth == "Bearer sk-secret-do-not-store" for auth, _ in server.requests)
         calls = len(server.requests)
         assert calls >= 4 + 3  # three faults were retried

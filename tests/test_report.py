@@ -6,6 +6,7 @@ import re
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from attentropy import load_run
@@ -14,9 +15,9 @@ from attentropy.stats import analyze_run
 from synthetic import write_synthetic_run
 
 
-def significant_cells(a, contrast, stat="entropy", aggregation="mean", level="head"):
+def significant_cells(a, contrast, stat="entropy", aggregation="mean", level="head", control="none"):
     rows = a.comparisons.query("contrast == @contrast and stat == @stat and aggregation == @aggregation "
-                               "and level == @level")
+                               "and level == @level and control == @control")
     return rows.loc[rows.significant, ["layer", "head"]].values.tolist(), rows
 
 
@@ -102,6 +103,16 @@ def test_report_files_and_text(report):
     assert "not computed" not in html or "at least 2 per group" in html
     assert "unparsed 2" in html and "n = 20 incorrect vs 20 correct questions" in html
     assert "smollm2" not in html and "synthetic" in html  # the runs' own config is shown
+    # Findings open the report: the planted effects survive their controls, in one table with the raw AUROC
+    findings = html[html.index("<h2 id=findings>"):html.index("<h2>Runs")]
+    assert html.index("<h2 id=findings>") < html.index("<h2>Contrasts")
+    for text in ("length-matched", "vs correct answers", "wrong-moment tokens vs tokens within 8 positions",
+                 "hallucinated (incorrect) vs not", "raw AUROC"):
+        assert text in findings, text
+    comparisons = pd.read_csv(report / "figures" / "arith" / "comparisons.csv")
+    assert set(comparisons.control) == {"none", "length_matched", "correct_baseline"}
+    assert set(comparisons.query("control == 'correct_baseline'").contrast) == {
+        "wrong_moment", "wrong_moment_numbers", "after_vs_before"}
     # the instrument's section: its metrics against every baseline, for both tasks, with figures
     section = html[html.index("<h2 id=instrument>"):html.index("<h2>Profiles")]
     for text in ("factual answers: 38", "math answers: 40", "Shuffled-label control", "Δ AUROC of the instrument",

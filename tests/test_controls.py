@@ -1,0 +1,73 @@
+"""Controlled contrasts: a planted confound (question kind, answer length, position) makes a raw contrast
+significant and its control removes it; a planted true effect survives every control.
+
+A confound-only run has no effect to find, so its controlled test is significant with probability about alpha
+(5 %), and in all cells at once: every cell of an answer shares that answer's offset, as in real runs. One run
+could therefore fail by chance; each confound is planted in four runs (seeds 0-3) and the control must leave no
+significant cell in at least three (by chance two or more of four at 5 % each: 1.4 %)."""
+
+import numpy as np
+
+from attentropy import load_run
+from attentropy.stats import analyze_run
+from synthetic import write_synthetic_run
+
+SEEDS = range(4)
+
+
+def significant(a, contrast, control, stat="entropy", aggregation="mean", level="head"):
+    rows = a.comparisons.query("contrast == @contrast and stat == @stat and aggregation == @aggregation and "
+                               "level == @level and control == @control")
+    assert len(rows), f"no {control} rows for {contrast}"
+    return int(rows.significant.sum())
+
+
+def check_confound(make_run, contrast, control, aggregation="mean"):
+    raw, controlled = [], []
+    for seed in SEEDS:
+        a = analyze_run(load_run(make_run(seed)), n_boot=100, stats=("entropy",))
+        raw.append(significant(a, contrast, "none", aggregation=aggregation))
+        controlled.append(significant(a, contrast, control, aggregation=aggregation))
+    assert min(raw) >= 6, raw  # of 12 cells, in every run: the confound looks like an effect
+    assert sum(n > 0 for n in controlled) <= 1, controlled
+
+
+def test_a_kind_confound_vanishes_inside_kinds(tmp_path):
+    def make_run(seed):
+        rng = np.random.default_rng(seed)
+        kinds = ["capital" if i % 2 else "element" for i in range(160)]
+        # capitals are mostly answered right, elements mostly wrong, and element answers attend with more entropy
+        labels = ["correct" if rng.random() < (0.8 if k == "capital" else 0.2) else "incorrect" for k in kinds]
+        return write_synthetic_run(tmp_path / f"run{seed}", benchmark="facts", labels=labels, n_questions=160,
+                                   kinds=kinds, kind_shift={"element": 0.6}, seed=seed)
+    check_confound(make_run, "incorrect_vs_correct", "stratified")
+
+
+def test_a_length_confound_vanishes_between_answers_of_a_length(tmp_path):
+    labels = ["incorrect" if i % 2 else "correct" for i in range(160)]
+    # wrong answers are longer; attention entropy grows with position (0.5 ln K, K from 5 keys), not with being wrong
+    check_confound(lambda seed: write_synthetic_run(
+        tmp_path / f"run{seed}", benchmark="facts", labels=labels, n_questions=160, prompt_len=5, seed=seed,
+        n_tokens_by_label={"correct": (6, 40), "incorrect": (20, 70)}), "incorrect_vs_correct", "length_matched")
+
+
+def test_a_position_confound_of_the_wrong_moment_vanishes_against_correct_answers(tmp_path):
+    # the wrong moment sits late; tokens after it are later still, so their entropy is higher in any answer
+    check_confound(lambda seed: write_synthetic_run(tmp_path / f"run{seed}", n_questions=120, late_moment=True,
+                                                    n_tokens=(30, 60), seed=seed),
+                   "after_vs_before", "correct_baseline", aggregation="tokens")
+
+
+def test_a_planted_effect_survives_every_control(tmp_path):
+    kinds = ["capital" if i % 3 else "element" for i in range(120)]
+    run = load_run(write_synthetic_run(tmp_path / "facts", benchmark="facts", n_questions=120, kinds=kinds,
+                                       planted=(2, 1), shift=1.0))
+    a = analyze_run(run, n_boot=100, stats=("entropy",))
+    for control in ("none", "stratified", "length_matched"):
+        rows = a.comparisons.query("contrast == 'incorrect_vs_correct' and stat == 'entropy' and aggregation == "
+                                   "'mean' and level == 'head' and control == @control")
+        assert rows.loc[rows.significant, ["layer", "head"]].values.tolist() == [[2, 1]], control
+    arith = load_run(write_synthetic_run(tmp_path / "arith", n_questions=120, wrong_moment_shift=1.5))
+    a = analyze_run(arith, n_boot=100, stats=("entropy",))
+    for contrast in ("wrong_moment", "wrong_moment_numbers"):
+        assert significant(a, contrast, "correct_baseline", aggregation="tokens", level="layer") == 4, contrast
