@@ -25,7 +25,7 @@ def _run(args) -> None:
         dtype=args.dtype, device=args.device, device_map=args.device_map,
         save_attention=tuple(args.save_attention.split(",")) if args.save_attention else (),
         attn_dtype=args.attn_dtype, probe=args.probe, hidden_layers=args.hidden_layers,
-        hidden_token_layers=args.hidden_token_layers, progress=not args.quiet)
+        hidden_token_layers=args.hidden_token_layers, raw=args.raw, progress=not args.quiet)
     print(format_summary(summary))
 
 
@@ -80,6 +80,21 @@ def _score(args) -> None:
                      as_json=args.json, max_new_tokens=args.max_new_tokens))
 
 
+def _trace(args) -> None:
+    from .trace import trace, trace_page, trace_text
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    out = trace(args.prompt, model=args.model, out=args.out, system=args.system, raw=args.raw,
+                max_new_tokens=args.max_new_tokens, maps=not args.no_maps, progress=not args.quiet)
+    if args.text:
+        print(trace_text(out, args.stat, args.layer))
+    else:
+        print(f"trace: {trace_page(out, args.stat).resolve()}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attentropy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,13 +103,19 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--model", default=DEFAULT_MODEL,
                      help=f"hub id, local directory, or alias ({DEFAULT_MODEL} [embedded, default], "
                           f"{', '.join(ALIASES)})")
-    run.add_argument("--benchmark", required=True, choices=["simpleqa", "gsm8k", "facts", "arith"])
-    run.add_argument("--data", help="local benchmark file (SimpleQA CSV / GSM8K JSONL); default: published location")
+    run.add_argument("--benchmark", required=True, choices=["simpleqa", "gsm8k", "facts", "arith", "prompts"],
+                     help="prompts: free prompts from --data, ungraded (exploring ordinary text generation)")
+    run.add_argument("--data", help="local benchmark file (SimpleQA CSV / GSM8K JSONL); default: published location. "
+                                    "prompts: a text file, one prompt per line, or JSONL with prompt and optional "
+                                    "id, system, max_new_tokens")
+    run.add_argument("--raw", action="store_true", help="prompts: continue the text as it is, without the chat "
+                                                       "template (base-model text generation)")
     run.add_argument("--out", required=True, help="run directory (created, or resumed if it exists)")
     run.add_argument("--limit", type=int, help="number of questions (default: all; suites: facts 200, arith 100)")
     run.add_argument("--offset", type=int, default=0)
     run.add_argument("--batch-size", type=int, default=16)
-    run.add_argument("--max-new-tokens", type=int, help="default: 128 for factual benchmarks, 1024 for math")
+    run.add_argument("--max-new-tokens", type=int, help="default: 128 for factual benchmarks, 1024 for math, 256 "
+                                                        "for prompts")
     run.add_argument("--shots", type=int, default=8, help="chain-of-thought exemplars for gsm8k/arith (0-8)")
     run.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     run.add_argument("--temperature", type=float, default=1.0)
@@ -182,6 +203,26 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--skip-damaged", action="store_true",
                        help="read the intact batches of a run with damaged ones (which are named)")
     score.set_defaults(func=_score)
+
+    trace = sub.add_parser("trace", help="one prompt, nothing to set up: generate, record and write one page with "
+                                         "the answer's tokens coloured, per-layer heatmaps and attention maps")
+    trace.add_argument("prompt", help="the prompt (in quotes)")
+    trace.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local directory, or alias (default: the "
+                                                              "embedded model)")
+    trace.add_argument("--system", help="a system turn before the prompt")
+    trace.add_argument("--raw", action="store_true", help="continue the text as it is, without the chat template")
+    trace.add_argument("--max-new-tokens", type=int, default=128)
+    trace.add_argument("--stat", default="entropy", help="the statistic tokens are coloured by (entropy, "
+                                                         "varentropy, entropy_norm, sink_mass, ..., logit_entropy, "
+                                                         "logprob)")
+    trace.add_argument("--layer", type=int, help="--text: one layer (mean over its heads); default: all layers")
+    trace.add_argument("--text", action="store_true", help="print the answer coloured in the terminal, no page")
+    trace.add_argument("--no-maps", action="store_true", help="do not keep the full attention rows (smaller)")
+    trace.add_argument("--out", help="the trace's directory (default: traces/<hash of model, prompt, settings>; "
+                                     "a rerun reuses its generation)")
+    trace.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    trace.add_argument("--quiet", action="store_true")
+    trace.set_defaults(func=_trace)
 
     args = parser.parse_args(argv)
     try:

@@ -18,9 +18,11 @@ from platformdirs import user_cache_dir
 SIMPLEQA_URL = "https://openaipublic.blob.core.windows.net/simple-evals/simple_qa_test_set.csv"
 GSM8K_HUB_ID = "openai/gsm8k"
 
-# Benchmarks graded like SimpleQA (short factual answers) and like GSM8K (chain of thought + number).
+# Benchmarks graded like SimpleQA (short factual answers) and like GSM8K (chain of thought + number); `prompts`:
+# free prompts for exploring ordinary text generation, never graded.
 FACTUAL = ("simpleqa", "facts")
 MATH = ("gsm8k", "arith")
+FREE = "prompts"
 
 
 class DataError(ValueError):
@@ -97,6 +99,60 @@ def read_gsm8k(path: str | Path, benchmark: str = "gsm8k") -> list[Question]:
     if not rows:
         raise DataError(f"{path}: no rows")
     return [_gsm8k_question(row, i, benchmark, f"{path}: line {line_no}") for i, (line_no, row) in enumerate(rows)]
+
+
+_PROMPT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+PROMPT_FIELDS = {"id": str, "prompt": str, "system": str, "max_new_tokens": int}
+
+
+def read_prompts(path: str | Path, raw: bool = False) -> list[Question]:
+    """Free prompts: a text file with one prompt per line (blank lines skipped; `\\n` inside a line is a newline),
+    or JSONL (`.jsonl`, or every line starting with `{`) with `prompt` and optional `id`, `system` (a system turn)
+    and `max_new_tokens`. `raw`: sent as plain text to continue, without the chat template (a system turn is then
+    an error). Ids: given ones or `prompts-<line>`; they must be unique."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    jsonl = path.suffix == ".jsonl" or (numbered and all(line.lstrip().startswith("{") for _, line in numbered))
+    questions, seen = [], {}
+    for line_no, line in numbered:
+        where = f"{path}: line {line_no}"
+        if jsonl:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected an object with a string field 'prompt'")
+            unknown = set(row) - set(PROMPT_FIELDS)
+            if unknown:
+                raise DataError(f"{where}: unknown field(s) {sorted(unknown)}; expected {', '.join(PROMPT_FIELDS)}")
+            for key, kind in PROMPT_FIELDS.items():
+                if key in row and (not isinstance(row[key], kind) or isinstance(row[key], bool)):
+                    raise DataError(f"{where}: field {key!r} must be {'a string' if kind is str else 'an integer'}, "
+                                    f"got {json.dumps(row[key])}")
+            if not row.get("prompt", "").strip():
+                raise DataError(f"{where}: field 'prompt' is missing or empty")
+            if row.get("max_new_tokens", 1) < 1:
+                raise DataError(f"{where}: field 'max_new_tokens' must be at least 1, got {row['max_new_tokens']}")
+        else:
+            row = {"prompt": line.replace("\\n", "\n")}
+        qid = row.get("id", f"prompts-{line_no:05d}")
+        if not _PROMPT_ID.fullmatch(qid):
+            raise DataError(f"{where}: field 'id' must be 1-100 letters, digits or _ . : -, got {qid!r}")
+        if qid in seen:
+            raise DataError(f"{where}: id {qid!r} already used on line {seen[qid]}")
+        if raw and "system" in row:
+            raise DataError(f"{where}: field 'system' needs the chat template (not --raw)")
+        seen[qid] = line_no
+        metadata = {"line": line_no, "raw": raw, **{k: row[k] for k in ("system", "max_new_tokens") if k in row}}
+        questions.append(Question(qid, FREE, row["prompt"], "", metadata=metadata))
+    if not questions:
+        raise DataError(f"{path}: no prompts")
+    return questions
 
 
 def _gsm8k_question(row: dict, i: int, benchmark: str, where: str) -> Question:
@@ -295,9 +351,16 @@ SUITE_SIZE = {"facts": 200, "arith": 100}
 
 
 def load_questions(benchmark: str, data: str | Path | None = None, *, offset: int = 0, limit: int | None = None,
-                   seed: int = 0, difficulty: int = ARITH_DEFAULT_DIFFICULTY) -> list[Question]:
-    """The questions of `benchmark` (simpleqa, gsm8k, facts, arith), rows [offset, offset+limit)."""
-    if benchmark == "simpleqa":
+                   seed: int = 0, difficulty: int = ARITH_DEFAULT_DIFFICULTY, raw: bool = False) -> list[Question]:
+    """The questions of `benchmark` (simpleqa, gsm8k, facts, arith, prompts), rows [offset, offset+limit).
+    `raw`: prompts only, plain continuation without the chat template."""
+    if raw and benchmark != FREE:
+        raise DataError(f"--raw applies to --benchmark {FREE} only")
+    if benchmark == FREE:
+        if not data:
+            raise DataError(f"--benchmark {FREE} needs --data FILE (one prompt per line, or JSONL)")
+        questions = read_prompts(data, raw)
+    elif benchmark == "simpleqa":
         questions = read_simpleqa(data if data else _download_simpleqa())
     elif benchmark == "gsm8k":
         questions = read_gsm8k(data) if data else _hub_gsm8k("test")
@@ -307,7 +370,7 @@ def load_questions(benchmark: str, data: str | Path | None = None, *, offset: in
         size = SUITE_SIZE[benchmark] if limit is None else offset + limit
         questions = make_facts(size, seed) if benchmark == "facts" else make_arith(size, seed, difficulty)
     else:
-        raise DataError(f"unknown benchmark {benchmark!r}; expected one of simpleqa, gsm8k, facts, arith")
+        raise DataError(f"unknown benchmark {benchmark!r}; expected one of simpleqa, gsm8k, facts, arith, {FREE}")
     end = None if limit is None else offset + limit
     return questions[offset:end]
 

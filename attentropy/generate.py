@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .capture import Capture, HiddenSpec, PromptCache, common_prefix_len, prompt_layout, recording_generation
-from .data import FACTUAL, MATH, Question, fewshot_exemplars
+from .data import FACTUAL, FREE, MATH, Question, fewshot_exemplars
 
 # Meta's published Llama 3.2 GSM8K protocol: this user turn, 8 worked exemplars as earlier chat turns,
 # every answer ending "The final answer is N", up to 1024 new tokens.
@@ -20,7 +20,7 @@ MATH_USER_TEMPLATE = (
     'Your response should end with "The final answer is [answer]" where [answer] is the response to the problem.'
 )
 MATH_SHOTS = 8
-MAX_NEW_TOKENS = {"factual": 128, "math": 1024}
+MAX_NEW_TOKENS = {"factual": 128, "math": 1024, "free": 256}
 
 
 def protocol_kind(benchmark: str) -> str:
@@ -28,6 +28,8 @@ def protocol_kind(benchmark: str) -> str:
         return "factual"
     if benchmark in MATH:
         return "math"
+    if benchmark == FREE:
+        return "free"
     raise ValueError(f"unknown benchmark {benchmark!r}")
 
 
@@ -42,8 +44,13 @@ def exemplar_answer(reference: str) -> str:
 def chat_messages(question: Question, shots: int = MATH_SHOTS) -> list[dict]:
     """The chat for one question: SimpleQA-style benchmarks get the bare question as the user turn; GSM8K-style
     ones get `shots` exemplars of the benchmark's train split as a multi-turn chat, then the question."""
-    if protocol_kind(question.benchmark) == "factual":
+    kind = protocol_kind(question.benchmark)
+    if kind == "factual":
         return [{"role": "user", "content": question.question}]
+    if kind == "free":  # a free prompt, with its own system turn if it has one
+        system = question.metadata.get("system")
+        return ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": question.question}]
     messages = []
     for ex in fewshot_exemplars(question)[:shots]:
         messages.append({"role": "user", "content": MATH_USER_TEMPLATE.format(question=ex.question)})
@@ -53,6 +60,10 @@ def chat_messages(question: Question, shots: int = MATH_SHOTS) -> list[dict]:
 
 
 def prompt_ids(tokenizer, question: Question, shots: int = MATH_SHOTS) -> list[int]:
+    """The prompt's token ids: the chat template applied to `chat_messages`, or for a raw free prompt the text
+    as the tokenizer encodes it for continuation (with its beginning-of-text token, if it adds one)."""
+    if question.metadata.get("raw"):
+        return list(tokenizer(question.question, add_special_tokens=True)["input_ids"])
     ids = tokenizer.apply_chat_template(chat_messages(question, shots), add_generation_prompt=True, tokenize=True,
                                         return_dict=False)
     return list(ids)

@@ -558,12 +558,15 @@ def _grade_run(run_dir: Path, *, judge, critic, base_url, api_key_env, timeout, 
     import pandas as pd
     import pyarrow as pa
 
-    from .data import FACTUAL, MATH
+    from .data import FACTUAL, FREE, MATH, DataError
     from .store import _write_parquet, load_run, write_json
 
     run = load_run(run_dir, with_grades=False, skip_damaged=skip_damaged)  # grades are rebuilt here
     samples = run.samples
     benchmark = run.config["benchmark"]
+    if benchmark == FREE:
+        raise DataError(f"{run_dir} holds free prompts, which have no gold answer to grade against; "
+                        f"`attentropy report {run_dir}` reads it ungraded")
     cache = ReplyCache(run_dir / "llm_replies.jsonl")
     previous = _previous_grades(run_dir)
     llm = dict(base_url=base_url, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries,

@@ -14,7 +14,7 @@ import pandas as pd  # noqa: E402
 
 from .stats import PROFILE_STATS, Analysis  # noqa: E402
 
-LABEL_COLORS = {"correct": "#1b9e77", "incorrect": "#d95f02", "not_attempted": "#7570b3"}
+LABEL_COLORS = {"correct": "#1b9e77", "incorrect": "#d95f02", "not_attempted": "#7570b3", "ungraded": "#4c72b0"}
 STAT_NAMES = {"entropy": "attention entropy (nats)", "varentropy": "attention varentropy (nats²)",
               "entropy_norm": "attention entropy / ln K", "sink_mass": "mass on the first token",
               "prompt_mass": "mass on the prompt", "diag_mass": "mass on the own token",
@@ -177,6 +177,38 @@ def token_traces(a: Analysis, question_ids: list[str], out: Path, stem: str) -> 
             in_error=tok.in_error.to_numpy() if "in_error" in tok else False))
     fig.suptitle(f"{a.name}: attention entropy per layer (mean over heads) along chosen answers", fontsize=9)
     return _save(fig, pd.concat(tables, ignore_index=True), out, stem)
+
+
+def trace_heatmaps(a: Analysis, qid: str, out: Path, stem: str) -> Path:
+    """One answer: attention entropy and varentropy per layer (mean over heads) x token, and the next-token
+    entropy and varentropy along the same tokens (`attentropy trace`)."""
+    rows = np.flatnonzero(a.tokens.question_id.to_numpy() == qid)
+    tok = a.tokens.iloc[rows]
+    n = len(tok)
+    fig, axes = plt.subplots(3, 1, figsize=(min(24, 4 + 0.16 * n), 8.5), sharex=True,
+                             gridspec_kw={"height_ratios": [3, 3, 1.6]}, layout="constrained")
+    table = pd.DataFrame({"pos": tok.pos.to_numpy(), "token": tok.token.to_numpy(),
+                          "logit_entropy": tok.logit_entropy.to_numpy(),
+                          "logit_varentropy": tok.logit_varentropy.to_numpy()})
+    for ax, stat, unit in ((axes[0], "entropy", "nats"), (axes[1], "varentropy", "nats²")):
+        values = a.layer_means[stat][rows]  # [n_tokens, L]
+        image = ax.imshow(values.T, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
+        fig.colorbar(image, ax=ax, label=unit, pad=0.01)
+        ax.set_ylabel("layer")
+        ax.set_yticks(range(0, len(a.layers), max(1, len(a.layers) // 6)), a.layers[::max(1, len(a.layers) // 6)])
+        ax.set_title(f"attention {stat} per layer (mean over heads)", fontsize=9)
+        table = table.join(pd.DataFrame(values, columns=[f"{stat}_layer_{layer}" for layer in a.layers]))
+    ax = axes[2]
+    ax.plot(np.arange(n), tok.logit_entropy, color="black", lw=1.2, label="entropy (nats)")
+    ax.plot(np.arange(n), tok.logit_varentropy, color="#d95f02", lw=1.2, label="varentropy (nats²)")
+    ax.set_title("next-token distribution", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.colorbar(image, ax=ax, pad=0.01).remove()  # keeps the x axis aligned with the heatmaps above
+    step = max(1, n // 120)
+    ax.set_xticks(range(0, n, step), [t.replace("\n", "⏎") for t in tok.token.iloc[::step].astype(str)],
+                  rotation=90, fontsize=6)
+    ax.set_xlim(-0.5, n - 0.5)
+    return _save(fig, table, out, stem)
 
 
 def distributions(a: Analysis, out: Path, stem: str) -> Path:

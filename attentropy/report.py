@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, plots
-from .data import FACTUAL
+from .data import FACTUAL, FREE
 from .grade import GSM8K_LABELS, SIMPLEQA_LABELS
 from .stats import AGGREGATIONS, CONTROLS, FIRST_K, LOGIT_STATS, MIN_TO_CONCLUDE, WINDOW, Analysis, analyze_run
 from .store import load_run
@@ -65,8 +65,12 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, n
 
 def chosen_answers(a: Analysis, n: int = 3) -> list[str]:
     """Answers for the token traces: the shortest incorrect answers with a located wrong moment (math) or the
-    shortest incorrect ones (factual), and the shortest correct one, for contrast."""
+    shortest incorrect ones (factual), and the shortest correct one, for contrast; of an ungraded run, answers of
+    spread lengths."""
     answers = a.answers.sort_values(["n_tokens", "question_id"])
+    if not a.graded:  # answers of spread lengths: the shortest, the longest and between
+        picks = np.unique(np.linspace(0, len(answers) - 1, min(n + 1, len(answers))).round().astype(int))
+        return list(answers.question_id.iloc[picks])
     wrong = answers[answers.label == "incorrect"]
     if "in_error" in a.tokens:
         located = set(a.tokens.question_id[a.tokens.in_error])
@@ -573,6 +577,13 @@ def _html(analyses: list[Analysis], figures: list[dict], instrument: str = "") -
     for a in analyses:
         keys += [c.key for c in a.contrasts if c.key not in keys]
     parts.append("<h2>Contrasts</h2>")
+    for a in analyses:
+        if not a.graded:
+            why = ("free prompts have no gold answer, so there are no groups to compare"
+                   if a.benchmark == FREE else f"it is not graded yet (<code>attentropy grade {esc(a.path)}</code>)")
+            parts.append(f"<p class=meta>{esc(a.name)}: no contrasts — {why}. The profiles, quadrants, "
+                         f"distributions, token traces and the token viewer below need no labels: its answers form "
+                         f"one group, <i>ungraded</i>.</p>")
     for key in keys:
         cells = []
         for a, figs in zip(analyses, figures):
@@ -618,7 +629,7 @@ figure { margin: 0.6em 0; } figure img { max-width: 100%; } figcaption { font-si
 .answer .head { font-size: 12px; color: #555; margin-bottom: 3px; }
 .badge { display: inline-block; padding: 0 6px; border-radius: 3px; color: #fff; font-size: 11px; }
 .badge.correct { background: #1b9e77; } .badge.incorrect { background: #d95f02; }
-.badge.not_attempted { background: #7570b3; }
+.badge.not_attempted { background: #7570b3; } .badge.ungraded { background: #4c72b0; }
 .tok { white-space: pre-wrap; font-family: monospace; font-size: 12.5px; border-radius: 2px; }
 .tok.err { outline: 2px solid #e00000; outline-offset: -1px; }
 #legend { display: inline-block; width: 160px; height: 10px; vertical-align: middle;
@@ -674,7 +685,7 @@ VIEWER_JS = r"""
       div.className = 'answer'; div.dataset.label = answer.label;
       const head = document.createElement('div'); head.className = 'head';
       head.innerHTML = `<span class="badge ${answer.label}">${answer.label}</span> `;
-      head.appendChild(document.createTextNode(`${answer.id} · ${answer.question} · target: ${answer.target}`));
+      head.appendChild(document.createTextNode(`${answer.id} · ${answer.question}` + (answer.target ? ` · target: ${answer.target}` : '')));
       div.appendChild(head);
       const err = new Set(answer.err);
       answer.tokens.forEach((text, t) => {

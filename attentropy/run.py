@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .capture import ATTN_STATS, TOKEN_STATS, HiddenSpec, recorded_layers
-from .data import ARITH_DEFAULT_DIFFICULTY, load_questions
+from .data import ARITH_DEFAULT_DIFFICULTY, Question, load_questions
 from .generate import MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS, PrefixStore, generate, protocol_kind
 from .instrument import answers_from_generations
 from .model import DEFAULT_MODEL, load_model
@@ -48,23 +48,28 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
                   seed: int = 0, difficulty: int = ARITH_DEFAULT_DIFFICULTY, dtype: str = "auto",
                   device: str = "auto", device_map: str | None = None, save_attention: tuple[str, ...] = (),
                   attn_dtype: str = "float32", probe: str | Path | None = None, hidden_layers: str | None = None,
-                  hidden_token_layers: str | None = None, progress: bool = True) -> dict:
+                  hidden_token_layers: str | None = None, raw: bool = False, progress: bool = True) -> dict:
     """Generate and capture every question not yet in `out`; return a summary of the whole run directory.
     `probe`: an instrument directory; every new batch is scored as it is generated (DIR/confidence/).
     `hidden_layers`, `hidden_token_layers`: hidden states kept (`hidden_spec`); default: `auto` and none for a new
-    run, the run's own for a resumed one."""
+    run, the run's own for a resumed one. `raw`: free prompts (`benchmark="prompts"`) continued as plain text,
+    without the chat template; a prompt's own `max_new_tokens` bounds its answer (batches hold one bound each)."""
     out = Path(out)
-    questions = load_questions(benchmark, data, offset=offset, limit=limit, seed=seed, difficulty=difficulty)
+    questions = load_questions(benchmark, data, offset=offset, limit=limit, seed=seed, difficulty=difficulty,
+                               raw=raw)
     kind = protocol_kind(benchmark)
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[kind]
-    protocol = {"kind": kind, "chat_template": True, "max_new_tokens": max_new_tokens,
+    protocol = {"kind": kind, "chat_template": not raw, "max_new_tokens": max_new_tokens,
                 "sampling": {"do_sample": do_sample, "temperature": temperature, "top_p": top_p, "seed": seed}}
     if kind == "math":
         exemplars = ("arith train split (same seed and difficulty)" if benchmark == "arith"
                      else "first rows of GSM8K train (attentropy/gsm8k_fewshot.jsonl)")
         protocol.update(shots=shots, user_template=MATH_USER_TEMPLATE, exemplars=exemplars)
-    else:
+    elif kind == "factual":
         protocol.update(user_template="{question}")
+    else:
+        protocol.update(user_template="{prompt}" if not raw else None,
+                        per_prompt="a prompt's own system turn and max_new_tokens, where its JSONL line gives them")
     data_info = {"path": str(Path(data).resolve()), "sha256": _file_sha256(data)} if data else {"path": None}
     if benchmark in ("facts", "arith"):
         data_info.update(generated=True, seed=seed, **({"difficulty": difficulty} if benchmark == "arith" else {}))
@@ -129,11 +134,10 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
         prefix_store = PrefixStore()
         bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"{benchmark}", unit="q",
                    disable=not progress)
-        for lo in range(0, len(todo), batch_size):
-            batch = todo[lo: lo + batch_size]
+        for lo, batch, limit_of_batch in batches(todo, batch_size, max_new_tokens):
             wanted = {b for b, q in enumerate(batch) if q.id in save_attention}
             # [0]: the prompts' keys/values are not needed here; dropped now, not held while the batch is stored
-            gens = generate(mdl, tok, batch, shots=shots, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            gens = generate(mdl, tok, batch, shots=shots, max_new_tokens=limit_of_batch, do_sample=do_sample,
                             temperature=temperature, top_p=top_p, seed=seed + lo, prefix_store=prefix_store,
                             record=True, save_maps=wanted, hidden=hidden)[0]
             scores = None
@@ -147,6 +151,20 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
         bar.close()
         elapsed = time.perf_counter() - started
         return summarize(out, new_tokens=new_tokens, seconds=elapsed)
+
+
+def batches(todo: list[Question], batch_size: int, max_new_tokens: int):
+    """(index of the first question, questions, their max_new_tokens): consecutive runs of `batch_size` questions,
+    a new batch wherever a free prompt's own `max_new_tokens` changes (a batch decodes to one bound)."""
+    lo = 0
+    while lo < len(todo):
+        limit = todo[lo].metadata.get("max_new_tokens", max_new_tokens)
+        hi = lo + 1
+        while hi < min(lo + batch_size, len(todo)) and todo[hi].metadata.get("max_new_tokens",
+                                                                             max_new_tokens) == limit:
+            hi += 1
+        yield lo, todo[lo:hi], limit
+        lo = hi
 
 
 HIDDEN_AUTO = 9  # hidden-state indices kept per answer by default, evenly spaced from the embeddings to the last

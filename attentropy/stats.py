@@ -323,6 +323,10 @@ class Analysis:
     answers: pd.DataFrame  # one row per analysed answer: label and answer means of the headline statistics
     tokens: pd.DataFrame  # one row per token of the analysed answers
     layer_means: dict[str, np.ndarray]  # stat -> [n_tokens, n_layers], mean over heads, aligned with `tokens`
+    graded: bool = True  # False: no labels (free prompts, not graded yet); one group, `ungraded`, no contrasts
+
+
+UNGRADED = "ungraded"  # the one group of an ungraded run's answers
 
 
 def contrasts_of(benchmark: str) -> list[tuple[str, str, tuple[str, ...], tuple[str, ...]]]:
@@ -469,13 +473,16 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
                 stats: tuple[str, ...] | None = None) -> Analysis:
     """The three contrasts of the study on a graded run (`attentropy grade` first): answer-level contrasts for
     every statistic per layer x head and per layer (mean over heads) under each aggregation, and, for math,
-    the critic's wrong moment vs nearby tokens and after vs before it (token level, position-matched)."""
+    the critic's wrong moment vs nearby tokens and after vs before it (token level, position-matched).
+    An ungraded run (free prompts, or a benchmark run not graded yet) gets everything that needs no labels: its
+    answers form one group, `ungraded`, with profiles and per-token values, and no contrasts (`graded` False)."""
     from .capture import ATTN_STATS
     from .data import FACTUAL
 
     samples, tokens = run.samples, run.tokens
-    if "label" not in samples:
-        raise FileNotFoundError(f"{run.path} has no labels: run `attentropy grade {run.path}` first")
+    graded = "label" in samples
+    if not graded:
+        samples = samples.assign(label=UNGRADED)
     stats = tuple(stats or (*ATTN_STATS, "entropy_norm", *LOGIT_STATS))
     benchmark = run.config["benchmark"]
     lengths = samples.completion_ids.map(len)
@@ -490,7 +497,7 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
 
     answer_contrasts = []
     contrasts: list[Contrast] = []
-    for key, title, pos_labels, neg_labels in contrasts_of(benchmark):
+    for key, title, pos_labels, neg_labels in contrasts_of(benchmark) if graded else []:
         pos_mask, neg_mask = kept.label.isin(pos_labels).to_numpy(), kept.label.isin(neg_labels).to_numpy()
         contrast = Contrast(key, title, "+".join(pos_labels), "+".join(neg_labels), "answer",
                             int(pos_mask.sum()), int(neg_mask.sum()))
@@ -629,7 +636,7 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
                     layers=layers, n_heads=run.n_heads, excluded=excluded, contrasts=contrasts,
                     comparisons=comparisons, profiles=pd.concat(profiles, ignore_index=True) if profiles else
                     pd.DataFrame(columns=["group", "stat", "layer", "mean", "lo", "hi", "n"]),
-                    samples=samples, answers=answers, tokens=tok, layer_means=layer_means)
+                    samples=samples, answers=answers, tokens=tok, layer_means=layer_means, graded=graded)
 
 
 # ---------------------------------------------------------------- how good a confidence score is

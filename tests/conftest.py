@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,25 @@ def assert_matches_eager(model, prompts, completions, results, atol=1e-4):
         for name, ref in token.items():
             np.testing.assert_allclose(getattr(r, name), ref.numpy(), atol=atol, err_msg=name)
         np.testing.assert_array_equal(r.n_keys, np.arange(len(p), len(p) + len(c)))
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's chromium, headless, through selenium (the HTML pages are tested in a real browser)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail("Debian's chromium and chromium-driver are needed for the report tests: run scripts/setup.sh "
+                    "--browser (./test.sh does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1400,1000"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    b = webdriver.Chrome(service=Service(driver), options=options)
+    yield b
+    b.quit()
