@@ -122,7 +122,7 @@ class Recorder:
     group_bytes = 1 << 20
 
     def __init__(self, layout_mask: torch.Tensor, all_rows: bool, max_rows: int, chunk_bytes: int = 16 << 20,
-                 save_maps: set[int] = frozenset(), layers: list[int] = ()):
+                 save_maps: set[int] = frozenset(), layers: list[int] = (), ring: bool = False):
         batch, width = layout_mask.shape
         self.layout_mask = layout_mask  # [B, W]
         self.all_rows = all_rows  # teacher forcing: every new query row; generation: the last row of each call
@@ -132,6 +132,11 @@ class Recorder:
         visible = layout_mask[:, :-1] * torch.arange(1, width)  # index + 1 where visible
         self.prev_of_last_prompt = visible.max(-1).values - 1  # [B] the token before the last prompt token
         self.save_maps = save_maps
+        # Continuous batching (`ring`): each row's prompt ends at its own key (`prompt_end` [B]; the keys between
+        # the shared prefix and a row's prompt are masked, p = 0), and step s writes buffer row s % max_rows, a
+        # ring from which `generate_continuous` takes each answer's rows when it ends.
+        self.ring = ring
+        self.prompt_end: torch.Tensor | None = None
         self._group: torch.Tensor | None = None  # [G, B, H, r, K]: probabilities of G layers' rows
         self._group_layers: list[int] = []
         self._group_slots: tuple[torch.Tensor, ...] = ()  # the group's rows of each layer
@@ -146,7 +151,9 @@ class Recorder:
         self._slot = {layer: i for i, layer in enumerate(self.attn_layers)}
         self.attn_rows = 0  # generation: rows of finished steps
         self._step_rows: dict[int, int] = {}  # generation: layer -> rows written in the current step
-        self.token_stats = torch.zeros(len(TOKEN_STATS), batch, max_rows)  # (logprob, entropy, varentropy)
+        # (logprob, entropy, varentropy) [3, B, max_rows]; like attn_buffer, on the device of the rows: no copy to
+        # the host (and no wait for the device) per step, one at the end
+        self.token_stats: torch.Tensor | None = None
         self._step_logp: tuple[torch.Tensor, int] | None = None  # generation: last step's logp until a token is drawn
         self._steps = 0
         self.maps: dict[int, dict[int, list[torch.Tensor]]] = {}  # batch index -> layer -> [[H, rows, K]]
@@ -180,8 +187,12 @@ class Recorder:
         single = p.gather(-1, idx.expand(*lead, batch, heads, rows, 3))  # first token, own token, previous
         if own == 0:  # a row without a previous token (only a forward with no prompt cache) has no such mass
             single[..., 0, 2] = 0.0
-        return torch.stack([entropy, varentropy, single[..., 0], p[..., : self.prompt_keys].sum(-1),
-                            single[..., 1], single[..., 2]], dim=-1)
+        if self.prompt_end is None:
+            prompt_mass = p[..., : self.prompt_keys].sum(-1)
+        else:  # [B, 1, 1, K]: each row's keys before the end of its prompt
+            before = torch.arange(p.shape[-1], device=p.device) < self.prompt_end.to(p.device)[:, None]
+            prompt_mass = (p * before[:, None, None, :]).sum(-1)
+        return torch.stack([entropy, varentropy, single[..., 0], prompt_mass, single[..., 1], single[..., 2]], dim=-1)
 
     def rows(self, layer: int, shape: tuple[int, int, int, int], own: int, device: torch.device) -> torch.Tensor:
         """An empty float32 tensor [B, H, r, K] on `device` for the probabilities of one layer's recorded rows, whose
@@ -225,11 +236,13 @@ class Recorder:
         if layer not in self._slot or layer in self._step_rows:
             raise RuntimeError(f"unexpected attention layer {layer} in a decode step (expected {self.attn_layers})")
         rows = stats.shape[2]
-        if self.attn_rows + rows > self.max_rows:
+        if self.attn_rows + rows > self.max_rows and not self.ring:
             raise RuntimeError(f"{self.attn_rows + rows} rows recorded, more than the {self.max_rows} expected")
         if self.attn_buffer is None:
-            self.attn_buffer = torch.zeros(len(self.attn_layers), *stats.shape[:2], self.max_rows, stats.shape[-1])
-        self.attn_buffer[self._slot[layer], :, :, self.attn_rows:self.attn_rows + rows] = stats
+            self.attn_buffer = torch.zeros(len(self.attn_layers), *stats.shape[:2], self.max_rows, stats.shape[-1],
+                                           device=stats.device)
+        row = self.attn_rows % self.max_rows
+        self.attn_buffer[self._slot[layer], :, :, row:row + rows] = stats
         self._step_rows[layer] = rows
 
     def end_step(self) -> None:
@@ -248,19 +261,22 @@ class Recorder:
         (None: not known yet, see `record_logprob`)."""
         entropy, varentropy = entropy_varentropy(logp)
         rows = slice(row, row + logp.shape[1])
-        self.token_stats[1, :, rows] = entropy.cpu()
-        self.token_stats[2, :, rows] = varentropy.cpu()
+        if self.token_stats is None:
+            self.token_stats = torch.zeros(len(TOKEN_STATS), logp.shape[0], self.max_rows, device=logp.device)
+        self.token_stats[1, :, rows] = entropy
+        self.token_stats[2, :, rows] = varentropy
         if targets is not None:
             self.record_logprob(logp, row, targets)
 
     def record_logprob(self, logp: torch.Tensor, row: int, targets: torch.Tensor) -> None:
-        self.token_stats[0, :, row:row + logp.shape[1]] = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+        self.token_stats[0, :, row:row + logp.shape[1]] = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
     def record_step_logits(self, logp: torch.Tensor) -> None:
         """Generation: the next-token log-probabilities [B, 1, V] of one step; the token drawn from them is
         known only at the next step (`record_drawn`)."""
-        self.record_logits(logp, self._steps)
-        self._step_logp = (logp, self._steps)
+        row = self._steps % self.max_rows
+        self.record_logits(logp, row)
+        self._step_logp = (logp, row)
         self._steps += 1
 
     def record_drawn(self, tokens: torch.Tensor) -> None:
@@ -273,7 +289,7 @@ class Recorder:
     def captures(self, model, prompts: list[list[int]], completions: list[list[int]]) -> list["Capture"]:
         layers = recorded_layers(model)
         if self.attn_buffer is not None:
-            found, attn = self.attn_layers, self.attn_buffer[:, :, :, : self.attn_rows].permute(1, 3, 0, 2, 4)
+            found, attn = self.attn_layers, self.attn_buffer[:, :, :, : self.attn_rows].cpu().permute(1, 3, 0, 2, 4)
         else:
             found = sorted(self.attn)
             attn = torch.stack([torch.cat(self.attn[layer], dim=2) for layer in found], dim=2)  # [B, H, L, R, S]
@@ -281,7 +297,7 @@ class Recorder:
         if found != layers:
             raise RuntimeError(f"captured layers {found} but expected {layers}")
         # attn: [B, R, L, H, S], rows then (layer, head), as stored
-        token = dict(zip(TOKEN_STATS, self.token_stats))  # name -> [B, max_rows]
+        token = dict(zip(TOKEN_STATS, self.token_stats.cpu()))  # name -> [B, max_rows]
         width = self.layout_mask.shape[1]
         results = []
         for b, (p, c) in enumerate(zip(prompts, completions)):
@@ -475,13 +491,13 @@ def recording(model, recorder: Recorder):
     """Run `model` with the attentropy attention implementation, feeding `recorder`."""
     global _RECORDER
     register()
-    previous = model.config._attn_implementation
+    previous, outer = model.config._attn_implementation, _RECORDER  # (nested: a prefill inside a decode loop)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     _RECORDER = recorder
     try:
         yield recorder
     finally:
-        _RECORDER = None
+        _RECORDER = outer
         model.set_attn_implementation(previous)
 
 

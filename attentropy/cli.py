@@ -25,7 +25,8 @@ def _run(args) -> None:
         dtype=args.dtype, device=args.device, device_map=args.device_map,
         save_attention=tuple(args.save_attention.split(",")) if args.save_attention else (),
         attn_dtype=args.attn_dtype, probe=args.probe, hidden_layers=args.hidden_layers,
-        hidden_token_layers=args.hidden_token_layers, raw=args.raw, progress=not args.quiet)
+        hidden_token_layers=args.hidden_token_layers, raw=args.raw, batching=args.batching,
+        max_batch_tokens=args.max_batch_tokens, progress=not args.quiet)
     print(format_summary(summary))
 
 
@@ -113,7 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", required=True, help="run directory (created, or resumed if it exists)")
     run.add_argument("--limit", type=int, help="number of questions (default: all; suites: facts 200, arith 100)")
     run.add_argument("--offset", type=int, default=0)
-    run.add_argument("--batch-size", type=int, default=16)
+    run.add_argument("--batch-size", type=int, default=16, help="rows decoded at once")
+    run.add_argument("--batching", default="continuous", choices=["continuous", "static"],
+                     help="continuous: a row takes the next question as soon as its answer ends (greedy; the same "
+                          "tokens and statistics as static); static: a batch decodes until its longest answer ends "
+                          "(always with --sample)")
+    run.add_argument("--max-batch-tokens", type=int, help="continuous batching: fewer rows where rows x cache "
+                                                          "columns would exceed this (memory flat on long prompts)")
     run.add_argument("--max-new-tokens", type=int, help="default: 128 for factual benchmarks, 1024 for math, 256 "
                                                         "for prompts")
     run.add_argument("--shots", type=int, default=8, help="chain-of-thought exemplars for gsm8k/arith (0-8)")

@@ -8,9 +8,11 @@ import re
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from .capture import Capture, HiddenSpec, PromptCache, common_prefix_len, prompt_layout, recording_generation
+from .capture import (Capture, HiddenSpec, PromptCache, common_prefix_len, positions, prompt_layout,
+                      recording_generation)
 from .data import FACTUAL, FREE, MATH, Question, fewshot_exemplars
 
 # Meta's published Llama 3.2 GSM8K protocol: this user turn, 8 worked exemplars as earlier chat turns,
@@ -285,3 +287,296 @@ def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_S
     cache = out.cache
     cache.crop(-(cache.get_seq_length() - (width - 1)))  # keep the prompts' keys/values, minus each last token
     return generations, PromptCache(input_ids, attention_mask, cache)
+
+
+# ---------------------------------------------------------------- continuous batching
+
+# the cache is compacted when its dead columns exceed both COMPACT_SLACK and COMPACT_FRACTION of the needed ones
+COMPACT_SLACK, COMPACT_FRACTION = 64, 0.125
+PREFILL_GROUP = 8  # prompts prefilled together at least (when fewer rows are free, the others wait, prefilled)
+
+
+@dataclass
+class _Slot:
+    """One row of the continuous batch: the answer it is generating."""
+
+    question: Question
+    prompt: list[int]
+    completion: list[int]
+    first_step: int  # the decode step that feeds completion token 0 (its row predicts token 1)
+    first_row: tuple  # completion token 0's statistics from the prompt's own prefill: (attn [L, H, S], token [3])
+    hidden: dict  # hidden states: first [n, d], sum [n, d] float64, rows [[n, d] float16]
+
+
+@torch.no_grad()
+def generate_continuous(model, tokenizer, questions: list[Question], *, batch_size: int = 16, shots: int = MATH_SHOTS,
+                        max_new_tokens: int = 128, prefix_store: PrefixStore | None = None,
+                        hidden: HiddenSpec = HiddenSpec(), max_batch_tokens: int | None = None):
+    """Greedy recorded generation with continuous batching; yields each `Generation` (with its `capture`) as it
+    ends, in the order answers end. `batch_size` rows decode at once; when an answer ends, its row takes the next
+    question: that prompt is prefilled alone against the run's shared prefix, and its keys/values are written
+    into the row right-aligned at the current end of the cache, the row's older keys masked, so every row keeps
+    the layout of static batching ([shared prefix | masked | prompt | answer]). A masked key has p = 0 exactly,
+    so an answer's tokens and statistics do not depend on its neighbours (as with static batching's padding).
+    When dead (masked) columns make up most of the cache, it is compacted. `max_batch_tokens`: a bound on the
+    cache's columns x rows; fewer rows decode while it would be exceeded (memory stays flat on long prompts).
+
+    Rows: completion token 0's statistics come from the prompt's prefill (its last row), token t's from decode step
+    first_step + t - 1, taken from the recorder's ring buffer when the answer ends."""
+    from .capture import Recorder, recorded_layers, recording
+
+    if not questions:
+        return
+    prompts = [prompt_ids(tokenizer, q, shots) for q in questions]
+    stops = stop_token_ids(model, tokenizer)
+    stop_set = set(stops)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    prefix_len = common_prefix_len(prompts)
+    prefix = prompts[0][:prefix_len]
+    store = prefix_store or PrefixStore()
+    room = max(len(p) - prefix_len for p in prompts)  # columns between the prefix and the answers: any prompt fits
+    device = model.device
+    layers = recorded_layers(model)
+    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
+    if max_batch_tokens:  # rows x the widest cache a row can need, with the dead columns compaction lets stay
+        widest = prefix_len + room + max_new_tokens
+        batch_size = max(1, min(batch_size, max_batch_tokens // int(widest + max(COMPACT_FRACTION * widest,
+                                                                                   COMPACT_SLACK))))
+    batch_size = min(batch_size, len(questions))
+
+    # the batch cache: the shared prefix in every row, then `room` masked columns
+    cache = store.get(model, prefix) if prefix_len else growing_cache(model)
+    if prefix_len:
+        cache.batch_repeat_interleave(batch_size)
+    for layer in cache.layers:
+        if isinstance(layer, _growing_layer_class()):
+            layer.keys_by_dim = True
+    _cache_append_masked(cache, model, batch_size, room)
+    width = prefix_len + room  # columns in the cache
+    mask = torch.zeros(batch_size, width, dtype=torch.long)
+    mask[:, :prefix_len] = 1
+    recorder = Recorder(torch.ones(batch_size, 2, dtype=torch.long), all_rows=False, max_rows=max_new_tokens,
+                        layers=layers, ring=True)
+    recorder.prompt_end = torch.zeros(batch_size, dtype=torch.long)
+    slot_hidden = _SlotHidden(model, hidden) if hidden else None
+    slots: list[_Slot | None] = [None] * batch_size
+    inputs = torch.full((batch_size, 1), pad, dtype=torch.long)
+    position = torch.zeros(batch_size, 1, dtype=torch.long)
+    todo = list(zip(questions, prompts))[::-1]
+    step = 0
+
+    ready: list[tuple[_Slot, list]] = []  # prefilled questions waiting for a row: (slot, [(keys, values)] per layer)
+
+    def prefill(group: list[tuple[Question, list[int]]]) -> None:
+        """Prefill prompts together (left padded after the shared prefix, as static batching does: a batched
+        forward costs far less per token than one per prompt), recording each prompt's last row, which predicts
+        completion token 0; their keys/values wait in `ready` for a free row."""
+        group_prompts = [p for _, p in group]
+        ids, layout = prompt_layout(group_prompts, pad, prefix_len)
+        one = store.get(model, prefix) if prefix_len else growing_cache(model)
+        if prefix_len:
+            one.batch_repeat_interleave(len(group))
+        rec = Recorder(layout, all_rows=False, max_rows=1, layers=layers)
+        with recording(model, rec):
+            last = decoder(input_ids=ids[:, prefix_len:].to(device), attention_mask=layout.to(device),
+                           position_ids=positions(layout)[:, prefix_len:].to(device), cache=one,
+                           use_cache=True).last_hidden_state[:, -1:]
+        rec.end_step()
+        logp = torch.log_softmax(lm_head(last).float(), dim=-1)  # [k, 1, V]
+        rec.record_step_logits(logp)
+        tokens = logp[:, 0].argmax(-1)
+        rec.record_drawn(tokens[:, None])
+        attn, token_stats, tokens = rec.attn_buffer[:, :, :, 0].cpu(), rec.token_stats[:, :, 0].cpu(), tokens.tolist()
+        w = ids.shape[1]
+        for i, (q, p) in enumerate(group):
+            n_rest = len(p) - prefix_len
+            h = slot_hidden.prefill_row(i) if slot_hidden is not None else {}
+            slot = _Slot(q, p, [tokens[i]], -1, (attn[:, i], token_stats[:, i]), h)
+            ready.append((slot, [(layer.keys[i, :, w - n_rest:].clone(), layer.values[i, :, w - n_rest:].clone())
+                                 for layer in one.layers]))
+
+    def start(b: int) -> Generation | None:
+        """Put the next question into row b; an answer that ends at its first token is returned instead."""
+        if not ready:  # the free rows' worth of prompts, and at least PREFILL_GROUP
+            free = sum(slot is None for slot in slots)
+            prefill([todo.pop() for _ in range(min(len(todo), max(free, min(PREFILL_GROUP, batch_size))))])
+        slot, keys_values = ready.pop(0)
+        n_rest = len(slot.prompt) - prefix_len
+        slot.first_step = step
+        if slot.completion[0] in stop_set or max_new_tokens == 1:
+            return _finish(slot, [], [], model, tokenizer, stops)
+        # the prompt's keys/values into row b, right-aligned at the end of the cache; the row's older keys masked
+        for layer, (k, v) in zip(cache.layers, keys_values):
+            layer.keys[b, :, width - n_rest:width] = k
+            layer.values[b, :, width - n_rest:width] = v
+        mask[b, prefix_len:] = 0
+        mask[b, width - n_rest:] = 1
+        recorder.prompt_end[b] = width
+        if not prefix_len:
+            recorder.sink_key[b] = width - n_rest
+            recorder._mass_keys = None
+        inputs[b, 0] = slot.completion[0]
+        position[b, 0] = len(slot.prompt)
+        slots[b] = slot
+        return None
+
+    try:
+        with packed_linears(model, batch_size), recording(model, recorder):
+            while True:
+                for b in range(batch_size):  # fill free rows
+                    while slots[b] is None and (todo or ready):
+                        done = start(b)
+                        if done is not None:
+                            yield done
+                active = [b for b in range(batch_size) if slots[b] is not None]
+                if not active:
+                    break
+                # one decode step of every row: each row's new key goes to column `width`
+                mask = torch.cat([mask, torch.ones(batch_size, 1, dtype=torch.long)], dim=1)
+                last = decoder(input_ids=inputs.to(device), attention_mask=mask.to(device),
+                               position_ids=position.to(device), cache=cache, use_cache=True).last_hidden_state
+                recorder.end_step()
+                logp = torch.log_softmax(lm_head(last).float(), dim=-1)  # [B, 1, V]
+                recorder.record_step_logits(logp)
+                drawn = logp[:, 0].argmax(-1)  # [B]
+                recorder.record_drawn(drawn[:, None])
+                width += 1
+                drawn = drawn.cpu()
+                for b in active:
+                    slot = slots[b]
+                    if slot_hidden is not None:
+                        slot_hidden.add_step(b, slot)
+                    token = int(drawn[b])
+                    slot.completion.append(token)
+                    if token in stop_set or len(slot.completion) == max_new_tokens:
+                        rows = [(slot.first_step + t - 1) % max_new_tokens for t in range(1, len(slot.completion))]
+                        yield _finish(slot, recorder.attn_buffer[:, b, :, rows].cpu(),
+                                      recorder.token_stats[:, b, rows].cpu(),
+                                      model, tokenizer, stops)
+                        slots[b] = None
+                        inputs[b, 0] = pad
+                        mask[b, prefix_len:] = 0
+                        mask[b, -1] = 1  # an idle row attends to its own column only (its output is not used)
+                    else:
+                        inputs[b, 0] = token
+                        position[b, 0] += 1
+                step += 1
+                # compaction: when most of the cache's columns are dead (masked in every row), each row's live columns
+                # are moved right-aligned into a cache just wide enough for them and for any prompt still to come
+                starts = [int(recorder.prompt_end[b]) - (len(slots[b].prompt) - prefix_len) for b in active
+                          if slots[b] is not None]
+                needed = prefix_len + max([room, *(width - start for start in starts)])
+                if width - needed > max(COMPACT_SLACK, COMPACT_FRACTION * needed):
+                    mask = _compact(cache, mask, recorder, prefix_len, width, needed, slots)
+                    width = needed
+    finally:
+        if slot_hidden is not None:
+            slot_hidden.remove()
+
+
+def _cache_append_masked(cache, model, batch: int, columns: int) -> None:
+    """Append `columns` zero key/value columns to every layer of `cache` (the attention mask hides them)."""
+    config = model.config.get_text_config()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    zeros = torch.zeros(batch, heads, columns, head_dim, dtype=model.dtype, device=model.device)
+    for layer in cache.layers:
+        layer.update(zeros, zeros)
+
+
+def _compact(cache, mask: torch.Tensor, recorder, prefix_len: int, width: int, new_width: int,
+             slots: list) -> torch.Tensor:
+    """Keep, per row, the shared prefix and the row's live columns (its prompt and answer), right-aligned in
+    `new_width` columns; returns the new mask and moves the recorder's per-row key indices with the columns."""
+    shift = new_width - width
+    new_mask = torch.zeros(mask.shape[0], new_width, dtype=mask.dtype)
+    new_mask[:, :prefix_len] = mask[:, :prefix_len]
+    lives = {}
+    for b, slot in enumerate(slots):
+        if slot is None:
+            new_mask[b, -1] = 1  # an idle row: one visible column, so its (unused) attention row is defined
+            continue
+        live = width - (int(recorder.prompt_end[b]) - (len(slot.prompt) - prefix_len))
+        lives[b] = live
+        new_mask[b, new_width - live:] = mask[b, width - live:]
+        recorder.prompt_end[b] += shift
+        if not prefix_len:
+            recorder.sink_key[b] += shift
+    recorder._mass_keys = None
+    for layer in cache.layers:
+        keys = layer.keys.new_zeros(*layer.keys.shape[:2], new_width, layer.keys.shape[-1])
+        values = layer.values.new_zeros(*layer.values.shape[:2], new_width, layer.values.shape[-1])
+        keys[:, :, :prefix_len] = layer.keys[:, :, :prefix_len]
+        values[:, :, :prefix_len] = layer.values[:, :, :prefix_len]
+        for b, live in lives.items():
+            keys[b, :, new_width - live:] = layer.keys[b, :, width - live:]
+            values[b, :, new_width - live:] = layer.values[b, :, width - live:]
+        layer.keys, layer.values = keys, values  # the layer's next update moves them into a buffer with room
+    return new_mask
+
+
+def _finish(slot: _Slot, attn_rows: torch.Tensor, token_rows: torch.Tensor, model, tokenizer, stops) -> Generation:
+    """The ended answer of a row as a Generation with its Capture: completion token 0's statistics from its
+    prefill, the others' from the decode steps (`attn_rows` [L, H, n-1, S], `token_rows` [3, n-1])."""
+    from .capture import Capture
+
+    first_attn, first_token = slot.first_row
+    n = len(slot.completion)
+    attn = first_attn[None] if n == 1 else torch.cat([first_attn[None], attn_rows.permute(2, 0, 1, 3)])
+    token = first_token[:, None] if n == 1 else torch.cat([first_token[:, None], token_rows], dim=1)
+    hidden = {}
+    if slot.hidden:
+        h = slot.hidden
+        if h["layers"]:
+            hidden["hidden_last_prompt"] = torch.stack([h["first"][i] for i in h["layers"]]).cpu().numpy()
+            hidden["hidden_mean"] = torch.stack([h["sum"][i] / n for i in h["layers"]]).float().cpu().numpy()
+        if h["token_layers"]:
+            hidden["hidden_tokens"] = torch.stack([torch.stack(h["rows"][i]) for i in h["token_layers"]],
+                                                  dim=1).cpu().numpy()
+    capture = Capture(attn=attn.numpy(), logprob=token[0].numpy(), logit_entropy=token[1].numpy(),
+                      logit_varentropy=token[2].numpy(), n_keys=np.arange(len(slot.prompt), len(slot.prompt) + n),
+                      **hidden)
+    stopped = slot.completion[-1] in set(stops)
+    return Generation(slot.question, slot.prompt, slot.completion,
+                      tokenizer.decode(slot.completion, skip_special_tokens=True), "stop" if stopped else "length",
+                      capture)
+
+
+class _SlotHidden:
+    """Hidden states for continuous batching: hooks keep each call's last row per kept index (the prefill's last
+    prompt token, or a decode step's row of every batch row); the loop adds them to the row's answer."""
+
+    def __init__(self, model, spec: HiddenSpec):
+        from .capture import hidden_modules
+
+        self.spec = spec
+        self.last: dict[int, torch.Tensor] = {}
+        modules = hidden_modules(model)
+        for i in (*spec.layers, *spec.token_layers):
+            if not 0 <= i < len(modules):
+                raise ValueError(f"hidden-state index {i} out of range 0..{len(modules) - 1}")
+        self.hooks = [modules[i].register_forward_hook(self._hook(i))
+                      for i in sorted(set(spec.layers) | set(spec.token_layers))]
+
+    def _hook(self, index: int):
+        def on_output(module, args, output):
+            # kept on the model's device (no wait for it per step); moved to the host when the answer ends
+            self.last[index] = (output[0] if isinstance(output, tuple) else output)[:, -1].detach().float()
+        return on_output
+
+    def prefill_row(self, row: int) -> dict:
+        """A new answer's hidden states: its first row (its last prompt token's), from the prefill just run."""
+        return {"layers": self.spec.layers, "token_layers": self.spec.token_layers,
+                "first": {i: self.last[i][row] for i in self.spec.layers},
+                "sum": {i: self.last[i][row].double() for i in self.spec.layers},
+                "rows": {i: [self.last[i][row].half()] for i in self.spec.token_layers}}
+
+    def add_step(self, b: int, slot: _Slot) -> None:
+        for i in self.spec.layers:
+            slot.hidden["sum"][i] += self.last[i][b].double()
+        for i in self.spec.token_layers:
+            slot.hidden["rows"][i].append(self.last[i][b].half())
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()

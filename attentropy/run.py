@@ -18,7 +18,8 @@ from tqdm import tqdm
 from . import __version__
 from .capture import ATTN_STATS, TOKEN_STATS, HiddenSpec, recorded_layers
 from .data import ARITH_DEFAULT_DIFFICULTY, Question, load_questions
-from .generate import MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS, PrefixStore, generate, protocol_kind
+from .generate import (MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS, PrefixStore, generate, generate_continuous,
+                       protocol_kind)
 from .instrument import answers_from_generations
 from .model import DEFAULT_MODEL, load_model
 from .store import (append_batch, done_question_ids, load_run, read_config, scan_parts, set_aside, write_json,
@@ -48,12 +49,15 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
                   seed: int = 0, difficulty: int = ARITH_DEFAULT_DIFFICULTY, dtype: str = "auto",
                   device: str = "auto", device_map: str | None = None, save_attention: tuple[str, ...] = (),
                   attn_dtype: str = "float32", probe: str | Path | None = None, hidden_layers: str | None = None,
-                  hidden_token_layers: str | None = None, raw: bool = False, progress: bool = True) -> dict:
+                  hidden_token_layers: str | None = None, raw: bool = False, batching: str = "continuous",
+                  max_batch_tokens: int | None = None, progress: bool = True) -> dict:
     """Generate and capture every question not yet in `out`; return a summary of the whole run directory.
     `probe`: an instrument directory; every new batch is scored as it is generated (DIR/confidence/).
     `hidden_layers`, `hidden_token_layers`: hidden states kept (`hidden_spec`); default: `auto` and none for a new
     run, the run's own for a resumed one. `raw`: free prompts (`benchmark="prompts"`) continued as plain text,
-    without the chat template; a prompt's own `max_new_tokens` bounds its answer (batches hold one bound each)."""
+    without the chat template; a prompt's own `max_new_tokens` bounds its answer (batches hold one bound each).
+    `batching`: continuous (rows refilled as answers end; greedy) or static (`answers_in_batches`);
+    `max_batch_tokens`: continuous batching decodes fewer rows where rows x cache columns would exceed it."""
     out = Path(out)
     questions = load_questions(benchmark, data, offset=offset, limit=limit, seed=seed, difficulty=difficulty,
                                raw=raw)
@@ -86,6 +90,7 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
         done = done_question_ids(out)
         todo = [q for q in questions if q.id not in done]
         mdl = tok = None
+        hidden = HiddenSpec()
         if todo or previous is None:
             mdl, tok, info = load_model(model, dtype=dtype, device=device, device_map=device_map)
             text_config = mdl.config.get_text_config()
@@ -103,6 +108,7 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "model": {k: v for k, v in asdict(info).items() if k not in ("device", "extra")},
                 "runtime": {"device": info.device, **info.extra, "torch_threads": torch.get_num_threads(),
+                            "batching": "static" if do_sample else batching, "batch_size": batch_size,
                             "python": platform.python_version()},
                 "benchmark": benchmark, "data": data_info, "protocol": protocol,
                 "capture": {"layers": recorded_layers(mdl), "n_heads": text_config.num_attention_heads,
@@ -134,23 +140,59 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
         prefix_store = PrefixStore()
         bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"{benchmark}", unit="q",
                    disable=not progress)
-        for lo, batch, limit_of_batch in batches(todo, batch_size, max_new_tokens):
-            wanted = {b for b, q in enumerate(batch) if q.id in save_attention}
-            # [0]: the prompts' keys/values are not needed here; dropped now, not held while the batch is stored
-            gens = generate(mdl, tok, batch, shots=shots, max_new_tokens=limit_of_batch, do_sample=do_sample,
-                            temperature=temperature, top_p=top_p, seed=seed + lo, prefix_store=prefix_store,
-                            record=True, save_maps=wanted, hidden=hidden)[0]
+        generated = answers_in_batches(
+            mdl, tok, todo, batching="static" if do_sample else batching, batch_size=batch_size, shots=shots,
+            max_new_tokens=max_new_tokens, max_batch_tokens=max_batch_tokens, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, seed=seed, prefix_store=prefix_store,
+            save_attention=set(save_attention), hidden=hidden)
+        for gens in generated:
             scores = None
             if instrument is not None:
                 scores = instrument.score(answers_from_generations(gens, config["capture"]["layers"],
                                                                    config["capture"]["n_heads"], attn_dtype))
             append_batch(out, gens, tok, attn_dtype=attn_dtype, confidence=scores)
             new_tokens += sum(len(g.completion_ids) for g in gens)
-            bar.update(len(batch))
+            bar.update(len(gens))
             bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
         bar.close()
         elapsed = time.perf_counter() - started
         return summarize(out, new_tokens=new_tokens, seconds=elapsed)
+
+
+def answers_in_batches(model, tokenizer, todo: list[Question], *, batching: str, batch_size: int, shots: int,
+                       max_new_tokens: int, max_batch_tokens: int | None, do_sample: bool, temperature: float,
+                       top_p: float, seed: int, prefix_store: PrefixStore, save_attention: set[str],
+                       hidden: HiddenSpec):
+    """Recorded generations of `todo`, in lists of up to `batch_size` to commit together. `continuous`: rows
+    refilled as answers end (`generate_continuous`, greedy), a list committed each `batch_size` answers that
+    ended; the questions whose full attention rows are kept (`save_attention`) go through static batches.
+    `static`: one batch decodes until its longest answer ends (the only choice with sampling)."""
+    if batching not in ("continuous", "static"):
+        raise ValueError(f"batching must be continuous or static, got {batching!r}")
+    mapped = [q for q in todo if q.id in save_attention] if batching == "continuous" else todo
+    for lo, batch, limit in batches(mapped, batch_size, max_new_tokens):
+        wanted = {b for b, q in enumerate(batch) if q.id in save_attention}
+        # [0]: the prompts' keys/values are not needed here; dropped now, not held while the batch is stored
+        yield generate(model, tokenizer, batch, shots=shots, max_new_tokens=limit, do_sample=do_sample,
+                       temperature=temperature, top_p=top_p, seed=seed + lo, prefix_store=prefix_store,
+                       record=True, save_maps=wanted, hidden=hidden)[0]
+    if batching == "static":
+        return
+    rest = [q for q in todo if q.id not in save_attention]
+    by_limit: dict[int, list[Question]] = {}  # free prompts may bring their own bounds
+    for q in rest:
+        by_limit.setdefault(q.metadata.get("max_new_tokens", max_new_tokens), []).append(q)
+    for limit, questions in by_limit.items():
+        ended = []
+        for g in generate_continuous(model, tokenizer, questions, batch_size=batch_size, shots=shots,
+                                     max_new_tokens=limit, prefix_store=prefix_store, hidden=hidden,
+                                     max_batch_tokens=max_batch_tokens):
+            ended.append(g)
+            if len(ended) == batch_size:
+                yield ended
+                ended = []
+        if ended:
+            yield ended
 
 
 def batches(todo: list[Question], batch_size: int, max_new_tokens: int):

@@ -1,0 +1,132 @@
+"""Benchmark: continuous against static batching in whole `attentropy run`s on the embedded model.
+
+Each round runs, as separate processes (so that each has its own peak memory), `facts` (--facts questions) and
+`arith` (--arith problems, 256 new tokens at most, as the main job) with `--batching static` and `--batching
+continuous`, alternating which goes first. Prints per run: generation time and tokens/s (as the run reports them)
+and the whole process's wall time, row utilisation (answer tokens / rows decoded: every decode step's batch rows
+plus each prompt's last row, counted by a hook on the decoder), peak RSS; then per benchmark the median over rounds
+of continuous / static (speed, memory), and checks that both runs hold the same answers and statistics (tokens
+identical, largest difference of any recorded statistic).
+
+    .venv/bin/python bench/run_throughput.py [--facts 200] [--arith 100] [--rounds 1] [--batch-size 16] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def child(args) -> None:
+    """One `attentropy run` in this process; prints a JSON line of its figures."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from transformers.models.llama.modeling_llama import LlamaModel  # the embedded model's decoder
+
+    from attentropy.run import run_benchmark
+
+    rows = [0]
+    original = LlamaModel.forward
+
+    def forward(self, *a, **kwargs):  # rows whose query row predicts a token: decode steps', prompts' last rows
+        ids = kwargs.get("input_ids")  # (the shared prefix's own forward has neither mask nor positions)
+        if ids is not None and (ids.shape[1] == 1 or kwargs.get("position_ids") is not None
+                                or kwargs.get("attention_mask") is not None):
+            rows[0] += ids.shape[0]
+        return original(self, *a, **kwargs)
+    LlamaModel.forward = forward
+    started = time.perf_counter()
+    limit, extra = (args.facts, []) if args.benchmark == "facts" else (args.arith, ["max_new_tokens"])
+    summary = run_benchmark(args.benchmark, args.out, limit=limit, batch_size=args.batch_size,
+                            max_new_tokens=256 if extra else None, batching=args.batching, progress=False)
+    wall = time.perf_counter() - started
+    print(json.dumps({"wall": wall, "summary": summary, "rows": rows[0],
+                      "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def run_child(benchmark: str, batching: str, out: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--benchmark", benchmark, "--batching", batching, "--out", str(out),
+           "--facts", str(args.facts), "--arith", str(args.arith), "--batch-size", str(args.batch_size),
+           "--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def same_content(static: Path, continuous: Path) -> str:
+    import numpy as np
+
+    from attentropy import load_run
+
+    a, b = load_run(static), load_run(continuous)
+    sa, sb = a.samples.set_index("question_id"), b.samples.set_index("question_id").loc[a.samples.question_id]
+    if sorted(sa.index) != sorted(sb.index) or any(list(x) != list(y) for x, y in
+                                                   zip(sa.completion_ids, sb.completion_ids)):
+        return "DIFFERENT answers"
+    ta = a.tokens.reset_index(drop=True)
+    order = b.tokens.reset_index(drop=True).reset_index().set_index(["question_id", "pos"]).loc[
+        list(zip(ta.question_id, ta.pos)), "index"].to_numpy()
+    worst = {}
+    for stat in ("entropy", "varentropy", "sink_mass", "prompt_mass", "diag_mass", "prev_mass"):
+        worst[stat] = float(np.abs(a.attn(stat) - b.attn(stat)[order]).max())
+    for stat in ("logprob", "logit_entropy", "logit_varentropy"):
+        worst[stat] = float(np.abs(ta[stat].to_numpy() - b.tokens[stat].to_numpy()[order]).max())
+    return (f"same {len(sa)} answers, tokens identical; largest difference of a statistic "
+            f"{max(worst.values()):.1e} ({max(worst, key=worst.get)})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--facts", type=int, default=200)
+    parser.add_argument("--arith", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--benchmark", help=argparse.SUPPRESS)
+    parser.add_argument("--batching", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for benchmark in ("facts", "arith"):
+                order = ("static", "continuous") if r % 2 == 0 else ("continuous", "static")
+                for batching in order:
+                    out = Path(tmp) / f"{benchmark}-{batching}-{r}"
+                    m = run_child(benchmark, batching, out, args)
+                    s = m["summary"]
+                    m["tokens"] = s["new_tokens"]
+                    m["gen_s"] = s["new_tokens"] / s["tokens_per_s"]
+                    results.setdefault(benchmark, {}).setdefault(batching, []).append(m)
+                    print(f"round {r + 1} {benchmark:5s} {batching:10s}: {m['tokens']} tokens in {m['gen_s']:.1f} s "
+                          f"({m['tokens'] / m['gen_s']:.0f} tok/s generating; process {m['wall']:.1f} s), row "
+                          f"utilisation {m['tokens'] / m['rows']:.1%}, peak RSS {m['max_rss_mb']:.0f} MB", flush=True)
+                print(f"         {benchmark}: " + same_content(Path(tmp) / f"{benchmark}-static-{r}",
+                                                             Path(tmp) / f"{benchmark}-continuous-{r}"), flush=True)
+    for benchmark, by in results.items():
+        speed = [s["gen_s"] / c["gen_s"] for s, c in zip(by["static"], by["continuous"])]
+        memory = [c["max_rss_mb"] / s["max_rss_mb"] for s, c in zip(by["static"], by["continuous"])]
+        util = [c["tokens"] / c["rows"] for c in by["continuous"]]
+        util_static = [s["tokens"] / s["rows"] for s in by["static"]]
+        rate = [c["tokens"] / c["gen_s"] for c in by["continuous"]]
+        print(f"{benchmark}: continuous / static speed {statistics.median(speed):.2f}x (rounds: "
+              f"{', '.join(f'{x:.2f}' for x in speed)}); {statistics.median(rate):.0f} tok/s; row utilisation "
+              f"{statistics.median(util):.1%} (static {statistics.median(util_static):.1%}); peak RSS "
+              f"{statistics.median(memory):.2f}x static")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Continuous batching: an answer's tokens and statistics do not depend on the rows it shared the batch with.
+Greedy continuous generation gives the same tokens as static batching and the same statistics within float32
+rounding, also across a compaction of the cache, with the 8-shot shared prefix, without any shared prefix, and
+under a memory bound; and it equals an eager recomputation of each sequence alone."""
+
+import numpy as np
+
+from conftest import assert_matches_eager
+
+import attentropy.generate as generate_module
+from attentropy.capture import HiddenSpec
+from attentropy.data import Question, load_questions
+from attentropy.generate import PrefixStore, generate, generate_continuous
+
+HIDDEN = HiddenSpec(layers=(0, 12, 30), token_layers=(15,))
+FIELDS = ("attn", "logprob", "logit_entropy", "logit_varentropy", "hidden_last_prompt", "hidden_mean")
+
+
+def static_batches(model, tokenizer, questions, batch_size, max_new_tokens):
+    store, out = PrefixStore(), []
+    for lo in range(0, len(questions), batch_size):
+        out += generate(model, tokenizer, questions[lo:lo + batch_size], max_new_tokens=max_new_tokens, record=True,
+                        hidden=HIDDEN, prefix_store=store)[0]
+    return out
+
+
+def assert_same(static, continuous):
+    by_id = {g.question.id: g for g in continuous}
+    assert sorted(by_id) == sorted(g.question.id for g in static)  # every question once
+    for s in static:
+        c = by_id[s.question.id]
+        assert c.completion_ids == s.completion_ids and c.finish_reason == s.finish_reason
+        assert c.completion == s.completion and c.prompt_ids == s.prompt_ids
+        np.testing.assert_array_equal(c.capture.n_keys, s.capture.n_keys)
+        for field in FIELDS:
+            np.testing.assert_allclose(getattr(c.capture, field), getattr(s.capture, field), atol=1e-4, rtol=1e-5,
+                                       err_msg=f"{s.question.id} {field}")
+        # float16 rows: equal up to one float16 step of the float32 values' rounding
+        a, b = c.capture.hidden_tokens.astype(np.float32), s.capture.hidden_tokens.astype(np.float32)
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)
+
+
+def test_continuous_batching_equals_static_across_compactions(embedded, monkeypatch):
+    model, tokenizer, _ = embedded
+    compactions, compact = [], generate_module._compact
+    monkeypatch.setattr(generate_module, "_compact",
+                        lambda *args, **kwargs: (compactions.append(args[4:6]), compact(*args, **kwargs))[1])
+    questions = load_questions("facts", limit=30)
+    continuous = list(generate_continuous(model, tokenizer, questions, batch_size=3, max_new_tokens=10,
+                                          hidden=HIDDEN))
+    assert compactions, "the cache was never compacted: the test does not exercise it"
+    assert [g.question.id for g in continuous] != [q.id for q in questions]  # answers end out of order
+    static = static_batches(model, tokenizer, questions, 3, 10)
+    assert {g.finish_reason for g in static} == {"stop", "length"}
+    assert_same(static, continuous)
+
+
+def test_continuous_batching_with_the_8_shot_prefix_equals_static_and_eager(embedded):
+    model, tokenizer, _ = embedded
+    questions = load_questions("arith", limit=5)
+    continuous = list(generate_continuous(model, tokenizer, questions, batch_size=2, max_new_tokens=24,
+                                          hidden=HIDDEN))
+    assert_same(static_batches(model, tokenizer, questions, 2, 24), continuous)
+    some = continuous[:2]
+    assert_matches_eager(model, [g.prompt_ids for g in some], [g.completion_ids for g in some],
+                         [g.capture for g in some], atol=2e-4)
+
+
+def test_continuous_batching_without_a_shared_prefix(embedded):
+    """Raw prompts that share no first token: each row's first visible key is its own prompt's first token."""
+    model, tokenizer, _ = embedded
+    texts = ["Once upon a time", "The capital of France is", "1, 2, 3,", "Dogs are", "In 1969,"]
+    questions = [Question(f"p{i}", "prompts", t, "", metadata={"raw": True}) for i, t in enumerate(texts)]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    assert len({p[0] for p in prompts}) > 1  # no common prefix
+    continuous = list(generate_continuous(model, tokenizer, questions, batch_size=2, max_new_tokens=12,
+                                          hidden=HIDDEN))
+    assert_same(static_batches(model, tokenizer, questions, 2, 12), continuous)
+
+
+def test_max_batch_tokens_bounds_rows_times_cache_columns(embedded):
+    model, tokenizer, _ = embedded
+    questions = load_questions("facts", limit=8)
+    prompts = [generate_module.prompt_ids(tokenizer, q) for q in questions]
+    prefix = generate_module.common_prefix_len(prompts)
+    widest = prefix + max(len(p) - prefix for p in prompts) + 8  # a row's columns with its longest answer
+    shapes = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["attention_mask"].shape))
+        if kwargs.get("attention_mask") is not None else None, with_kwargs=True)
+    try:
+        most = int(widest + max(generate_module.COMPACT_FRACTION * widest, generate_module.COMPACT_SLACK))
+        for bound in (None, 2 * most):
+            shapes.clear()
+            out = list(generate_continuous(model, tokenizer, questions, batch_size=4, max_new_tokens=8,
+                                           max_batch_tokens=bound))
+            assert len(out) == 8
+            rows = {r for r, _ in shapes}
+            if bound is None:
+                assert rows == {4}
+            else:  # memory: rows x columns of every decode step within the bound
+                assert rows == {2} and max(r * c for r, c in shapes) <= bound, shapes
+    finally:
+        hook.remove()
