@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import copy as copy_module
 import functools
 import re
 from contextlib import contextmanager, nullcontext
@@ -207,13 +207,14 @@ class PrefixStore:
     ids: tuple[int, ...] = ()
     cache: object = None
 
-    def get(self, model, ids: list[int]):
-        """A fresh batch-1 copy of the cache of `ids` (computed on first use or when the prefix changes)."""
+    def get(self, model, ids: list[int], copy: bool = True):
+        """A fresh batch-1 copy of the cache of `ids` (computed on first use or when the prefix changes); with
+        `copy=False` the stored cache itself, to read only."""
         if tuple(ids) != self.ids:
             self.cache = growing_cache(model)
             model.get_decoder()(input_ids=torch.tensor([ids], device=model.device), cache=self.cache, use_cache=True)
             self.ids = tuple(ids)
-        return copy.deepcopy(self.cache)
+        return copy_module.deepcopy(self.cache) if copy else self.cache
 
 
 def suppress_stops(stops: list[int], prompt_width: int, min_new_tokens: int):
@@ -293,7 +294,7 @@ def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_S
 
 # the cache is compacted when its dead columns exceed both COMPACT_SLACK and COMPACT_FRACTION of the needed ones
 COMPACT_SLACK, COMPACT_FRACTION = 64, 0.125
-PREFILL_GROUP = 8  # prompts prefilled together at least (when fewer rows are free, the others wait, prefilled)
+PREFILL_GROUP = 8  # prompts prefilled together at least (those without a free row wait, prefilled)
 
 
 @dataclass
@@ -373,9 +374,7 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
         completion token 0; their keys/values wait in `ready` for a free row."""
         group_prompts = [p for _, p in group]
         ids, layout = prompt_layout(group_prompts, pad, prefix_len)
-        one = store.get(model, prefix) if prefix_len else growing_cache(model)
-        if prefix_len:
-            one.batch_repeat_interleave(len(group))
+        one = _prefixed_cache(model, store.get(model, prefix, copy=False)) if prefix_len else growing_cache(model)
         rec = Recorder(layout, all_rows=False, max_rows=1, layers=layers)
         with recording(model, rec):
             last = decoder(input_ids=ids[:, prefix_len:].to(device), attention_mask=layout.to(device),
@@ -387,13 +386,13 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
         tokens = logp[:, 0].argmax(-1)
         rec.record_drawn(tokens[:, None])
         attn, token_stats, tokens = rec.attn_buffer[:, :, :, 0].cpu(), rec.token_stats[:, :, 0].cpu(), tokens.tolist()
-        w = ids.shape[1]
         for i, (q, p) in enumerate(group):
             n_rest = len(p) - prefix_len
             h = slot_hidden.prefill_row(i) if slot_hidden is not None else {}
             slot = _Slot(q, p, [tokens[i]], -1, (attn[:, i], token_stats[:, i]), h)
-            ready.append((slot, [(layer.keys[i, :, w - n_rest:].clone(), layer.values[i, :, w - n_rest:].clone())
-                                 for layer in one.layers]))
+            ready.append((slot, [(keys[i, :, keys.shape[-2] - n_rest:].clone(),
+                                  values[i, :, values.shape[-2] - n_rest:].clone())
+                                 for keys, values in _new_keys_values(one, prefix_len)]))
 
     def start(b: int) -> Generation | None:
         """Put the next question into row b; an answer that ends at its first token is returned instead."""
@@ -474,6 +473,37 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
             slot_hidden.remove()
 
 
+def _prefixed_cache(model, prefix_cache):
+    """A cache for prefilling several prompts after one shared prefix without a copy of the prefix per prompt:
+    each layer hands attention the prefix broadcast over the batch joined to the new keys/values (one layer's
+    worth at a time) and keeps only the new ones (`_new_keys_values`)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PrefixedLayer(DynamicLayer):
+        def __init__(self, keys, values):
+            super().__init__()
+            self.lazy_initialization(keys, values)
+            self.keys, self.values = keys, values  # [1, H, P, D]: the length the model sees as cached
+            self.new = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.new = (key_states, value_states)
+            batch = key_states.shape[0]
+            return (torch.cat([self.keys.expand(batch, -1, -1, -1), key_states], dim=-2),
+                    torch.cat([self.values.expand(batch, -1, -1, -1), value_states], dim=-2))
+
+    cache = growing_cache(model)
+    cache.layers = [PrefixedLayer(layer.keys, layer.values) for layer in prefix_cache.layers]
+    return cache
+
+
+def _new_keys_values(cache, prefix_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the keys/values a prefill added (columns prefix_len.. of its layout), [B, H, W - prefix_len, D]."""
+    if cache.layers and hasattr(cache.layers[0], "new"):
+        return [layer.new for layer in cache.layers]
+    return [(layer.keys[:, :, prefix_len:], layer.values[:, :, prefix_len:]) for layer in cache.layers]
+
+
 def _cache_append_masked(cache, model, batch: int, columns: int) -> None:
     """Append `columns` zero key/value columns to every layer of `cache` (the attention mask hides them)."""
     config = model.config.get_text_config()
@@ -511,7 +541,11 @@ def _compact(cache, mask: torch.Tensor, recorder, prefix_len: int, width: int, n
         for b, live in lives.items():
             keys[b, :, new_width - live:] = layer.keys[b, :, width - live:]
             values[b, :, new_width - live:] = layer.values[b, :, width - live:]
-        layer.keys, layer.values = keys, values  # the layer's next update moves them into a buffer with room
+        # the layer's next update moves them into a buffer with room; the old buffer goes now, layer by layer, so
+        # that compaction needs one layer's columns more memory, not a second cache
+        layer.keys, layer.values = keys, values
+        if hasattr(layer, "buffers"):
+            layer.buffers = None
     return new_mask
 
 
