@@ -344,6 +344,15 @@ def hidden_modules(model) -> list[torch.nn.Module]:
     return [decoder.embed_tokens, *decoder.layers[:-1], decoder.norm]
 
 
+def hook_hidden_states(model, spec: HiddenSpec, make_hook) -> list:
+    """Forward hooks `make_hook(i)` on the modules whose outputs are the hidden states `spec` keeps."""
+    modules = hidden_modules(model)
+    for i in (*spec.layers, *spec.token_layers):
+        if not 0 <= i < len(modules):
+            raise ValueError(f"hidden-state index {i} out of range 0..{len(modules) - 1}")
+    return [modules[i].register_forward_hook(make_hook(i)) for i in sorted(set(spec.layers) | set(spec.token_layers))]
+
+
 class HiddenRecorder:
     """The residual stream at the recorded rows (the rows that predict the completion tokens, as for attention):
     per sequence, the first such row (its input is the last prompt token) and the sum over the rows that belong to
@@ -360,12 +369,7 @@ class HiddenRecorder:
         self.valid = valid  # teacher forcing: [B, Q] rows of the completion; generation: [B] rows still in it
         self.finished = torch.zeros(batch, dtype=torch.bool)
         self.counts = torch.zeros(batch, dtype=torch.long)
-        modules = hidden_modules(model)
-        for i in (*spec.layers, *spec.token_layers):
-            if not 0 <= i < len(modules):
-                raise ValueError(f"hidden-state index {i} out of range 0..{len(modules) - 1}")
-        self.hooks = [modules[i].register_forward_hook(self._hook(i))
-                      for i in sorted(set(spec.layers) | set(spec.token_layers))]
+        self.hooks = hook_hidden_states(model, spec, self._hook)
 
     def step(self, input_ids: torch.Tensor) -> None:
         """Generation, before each forward: the prefill's row is the last prompt token's; a decode step's input is

@@ -581,16 +581,11 @@ class _SlotHidden:
     prompt token, or a decode step's row of every batch row); the loop adds them to the row's answer."""
 
     def __init__(self, model, spec: HiddenSpec):
-        from .capture import hidden_modules
+        from .capture import hook_hidden_states
 
         self.spec = spec
         self.last: dict[int, torch.Tensor] = {}
-        modules = hidden_modules(model)
-        for i in (*spec.layers, *spec.token_layers):
-            if not 0 <= i < len(modules):
-                raise ValueError(f"hidden-state index {i} out of range 0..{len(modules) - 1}")
-        self.hooks = [modules[i].register_forward_hook(self._hook(i))
-                      for i in sorted(set(spec.layers) | set(spec.token_layers))]
+        self.hooks = hook_hidden_states(model, spec, self._hook)
 
     def _hook(self, index: int):
         def on_output(module, args, output):

@@ -215,6 +215,8 @@ def test_packed_linears_generate_what_plain_linears_generate(embedded, monkeypat
     assert gen._mkl_linear_available()  # the CPU torch this project installs has the op: no silent fallback
     questions = make_facts(5, seed=2)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    for m in linears:  # packs left by earlier tests on the shared model (other batch sizes)
+        m.__dict__.pop("_mkl_packed", None)
     try:
         monkeypatch.setattr(gen, "PACKED_MIN_BATCH", 10**9)
         plain, _ = generate(model, tokenizer, questions, max_new_tokens=24, record=True)
