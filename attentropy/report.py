@@ -244,12 +244,14 @@ def findings_section(analyses: list[Analysis]) -> str:
         + "; ".join(f"<b>{CONTROL_COLUMNS[k]}</b>: {CONTROLS[k]}" for k in controls)
         + ". AUROCs with 95 % intervals from resampled questions; the cell shown is the strongest surviving one "
           "(layer / head); n: questions per group.</p>"
-        + (_table(["run", "contrast", "statistic", "cells surviving", "layer / head", "raw AUROC",
-                   *[CONTROL_COLUMNS[k] for k in controls], "n"], survive) if survive else "<p>None.</p>")
+        + ("<div class=findings>" + _table(["run", "contrast", "statistic", "cells surviving", "layer / head",
+                                              "raw AUROC", *[CONTROL_COLUMNS[k] for k in controls], "n"], survive)
+           + "</div>" if survive else "<p>None.</p>")
         + "<p>Significant cells that a control removed (what a reviewer would have caught), per control: how many, "
           "and the strongest of them, raw AUROC → controlled:</p>"
-        + (_table(["run", "contrast", "statistic", "significant raw", *[CONTROL_COLUMNS[k] for k in controls]],
-                  vanished) if vanished else "<p>None.</p>"))
+        + ("<div class=findings>" + _table(["run", "contrast", "statistic", "significant raw",
+                                              *[CONTROL_COLUMNS[k] for k in controls]], vanished)
+           + "</div>" if vanished else "<p>None.</p>"))
 
 
 def _config_rows(a: Analysis) -> list[tuple[str, str]]:
@@ -622,6 +624,7 @@ h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; margin-top: 1.6
 table { border-collapse: collapse; font-size: 13px; } th, td { text-align: left; padding: 2px 8px; }
 th { color: #555; font-weight: 600; } tr:nth-child(odd) { background: #f5f5f5; }
 table.metrics td { white-space: nowrap; } table.metrics tr.hl { background: #fde7e7; }
+.findings td:nth-child(2) { white-space: normal; min-width: 14em; }
 figure { margin: 0.6em 0; } figure img { max-width: 100%; } figcaption { font-size: 12px; color: #555; }
 #controls { position: sticky; top: 0; background: #fff; padding: 6px 0; border-bottom: 1px solid #ddd; z-index: 1; }
 #controls label { margin-right: 1em; } #hover { font-family: monospace; font-size: 12px; min-height: 1.4em; }
