@@ -356,6 +356,7 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
     width = prefix_len + room  # columns in the cache
     mask = torch.zeros(batch_size, width, dtype=torch.long)
     mask[:, :prefix_len] = 1
+    # the layout mask only sets defaults (sink key 0); each row's prompt end is its own (`prompt_end`)
     recorder = Recorder(torch.ones(batch_size, 2, dtype=torch.long), all_rows=False, max_rows=max_new_tokens,
                         layers=layers, ring=True)
     recorder.prompt_end = torch.zeros(batch_size, dtype=torch.long)
@@ -392,7 +393,7 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
             slot = _Slot(q, p, [tokens[i]], -1, (attn[:, i], token_stats[:, i]), h)
             ready.append((slot, [(keys[i, :, keys.shape[-2] - n_rest:].clone(),
                                   values[i, :, values.shape[-2] - n_rest:].clone())
-                                 for keys, values in _new_keys_values(one, prefix_len)]))
+                                 for keys, values in _new_keys_values(one)]))
 
     def start(b: int) -> Generation | None:
         """Put the next question into row b; an answer that ends at its first token is returned instead."""
@@ -403,7 +404,7 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
         n_rest = len(slot.prompt) - prefix_len
         slot.first_step = step
         if slot.completion[0] in stop_set or max_new_tokens == 1:
-            return _finish(slot, [], [], model, tokenizer, stops)
+            return _finish(slot, [], [], tokenizer, stop_set)
         # the prompt's keys/values into row b, right-aligned at the end of the cache; the row's older keys masked
         for layer, (k, v) in zip(cache.layers, keys_values):
             layer.keys[b, :, width - n_rest:width] = k
@@ -450,8 +451,7 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
                     if token in stop_set or len(slot.completion) == max_new_tokens:
                         rows = [(slot.first_step + t - 1) % max_new_tokens for t in range(1, len(slot.completion))]
                         yield _finish(slot, recorder.attn_buffer[:, b, :, rows].cpu(),
-                                      recorder.token_stats[:, b, rows].cpu(),
-                                      model, tokenizer, stops)
+                                      recorder.token_stats[:, b, rows].cpu(), tokenizer, stop_set)
                         slots[b] = None
                         inputs[b, 0] = pad
                         mask[b, prefix_len:] = 0
@@ -462,11 +462,11 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
                 step += 1
                 # compaction: when most of the cache's columns are dead (masked in every row), each row's live columns
                 # are moved right-aligned into a cache just wide enough for them and for any prompt still to come
-                starts = [int(recorder.prompt_end[b]) - (len(slots[b].prompt) - prefix_len) for b in active
-                          if slots[b] is not None]
-                needed = prefix_len + max([room, *(width - start for start in starts)])
+                lives = {b: _live_columns(recorder, b, slots[b], prefix_len, width) for b in range(batch_size)
+                         if slots[b] is not None}
+                needed = prefix_len + max([room, *lives.values()])
                 if width - needed > max(COMPACT_SLACK, COMPACT_FRACTION * needed):
-                    mask = _compact(cache, mask, recorder, prefix_len, width, needed, slots)
+                    mask = _compact(cache, mask, recorder, prefix_len, width, needed, lives)
                     width = needed
     finally:
         if slot_hidden is not None:
@@ -497,11 +497,9 @@ def _prefixed_cache(model, prefix_cache):
     return cache
 
 
-def _new_keys_values(cache, prefix_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, the keys/values a prefill added (columns prefix_len.. of its layout), [B, H, W - prefix_len, D]."""
-    if cache.layers and hasattr(cache.layers[0], "new"):
-        return [layer.new for layer in cache.layers]
-    return [(layer.keys[:, :, prefix_len:], layer.values[:, :, prefix_len:]) for layer in cache.layers]
+def _new_keys_values(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the keys/values a prefill added: those a `_prefixed_cache` kept, or a plain cache's (no prefix)."""
+    return [layer.new if hasattr(layer, "new") else (layer.keys, layer.values) for layer in cache.layers]
 
 
 def _cache_append_masked(cache, model, batch: int, columns: int) -> None:
@@ -514,21 +512,24 @@ def _cache_append_masked(cache, model, batch: int, columns: int) -> None:
         layer.update(zeros, zeros)
 
 
+def _live_columns(recorder, b: int, slot: _Slot, prefix_len: int, width: int) -> int:
+    """Columns of row b from its prompt's first token (after the shared prefix) to the end of the cache."""
+    return width - (int(recorder.prompt_end[b]) - (len(slot.prompt) - prefix_len))
+
+
 def _compact(cache, mask: torch.Tensor, recorder, prefix_len: int, width: int, new_width: int,
-             slots: list) -> torch.Tensor:
-    """Keep, per row, the shared prefix and the row's live columns (its prompt and answer), right-aligned in
-    `new_width` columns; returns the new mask and moves the recorder's per-row key indices with the columns."""
+             lives: dict[int, int]) -> torch.Tensor:
+    """Keep, per row, the shared prefix and the row's live columns (`lives`: row -> `_live_columns`; its prompt
+    and answer), right-aligned in `new_width` columns; returns the new mask and moves the recorder's per-row key
+    indices with the columns."""
     shift = new_width - width
     new_mask = torch.zeros(mask.shape[0], new_width, dtype=mask.dtype)
     new_mask[:, :prefix_len] = mask[:, :prefix_len]
-    lives = {}
-    for b, slot in enumerate(slots):
-        if slot is None:
+    for b in range(mask.shape[0]):
+        if b not in lives:
             new_mask[b, -1] = 1  # an idle row: one visible column, so its (unused) attention row is defined
             continue
-        live = width - (int(recorder.prompt_end[b]) - (len(slot.prompt) - prefix_len))
-        lives[b] = live
-        new_mask[b, new_width - live:] = mask[b, width - live:]
+        new_mask[b, new_width - lives[b]:] = mask[b, width - lives[b]:]
         recorder.prompt_end[b] += shift
         if not prefix_len:
             recorder.sink_key[b] += shift
@@ -549,11 +550,10 @@ def _compact(cache, mask: torch.Tensor, recorder, prefix_len: int, width: int, n
     return new_mask
 
 
-def _finish(slot: _Slot, attn_rows: torch.Tensor, token_rows: torch.Tensor, model, tokenizer, stops) -> Generation:
+def _finish(slot: _Slot, attn_rows: torch.Tensor, token_rows: torch.Tensor, tokenizer, stops: set[int]
+            ) -> Generation:
     """The ended answer of a row as a Generation with its Capture: completion token 0's statistics from its
     prefill, the others' from the decode steps (`attn_rows` [L, H, n-1, S], `token_rows` [3, n-1])."""
-    from .capture import Capture
-
     first_attn, first_token = slot.first_row
     n = len(slot.completion)
     attn = first_attn[None] if n == 1 else torch.cat([first_attn[None], attn_rows.permute(2, 0, 1, 3)])
@@ -570,7 +570,7 @@ def _finish(slot: _Slot, attn_rows: torch.Tensor, token_rows: torch.Tensor, mode
     capture = Capture(attn=attn.numpy(), logprob=token[0].numpy(), logit_entropy=token[1].numpy(),
                       logit_varentropy=token[2].numpy(), n_keys=np.arange(len(slot.prompt), len(slot.prompt) + n),
                       **hidden)
-    stopped = slot.completion[-1] in set(stops)
+    stopped = slot.completion[-1] in stops
     return Generation(slot.question, slot.prompt, slot.completion,
                       tokenizer.decode(slot.completion, skip_special_tokens=True), "stop" if stopped else "length",
                       capture)

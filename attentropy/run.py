@@ -59,6 +59,7 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
     `batching`: continuous (rows refilled as answers end; greedy) or static (`answers_in_batches`);
     `max_batch_tokens`: continuous batching decodes fewer rows where rows x cache columns would exceed it."""
     out = Path(out)
+    batching = "static" if do_sample else batching  # sampling: static batches only
     questions = load_questions(benchmark, data, offset=offset, limit=limit, seed=seed, difficulty=difficulty,
                                raw=raw)
     kind = protocol_kind(benchmark)
@@ -108,7 +109,7 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "model": {k: v for k, v in asdict(info).items() if k not in ("device", "extra")},
                 "runtime": {"device": info.device, **info.extra, "torch_threads": torch.get_num_threads(),
-                            "batching": "static" if do_sample else batching, "batch_size": batch_size,
+                            "batching": batching, "batch_size": batch_size,
                             "python": platform.python_version()},
                 "benchmark": benchmark, "data": data_info, "protocol": protocol,
                 "capture": {"layers": recorded_layers(mdl), "n_heads": text_config.num_attention_heads,
@@ -141,7 +142,7 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
         bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"{benchmark}", unit="q",
                    disable=not progress)
         generated = answers_in_batches(
-            mdl, tok, todo, batching="static" if do_sample else batching, batch_size=batch_size, shots=shots,
+            mdl, tok, todo, batching=batching, batch_size=batch_size, shots=shots,
             max_new_tokens=max_new_tokens, max_batch_tokens=max_batch_tokens, do_sample=do_sample,
             temperature=temperature, top_p=top_p, seed=seed, prefix_store=prefix_store,
             save_attention=set(save_attention), hidden=hidden)
@@ -169,8 +170,8 @@ def answers_in_batches(model, tokenizer, todo: list[Question], *, batching: str,
     `static`: one batch decodes until its longest answer ends (the only choice with sampling)."""
     if batching not in ("continuous", "static"):
         raise ValueError(f"batching must be continuous or static, got {batching!r}")
-    mapped = [q for q in todo if q.id in save_attention] if batching == "continuous" else todo
-    for lo, batch, limit in batches(mapped, batch_size, max_new_tokens):
+    static = todo if batching == "static" else [q for q in todo if q.id in save_attention]
+    for lo, batch, limit in batches(static, batch_size, max_new_tokens):
         wanted = {b for b, q in enumerate(batch) if q.id in save_attention}
         # [0]: the prompts' keys/values are not needed here; dropped now, not held while the batch is stored
         yield generate(model, tokenizer, batch, shots=shots, max_new_tokens=limit, do_sample=do_sample,

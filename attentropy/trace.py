@@ -50,7 +50,7 @@ def trace(prompt: str, *, model: str = DEFAULT_MODEL, out: str | Path | None = N
 def trace_page(out: str | Path, stat: str = "entropy") -> Path:
     """Write OUT/trace.html for the traced prompt in OUT/run and return its path."""
     from . import plots
-    from .report import CSS, VIEWER_HTML, VIEWER_JS, viewer_data
+    from .report import CSS, VIEWER_HTML, VIEWER_JS, _img, viewer_data
     from .stats import analyze_run
     from .store import load_run
 
@@ -102,7 +102,8 @@ def trace_page(out: str | Path, stat: str = "entropy") -> Path:
         f"</label> <label>head <select id=maphead></select></label> <span id=mapinfo class=meta></span></div>"
         f"<div id=keys class=meta>{esc(note) or 'click a token of the answer'}</div>"
         f"<canvas id=map></canvas>"
-        f"<h2>Per layer along the answer</h2>{_img(figure)}"
+        f"<h2>Per layer along the answer</h2>"
+        f"{_img(figure, 'attention entropy and varentropy per layer, next-token entropy and varentropy')}"
         f"<script id=viewer-data type=application/json>{json.dumps([data]).replace('</', '<' + chr(92) + '/')}"
         f"</script><script id=map-data type=application/json>{maps_json}</script>"
         f"<script>{VIEWER_JS}</script><script>document.getElementById('stat').value = {json.dumps(stat_ok)};"
@@ -152,13 +153,6 @@ def _ansi_viridis(text: str, t: float) -> str:
     r, g, b = (round(a + (t - i) * (c - a)) for a, c in zip(_VIRIDIS[i], _VIRIDIS[i + 1]))
     fg = "0;0;0" if 0.3 * r + 0.59 * g + 0.11 * b > 140 else "255;255;255"
     return f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;{fg}m{text}\x1b[0m"
-
-
-def _img(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return (f'<figure><img alt="per-layer attention entropy and varentropy along the answer" '
-            f'src="data:image/png;base64,{data}"><figcaption>numbers: <code>figures/{path.stem}.csv</code>'
-            f'</figcaption></figure>')
 
 
 TRACE_CSS = """
