@@ -854,25 +854,13 @@ def stratified_rows(task: str, confidences: pd.DataFrame, y: np.ndarray, strata:
                     roles: dict, *, n_boot: int, seed: int) -> list[dict]:
     """Stratified AUROC: only pairs (correct, incorrect) of the same stratum (question kind) count, so a method
     cannot score by telling kinds apart. The pooled pair-weighted mean of the per-stratum AUROCs."""
-    weights = stats.group_counts(groups, n_boot, seed)
-    ones = np.ones((1, len(y)))
     usable = [s for s in np.unique(strata) if min((y[strata == s] == 1).sum(), (y[strata == s] == 0).sum()) >= 1]
     if not usable:
         return []
+    weights = np.r_[np.ones((1, len(y))), stats.group_counts(groups, n_boot, seed)]
     rows = []
     for method in confidences:
-        conf = confidences[method].to_numpy(float)
-        total = np.zeros(n_boot + 1)
-        pairs = np.zeros(n_boot + 1)
-        for s in usable:
-            m = strata == s
-            w = np.r_[ones, weights][:, m]
-            auc = stats.weighted_auroc_rows(conf[m], y[m], w)
-            n_pairs = w[:, y[m] == 1].sum(1) * w[:, y[m] == 0].sum(1)
-            total += np.nan_to_num(auc) * n_pairs
-            pairs += n_pairs
-        with np.errstate(invalid="ignore"):
-            value = total / pairs
+        value = stats.stratified_auroc(confidences[method].to_numpy(float)[:, None], y == 1, strata, weights)[:, 0]
         lo, hi = np.nanpercentile(value[1:], [2.5, 97.5])
         rows.append(_row(task, "stratified", "pairs within a kind", method, roles[method], "auroc", value[0], lo, hi,
                          (y == 1).sum(), (y == 0).sum()))

@@ -148,6 +148,26 @@ def compare_answers(values: np.ndarray, positive: np.ndarray, *, n_boot: int = 1
                       len(pos), len(neg), alpha)
 
 
+def stratified_auroc(values: np.ndarray, positive: np.ndarray, strata: np.ndarray, weights: np.ndarray
+                     ) -> np.ndarray:
+    """AUROC [R, C] of `values` [n, C] for `positive` against the others counting only pairs inside one stratum:
+    the pair-weighted mean of the per-stratum AUROCs, per row of `weights` [R, n] (e.g. the data, then bootstrap
+    resamples). Strata without both groups add no pairs."""
+    total = np.zeros((len(weights), values.shape[1]))
+    pairs = np.zeros((len(weights), 1))
+    for st in np.unique(strata):
+        m = strata == st
+        p_m, w = positive[m], weights[:, m]
+        if not p_m.any() or p_m.all():
+            continue
+        auc = weighted_auroc(values[m][p_m], values[m][~p_m], w[:, p_m], w[:, ~p_m])
+        n_pairs = (w[:, p_m].sum(1) * w[:, ~p_m].sum(1))[:, None]
+        total += np.nan_to_num(auc) * n_pairs
+        pairs += n_pairs
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return total / pairs
+
+
 def compare_answers_stratified(values: np.ndarray, positive: np.ndarray, strata: np.ndarray, *, n_boot: int = 1000,
                                seed: int = 0, alpha: float = 0.05) -> Comparison:
     """`compare_answers` with pairs formed inside strata only (e.g. question kind, answer-length bin), so that a
@@ -170,8 +190,7 @@ def compare_answers_stratified(values: np.ndarray, positive: np.ndarray, strata:
     w = np.zeros((n_boot, len(positive)))
     w[:, pos_idx] = resample_counts(rng, len(pos_idx), n_boot)
     w[:, neg_idx] = resample_counts(rng, len(neg_idx), n_boot)
-    total = np.zeros((n_boot + 1, flat.shape[1]))
-    pairs = np.zeros((n_boot + 1, 1))
+    auc = stratified_auroc(flat, positive, strata, np.r_[np.ones((1, len(positive))), w])  # [B+1, C]
     statistic = expected = variance = 0.0
     centred = np.empty_like(flat)
     for st in usable:
@@ -179,11 +198,6 @@ def compare_answers_stratified(values: np.ndarray, positive: np.ndarray, strata:
         p_m = positive[m]
         x = flat[m]
         centred[m] = x - x.mean(axis=0)
-        ws = np.r_[np.ones((1, m.sum())), w[:, m]]
-        auc = weighted_auroc(x[p_m], x[~p_m], ws[:, p_m], ws[:, ~p_m])  # [B+1, C]
-        n_pairs = (ws[:, p_m].sum(1) * ws[:, ~p_m].sum(1))[:, None]
-        total += np.nan_to_num(auc) * n_pairs
-        pairs += n_pairs
         n1, n = int(p_m.sum()), int(m.sum())
         ranks = sps.rankdata(x, axis=0)
         weight = 1.0 / (n + 1)
@@ -191,7 +205,6 @@ def compare_answers_stratified(values: np.ndarray, positive: np.ndarray, strata:
         expected = expected + weight * n1 * (n + 1) / 2
         variance = variance + weight ** 2 * n1 * (n - n1) * (n + 1) / 12
     with np.errstate(invalid="ignore", divide="ignore"):
-        auc = total / pairs
         z = (statistic - expected) / np.sqrt(variance)
     p = (2 * sps.norm.sf(np.abs(z))).reshape(cells)
     pos, neg = centred[positive], centred[~positive]
