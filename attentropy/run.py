@@ -259,13 +259,12 @@ def _live_instrument(probe, out: Path, config: dict):
 
 def summarize(out: str | Path, new_tokens: int = 0, seconds: float = 0.0) -> dict:
     run = load_run(out)
-    entropy = run.attn("entropy")  # [n_tokens, L, H]
+    entropy = {layer: float(run.attn("entropy", [layer]).mean()) for layer in run.layers} if len(run.tokens) else {}
     return {
         "run": str(out), "benchmark": run.config["benchmark"], "model": run.config["model"]["name"],
         "questions": len(run.samples), "tokens": len(run.tokens), "new_tokens": new_tokens,
         "tokens_per_s": new_tokens / seconds if seconds > 0 else None,
-        "mean_attn_entropy_per_layer": dict(zip(run.layers, np.round(entropy.mean(axis=(0, 2)), 4).tolist()))
-        if len(entropy) else {},
+        "mean_attn_entropy_per_layer": {layer: round(v, 4) for layer, v in entropy.items()},
     }
 
 

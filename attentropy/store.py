@@ -7,7 +7,10 @@ Layout of DIR:
     llm_replies.jsonl            every judge / critic reply, keyed by (model, prompt)
     samples/part-NNNNN.parquet   one row per question (written last: its presence commits the batch)
     tokens/part-NNNNN.parquet    one row per completion token
-    attn/part-NNNNN.parquet      one column per attention statistic, each row a (layer x head) vector
+    attn/part-NNNNN.parquet      one column per attention statistic and recorded layer, `<stat>_layer<i>` (i: the
+                                 model's layer index), each row the heads' values, so that reading one layer
+                                 reads 1/n_layers of the part (runs written before 0.2: one column per
+                                 statistic, each row a (layer x head) vector; still read)
     attention_maps/<id>.npz      full attention rows of chosen questions (--save-attention)
     hidden/part-NNNNN.parquet    per answer: hidden states (config capture.hidden.layers) of the last prompt token
                                  (`last_prompt`) and their mean over the answer's rows (`answer_mean`), float32
@@ -19,7 +22,8 @@ Layout of DIR:
     damaged/<part>-<time>/       batches set aside by a resuming run because a part was unreadable or inconsistent
 A part is written to a temporary name and renamed, so a file either is complete or does not exist; a batch
 whose samples part is missing was not committed and is redone on resume. One writer at a time (`writer_lock`);
-`load_run` reads each question once and names damaged batches (`scan_parts`).
+the workers of a data-parallel run (`attentropy.parallel`) write under their driver's lock, each its own parts
+(`part-<worker>-NNNNN`). `load_run` reads each question once and names damaged batches (`scan_parts`).
 """
 
 from __future__ import annotations
@@ -66,6 +70,20 @@ def committed_parts(run_dir: Path) -> list[str]:
     return sorted(p.stem for p in (Path(run_dir) / "samples").glob("part-*.parquet"))
 
 
+def next_part(run_dir: Path, writer: str = "") -> str:
+    """The name of a writer's next part: `part-NNNNN` for a run's single process, `part-<writer>-NNNNN` for a
+    worker of a data-parallel run, so that writers sharing a directory never pick the same name."""
+    prefix = f"part-{writer}-" if writer else "part-"
+    numbers = [int(p[len(prefix):]) for p in committed_parts(run_dir)
+               if p.startswith(prefix) and p[len(prefix):].isdigit()]
+    return f"{prefix}{max(numbers) + 1 if numbers else 0:05d}"
+
+
+def attn_column(stat: str, layer: int) -> str:
+    """The column of one attention statistic of one layer (the model's layer index) in an attn part."""
+    return f"{stat}_layer{layer}"
+
+
 def done_question_ids(run_dir: Path) -> set[str]:
     ids: set[str] = set()
     for part in committed_parts(run_dir):
@@ -75,15 +93,15 @@ def done_question_ids(run_dir: Path) -> set[str]:
 
 
 def append_batch(run_dir: Path, generations: list[Generation], tokenizer, attn_dtype: str = "float32",
-                 confidence: pd.DataFrame | None = None) -> str:
+                 confidence: pd.DataFrame | None = None, writer: str = "") -> str:
     """Write one batch of captured generations as a new part (attn, tokens, confidence when given, then samples
-    last); return its name."""
+    last); return its name. `writer`: a data-parallel worker's name (`next_part`)."""
     captures = [g.capture for g in generations]
     if any(c is None for c in captures):
         raise ValueError("append_batch needs generations with their capture (generate(..., record=True))")
     run_dir = Path(run_dir)
-    existing = committed_parts(run_dir)
-    part = f"part-{int(existing[-1].split('-')[1]) + 1 if existing else 0:05d}"
+    part = next_part(run_dir, writer)
+    layers = read_config(run_dir)["capture"]["layers"]
     token_rows = {k: [] for k in ("question_id", "pos", "token_id", "token", "logprob", "logit_entropy",
                                   "logit_varentropy", "n_keys")}
     for g, c in zip(generations, captures):
@@ -107,12 +125,10 @@ def append_batch(run_dir: Path, generations: list[Generation], tokenizer, attn_d
         "n_keys": pa.array(token_rows["n_keys"], pa.int32()),
     })
     attn = np.concatenate([c.attn for c in captures])  # [n_tokens, L, H, S]
-    n_tokens, n_layers, n_heads, _ = attn.shape
-    attn_table = pa.table({
-        stat: pa.FixedSizeListArray.from_arrays(
-            pa.array(attn[..., s].astype(attn_dtype).reshape(-1)), n_layers * n_heads)
-        for s, stat in enumerate(ATTN_STATS)
-    })
+    if attn.shape[1] != len(layers):
+        raise ValueError(f"captures hold {attn.shape[1]} layers, {run_dir}/config.json records {len(layers)}")
+    attn_table = pa.table({attn_column(stat, layer): _vectors(attn[:, i, :, s], attn_dtype)
+                           for s, stat in enumerate(ATTN_STATS) for i, layer in enumerate(layers)})
     samples = pa.table({
         "question_id": [g.question.id for g in generations],
         "benchmark": [g.question.benchmark for g in generations],
@@ -173,29 +189,50 @@ class Run:
     kept_rows: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False, default_factory=dict)
 
     def _column(self, kind: str, column: str, per: str) -> list[np.ndarray]:
-        """One vector column of every part of `kind` (attn, hidden, hidden_tokens), rows [n, vector] per part, the
+        """One vector column of every part of `kind` (hidden, hidden_tokens), rows [n, vector] per part, the
         rows of duplicate answers left out (`per`: answer or token rows)."""
         chunks = []
         for part in self.parts:
             path = self.path / kind / f"{part}.parquet"
             try:
-                values = pq.read_table(path, columns=[column])[column].combine_chunks()
+                rows = _fixed_rows(pq.read_table(path, columns=[column])[column])
             except (OSError, pa.ArrowException) as e:
                 raise RunDirectoryError(f"{path} is damaged ({e}); {REPAIR}") from None
-            rows = values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), -1)
             if part in self.kept_rows:
                 rows = rows[self.kept_rows[part][0 if per == "answer" else 1]]
             chunks.append(rows)
         return chunks
 
-    def attn(self, stat: str) -> np.ndarray:
-        """float32 array (n_tokens, n_layers, n_heads) of one attention statistic; reads only that column."""
+    def attn(self, stat: str, layers: list[int] | None = None) -> np.ndarray:
+        """float32 array (n_tokens, len(layers), n_heads) of one attention statistic at the given layers (the
+        model's layer indices; default: all recorded); reads only those columns."""
         if stat not in ATTN_STATS:
             raise KeyError(f"unknown attention statistic {stat!r}; expected one of {', '.join(ATTN_STATS)}")
-        chunks = self._column("attn", stat, "token")
-        if not chunks:
-            return np.zeros((0, len(self.layers), self.n_heads), np.float32)
-        return np.concatenate(chunks).astype(np.float32, copy=False).reshape(-1, len(self.layers), self.n_heads)
+        wanted = list(self.layers) if layers is None else [int(layer) for layer in layers]
+        missing = [layer for layer in wanted if layer not in self.layers]
+        if missing:
+            raise KeyError(f"layers {missing} were not recorded in {self.path} (recorded: {self.layers})")
+        out = np.empty((len(self.tokens), len(wanted), self.n_heads), np.float32)
+        at = 0
+        for part in self.parts:
+            path = self.path / "attn" / f"{part}.parquet"
+            try:
+                f = pq.ParquetFile(path)
+                if stat in f.schema_arrow.names:  # written before 0.2: one (layer x head) vector per row
+                    rows = _fixed_rows(f.read(columns=[stat])[stat])
+                    rows = rows.reshape(len(rows), len(self.layers), self.n_heads)[
+                        :, [self.layers.index(layer) for layer in wanted]]
+                else:
+                    columns = [attn_column(stat, layer) for layer in wanted]
+                    table = f.read(columns=columns)
+                    rows = np.stack([_fixed_rows(table[c]) for c in columns], axis=1)
+            except (OSError, pa.ArrowException) as e:
+                raise RunDirectoryError(f"{path} is damaged ({e}); {REPAIR}") from None
+            if part in self.kept_rows:
+                rows = rows[self.kept_rows[part][1]]
+            out[at:at + len(rows)] = rows
+            at += len(rows)
+        return out
 
     def hidden(self, kind: str = "answer_mean", layers: list[int] | None = None) -> np.ndarray:
         """float32 (n_answers, len(layers), hidden size), rows aligned with `samples`: the residual stream at the
@@ -235,6 +272,12 @@ class Run:
             raise KeyError(f"no attention map saved for {question_id!r} (run with --save-attention {question_id})")
         with np.load(path) as z:
             return {int(k.split("_")[1]): z[k] for k in z.files if k.startswith("layer_")}
+
+
+def _fixed_rows(column: pa.ChunkedArray) -> np.ndarray:
+    """A fixed-size-list column as a [rows, size] array."""
+    values = column.combine_chunks()
+    return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), -1)
 
 
 def _vectors(values: np.ndarray, dtype) -> pa.FixedSizeListArray:

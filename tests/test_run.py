@@ -8,6 +8,7 @@ import time
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -56,31 +57,56 @@ def test_run_writes_the_documented_layout(tmp_path, tiny_model_dir):
     # DuckDB and pandas read the parts directly
     n = duckdb.sql(f"select count(*) from '{out}/tokens/*.parquet'").fetchall()[0][0]
     assert n == len(run.tokens)
-    entropy = duckdb.sql(f"select entropy from '{out}/attn/*.parquet'").fetchnumpy()["entropy"]
-    assert np.array_equal(np.stack(entropy), run.attn("entropy").reshape(len(run.tokens), -1))
+    layer = run.layers[-1]
+    entropy = duckdb.sql(f"select entropy_layer{layer} from '{out}/attn/*.parquet'").fetchnumpy()
+    assert np.array_equal(np.stack(entropy[f"entropy_layer{layer}"]), run.attn("entropy")[:, -1])
 
 
 def test_float16_storage_holds_the_float32_statistics_rounded(tmp_path, tiny_model_dir):
     run_benchmark(out=tmp_path / "f32", model=tiny_model_dir, **RUN)
     run_benchmark(out=tmp_path / "f16", model=tiny_model_dir, attn_dtype="float16", **RUN)
     full, half = check_run(tmp_path / "f32", 5), check_run(tmp_path / "f16", 5)
-    assert pq.read_schema(tmp_path / "f16" / "attn" / "part-00000.parquet").field("entropy").type.value_type \
-        == "halffloat"
+    assert pq.read_schema(tmp_path / "f16" / "attn" / "part-00000.parquet").field("entropy_layer0").type \
+        .value_type == "halffloat"
     for stat in ATTN_STATS:
         assert np.array_equal(half.attn(stat), full.attn(stat).astype(np.float16).astype(np.float32))
 
 
-def test_attn_reads_only_the_requested_column(tmp_path, tiny_model_dir, monkeypatch):
+def test_attn_reads_only_the_requested_columns(tmp_path, tiny_model_dir, monkeypatch):
     out = tmp_path / "run"
     run_benchmark(out=out, model=tiny_model_dir, **RUN)
     run = load_run(out)
+    everything = run.attn("varentropy")
     asked = []
-    real = pq.read_table
-    monkeypatch.setattr(store_module.pq, "read_table", lambda *a, **k: asked.append(k.get("columns")) or real(*a, **k))
-    run.attn("varentropy")
-    assert asked and all(columns == ["varentropy"] for columns in asked)
+    real = pq.ParquetFile.read
+    monkeypatch.setattr(store_module.pq.ParquetFile, "read",
+                        lambda self, *a, **k: asked.append(k.get("columns")) or real(self, *a, **k))
+    some = run.attn("varentropy", layers=[run.layers[-1], run.layers[0]])
+    assert asked and all(columns == [f"varentropy_layer{run.layers[-1]}", f"varentropy_layer{run.layers[0]}"]
+                         for columns in asked)
+    assert len(run.layers) > 1 and np.array_equal(some, everything[:, [-1, 0]])
     with pytest.raises(KeyError, match="unknown attention statistic"):
         run.attn("entropy_bits")
+    with pytest.raises(KeyError, match=r"layers \[99\] were not recorded"):
+        run.attn("entropy", layers=[99])
+
+
+def test_runs_of_the_earlier_attn_layout_are_read(tmp_path, tiny_model_dir):
+    """Before 0.2 an attn part held one column per statistic, each row a (layer x head) vector."""
+    out = tmp_path / "run"
+    run_benchmark(out=out, model=tiny_model_dir, **RUN)
+    run = load_run(out)
+    expected = {stat: run.attn(stat) for stat in ATTN_STATS}
+    for path in (out / "attn").glob("part-*.parquet"):
+        table = pq.read_table(path)
+        old = {stat: np.stack([np.stack(table[f"{stat}_layer{layer}"].to_pylist()) for layer in run.layers], 1)
+               for stat in ATTN_STATS}
+        pq.write_table(pa.table({stat: pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v[0].size)
+                                 for stat, v in old.items()}), path)
+    run = load_run(out)
+    for stat in ATTN_STATS:
+        assert np.array_equal(run.attn(stat), expected[stat])
+    assert np.array_equal(run.attn("entropy", [run.layers[-1]]), expected["entropy"][:, [-1]])
 
 
 def test_rerun_skips_finished_questions_and_extends(tmp_path, tiny_model_dir):
