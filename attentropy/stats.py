@@ -300,6 +300,7 @@ FIRST_K = 8  # tokens of the `first_k` aggregation
 WINDOW = 8  # positions either side of the wrong moment that count as "nearby"
 MIN_TO_CONCLUDE = 10  # questions per group below which the report says "too small to conclude"
 PROFILE_STATS = ("entropy", "varentropy", "entropy_norm")
+LAYER_MEAN_STATS = ("entropy", "varentropy", "entropy_norm")  # kept per token and layer for the figures and viewer
 LOGIT_STATS = ("logit_entropy", "logit_varentropy", "logprob")
 
 
@@ -335,7 +336,8 @@ class Analysis:
     samples: pd.DataFrame  # the run's samples with their grades (all answers, the excluded ones too)
     answers: pd.DataFrame  # one row per analysed answer: label and answer means of the headline statistics
     tokens: pd.DataFrame  # one row per token of the analysed answers
-    layer_means: dict[str, np.ndarray]  # stat -> [n_tokens, n_layers], mean over heads, aligned with `tokens`
+    layer_means: dict[str, np.ndarray]  # stat -> [n_tokens, n_layers], mean over heads, aligned with `tokens`, of the
+    # statistics shown per token (LAYER_MEAN_STATS)
     graded: bool = True  # False: no labels (free prompts, not graded yet); one group, `ungraded`, no contrasts
 
 
@@ -404,9 +406,10 @@ def template_tokens(tok: pd.DataFrame) -> np.ndarray:
     return out
 
 
-def wrong_moment_differences(values: np.ndarray, tok: pd.DataFrame, incorrect: set, correct: set, kind: str,
-                             window: int = 8, template: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per answer, the difference of means (moment - its window) behind the `correct_baseline` control: in
+def wrong_moment_windows(tok: pd.DataFrame, incorrect: set, correct: set, kind: str, window: int = 8,
+                         template: np.ndarray | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """Per answer, the two token sets whose difference of means (moment - its window) is behind the
+    `correct_baseline` control (`window_differences`): in
     incorrect answers the critic's wrong moment; in correct answers a pseudo-moment of the same length at the
     same token position (the correct answers, in question order, take the located incorrect ones' positions in
     turn; moved earlier where the answer is shorter): the statistics grow with the number of visible keys, so the
@@ -414,15 +417,15 @@ def wrong_moment_differences(values: np.ndarray, tok: pd.DataFrame, incorrect: s
     tokens within `window` positions), wrong_moment_numbers (the moment's digit tokens against the answer's other
     digit tokens; the pseudo-moment is the number nearest the position), after_vs_before (the `window` tokens after
     minus the `window` before). Template tokens are in no window.
-    `template`: `template_tokens(tok)` when already computed. Returns (differences [n_answers, *cells],
-    is_incorrect [n_answers])."""
+    `template`: `template_tokens(tok)` when already computed. Returns ([(moment rows, window rows)] as rows of
+    `tok`, is_incorrect) per answer with both sets non-empty."""
     template = template_tokens(tok) if template is None else template
     digits = tok.token.astype(str).str.contains(r"\d").to_numpy(bool)
     in_error = tok.in_error.to_numpy(bool)
     groups = tok.groupby("question_id", sort=False).indices
     located = sorted(q for q in incorrect if q in groups and in_error[groups[q]].any())
     shapes = [(int(np.flatnonzero(in_error[groups[q]])[0]), int(in_error[groups[q]].sum())) for q in located]
-    diffs, is_incorrect = [], []
+    windows, is_incorrect = [], []
     for i, q in enumerate(located + sorted(q for q in correct if q in groups)):
         rows = groups[q]
         n, keep = len(rows), ~template[rows]
@@ -454,23 +457,53 @@ def wrong_moment_differences(values: np.ndarray, tok: pd.DataFrame, incorrect: s
             near = (positions >= span[0] - window) & (positions <= span[-1] + window) & keep
             first, second = span, np.setdiff1d(positions[near], span)
         if len(first) and len(second):
-            diffs.append(values[rows[first]].mean(axis=0) - values[rows[second]].mean(axis=0))
+            windows.append((rows[first], rows[second]))
             is_incorrect.append(i < len(located))
-    if not diffs:
-        return np.zeros((0, *values.shape[1:])), np.zeros(0, bool)
-    return np.stack(diffs), np.array(is_incorrect)
+    return windows, np.array(is_incorrect, bool)
 
 
-def token_values(run, stat: str, entropy: np.ndarray | None = None) -> np.ndarray:
-    """Per-token values of a statistic: attention stats [n_tokens, L, H]; `entropy_norm` = entropy / ln n_keys
-    (the fraction of the maximal entropy, which removes the growth with position; from `entropy` when it was
-    read already); logit stats [n_tokens]."""
+def window_differences(values: np.ndarray, windows: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """[n_windows, *cells]: per (moment rows, window rows) of `wrong_moment_windows`, the mean of `values` over the
+    moment minus its mean over the window."""
+    out = np.zeros((len(windows), *values.shape[1:]))
+    for i, (first, second) in enumerate(windows):
+        out[i] = values[first].mean(axis=0) - values[second].mean(axis=0)
+    return out
+
+
+def token_values(run, stat: str, layers: list[int] | None = None) -> np.ndarray:
+    """Per-token values of a statistic: attention stats [n_tokens, len(layers), H] (default: all recorded layers);
+    `entropy_norm` = entropy / ln n_keys (the fraction of the maximal entropy, which removes the growth with
+    position); logit stats [n_tokens]."""
     if stat in LOGIT_STATS:
         return run.tokens[stat].to_numpy(np.float64)
     if stat == "entropy_norm":
         log_keys = np.log(np.maximum(run.tokens["n_keys"].to_numpy(np.float64), 2.0))
-        return (run.attn("entropy") if entropy is None else entropy) / log_keys[:, None, None].astype(np.float32)
-    return run.attn(stat)
+        return run.attn("entropy", layers) / log_keys[:, None, None].astype(np.float32)
+    return run.attn(stat, layers)
+
+
+READ_BYTES = 256 * 2 ** 20  # analyze_run reads an attention statistic in groups of layers of about this size
+
+
+def layer_groups(layers: list[int], n_tokens: int, n_heads: int, read_bytes: int = READ_BYTES) -> list[list[int]]:
+    """`layers` in consecutive groups whose float32 values over `n_tokens` tokens fit in `read_bytes` (at least
+    one layer a group): the analysis holds one group of one statistic at a time, so its memory does not grow with
+    the number of layers, and by one layer's values with the number of tokens."""
+    per = max(1, read_bytes // max(1, n_tokens * n_heads * 4))
+    return [layers[i:i + per] for i in range(0, len(layers), per)]
+
+
+def concat_comparisons(parts: list[Comparison]) -> Comparison:
+    """Comparisons of consecutive groups of cells (e.g. layer groups) as one along the first cell axis, the false
+    discovery rate controlled over all of their cells together."""
+    if len(parts) == 1:
+        return parts[0]
+    joined = {name: np.concatenate([getattr(c, name) for c in parts]) for name in ("auroc", "cohens_d", "p")}
+    ci = {name: tuple(np.concatenate([getattr(c, name)[i] for c in parts]) for i in (0, 1))
+          for name in ("auroc_ci", "cohens_d_ci")}
+    return Comparison(joined["auroc"], ci["auroc_ci"], joined["cohens_d"], ci["cohens_d_ci"], joined["p"],
+                      benjamini_hochberg(joined["p"]), parts[0].n_positive, parts[0].n_negative, parts[0].alpha)
 
 
 def _cells_table(c: Comparison, layers: list[int], per_head: bool) -> pd.DataFrame:
@@ -483,10 +516,13 @@ def _cells_table(c: Comparison, layers: list[int], per_head: bool) -> pd.DataFra
 
 
 def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW, first_k: int = FIRST_K,
-                stats: tuple[str, ...] | None = None) -> Analysis:
+                stats: tuple[str, ...] | None = None, read_bytes: int = READ_BYTES) -> Analysis:
     """The three contrasts of the study on a graded run (`attentropy grade` first): answer-level contrasts for
     every statistic per layer x head and per layer (mean over heads) under each aggregation, and, for math,
     the critic's wrong moment vs nearby tokens and after vs before it (token level, position-matched).
+    Attention statistics are read in groups of layers of about `read_bytes` (`layer_groups`): memory holds the
+    run's tokens table, one group's values and the per-answer reductions, whatever the number of layers; the
+    results are those of reading everything at once.
     An ungraded run (free prompts, or a benchmark run not graded yet) gets everything that needs no labels: its
     answers form one group, `ungraded`, with profiles and per-token values, and no contrasts (`graded` False)."""
     from .capture import ATTN_STATS
@@ -557,9 +593,15 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
 
     strata = answer_strata(kept, benchmark)
     bins = length_bins(lengths[kept.index].to_numpy(float))
-    incorrect_ids = set(kept.question_id[kept.label == "incorrect"])
-    correct_ids = set(kept.question_id[kept.label == "correct"])
-    template = None  # the template tokens, computed for the first controlled token contrast
+    windows = {}  # token contrast -> (wrong-moment windows, is_incorrect) of its correct-baseline control
+    if any(stat in CONTROLLED_STATS for stat in stats):
+        live = [c for c, *_ in token_contrasts if c.status != "not_computed"]
+        template = template_tokens(tok) if live else None
+        incorrect_ids = set(kept.question_id[kept.label == "incorrect"])
+        correct_ids = set(kept.question_id[kept.label == "correct"])
+        for contrast in live:
+            windows[contrast.key] = wrong_moment_windows(tok, incorrect_ids, correct_ids, contrast.key, window,
+                                                         template)
 
     def controlled(agg: np.ndarray, sel: np.ndarray, pos_mask: np.ndarray, s: int) -> list[tuple[str, Comparison]]:
         out = []
@@ -573,22 +615,42 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
                 pass
         return out
 
+    qids, kept_ids = tok.question_id.to_numpy(), kept.question_id
+    groups = [None] if all(stat in LOGIT_STATS for stat in stats) else \
+        layer_groups(layers, len(run.tokens), run.n_heads, read_bytes)
     tables = []
     layer_means: dict[str, np.ndarray] = {}
     answer_means: dict[str, np.ndarray] = {}
     profiles = []
-    entropy = None  # all tokens' attention entropy, kept for entropy_norm (read from disk once)
     for s, stat in enumerate(stats):
-        values = token_values(run, stat, entropy)
-        entropy = values if stat == "entropy" else entropy
-        values = values[token_rows]
-        if values.ndim == 3:
-            layer_means[stat] = values.mean(axis=2)  # [n_tokens, L]
-        variants = [("head", values), ("layer", layer_means[stat])] if values.ndim == 3 else [("token", values)]
-        for how in AGGREGATIONS:
+        # Everything the contrasts need of the per-token values, reduced one group of layers at a time: per level
+        # (head: every layer x head; layer: mean over heads; token: a logit statistic) the answers' aggregates,
+        # the wrong-moment differences, and the token contrasts (compared per group, joined after).
+        aggregates, differences, token_parts = {}, {}, {}
+        per_layer = []
+        for group in ([None] if stat in LOGIT_STATS else groups):
+            values = token_values(run, stat, group)[token_rows]
+            if values.ndim == 3:
+                per_layer.append(values.mean(axis=2))  # [n_tokens, len(group)]
+            variants = [("head", values), ("layer", per_layer[-1])] if values.ndim == 3 else [("token", values)]
             for level, v in variants:
-                questions, agg = answer_aggregates(v, tok.question_id.to_numpy(), how, first_k)
-                agg = agg[pd.Index(questions).get_indexer(kept.question_id)]  # the order of `kept`
+                for how in AGGREGATIONS:
+                    questions, agg = answer_aggregates(v, qids, how, first_k)
+                    aggregates.setdefault((how, level), []).append(agg[pd.Index(questions).get_indexer(kept_ids)])
+                for key, (wins, _) in windows.items() if stat in CONTROLLED_STATS else ():
+                    differences.setdefault((key, level), []).append(window_differences(v, wins))
+                for contrast, rows, positive, row_qids in token_contrasts:
+                    if contrast.status != "not_computed":
+                        token_parts.setdefault((contrast.key, level), []).append(
+                            compare_tokens(v[rows], positive, row_qids, n_boot=n_boot, seed=seed + s))
+            del values
+        joined = {k: np.concatenate(v, axis=1) if v[0].ndim > 1 else v[0] for k, v in aggregates.items()}
+        if per_layer and stat in LAYER_MEAN_STATS:
+            layer_means[stat] = np.concatenate(per_layer, axis=1)
+        levels = ("head", "layer") if stat not in LOGIT_STATS else ("token",)
+        for how in AGGREGATIONS:
+            for level in levels:
+                agg = joined[(how, level)]
                 if how == "mean" and level != "head":
                     answer_means[stat] = agg
                 for contrast, pos_mask, neg_mask in answer_contrasts:
@@ -602,20 +664,19 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
                     for control, c in found:
                         tables.append(_cells_table(c, layers, level == "head").assign(
                             contrast=contrast.key, stat=stat, aggregation=how, level=level, control=control))
-        for contrast, rows, positive, qids in token_contrasts:
+        for contrast, *_ in token_contrasts:
             if contrast.status == "not_computed":
                 continue
-            for level, v in variants:
-                c = compare_tokens(v[rows], positive, qids, n_boot=n_boot, seed=seed + s)
+            for level in levels:
+                c = concat_comparisons(token_parts[(contrast.key, level)])
                 tables.append(_cells_table(c, layers, level == "head").assign(
                     contrast=contrast.key, stat=stat, aggregation="tokens", level=level, control="none"))
                 if stat not in CONTROLLED_STATS:
                     continue
-                if template is None:
-                    template = template_tokens(tok)
-                diffs, is_incorrect = wrong_moment_differences(v, tok, incorrect_ids, correct_ids, contrast.key,
-                                                               window, template)
+                is_incorrect = windows[contrast.key][1]
                 if is_incorrect.sum() >= 2 and (~is_incorrect).sum() >= 2:
+                    parts = differences[(contrast.key, level)]
+                    diffs = np.concatenate(parts, axis=1) if parts[0].ndim > 1 else parts[0]
                     c = compare_answers(diffs, is_incorrect, n_boot=n_boot, seed=seed + s)
                     tables.append(_cells_table(c, layers, level == "head").assign(
                         contrast=contrast.key, stat=stat, aggregation="tokens", level=level,

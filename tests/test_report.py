@@ -62,6 +62,24 @@ def test_wrong_moment_position_matched_and_normalised(tmp_path):
     assert nearby.in_error.sum() == 90
 
 
+def test_analysis_layer_by_layer_equals_the_analysis_of_everything_at_once(tmp_path, monkeypatch):
+    """`read_bytes` small enough for one layer per read: the same tables (BH over all cells, not per layer), within
+    float32 rounding (means of float32 values summed in another order)."""
+    run = load_run(write_synthetic_run(tmp_path / "run", n_layers=5, planted=(3, 1), wrong_moment_shift=1.0))
+    whole = analyze_run(run, n_boot=50)
+    reads = []
+    real = type(run).attn
+    monkeypatch.setattr(type(run), "attn", lambda self, stat, layers=None: reads.append(layers) or
+                        real(self, stat, layers))
+    by_layer = analyze_run(run, n_boot=50, read_bytes=1)
+    assert reads and all(len(layers) == 1 for layers in reads)
+    pd.testing.assert_frame_equal(whole.comparisons, by_layer.comparisons, rtol=1e-5, atol=1e-6)
+    pd.testing.assert_frame_equal(whole.profiles, by_layer.profiles)
+    for stat, v in whole.layer_means.items():
+        assert np.array_equal(v, by_layer.layer_means[stat])
+    assert set(whole.comparisons.control) >= {"none", "length_matched", "correct_baseline"}
+
+
 def test_small_groups_are_flagged_and_unparsed_answers_excluded(tmp_path):
     labels = ["correct"] * 20 + ["incorrect"] * 4 + ["unparsed"] * 3
     a = analyze_run(load_run(write_synthetic_run(tmp_path / "run", labels=labels, planted=(0, 0))), n_boot=20,
