@@ -26,7 +26,8 @@ def _run(args) -> None:
         save_attention=tuple(args.save_attention.split(",")) if args.save_attention else (),
         attn_dtype=args.attn_dtype, probe=args.probe, hidden_layers=args.hidden_layers,
         hidden_token_layers=args.hidden_token_layers, raw=args.raw, batching=args.batching,
-        max_batch_tokens=args.max_batch_tokens, progress=not args.quiet)
+        max_batch_tokens=args.max_batch_tokens, ray=args.ray, workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, progress=not args.quiet)
     print(format_summary(summary))
 
 
@@ -146,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--probe", help="an instrument (`attentropy fit`): score every token while generating "
                                      "(stored in DIR/confidence/)")
     run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    run.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                     help="data-parallel run on Ray (pip install 'attentropy[ray]'): a local cluster, the one "
+                          "RAY_ADDRESS names, or ADDRESS (e.g. auto, ray://head:10001); workers write into DIR, "
+                          "which must be on a file system they share")
+    run.add_argument("--workers", type=int, default=2, help="--ray: actors, each loading the model once")
+    run.add_argument("--gpus-per-worker", type=float, default=0,
+                     help="--ray: GPUs per actor (more than 1: the model spread over them, --device-map auto)")
+    run.add_argument("--cpus-per-worker", type=float, default=1, help="--ray: CPUs per actor (its torch threads)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_run)
 

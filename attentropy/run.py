@@ -8,7 +8,7 @@ import json
 import platform
 import subprocess
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +50,17 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
                   device: str = "auto", device_map: str | None = None, save_attention: tuple[str, ...] = (),
                   attn_dtype: str = "float32", probe: str | Path | None = None, hidden_layers: str | None = None,
                   hidden_token_layers: str | None = None, raw: bool = False, batching: str = "continuous",
-                  max_batch_tokens: int | None = None, progress: bool = True) -> dict:
+                  max_batch_tokens: int | None = None, ray: str | None = None, workers: int = 2,
+                  gpus_per_worker: float = 0, cpus_per_worker: float = 1, progress: bool = True) -> dict:
     """Generate and capture every question not yet in `out`; return a summary of the whole run directory.
     `probe`: an instrument directory; every new batch is scored as it is generated (DIR/confidence/).
     `hidden_layers`, `hidden_token_layers`: hidden states kept (`hidden_spec`); default: `auto` and none for a new
     run, the run's own for a resumed one. `raw`: free prompts (`benchmark="prompts"`) continued as plain text,
     without the chat template; a prompt's own `max_new_tokens` bounds its answer (batches hold one bound each).
     `batching`: continuous (rows refilled as answers end; greedy) or static (`answers_in_batches`);
-    `max_batch_tokens`: continuous batching decodes fewer rows where rows x cache columns would exceed it."""
+    `max_batch_tokens`: continuous batching decodes fewer rows where rows x cache columns would exceed it.
+    `ray`: a data-parallel run on Ray (`attentropy.parallel`): "" for a local cluster (or the one RAY_ADDRESS
+    names), else a cluster's address; `workers` actors of `gpus_per_worker` GPUs and `cpus_per_worker` CPUs each."""
     out = Path(out)
     batching = "static" if do_sample else batching  # sampling: static batches only
     questions = load_questions(benchmark, data, offset=offset, limit=limit, seed=seed, difficulty=difficulty,
@@ -90,74 +93,144 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
                       f"{len(damage.question_ids) or 'unknown'} questions are generated again")
         done = done_question_ids(out)
         todo = [q for q in questions if q.id not in done]
-        mdl = tok = None
-        hidden = HiddenSpec()
-        if todo or previous is None:
-            mdl, tok, info = load_model(model, dtype=dtype, device=device, device_map=device_map)
-            text_config = mdl.config.get_text_config()
-            kept = ((previous or {}).get("capture") or {}).get("hidden") or {}
+        settings = Settings(batching=batching, batch_size=batch_size, shots=shots, max_new_tokens=max_new_tokens,
+                            max_batch_tokens=max_batch_tokens, do_sample=do_sample, temperature=temperature,
+                            top_p=top_p, seed=seed, save_attention=tuple(save_attention), attn_dtype=attn_dtype,
+                            probe=str(probe) if probe else None)
+        described = dict(benchmark=benchmark, data_info=data_info, protocol=protocol, previous=previous,
+                         batching=batching, batch_size=batch_size, attn_dtype=attn_dtype, hidden_layers=hidden_layers,
+                         hidden_token_layers=hidden_token_layers)
+        pool = mdl = tok = None
+        config = previous
+        try:
+            if todo or previous is None:
+                if ray is not None:
+                    from .parallel import WorkerPool
 
-            def setting(given: str | None, key: str, new_run: str) -> str:  # a resumed run keeps its own by default
-                if given:
-                    return given
-                return new_run if previous is None else ",".join(map(str, kept.get(key, []))) or "none"
+                    pool = WorkerPool(out, model, address=ray or None, workers=workers,
+                                      gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, dtype=dtype,
+                                      device=device, device_map=device_map)
+                    config = pool.describe(**described)
+                else:
+                    mdl, tok, info = load_model(model, dtype=dtype, device=device, device_map=device_map)
+                    config = model_config(mdl, info, **described)
+                if previous is not None:
+                    for key in IDENTITY_KEYS:
+                        if previous.get(key) != config.get(key):
+                            raise ValueError(
+                                f"{out} holds a run with a different {key!r} ({previous.get(key)!r}); resume with "
+                                f"the same settings, or choose another --out")
+                else:
+                    write_json(config_path, config)
+            if probe:
+                _live_instrument(probe, out, config)  # checked and stamped here; each writer loads it
 
-            hidden = hidden_spec(text_config.num_hidden_layers, setting(hidden_layers, "layers", "auto"),
-                                 setting(hidden_token_layers, "token_layers", "none"))
-            config = {
-                "attentropy_version": __version__, "git_commit": git_commit(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "model": {k: v for k, v in asdict(info).items() if k not in ("device", "extra")},
-                "runtime": {"device": info.device, **info.extra, "torch_threads": torch.get_num_threads(),
-                            "batching": batching, "batch_size": batch_size,
-                            "python": platform.python_version()},
-                "benchmark": benchmark, "data": data_info, "protocol": protocol,
-                "capture": {"layers": recorded_layers(mdl), "n_heads": text_config.num_attention_heads,
-                            "n_kv_heads": getattr(text_config, "num_key_value_heads", text_config.num_attention_heads),
-                            "attn_stats": list(ATTN_STATS), "token_stats": list(TOKEN_STATS), "attn_dtype": attn_dtype,
-                            "row_convention": "completion token t <- query row len(prompt)-1+t", "units": "nats"},
-                "packages": {p: importlib.metadata.version(p) for p in PACKAGES},
-            }
-            if hidden:
-                config["capture"]["hidden"] = {
-                    "layers": list(hidden.layers), "token_layers": list(hidden.token_layers),
-                    "size": text_config.hidden_size,
-                    "index": "transformers' output_hidden_states: 0 the embeddings, i after block i, the last "
-                             "after the final norm",
-                    "rows": "the rows that predicted the completion tokens (inputs: last prompt token, "
-                            "completion[:-1])"}
-            if previous is not None:
-                for key in IDENTITY_KEYS:
-                    if previous.get(key) != config.get(key):
-                        raise ValueError(
-                            f"{out} holds a run with a different {key!r} ({previous.get(key)!r}); resume with the same "
-                            f"settings, or choose another --out")
-            else:
-                write_json(config_path, config)
-        instrument = _live_instrument(probe, out, config if mdl is not None else previous) if probe else None
+            started = time.perf_counter()
+            bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"{benchmark}", unit="q",
+                       disable=not progress)
+            new_tokens = 0
 
-        started = time.perf_counter()
-        new_tokens = 0
-        prefix_store = PrefixStore()
-        bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"{benchmark}", unit="q",
-                   disable=not progress)
-        generated = answers_in_batches(
-            mdl, tok, todo, batching=batching, batch_size=batch_size, shots=shots,
-            max_new_tokens=max_new_tokens, max_batch_tokens=max_batch_tokens, do_sample=do_sample,
-            temperature=temperature, top_p=top_p, seed=seed, prefix_store=prefix_store,
-            save_attention=set(save_attention), hidden=hidden)
-        for gens in generated:
-            scores = None
-            if instrument is not None:
-                scores = instrument.score(answers_from_generations(gens, config["capture"]["layers"],
-                                                                   config["capture"]["n_heads"], attn_dtype))
-            append_batch(out, gens, tok, attn_dtype=attn_dtype, confidence=scores)
-            new_tokens += sum(len(g.completion_ids) for g in gens)
-            bar.update(len(gens))
-            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
-        bar.close()
-        elapsed = time.perf_counter() - started
-        return summarize(out, new_tokens=new_tokens, seconds=elapsed)
+            def advance(n_answers: int, n_tokens: int) -> None:
+                nonlocal new_tokens
+                new_tokens += n_tokens
+                bar.update(n_answers)
+                bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
+
+            if pool is not None:
+                pool.run(todo, settings, config, advance)
+            elif todo:
+                generate_into(out, mdl, tok, todo, settings, config, advance)
+            bar.close()
+            elapsed = time.perf_counter() - started
+            return summarize(out, new_tokens=new_tokens, seconds=elapsed)
+        finally:
+            if pool is not None:
+                pool.close()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a run's answers are generated and stored: the same in its one process or in each of its workers."""
+
+    batching: str
+    batch_size: int
+    shots: int
+    max_new_tokens: int
+    max_batch_tokens: int | None
+    do_sample: bool
+    temperature: float
+    top_p: float
+    seed: int
+    save_attention: tuple[str, ...]
+    attn_dtype: str
+    probe: str | None  # an instrument that scores each batch as it is generated
+
+
+def model_config(mdl, info, *, benchmark: str, data_info: dict, protocol: dict, previous: dict | None, batching: str,
+                 batch_size: int, attn_dtype: str, hidden_layers: str | None, hidden_token_layers: str | None) -> dict:
+    """config.json of a run of this model (`previous`: the run's config when it is resumed)."""
+    text_config = mdl.config.get_text_config()
+    kept = ((previous or {}).get("capture") or {}).get("hidden") or {}
+
+    def setting(given: str | None, key: str, new_run: str) -> str:  # a resumed run keeps its own by default
+        if given:
+            return given
+        return new_run if previous is None else ",".join(map(str, kept.get(key, []))) or "none"
+
+    hidden = hidden_spec(text_config.num_hidden_layers, setting(hidden_layers, "layers", "auto"),
+                         setting(hidden_token_layers, "token_layers", "none"))
+    config = {
+        "attentropy_version": __version__, "git_commit": git_commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": {k: v for k, v in asdict(info).items() if k not in ("device", "extra")},
+        "runtime": {"device": info.device, **info.extra, "torch_threads": torch.get_num_threads(),
+                    "batching": batching, "batch_size": batch_size, "python": platform.python_version()},
+        "benchmark": benchmark, "data": data_info, "protocol": protocol,
+        "capture": {"layers": recorded_layers(mdl), "n_heads": text_config.num_attention_heads,
+                    "n_kv_heads": getattr(text_config, "num_key_value_heads", text_config.num_attention_heads),
+                    "attn_stats": list(ATTN_STATS), "token_stats": list(TOKEN_STATS), "attn_dtype": attn_dtype,
+                    "row_convention": "completion token t <- query row len(prompt)-1+t", "units": "nats"},
+        "packages": {p: importlib.metadata.version(p) for p in PACKAGES},
+    }
+    if hidden:
+        config["capture"]["hidden"] = {
+            "layers": list(hidden.layers), "token_layers": list(hidden.token_layers),
+            "size": text_config.hidden_size,
+            "index": "transformers' output_hidden_states: 0 the embeddings, i after block i, the last "
+                     "after the final norm",
+            "rows": "the rows that predicted the completion tokens (inputs: last prompt token, "
+                    "completion[:-1])"}
+    return config
+
+
+def generate_into(out: Path, mdl, tok, todo: list[Question], settings: Settings, config: dict, advance=None,
+                  writer: str = "") -> int:
+    """Generate and commit the answers of `todo` into the run directory `out` (whose config.json is `config`), one
+    batch a part (`writer`: a data-parallel worker's part names); `advance(answers, tokens)` after each batch.
+    Returns the number of new tokens."""
+    instrument = None
+    if settings.probe:
+        from .instrument import load_instrument
+
+        instrument = load_instrument(settings.probe)
+    spec = config["capture"].get("hidden") or {}
+    hidden = HiddenSpec(tuple(spec.get("layers", ())), tuple(spec.get("token_layers", ())))
+    new_tokens = 0
+    for gens in answers_in_batches(
+            mdl, tok, todo, batching=settings.batching, batch_size=settings.batch_size, shots=settings.shots,
+            max_new_tokens=settings.max_new_tokens, max_batch_tokens=settings.max_batch_tokens,
+            do_sample=settings.do_sample, temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
+            prefix_store=PrefixStore(), save_attention=set(settings.save_attention), hidden=hidden):
+        scores = None
+        if instrument is not None:
+            scores = instrument.score(answers_from_generations(gens, config["capture"]["layers"],
+                                                               config["capture"]["n_heads"], settings.attn_dtype))
+        append_batch(out, gens, tok, attn_dtype=settings.attn_dtype, confidence=scores, writer=writer)
+        n_tokens = sum(len(g.completion_ids) for g in gens)
+        new_tokens += n_tokens
+        if advance is not None:
+            advance(len(gens), n_tokens)
+    return new_tokens
 
 
 def answers_in_batches(model, tokenizer, todo: list[Question], *, batching: str, batch_size: int, shots: int,
