@@ -77,12 +77,12 @@ class WorkerPool:
         if gpus_per_worker > 1 and device_map is None:
             device_map = "auto"  # a model spread over the worker's GPUs
         self.out = Path(out)
-        actor = ray.remote(Worker)
-        self.actors = {f"w{k:02d}": actor.options(
-            name=actor_name(out, k) + os.urandom(4).hex(), num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
-            max_restarts=0).remote(
-            f"w{k:02d}", model, dtype, device, device_map, math.ceil(cpus_per_worker)) for k in range(workers)}
-        self.ray = ray
+        self.ray, self.actors = ray, {}
+        for k in range(workers):
+            actor = ray.remote(Worker).options(name=actor_name(out, k) + os.urandom(4).hex(), num_cpus=cpus_per_worker,
+                                               num_gpus=gpus_per_worker, max_restarts=0)
+            self.actors[f"w{k:02d}"] = actor.remote(f"w{k:02d}", model, dtype, device, device_map,
+                                                    math.ceil(cpus_per_worker))
 
     def describe(self, **described) -> dict:
         config = self.ray.get(next(iter(self.actors.values())).describe.remote(**described))
