@@ -49,7 +49,7 @@ def test_a_killed_driver_is_resumed_by_the_same_command(tmp_path, tiny_model_dir
     """The whole local cluster goes with its driver (SIGKILL); the same command then finishes the run."""
     out = tmp_path / "ray"
     cmd = [sys.executable, "-m", "attentropy.cli", "run", "--benchmark", "facts", "--out", str(out), "--model",
-           str(tiny_model_dir), "--limit", "40", "--batch-size", "2", "--max-new-tokens", "6", "--quiet", "--ray",
+           str(tiny_model_dir), "--limit", "40", "--batch-size", "2", "--max-new-tokens", "24", "--quiet", "--ray",
            "--workers", "2"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -57,14 +57,14 @@ def test_a_killed_driver_is_resumed_by_the_same_command(tmp_path, tiny_model_dir
     deadline = time.time() + 180
     while len(list((out / "samples").glob("part-*.parquet"))) < 2 and proc.poll() is None:
         assert time.time() < deadline
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the cluster it started
     proc.wait()
     partial = len(load_run(out).samples)
     assert 1 <= partial < 40
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    run_benchmark(out=tmp_path / "single", model=tiny_model_dir, limit=40, **RUN)
+    run_benchmark(out=tmp_path / "single", model=tiny_model_dir, limit=40, **{**RUN, "max_new_tokens": 24})
     assert_same_content(out, tmp_path / "single")
 
 
@@ -88,9 +88,13 @@ def test_a_worker_killed_mid_run_loses_only_its_batch_in_flight(tmp_path, tiny_m
     out = tmp_path / "ray"
     result = {}
 
+    # enough work (8 chunks of 10 questions of 48 tokens) that the worker killed after its first batch still has its
+    # chunk to finish even if it loaded its model last (with 40 x 6 tokens the other worker had done the rest)
+    settings = {**RUN, "max_new_tokens": 48, "limit": 80}
+
     def driver():
         try:
-            result["summary"] = run_benchmark(out=out, model=tiny_model_dir, limit=40, ray="", workers=2, **RUN)
+            result["summary"] = run_benchmark(out=out, model=tiny_model_dir, ray="", workers=2, **settings)
         except BaseException as e:  # noqa: BLE001 - reported by the assertion below
             result["error"] = e
 
@@ -99,12 +103,12 @@ def test_a_worker_killed_mid_run_loses_only_its_batch_in_flight(tmp_path, tiny_m
     deadline = time.time() + 180
     while not list((out / "samples").glob("part-w01-*.parquet")):  # worker w01 has committed a batch
         assert time.time() < deadline and thread.is_alive(), result
-        time.sleep(0.05)
+        time.sleep(0.01)
     [name] = [n for n in ray.util.list_named_actors() if n.startswith(actor_name(out, 1))]
     ray.kill(ray.get_actor(name))
     thread.join(300)
     assert "error" not in result, result.get("error")
-    assert result["summary"]["questions"] == 40
+    assert result["summary"]["questions"] == 80
     assert "worker w01 died" in capfd.readouterr().out
-    run_benchmark(out=tmp_path / "single", model=tiny_model_dir, limit=40, **RUN)
+    run_benchmark(out=tmp_path / "single", model=tiny_model_dir, **settings)
     assert_same_content(out, tmp_path / "single")
