@@ -137,6 +137,9 @@ class Recorder:
         # ring from which `generate_continuous` takes each answer's rows when it ends.
         self.ring = ring
         self.prompt_end: torch.Tensor | None = None
+        # Continuous batching: layer index -> keys [Hkv, D, P], values [Hkv, P, D] (float32) of the prefix that every
+        # row shares, held once; the cache then holds each row's own keys, which follow them (key P on).
+        self.shared_prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._group: torch.Tensor | None = None  # [G, B, H, r, K]: probabilities of G layers' rows
         self._group_layers: list[int] = []
         self._group_slots: tuple[torch.Tensor, ...] = ()  # the group's rows of each layer
@@ -440,9 +443,14 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
     if attention_mask is None:  # only when the mask function was not registered: fail loudly, never attend ahead
         raise RuntimeError("attentropy attention got no mask; register the mask function with the implementation")
     batch, n_heads, n_q, head_dim = query.shape
-    n_kv, n_k = key.shape[1], key.shape[2]
+    n_kv, n_own = key.shape[1], key.shape[2]
     groups = n_heads // n_kv  # GQA: query head h reads key/value head h // groups; statistics per query head
     first = 0 if rec.all_rows else n_q - 1  # first recorded row
+    shared = rec.shared_prefix.get(module.layer_idx) if rec.shared_prefix else None
+    n_shared = 0 if shared is None else shared[0].shape[-1]
+    if shared is not None and first > 0:
+        raise RuntimeError("a shared prefix is supported for recorded rows only (decode steps)")
+    n_k = n_shared + n_own  # keys: the shared prefix's, then the cache's
     if attention_mask.shape[-1] != n_k:
         attention_mask = attention_mask[..., :n_k]
     outputs = []
@@ -454,15 +462,21 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
     # few microseconds, as much as the arithmetic at batch 1), hence no calls that would return their input.
     # 3-D views for bmm (matmul's broadcasting costs more than the product itself at batch 1): [B * Hkv, D, K] keys
     # (contiguous rows in the recording generation's layout) and [B * Hkv, K, D] values, no copy
-    key_t = _float32(key).transpose(2, 3).reshape(batch * n_kv, head_dim, n_k)
-    value_f = _float32(value).reshape(batch * n_kv, n_k, head_dim)
+    key_t = _float32(key).transpose(2, 3).reshape(batch * n_kv, head_dim, n_own)
+    value_f = _float32(value).reshape(batch * n_kv, n_own, head_dim)
     chunk_rows = max(1, rec.chunk_bytes // (4 * batch * n_heads * n_k))
     for start in range(first, n_q, chunk_rows):
         stop = min(start + chunk_rows, n_q)
         r = stop - start
         q, mask = (query, attention_mask) if r == n_q else (query[:, :, start:stop], attention_mask[:, :, start:stop])
         # [B * Hkv, groups * r, D] @ [B * Hkv, D, K]: grouped heads read their shared keys without copying them
-        scores = torch.bmm(_float32(q).reshape(batch * n_kv, groups * r, head_dim), key_t).view(batch, n_heads, r, n_k)
+        q = _float32(q).reshape(batch * n_kv, groups * r, head_dim)
+        scores = torch.bmm(q, key_t)
+        if shared is not None:  # the prefix's keys once for all rows: [Hkv, B * groups * r, D] @ [Hkv, D, P]
+            q_by_head = q.view(batch, n_kv, groups * r, head_dim).transpose(0, 1).reshape(n_kv, -1, head_dim)
+            prefix_scores = torch.bmm(q_by_head, shared[0]).view(n_kv, batch, groups * r, n_shared).transpose(0, 1)
+            scores = torch.cat([prefix_scores, scores.view(batch, n_kv, groups * r, n_own)], dim=-1)
+        scores = scores.view(batch, n_heads, r, n_k)
         # mask + scaling * scores in one pass, as eager attention orders it (scaled scores, then the mask); masked
         # keys: ~ -3.4e38 (finite), so p = 0 exactly
         torch.add(mask, scores, alpha=scaling, out=scores)
@@ -470,7 +484,13 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
         p = rec.rows(module.layer_idx, (batch, n_heads, r, n_k), own=n_k - n_q + start, device=scores.device)
         torch.softmax(scores, dim=-1, out=p)
         del scores
-        outputs.append(torch.bmm(p.view(batch * n_kv, groups * r, n_k), value_f).view(batch, n_heads, r, head_dim))
+        p_rows = p.view(batch * n_kv, groups * r, n_k)
+        output = torch.bmm(p_rows if shared is None else p_rows[..., n_shared:], value_f)
+        if shared is not None:  # + the prefix's values, once for all rows: [Hkv, B * groups * r, P] @ [Hkv, P, D]
+            p_by_head = p_rows[..., :n_shared].view(batch, n_kv, groups * r, n_shared).transpose(0, 1)
+            prefix_output = torch.bmm(p_by_head.reshape(n_kv, -1, n_shared), shared[1])
+            output += prefix_output.view(n_kv, batch, groups * r, head_dim).transpose(0, 1).reshape(output.shape)
+        outputs.append(output.view(batch, n_heads, r, head_dim))
         rec.rows_done(p)
         del p
     output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]

@@ -123,11 +123,15 @@ def _growing_layer_class():  # defined on first use: importing transformers' cac
 
         spare = 256
         keys_by_dim = False
+        shared = 0  # keys before this layer's own, held once for all rows elsewhere (continuous batching's prefix)
+
+        def get_seq_length(self) -> int:  # the length attention sees: the shared keys and the layer's own
+            return self.shared + super().get_seq_length()
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-            n, new = self.get_seq_length(), key_states.shape[-2]
+            n, new = super().get_seq_length(), key_states.shape[-2]
             buffers = getattr(self, "buffers", None)
             in_place = (buffers is not None and n > 0 and self.keys.data_ptr() == buffers[0].data_ptr()
                         and self.keys.stride() == buffers[0].stride() and self.keys.shape[:2] == buffers[0].shape[:2]
@@ -292,7 +296,7 @@ def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_S
 
 # ---------------------------------------------------------------- continuous batching
 
-# the cache is compacted when its dead columns exceed both COMPACT_SLACK and COMPACT_FRACTION of the needed ones
+# the cache is compacted when the rows' dead columns exceed both COMPACT_SLACK and COMPACT_FRACTION of their live ones
 COMPACT_SLACK, COMPACT_FRACTION = 64, 0.125
 PREFILL_GROUP = 8  # prompts prefilled together at least (those without a free row wait, prefilled)
 
@@ -319,8 +323,12 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
     into the row right-aligned at the current end of the cache, the row's older keys masked, so every row keeps
     the layout of static batching ([shared prefix | masked | prompt | answer]). A masked key has p = 0 exactly,
     so an answer's tokens and statistics do not depend on its neighbours (as with static batching's padding).
-    When dead (masked) columns make up most of the cache, it is compacted. `max_batch_tokens`: a bound on the
-    cache's columns x rows; fewer rows decode while it would be exceeded (memory stays flat on long prompts).
+    The shared prefix's keys/values are held once, not per row: a decode step's attention reads them once for all
+    rows (`capture.attentropy_attention`, `Recorder.shared_prefix`), where a per-row copy made every step read
+    them batch-size times (the 8-shot prefix is ~1,500 of a row's ~1,700 keys). When dead (masked) columns make
+    up more than 1/8 of the rows' own, the cache is compacted. `max_batch_tokens`: a bound on the key/value
+    columns held, the shared prefix once plus rows x a row's own columns; fewer rows decode while it would be
+    exceeded (memory stays flat on long prompts).
 
     Rows: completion token 0's statistics come from the prompt's prefill (its last row), token t's from decode step
     first_step + t - 1, taken from the recorder's ring buffer when the answer ends."""
@@ -339,19 +347,17 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
     device = model.device
     layers = recorded_layers(model)
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
-    if max_batch_tokens:  # rows x the widest cache a row can need, with the dead columns compaction lets stay
-        widest = prefix_len + room + max_new_tokens
-        batch_size = max(1, min(batch_size, max_batch_tokens // int(widest + max(COMPACT_FRACTION * widest,
-                                                                                   COMPACT_SLACK))))
+    if max_batch_tokens:  # the prefix, then rows x the widest a row can need, with the dead columns it may keep
+        widest = room + max_new_tokens
+        batch_size = max(1, min(batch_size, (max_batch_tokens - prefix_len) // most_columns(widest)))
     batch_size = min(batch_size, len(questions))
 
-    # the batch cache: the shared prefix in every row, then `room` masked columns
-    cache = store.get(model, prefix) if prefix_len else growing_cache(model)
-    if prefix_len:
-        cache.batch_repeat_interleave(batch_size)
+    # the rows' cache holds their own columns, `room` masked ones to start with; the shared prefix is held once
+    cache = growing_cache(model)
     for layer in cache.layers:
         if isinstance(layer, _growing_layer_class()):
             layer.keys_by_dim = True
+            layer.shared = prefix_len
     _cache_append_masked(cache, model, batch_size, room)
     width = prefix_len + room  # columns in the cache
     mask = torch.zeros(batch_size, width, dtype=torch.long)
@@ -360,6 +366,8 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
     recorder = Recorder(torch.ones(batch_size, 2, dtype=torch.long), all_rows=False, max_rows=max_new_tokens,
                         layers=layers, ring=True)
     recorder.prompt_end = torch.zeros(batch_size, dtype=torch.long)
+    if prefix_len:
+        recorder.shared_prefix = shared_keys_values(store.get(model, prefix, copy=False))
     slot_hidden = _SlotHidden(model, hidden) if hidden else None
     slots: list[_Slot | None] = [None] * batch_size
     inputs = torch.full((batch_size, 1), pad, dtype=torch.long)
@@ -406,9 +414,10 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
         if slot.completion[0] in stop_set or max_new_tokens == 1:
             return _finish(slot, [], [], tokenizer, stop_set)
         # the prompt's keys/values into row b, right-aligned at the end of the cache; the row's older keys masked
+        own = width - prefix_len  # the row's own columns in the cache
         for layer, (k, v) in zip(cache.layers, keys_values):
-            layer.keys[b, :, width - n_rest:width] = k
-            layer.values[b, :, width - n_rest:width] = v
+            layer.keys[b, :, own - n_rest:own] = k
+            layer.values[b, :, own - n_rest:own] = v
         mask[b, prefix_len:] = 0
         mask[b, width - n_rest:] = 1
         recorder.prompt_end[b] = width
@@ -460,17 +469,30 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
                         inputs[b, 0] = token
                         position[b, 0] += 1
                 step += 1
-                # compaction: when most of the cache's columns are dead (masked in every row), each row's live columns
-                # are moved right-aligned into a cache just wide enough for them and for any prompt still to come
+                # compaction: when too many of the rows' columns are dead (masked in every row), each row's live
+                # columns are moved right-aligned into a cache just wide enough for them and any prompt still to come
                 lives = {b: _live_columns(recorder, b, slots[b], prefix_len, width) for b in range(batch_size)
                          if slots[b] is not None}
                 needed = prefix_len + max([room, *lives.values()])
-                if width - needed > max(COMPACT_SLACK, COMPACT_FRACTION * needed):
+                if width > prefix_len + most_columns(needed - prefix_len):
                     mask = _compact(cache, mask, recorder, prefix_len, width, needed, lives)
                     width = needed
     finally:
         if slot_hidden is not None:
             slot_hidden.remove()
+
+
+def most_columns(needed: int) -> int:
+    """A row's columns before compaction, when `needed` of them are live."""
+    return needed + int(max(COMPACT_SLACK, COMPACT_FRACTION * needed))
+
+
+def shared_keys_values(prefix_cache) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer index, a prefix cache's keys [Hkv, D, P] and values [Hkv, P, D] in float32 (the recording
+    attention's product layouts), for `Recorder.shared_prefix`."""
+    return {i: (layer.keys[0].transpose(1, 2).float().contiguous(), layer.values[0].float().contiguous())
+            for i, layer in enumerate(prefix_cache.layers)
+            if isinstance(layer, _growing_layer_class()) and layer.get_seq_length()}
 
 
 def _prefixed_cache(model, prefix_cache):
@@ -519,9 +541,9 @@ def _live_columns(recorder, b: int, slot: _Slot, prefix_len: int, width: int) ->
 
 def _compact(cache, mask: torch.Tensor, recorder, prefix_len: int, width: int, new_width: int,
              lives: dict[int, int]) -> torch.Tensor:
-    """Keep, per row, the shared prefix and the row's live columns (`lives`: row -> `_live_columns`; its prompt
-    and answer), right-aligned in `new_width` columns; returns the new mask and moves the recorder's per-row key
-    indices with the columns."""
+    """Keep, per row, the row's live columns (`lives`: row -> `_live_columns`; its prompt and answer),
+    right-aligned in `new_width` columns after the shared prefix (held apart from the cache, which holds the
+    rows' own columns); returns the new mask and moves the recorder's per-row key indices with the columns."""
     shift = new_width - width
     new_mask = torch.zeros(mask.shape[0], new_width, dtype=mask.dtype)
     new_mask[:, :prefix_len] = mask[:, :prefix_len]
@@ -534,14 +556,13 @@ def _compact(cache, mask: torch.Tensor, recorder, prefix_len: int, width: int, n
         if not prefix_len:
             recorder.sink_key[b] += shift
     recorder._mass_keys = None
+    own = new_width - prefix_len
     for layer in cache.layers:
-        keys = layer.keys.new_zeros(*layer.keys.shape[:2], new_width, layer.keys.shape[-1])
-        values = layer.values.new_zeros(*layer.values.shape[:2], new_width, layer.values.shape[-1])
-        keys[:, :, :prefix_len] = layer.keys[:, :, :prefix_len]
-        values[:, :, :prefix_len] = layer.values[:, :, :prefix_len]
+        keys = layer.keys.new_zeros(*layer.keys.shape[:2], own, layer.keys.shape[-1])
+        values = layer.values.new_zeros(*layer.values.shape[:2], own, layer.values.shape[-1])
         for b, live in lives.items():
-            keys[b, :, new_width - live:] = layer.keys[b, :, width - live:]
-            values[b, :, new_width - live:] = layer.values[b, :, width - live:]
+            keys[b, :, own - live:] = layer.keys[b, :, -live:]
+            values[b, :, own - live:] = layer.values[b, :, -live:]
         # the layer's next update moves them into a buffer with room; the old buffer goes now, layer by layer, so
         # that compaction needs one layer's columns more memory, not a second cache
         layer.keys, layer.values = keys, values

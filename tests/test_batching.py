@@ -78,19 +78,19 @@ def test_continuous_batching_without_a_shared_prefix(embedded):
     assert_same(static_batches(model, tokenizer, questions, 2, 12), continuous)
 
 
-def test_max_batch_tokens_bounds_rows_times_cache_columns(embedded):
+def test_max_batch_tokens_bounds_the_prefix_and_rows_times_their_columns(embedded):
     model, tokenizer, _ = embedded
     questions = load_questions("facts", limit=8)
     prompts = [generate_module.prompt_ids(tokenizer, q) for q in questions]
     prefix = generate_module.common_prefix_len(prompts)
-    widest = prefix + max(len(p) - prefix for p in prompts) + 8  # a row's columns with its longest answer
+    widest = max(len(p) - prefix for p in prompts) + 8  # a row's own columns with its longest answer
     shapes = []
     hook = model.get_decoder().register_forward_pre_hook(
         lambda module, args, kwargs: shapes.append(tuple(kwargs["attention_mask"].shape))
         if kwargs.get("attention_mask") is not None else None, with_kwargs=True)
     try:
         most = int(widest + max(generate_module.COMPACT_FRACTION * widest, generate_module.COMPACT_SLACK))
-        for bound in (None, 2 * most):
+        for bound in (None, prefix + 2 * most):
             shapes.clear()
             out = list(generate_continuous(model, tokenizer, questions, batch_size=4, max_new_tokens=8,
                                            max_batch_tokens=bound))
@@ -98,7 +98,7 @@ def test_max_batch_tokens_bounds_rows_times_cache_columns(embedded):
             rows = {r for r, _ in shapes}
             if bound is None:
                 assert rows == {4}
-            else:  # memory: rows x columns of every decode step within the bound
-                assert rows == {2} and max(r * c for r, c in shapes) <= bound, shapes
+            else:  # memory: the shared prefix once and rows x their own columns, at every decode step
+                assert rows == {2} and max(prefix + r * (c - prefix) for r, c in shapes) <= bound, shapes
     finally:
         hook.remove()
