@@ -120,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="continuous: a row takes the next question as soon as its answer ends (greedy; the same "
                           "tokens and statistics as static); static: a batch decodes until its longest answer ends "
                           "(always with --sample)")
-    run.add_argument("--max-batch-tokens", type=int, help="continuous batching: fewer rows where rows x cache "
-                                                          "columns would exceed this (memory flat on long prompts)")
+    run.add_argument("--max-batch-tokens", type=int, help="continuous batching: fewer rows where the key/value "
+                     "columns held (the shared prefix once, plus rows x a row's own) would exceed this (memory flat "
+                     "on long prompts)")
     run.add_argument("--max-new-tokens", type=int, help="default: 128 for factual benchmarks, 1024 for math, 256 "
                                                         "for prompts")
     run.add_argument("--shots", type=int, default=8, help="chain-of-thought exemplars for gsm8k/arith (0-8)")

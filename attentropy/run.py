@@ -58,7 +58,8 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
     run, the run's own for a resumed one. `raw`: free prompts (`benchmark="prompts"`) continued as plain text,
     without the chat template; a prompt's own `max_new_tokens` bounds its answer (batches hold one bound each).
     `batching`: continuous (rows refilled as answers end; greedy) or static (`answers_in_batches`);
-    `max_batch_tokens`: continuous batching decodes fewer rows where rows x cache columns would exceed it.
+    `max_batch_tokens`: continuous batching decodes fewer rows where the key/value columns held (the shared prefix
+    once, plus rows x a row's own columns) would exceed it.
     `ray`: a data-parallel run on Ray (`attentropy.parallel`): "" for a local cluster (or the one RAY_ADDRESS
     names), else a cluster's address; `workers` actors of `gpus_per_worker` GPUs and `cpus_per_worker` CPUs each."""
     out = Path(out)

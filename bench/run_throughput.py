@@ -6,7 +6,10 @@ continuous`, alternating which goes first. Prints per run: generation time and t
 and the whole process's wall time, row utilisation (answer tokens / rows decoded: every decode step's batch rows
 plus each prompt's last row, counted by a hook on the decoder), peak RSS; then per benchmark the median over rounds
 of continuous / static (speed, memory), and checks that both runs hold the same answers and statistics (tokens
-identical, largest difference of any recorded statistic).
+identical, largest difference of any recorded statistic). As this machine's reference, each round also times plain
+decoding (transformers' generate with sdpa, no recording, no store) of the first --batch-size facts prompts at
+--batch-size, every row forced to 256 new tokens: every row busy and almost no prefill, the most a batch of that
+size decodes per second here; whole runs are printed also as a fraction of it.
 
     .venv/bin/python bench/run_throughput.py [--facts 200] [--arith 100] [--rounds 1] [--batch-size 16] [--threads 2]
 """
@@ -51,6 +54,24 @@ def child(args) -> None:
     wall = time.perf_counter() - started
     print(json.dumps({"wall": wall, "summary": summary, "rows": rows[0],
                       "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def plain_child(args) -> None:
+    """Plain decoding at --batch-size, all rows forced to 256 new tokens; prints a JSON line with tokens/s."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from attentropy.data import load_questions
+    from attentropy.generate import generate
+    from attentropy.model import load_model
+
+    model, tokenizer, _ = load_model("smollm2-135m")
+    questions = load_questions("facts", limit=args.batch_size)
+    generate(model, tokenizer, questions, max_new_tokens=16, min_new_tokens=16)  # warm-up
+    started = time.perf_counter()
+    out, _ = generate(model, tokenizer, questions, max_new_tokens=256, min_new_tokens=256)
+    seconds = time.perf_counter() - started
+    print(json.dumps({"tok_s": sum(len(g.completion_ids) for g in out) / seconds}))
 
 
 def run_child(benchmark: str, batching: str, out: Path, args) -> dict:
@@ -98,10 +119,14 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args)
+        return plain_child(args) if args.batching == "plain" else child(args)
     results: dict = {}
+    plain = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
+            plain.append(run_child("facts", "plain", Path(tmp) / "plain", args)["tok_s"])
+            print(f"round {r + 1} plain decoding at batch {args.batch_size}, every row busy (reference): "
+                  f"{plain[-1]:.0f} tok/s", flush=True)
             for benchmark in ("facts", "arith"):
                 order = ("static", "continuous") if r % 2 == 0 else ("continuous", "static")
                 for batching in order:
@@ -122,8 +147,10 @@ def main() -> None:
         util = [c["tokens"] / c["rows"] for c in by["continuous"]]
         util_static = [s["tokens"] / s["rows"] for s in by["static"]]
         rate = [c["tokens"] / c["gen_s"] for c in by["continuous"]]
+        of_plain = [x / y for x, y in zip(rate, plain)]
         print(f"{benchmark}: continuous / static speed {statistics.median(speed):.2f}x (rounds: "
-              f"{', '.join(f'{x:.2f}' for x in speed)}); {statistics.median(rate):.0f} tok/s; row utilisation "
+              f"{', '.join(f'{x:.2f}' for x in speed)}); {statistics.median(rate):.0f} tok/s "
+              f"({statistics.median(of_plain):.2f}x plain decoding's {statistics.median(plain):.0f}); row utilisation "
               f"{statistics.median(util):.1%} (static {statistics.median(util_static):.1%}); peak RSS "
               f"{statistics.median(memory):.2f}x static")
 
