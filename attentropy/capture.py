@@ -428,12 +428,29 @@ def _float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 else x.float()
 
 
+def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (batched) in float32, b being keys or values. On CUDA, with keys/values in the model's half precision,
+    the operands are multiplied in it, the products accumulated and returned in float32 (cuBLAS, `out_dtype`):
+    for queries @ keys the same sums as on float32 copies (a product of two half-precision numbers is exact in
+    float32), without converting the cache every layer and step; probabilities @ values rounds the probabilities
+    to half precision for that product only, as flash attention does (the statistics are computed before). Elsewhere
+    both are converted to float32 (the CPU has no such product)."""
+    if _half_on_cuda(b):
+        return torch.bmm(a.to(b.dtype), b, out_dtype=torch.float32)
+    return torch.bmm(_float32(a), _float32(b))
+
+
+def _half_on_cuda(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
 def attentropy_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Drop-in attention implementation (same signature and output as transformers' eager attention).
 
     query [B, Hq, Q, D]; key, value [B, Hkv, K, D] (cache included, the Q new tokens last); attention_mask
     [B, 1, Q, K] additive float. Without an active Recorder, or for non-causal (cross) attention, it is plain
-    sdpa. Recorded rows are computed explicitly in float32 (softmax, statistics, output); other rows use sdpa."""
+    sdpa. Recorded rows are computed explicitly, scores, softmax and statistics in float32 (`_product`: on CUDA
+    from half-precision operands with float32 accumulation); other rows use sdpa."""
     rec = _RECORDER
     if rec is None or not getattr(module, "is_causal", False) or module.training:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -462,19 +479,21 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
     # few microseconds, as much as the arithmetic at batch 1), hence no calls that would return their input.
     # 3-D views for bmm (matmul's broadcasting costs more than the product itself at batch 1): [B * Hkv, D, K] keys
     # (contiguous rows in the recording generation's layout) and [B * Hkv, K, D] values, no copy
-    key_t = _float32(key).transpose(2, 3).reshape(batch * n_kv, head_dim, n_own)
-    value_f = _float32(value).reshape(batch * n_kv, n_own, head_dim)
+    if not _half_on_cuda(key):  # float32 copies (where needed), once for every chunk
+        key, value = _float32(key), _float32(value)
+    key_t = key.transpose(2, 3).reshape(batch * n_kv, head_dim, n_own)
+    value_rows = value.reshape(batch * n_kv, n_own, head_dim)
     chunk_rows = max(1, rec.chunk_bytes // (4 * batch * n_heads * n_k))
     for start in range(first, n_q, chunk_rows):
         stop = min(start + chunk_rows, n_q)
         r = stop - start
         q, mask = (query, attention_mask) if r == n_q else (query[:, :, start:stop], attention_mask[:, :, start:stop])
         # [B * Hkv, groups * r, D] @ [B * Hkv, D, K]: grouped heads read their shared keys without copying them
-        q = _float32(q).reshape(batch * n_kv, groups * r, head_dim)
-        scores = torch.bmm(q, key_t)
+        q = q.reshape(batch * n_kv, groups * r, head_dim)
+        scores = _product(q, key_t)
         if shared is not None:  # the prefix's keys once for all rows: [Hkv, B * groups * r, D] @ [Hkv, D, P]
             q_by_head = q.view(batch, n_kv, groups * r, head_dim).transpose(0, 1).reshape(n_kv, -1, head_dim)
-            prefix_scores = torch.bmm(q_by_head, shared[0]).view(n_kv, batch, groups * r, n_shared).transpose(0, 1)
+            prefix_scores = _product(q_by_head, shared[0]).view(n_kv, batch, groups * r, n_shared).transpose(0, 1)
             scores = torch.cat([prefix_scores, scores.view(batch, n_kv, groups * r, n_own)], dim=-1)
         scores = scores.view(batch, n_heads, r, n_k)
         # mask + scaling * scores in one pass, as eager attention orders it (scaled scores, then the mask); masked
@@ -485,10 +504,10 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
         torch.softmax(scores, dim=-1, out=p)
         del scores
         p_rows = p.view(batch * n_kv, groups * r, n_k)
-        output = torch.bmm(p_rows if shared is None else p_rows[..., n_shared:], value_f)
+        output = _product(p_rows if shared is None else p_rows[..., n_shared:], value_rows)
         if shared is not None:  # + the prefix's values, once for all rows: [Hkv, B * groups * r, P] @ [Hkv, P, D]
             p_by_head = p_rows[..., :n_shared].view(batch, n_kv, groups * r, n_shared).transpose(0, 1)
-            prefix_output = torch.bmm(p_by_head.reshape(n_kv, -1, n_shared), shared[1])
+            prefix_output = _product(p_by_head.reshape(n_kv, -1, n_shared), shared[1])
             output += prefix_output.view(n_kv, batch, groups * r, head_dim).transpose(0, 1).reshape(output.shape)
         outputs.append(output.view(batch, n_heads, r, head_dim))
         rec.rows_done(p)

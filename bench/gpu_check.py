@@ -1,9 +1,11 @@
 """A prepared GPU check: recording on CUDA with the shapes of Llama 3.2 1B and of Llama 3.2 11B Vision's text
 model, random weights in bfloat16 (nothing to download). One command, a few minutes, prints a table:
 
-  1. exactness: statistics recorded during generation against an eager `output_attentions` recomputation of the
-     same sequences (entropy and varentropy of every recorded row; worst absolute and relative error), and the
-     recorded next-token statistics against a plain forward's logits;
+  1. exactness: statistics recorded during generation (static and continuous batching; on CUDA the recording
+     multiplies the model's bfloat16 queries, keys and values with float32 accumulation, `capture._product`)
+     against an eager `output_attentions` recomputation of the same sequences (entropy and varentropy of every
+     recorded row; worst absolute and relative error), and the recorded next-token statistics against a plain
+     forward's logits;
   2. speed: new tokens/s of `attentropy` generation with recording (static and continuous batching) against plain
      transformers sdpa generation of the same number of tokens, at batch 1, 16 and 64;
   3. memory: peak GPU memory of each.
@@ -55,17 +57,21 @@ class Tokenizer:
         return " ".join(map(str, ids))
 
 
-def exactness(model, prompts, new_tokens: int) -> dict:
-    """Recorded statistics against eager attention probabilities of the same full sequences (float32 math on the
-    eager bf16 probabilities)."""
+def exactness(model, prompts, new_tokens: int, mode: str) -> dict:
+    """Recorded statistics (`mode`: static or continuous batching) against eager attention probabilities of the
+    same full sequences (float32 math on the eager bf16 probabilities)."""
     import torch
 
     from attentropy.capture import entropy_varentropy
-    from attentropy.generate import generate
+    from attentropy.generate import generate, generate_continuous
 
     questions = [_question(i, p) for i, p in enumerate(prompts)]
-    gens = generate(model, Tokenizer(), questions, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                    record=True)[0]
+    if mode == "static":
+        gens = generate(model, Tokenizer(), questions, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                        record=True)[0]
+    else:  # greedy to the first stop or the bound: random weights rarely draw the stop token
+        gens = list(generate_continuous(model, Tokenizer(), questions, batch_size=len(questions),
+                                        max_new_tokens=new_tokens))
     worst = {"entropy_abs": 0.0, "entropy_rel": 0.0, "varentropy_abs": 0.0, "logprob_abs": 0.0}
     model.set_attn_implementation("eager")
     try:
@@ -158,13 +164,16 @@ def main() -> int:
     generator = torch.Generator().manual_seed(0)
     for name in models:
         model = build(name, device, dtype)
-        # the shared first token (as a chat template's) so the shared-prefix path runs too
-        prompts = [[1] + torch.randint(3, model.config.vocab_size, (args.prompt - 1,), generator=generator).tolist()
-                   for _ in range(max(args.batches))]
-        worst = exactness(model, prompts[:2], min(args.new_tokens, 32))
-        print(f"\n{name}: recorded vs eager ({str(dtype)[6:]} model, float32 statistics): entropy worst abs "
-              f"{worst['entropy_abs']:.2e} nats (rel {worst['entropy_rel']:.2e}), varentropy worst abs "
-              f"{worst['varentropy_abs']:.2e}, log-prob worst abs {worst['logprob_abs']:.2e}")
+        # a shared first eighth (as a chat template's system prompt) so the shared-prefix path runs too
+        shared = [1] + torch.randint(3, model.config.vocab_size, (args.prompt // 8,), generator=generator).tolist()
+        prompts = [shared + torch.randint(3, model.config.vocab_size, (args.prompt - len(shared),),
+                                          generator=generator).tolist() for _ in range(max(args.batches))]
+        print()
+        for mode in ("static", "continuous"):
+            worst = exactness(model, prompts[:2], min(args.new_tokens, 32), mode)
+            print(f"{name}: recorded ({mode}) vs eager ({str(dtype)[6:]} model, float32 statistics): entropy worst "
+                  f"abs {worst['entropy_abs']:.2e} nats (rel {worst['entropy_rel']:.2e}), varentropy worst abs "
+                  f"{worst['varentropy_abs']:.2e}, log-prob worst abs {worst['logprob_abs']:.2e}")
         print(f"{'batch':>6} {'mode':>20} {'tokens/s':>10} {'vs plain':>9} {'peak GiB':>9}")
         for batch in args.batches:
             plain = None
