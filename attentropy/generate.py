@@ -352,13 +352,16 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
         batch_size = max(1, min(batch_size, (max_batch_tokens - prefix_len) // most_columns(widest)))
     batch_size = min(batch_size, len(questions))
 
-    # the rows' cache holds their own columns, `room` masked ones to start with; the shared prefix is held once
+    # the rows' cache holds their own columns, `room` masked ones to start with; the shared prefix is held once.
+    # Only self-attention layers: a cross-attention layer's cache stays empty (Mllama runs it when it is not)
     cache = growing_cache(model)
-    for layer in cache.layers:
-        if isinstance(layer, _growing_layer_class()):
-            layer.keys_by_dim = True
-            layer.shared = prefix_len
-    _cache_append_masked(cache, model, batch_size, room)
+    if not all(isinstance(cache.layers[i], _growing_layer_class()) for i in layers):
+        raise ValueError("continuous batching needs full-attention layers (this model has sliding-window or other "
+                         "cache layers); use --batching static")
+    for i in layers:
+        cache.layers[i].keys_by_dim = True
+        cache.layers[i].shared = prefix_len
+    _cache_append_masked(cache, model, batch_size, room, layers)
     width = prefix_len + room  # columns in the cache
     mask = torch.zeros(batch_size, width, dtype=torch.long)
     mask[:, :prefix_len] = 1
@@ -399,9 +402,9 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
             n_rest = len(p) - prefix_len
             h = slot_hidden.prefill_row(i) if slot_hidden is not None else {}
             slot = _Slot(q, p, [tokens[i]], -1, (attn[:, i], token_stats[:, i]), h)
-            ready.append((slot, [(keys[i, :, keys.shape[-2] - n_rest:].clone(),
-                                  values[i, :, values.shape[-2] - n_rest:].clone())
-                                 for keys, values in _new_keys_values(one)]))
+            ready.append((slot, [None if kv is None else (kv[0][i, :, kv[0].shape[-2] - n_rest:].clone(),
+                                                          kv[1][i, :, kv[1].shape[-2] - n_rest:].clone())
+                                 for kv in _new_keys_values(one)]))
 
     def start(b: int) -> Generation | None:
         """Put the next question into row b; an answer that ends at its first token is returned instead."""
@@ -415,9 +418,10 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
             return _finish(slot, [], [], tokenizer, stop_set)
         # the prompt's keys/values into row b, right-aligned at the end of the cache; the row's older keys masked
         own = width - prefix_len  # the row's own columns in the cache
-        for layer, (k, v) in zip(cache.layers, keys_values):
-            layer.keys[b, :, own - n_rest:own] = k
-            layer.values[b, :, own - n_rest:own] = v
+        for layer, kv in zip(cache.layers, keys_values):
+            if kv is not None:  # (a cross-attention layer has none)
+                layer.keys[b, :, own - n_rest:own] = kv[0]
+                layer.values[b, :, own - n_rest:own] = kv[1]
         mask[b, prefix_len:] = 0
         mask[b, width - n_rest:] = 1
         recorder.prompt_end[b] = width
@@ -515,23 +519,30 @@ def _prefixed_cache(model, prefix_cache):
                     torch.cat([self.values.expand(batch, -1, -1, -1), value_states], dim=-2))
 
     cache = growing_cache(model)
-    cache.layers = [PrefixedLayer(layer.keys, layer.values) for layer in prefix_cache.layers]
+    cache.layers = [PrefixedLayer(layer.keys, layer.values) if _holds_keys(layer) else DynamicLayer()
+                    for layer in prefix_cache.layers]  # (a cross-attention layer holds none and stays empty)
     return cache
 
 
-def _new_keys_values(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, the keys/values a prefill added: those a `_prefixed_cache` kept, or a plain cache's (no prefix)."""
-    return [layer.new if hasattr(layer, "new") else (layer.keys, layer.values) for layer in cache.layers]
+def _holds_keys(layer) -> bool:
+    return layer.is_initialized and layer.keys.numel() > 0
 
 
-def _cache_append_masked(cache, model, batch: int, columns: int) -> None:
-    """Append `columns` zero key/value columns to every layer of `cache` (the attention mask hides them)."""
+def _new_keys_values(cache) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per layer, the keys/values a prefill added: those a `_prefixed_cache` kept, or a plain cache's (no prefix);
+    None for a layer that did not run (a cross-attention layer without an image)."""
+    return [layer.new if hasattr(layer, "new") else (layer.keys, layer.values) if _holds_keys(layer) else None
+            for layer in cache.layers]
+
+
+def _cache_append_masked(cache, model, batch: int, columns: int, layers: list[int]) -> None:
+    """Append `columns` zero key/value columns to the given layers of `cache` (the attention mask hides them)."""
     config = model.config.get_text_config()
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     zeros = torch.zeros(batch, heads, columns, head_dim, dtype=model.dtype, device=model.device)
-    for layer in cache.layers:
-        layer.update(zeros, zeros)
+    for i in layers:
+        cache.layers[i].update(zeros, zeros)
 
 
 def _live_columns(recorder, b: int, slot: _Slot, prefix_len: int, width: int) -> int:
@@ -558,6 +569,8 @@ def _compact(cache, mask: torch.Tensor, recorder, prefix_len: int, width: int, n
     recorder._mass_keys = None
     own = new_width - prefix_len
     for layer in cache.layers:
+        if not _holds_keys(layer):  # a cross-attention layer
+            continue
         keys = layer.keys.new_zeros(*layer.keys.shape[:2], own, layer.keys.shape[-1])
         values = layer.values.new_zeros(*layer.values.shape[:2], own, layer.values.shape[-1])
         for b, live in lives.items():

@@ -33,6 +33,27 @@ def tiny_llama():
 
 
 @pytest.fixture(scope="session")
+def tiny_mllama():
+    """A tiny random Llama 3.2 Vision (Mllama): 5 text layers, of which 1 and 3 are cross-attention layers (they
+    run only with an image)."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
+                num_key_value_heads=2, cross_attention_layers=[1, 3], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_global_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14, vision_output_dim=32,
+                  intermediate_layers_indices=[0])
+    config = MllamaConfig(text_config=text, vision_config=vision)
+    model = MllamaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    with torch.no_grad():  # open the cross-attention layers' gates (0 at init): a layer that runs changes the output
+        for name, param in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                param.fill_(1.0)
+    return model
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, embedded):
     """A tiny random Llama saved as a local model directory with the embedded model's tokenizer."""
     from transformers import LlamaForCausalLM
@@ -120,3 +141,21 @@ def browser():
     b = webdriver.Chrome(service=Service(driver), options=options)
     yield b
     b.quit()
+
+
+def assert_matches_eager_mllama(model, prompts, completions, results):
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        for p, c, r in zip(prompts, completions, results):
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([p + c[:-1]]), output_attentions=True)
+            # eager returns one attention tensor per layer that ran: the self-attention layers only
+            att = torch.stack([a for a in out.attentions if a is not None], 1)[0].float()
+            assert att.shape[0] == 3 and r.attn.shape[1] == 3
+            rows = att[:, :, len(p) - 1:len(p) - 1 + len(c)].permute(2, 0, 1, 3)
+            h, v = entropy_varentropy(rows.log())
+            np.testing.assert_allclose(r.attn[..., 0], h.numpy(), atol=1e-4)
+            np.testing.assert_allclose(r.attn[..., 1], v.numpy(), atol=1e-4)
+    finally:
+        model.set_attn_implementation(previous)

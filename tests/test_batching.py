@@ -1,11 +1,12 @@
 """Continuous batching: an answer's tokens and statistics do not depend on the rows it shared the batch with.
 Greedy continuous generation gives the same tokens as static batching and the same statistics within float32
-rounding, also across a compaction of the cache, with the 8-shot shared prefix, without any shared prefix, and
-under a memory bound; and it equals an eager recomputation of each sequence alone."""
+rounding, also across a compaction of the cache, with the 8-shot shared prefix, without any shared prefix, under a
+memory bound and on Llama 3.2 Vision's architecture (Mllama: cross-attention layers that must stay empty); and it
+equals an eager recomputation of each sequence alone."""
 
 import numpy as np
 
-from conftest import assert_matches_eager
+from conftest import assert_matches_eager, assert_matches_eager_mllama
 
 import attentropy.generate as generate_module
 from attentropy.capture import HiddenSpec
@@ -102,3 +103,36 @@ def test_max_batch_tokens_bounds_the_prefix_and_rows_times_their_columns(embedde
                 assert rows == {2} and max(prefix + r * (c - prefix) for r, c in shapes) <= bound, shapes
     finally:
         hook.remove()
+
+
+class IdsTokenizer:
+    """Prompts given as ids (`metadata["ids"]`), answers decoded as ids: what generation needs of a tokenizer."""
+
+    pad_token_id, eos_token_id = 0, 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def test_continuous_batching_on_mllama_leaves_cross_attention_layers_out(tiny_mllama, monkeypatch):
+    """Text-only Mllama skips a cross-attention layer only while its cache is empty: continuous batching must not
+    give those layers keys (nor a shared prefix), and records the self-attention layers under their true indices."""
+    monkeypatch.setattr(generate_module, "prompt_ids", lambda tokenizer, q, shots=8: list(q.metadata["ids"]))
+    monkeypatch.setattr(generate_module, "stop_token_ids", lambda model, tokenizer: [2])
+    tails = [[20, 21], [22, 23, 24, 25], [26], [27, 28, 29], [30, 31, 32, 33, 34, 35]]
+    questions = [Question(f"m{i}", "prompts", "", "", metadata={"ids": [1, 5, 9, 11, 13] + t})
+                 for i, t in enumerate(tails)]
+    continuous = {g.question.id: g for g in generate_continuous(tiny_mllama, IdsTokenizer(), questions, batch_size=2,
+                                                                max_new_tokens=10)}
+    static = []
+    for lo in range(0, len(questions), 2):
+        static += generate(tiny_mllama, IdsTokenizer(), questions[lo:lo + 2], max_new_tokens=10, record=True)[0]
+    for s in static:
+        c = continuous[s.question.id]
+        assert c.completion_ids == s.completion_ids
+        for field in ("attn", "logprob", "logit_entropy", "logit_varentropy"):
+            np.testing.assert_allclose(getattr(c.capture, field), getattr(s.capture, field), atol=1e-4, rtol=1e-5,
+                                       err_msg=f"{s.question.id} {field}")
+    some = [continuous["m1"], continuous["m4"]]
+    assert_matches_eager_mllama(tiny_mllama, [g.prompt_ids for g in some], [g.completion_ids for g in some],
+                                [g.capture for g in some])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_matches_eager
+from conftest import assert_matches_eager, assert_matches_eager_mllama
 
 from attentropy.capture import Recorder, capture, entropy_varentropy, recorded_layers, recording
 
@@ -78,39 +78,11 @@ def test_save_maps_returns_the_full_attention_rows(tiny_llama):
     np.testing.assert_allclose(h.numpy().T, r[0].attn[:, 1, :, 0], atol=5e-3)
 
 
-def test_mllama_records_true_layer_indices_and_skips_cross_attention():
-    from transformers import MllamaConfig, MllamaForConditionalGeneration
-
-    torch.manual_seed(0)
-    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
-                num_key_value_heads=2, cross_attention_layers=[1, 3], pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_global_layers=1,
-                  num_attention_heads=2, image_size=28, patch_size=14, vision_output_dim=32,
-                  intermediate_layers_indices=[0])
-    config = MllamaConfig(text_config=text, vision_config=vision)
-    model = MllamaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
-    assert recorded_layers(model) == [0, 2, 4]
+def test_mllama_records_true_layer_indices_and_skips_cross_attention(tiny_mllama):
+    assert recorded_layers(tiny_mllama) == [0, 2, 4]
     prompts, completions = [[1, 5, 9], [1, 4, 6, 7]], [[7, 8, 2], [30, 2]]
-    results = capture(model, prompts, completions)
-    assert_matches_eager_mllama(model, prompts, completions, results)
-
-
-def assert_matches_eager_mllama(model, prompts, completions, results):
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        for p, c, r in zip(prompts, completions, results):
-            with torch.no_grad():
-                out = model(input_ids=torch.tensor([p + c[:-1]]), output_attentions=True)
-            # eager returns one attention tensor per layer that ran: the self-attention layers only
-            att = torch.stack([a for a in out.attentions if a is not None], 1)[0].float()
-            assert att.shape[0] == 3 and r.attn.shape[1] == 3
-            rows = att[:, :, len(p) - 1:len(p) - 1 + len(c)].permute(2, 0, 1, 3)
-            h, v = entropy_varentropy(rows.log())
-            np.testing.assert_allclose(r.attn[..., 0], h.numpy(), atol=1e-4)
-            np.testing.assert_allclose(r.attn[..., 1], v.numpy(), atol=1e-4)
-    finally:
-        model.set_attn_implementation(previous)
+    results = capture(tiny_mllama, prompts, completions)
+    assert_matches_eager_mllama(tiny_mllama, prompts, completions, results)
 
 
 def test_capture_rejects_empty_completion(tiny_llama):
