@@ -495,8 +495,7 @@ def shared_keys_values(prefix_cache) -> dict[int, tuple[torch.Tensor, torch.Tens
     """Per layer index, a prefix cache's keys [Hkv, D, P] and values [Hkv, P, D] in float32 (the recording
     attention's product layouts), for `Recorder.shared_prefix`."""
     return {i: (layer.keys[0].transpose(1, 2).float().contiguous(), layer.values[0].float().contiguous())
-            for i, layer in enumerate(prefix_cache.layers)
-            if isinstance(layer, _growing_layer_class()) and layer.get_seq_length()}
+            for i, layer in enumerate(prefix_cache.layers) if _holds_keys(layer)}
 
 
 def _prefixed_cache(model, prefix_cache):
