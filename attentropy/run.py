@@ -333,7 +333,9 @@ def _live_instrument(probe, out: Path, config: dict):
 
 def summarize(out: str | Path, new_tokens: int = 0, seconds: float = 0.0) -> dict:
     run = load_run(out)
-    entropy = {layer: float(run.attn("entropy", [layer]).mean()) for layer in run.layers} if len(run.tokens) else {}
+    entropy = {}  # layer -> mean over tokens and heads, read a group of layers at a time
+    for group in run.layer_groups() if len(run.tokens) else ():
+        entropy.update(zip(group, run.attn("entropy", group).mean(axis=(0, 2)).tolist()))
     return {
         "run": str(out), "benchmark": run.config["benchmark"], "model": run.config["model"]["name"],
         "questions": len(run.samples), "tokens": len(run.tokens), "new_tokens": new_tokens,

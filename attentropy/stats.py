@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from .store import READ_BYTES
+
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
     """P(X > Y) + P(X = Y) / 2 for X from `positive`, Y from `negative`, along axis 0 (other axes are cells):
@@ -493,15 +495,10 @@ def token_values(run, stat: str, layers: list[int] | None = None) -> np.ndarray:
     return run.attn(stat, layers)
 
 
-READ_BYTES = 256 * 2 ** 20  # analyze_run reads an attention statistic in groups of layers of about this size
-
-
-def layer_groups(layers: list[int], n_tokens: int, n_heads: int, read_bytes: int = READ_BYTES) -> list[list[int]]:
-    """`layers` in consecutive groups whose float32 values over `n_tokens` tokens fit in `read_bytes` (at least
-    one layer a group): the analysis holds one group of one statistic at a time, so its memory does not grow with
-    the number of layers, and by one layer's values with the number of tokens."""
-    per = max(1, read_bytes // max(1, n_tokens * n_heads * 4))
-    return [layers[i:i + per] for i in range(0, len(layers), per)]
+def _join_layer_groups(parts: list[np.ndarray]) -> np.ndarray:
+    """Per-answer values computed one group of layers at a time ([n, layers of the group(, H)] each), joined along
+    the layers; a logit statistic's single [n] array as it is."""
+    return np.concatenate(parts, axis=1) if parts[0].ndim > 1 else parts[0]
 
 
 def concat_comparisons(parts: list[Comparison]) -> Comparison:
@@ -530,7 +527,7 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
     """The three contrasts of the study on a graded run (`attentropy grade` first): answer-level contrasts for
     every statistic per layer x head and per layer (mean over heads) under each aggregation, and, for math,
     the critic's wrong moment vs nearby tokens and after vs before it (token level, position-matched).
-    Attention statistics are read in groups of layers of about `read_bytes` (`layer_groups`): memory holds the
+    Attention statistics are read in groups of layers of about `read_bytes` (`Run.layer_groups`): memory holds the
     run's tokens table, one group's values and the per-answer reductions, whatever the number of layers; the
     results are those of reading everything at once.
     An ungraded run (free prompts, or a benchmark run not graded yet) gets everything that needs no labels: its
@@ -626,8 +623,7 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
         return out
 
     qids, kept_ids = tok.question_id.to_numpy(), kept.question_id
-    groups = [None] if all(stat in LOGIT_STATS for stat in stats) else \
-        layer_groups(layers, len(run.tokens), run.n_heads, read_bytes)
+    groups = [None] if all(stat in LOGIT_STATS for stat in stats) else run.layer_groups(read_bytes)
     tables = []
     layer_means: dict[str, np.ndarray] = {}
     answer_means: dict[str, np.ndarray] = {}
@@ -654,7 +650,7 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
                         token_parts.setdefault((contrast.key, level), []).append(
                             compare_tokens(v[rows], positive, row_qids, n_boot=n_boot, seed=seed + s))
             del values
-        joined = {k: np.concatenate(v, axis=1) if v[0].ndim > 1 else v[0] for k, v in aggregates.items()}
+        joined = {k: _join_layer_groups(v) for k, v in aggregates.items()}
         if per_layer and stat in LAYER_MEAN_STATS:
             layer_means[stat] = np.concatenate(per_layer, axis=1)
         levels = ("head", "layer") if stat not in LOGIT_STATS else ("token",)
@@ -685,8 +681,7 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
                     continue
                 is_incorrect = windows[contrast.key][1]
                 if is_incorrect.sum() >= 2 and (~is_incorrect).sum() >= 2:
-                    parts = differences[(contrast.key, level)]
-                    diffs = np.concatenate(parts, axis=1) if parts[0].ndim > 1 else parts[0]
+                    diffs = _join_layer_groups(differences[(contrast.key, level)])
                     c = compare_answers(diffs, is_incorrect, n_boot=n_boot, seed=seed + s)
                     tables.append(_cells_table(c, layers, level == "head").assign(
                         contrast=contrast.key, stat=stat, aggregation="tokens", level=level,

@@ -46,6 +46,8 @@ import pyarrow.parquet as pq
 from .capture import ATTN_STATS
 from .generate import Generation
 
+READ_BYTES = 256 * 2 ** 20  # `Run.layer_groups`: an attention statistic read in groups of layers of about this size
+
 
 def _replace_atomically(tmp: Path, path: Path) -> None:
     with open(tmp, "rb") as f:
@@ -188,20 +190,24 @@ class Run:
     # part -> (answers kept, tokens kept) where a part holds duplicates of earlier answers (see `load_run`)
     kept_rows: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False, default_factory=dict)
 
+    def _part_rows(self, kind: str, part: str, per: str, read) -> np.ndarray:
+        """`read(path)`'s rows of one part of `kind` (a damaged file named), the rows of duplicate answers left
+        out (`per`: answer or token rows)."""
+        path = self.path / kind / f"{part}.parquet"
+        try:
+            rows = read(path)
+        except (OSError, pa.ArrowException) as e:
+            raise RunDirectoryError(f"{path} is damaged ({e}); {REPAIR}") from None
+        if part in self.kept_rows:
+            rows = rows[self.kept_rows[part][0 if per == "answer" else 1]]
+        return rows
+
     def _column(self, kind: str, column: str, per: str) -> list[np.ndarray]:
-        """One vector column of every part of `kind` (hidden, hidden_tokens), rows [n, vector] per part, the
-        rows of duplicate answers left out (`per`: answer or token rows)."""
-        chunks = []
-        for part in self.parts:
-            path = self.path / kind / f"{part}.parquet"
-            try:
-                rows = _fixed_rows(pq.read_table(path, columns=[column])[column])
-            except (OSError, pa.ArrowException) as e:
-                raise RunDirectoryError(f"{path} is damaged ({e}); {REPAIR}") from None
-            if part in self.kept_rows:
-                rows = rows[self.kept_rows[part][0 if per == "answer" else 1]]
-            chunks.append(rows)
-        return chunks
+        """One vector column of every part of `kind` (hidden, hidden_tokens), rows [n, vector] per part."""
+        def read(path: Path) -> np.ndarray:
+            return _fixed_rows(pq.read_table(path, columns=[column])[column])
+
+        return [self._part_rows(kind, part, per, read) for part in self.parts]
 
     def attn(self, stat: str, layers: list[int] | None = None) -> np.ndarray:
         """float32 array (n_tokens, len(layers), n_heads) of one attention statistic at the given layers (the
@@ -212,27 +218,31 @@ class Run:
         missing = [layer for layer in wanted if layer not in self.layers]
         if missing:
             raise KeyError(f"layers {missing} were not recorded in {self.path} (recorded: {self.layers})")
+
+        def read(path: Path) -> np.ndarray:
+            f = pq.ParquetFile(path)
+            if stat in f.schema_arrow.names:  # written before 0.2: one (layer x head) vector per row
+                rows = _fixed_rows(f.read(columns=[stat])[stat])
+                return rows.reshape(len(rows), len(self.layers), self.n_heads)[
+                    :, [self.layers.index(layer) for layer in wanted]]
+            columns = [attn_column(stat, layer) for layer in wanted]
+            table = f.read(columns=columns)
+            return np.stack([_fixed_rows(table[c]) for c in columns], axis=1)
+
         out = np.empty((len(self.tokens), len(wanted), self.n_heads), np.float32)
         at = 0
         for part in self.parts:
-            path = self.path / "attn" / f"{part}.parquet"
-            try:
-                f = pq.ParquetFile(path)
-                if stat in f.schema_arrow.names:  # written before 0.2: one (layer x head) vector per row
-                    rows = _fixed_rows(f.read(columns=[stat])[stat])
-                    rows = rows.reshape(len(rows), len(self.layers), self.n_heads)[
-                        :, [self.layers.index(layer) for layer in wanted]]
-                else:
-                    columns = [attn_column(stat, layer) for layer in wanted]
-                    table = f.read(columns=columns)
-                    rows = np.stack([_fixed_rows(table[c]) for c in columns], axis=1)
-            except (OSError, pa.ArrowException) as e:
-                raise RunDirectoryError(f"{path} is damaged ({e}); {REPAIR}") from None
-            if part in self.kept_rows:
-                rows = rows[self.kept_rows[part][1]]
+            rows = self._part_rows("attn", part, "token", read)
             out[at:at + len(rows)] = rows
             at += len(rows)
         return out
+
+    def layer_groups(self, read_bytes: int = READ_BYTES) -> list[list[int]]:
+        """The recorded layers in consecutive groups whose float32 values of one attention statistic fit in
+        `read_bytes` (at least one layer a group): reading a statistic group by group holds one group at a time,
+        so memory does not grow with the number of layers, and by one layer's values with the number of tokens."""
+        per = max(1, read_bytes // max(1, len(self.tokens) * self.n_heads * 4))
+        return [self.layers[i:i + per] for i in range(0, len(self.layers), per)]
 
     def hidden(self, kind: str = "answer_mean", layers: list[int] | None = None) -> np.ndarray:
         """float32 (n_answers, len(layers), hidden size), rows aligned with `samples`: the residual stream at the
