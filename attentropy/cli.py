@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--offset", type=int, default=0)
     run.add_argument("--batch-size", type=int, default=16, help="rows decoded at once")
     run.add_argument("--batching", default="continuous", choices=["continuous", "static"],
-                     help="continuous: a row takes the next question as soon as its answer ends (greedy; the same "
-                          "tokens and statistics as static); static: a batch decodes until its longest answer ends "
-                          "(always with --sample)")
+                     help="continuous: a row takes the next question as soon as its answer ends (greedy: the same "
+                          "tokens and statistics as static; --sample: seeded per question); static: a batch decodes "
+                          "until its longest answer ends (--sample: seeded per batch)")
     run.add_argument("--max-batch-tokens", type=int, help="continuous batching: fewer rows where the key/value "
                      "columns held (the shared prefix once, plus rows x a row's own) would exceed this (memory flat "
                      "on long prompts)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy as copy_module
 import functools
+import hashlib
 import re
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -301,6 +302,42 @@ COMPACT_SLACK, COMPACT_FRACTION = 64, 0.125
 PREFILL_GROUP = 8  # prompts prefilled together at least (those without a free row wait, prefilled)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How continuous batching draws each token: greedy (the argmax) unless `do_sample`. Sampling warps the
+    next-token distribution as transformers' `generate` does (its temperature and top-p warpers, in that order),
+    then draws with a random generator of the question's own, seeded by (seed, question id): an answer depends on
+    its question and the seed only, not on its neighbours, the batch size, a resume or the worker it ran on."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def generator(self, question_id: str, device) -> torch.Generator | None:
+        if not self.do_sample:
+            return None
+        digest = hashlib.sha256(f"{self.seed}\0{question_id}".encode()).digest()
+        return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+    @functools.cached_property
+    def warpers(self):
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        return LogitsProcessorList(([TemperatureLogitsWarper(self.temperature)] if self.temperature != 1.0 else [])
+                                   + ([TopPLogitsWarper(self.top_p)] if self.top_p < 1.0 else []))
+
+    def draw(self, logp: torch.Tensor, generators: list) -> torch.Tensor:
+        """Tokens [k] from log-probabilities [k, V], row i with `generators[i]` (None: an idle row, argmax)."""
+        tokens = logp.argmax(-1)
+        if self.do_sample:
+            probs = torch.softmax(self.warpers(None, logp), dim=-1)
+            for i, generator in enumerate(generators):
+                if generator is not None:
+                    tokens[i] = torch.multinomial(probs[i], 1, generator=generator)[0]
+        return tokens
+
+
 @dataclass
 class _Slot:
     """One row of the continuous batch: the answer it is generating."""
@@ -311,14 +348,16 @@ class _Slot:
     first_step: int  # the decode step that feeds completion token 0 (its row predicts token 1)
     first_row: tuple  # completion token 0's statistics from the prompt's own prefill: (attn [L, H, S], token [3])
     hidden: dict  # hidden states: first [n, d], sum [n, d] float64, rows [[n, d] float16]
+    generator: torch.Generator | None  # sampling: the question's own
 
 
 @torch.no_grad()
 def generate_continuous(model, tokenizer, questions: list[Question], *, batch_size: int = 16, shots: int = MATH_SHOTS,
                         max_new_tokens: int = 128, prefix_store: PrefixStore | None = None,
-                        hidden: HiddenSpec = HiddenSpec(), max_batch_tokens: int | None = None):
-    """Greedy recorded generation with continuous batching; yields each `Generation` (with its `capture`) as it
-    ends, in the order answers end. `batch_size` rows decode at once; when an answer ends, its row takes the next
+                        hidden: HiddenSpec = HiddenSpec(), max_batch_tokens: int | None = None,
+                        sampling: Sampling = Sampling()):
+    """Recorded generation with continuous batching, greedy or `sampling`; yields each `Generation` (with its
+    `capture`) as it ends, in the order answers end. `batch_size` rows decode at once; when an answer ends, its row takes the next
     question: that prompt is prefilled alone against the run's shared prefix, and its keys/values are written
     into the row right-aligned at the current end of the cache, the row's older keys masked, so every row keeps
     the layout of static batching ([shared prefix | masked | prompt | answer]). A masked key has p = 0 exactly,
@@ -395,13 +434,14 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
         rec.end_step()
         logp = torch.log_softmax(lm_head(last).float(), dim=-1)  # [k, 1, V]
         rec.record_step_logits(logp)
-        tokens = logp[:, 0].argmax(-1)
+        generators = [sampling.generator(q.id, device) for q, _ in group]
+        tokens = sampling.draw(logp[:, 0], generators)
         rec.record_drawn(tokens[:, None])
         attn, token_stats, tokens = rec.attn_buffer[:, :, :, 0].cpu(), rec.token_stats[:, :, 0].cpu(), tokens.tolist()
         for i, (q, p) in enumerate(group):
             n_rest = len(p) - prefix_len
             h = slot_hidden.prefill_row(i) if slot_hidden is not None else {}
-            slot = _Slot(q, p, [tokens[i]], -1, (attn[:, i], token_stats[:, i]), h)
+            slot = _Slot(q, p, [tokens[i]], -1, (attn[:, i], token_stats[:, i]), h, generators[i])
             ready.append((slot, [None if kv is None else (kv[0][i, :, kv[0].shape[-2] - n_rest:].clone(),
                                                           kv[1][i, :, kv[1].shape[-2] - n_rest:].clone())
                                  for kv in _new_keys_values(one)]))
@@ -451,7 +491,7 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
                 recorder.end_step()
                 logp = torch.log_softmax(lm_head(last).float(), dim=-1)  # [B, 1, V]
                 recorder.record_step_logits(logp)
-                drawn = logp[:, 0].argmax(-1)  # [B]
+                drawn = sampling.draw(logp[:, 0], [None if slot is None else slot.generator for slot in slots])
                 recorder.record_drawn(drawn[:, None])
                 width += 1
                 drawn = drawn.cpu()

@@ -18,8 +18,8 @@ from tqdm import tqdm
 from . import __version__
 from .capture import ATTN_STATS, TOKEN_STATS, HiddenSpec, recorded_layers
 from .data import ARITH_DEFAULT_DIFFICULTY, Question, load_questions
-from .generate import (MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS, PrefixStore, generate, generate_continuous,
-                       protocol_kind)
+from .generate import (MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS, PrefixStore, Sampling, generate,
+                       generate_continuous, protocol_kind)
 from .instrument import answers_from_generations
 from .model import DEFAULT_MODEL, load_model
 from .store import (append_batch, done_question_ids, load_run, read_config, scan_parts, set_aside, write_json,
@@ -57,19 +57,23 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
     `hidden_layers`, `hidden_token_layers`: hidden states kept (`hidden_spec`); default: `auto` and none for a new
     run, the run's own for a resumed one. `raw`: free prompts (`benchmark="prompts"`) continued as plain text,
     without the chat template; a prompt's own `max_new_tokens` bounds its answer (batches hold one bound each).
-    `batching`: continuous (rows refilled as answers end; greedy) or static (`answers_in_batches`);
+    `batching`: continuous (rows refilled as answers end) or static (`answers_in_batches`);
     `max_batch_tokens`: continuous batching decodes fewer rows where the key/value columns held (the shared prefix
     once, plus rows x a row's own columns) would exceed it.
     `ray`: a data-parallel run on Ray (`attentropy.parallel`): "" for a local cluster (or the one RAY_ADDRESS
     names), else a cluster's address; `workers` actors of `gpus_per_worker` GPUs and `cpus_per_worker` CPUs each."""
     out = Path(out)
-    batching = "static" if do_sample else batching  # sampling: static batches only
+    if do_sample and save_attention and batching == "continuous":  # those questions would go through static batches
+        raise ValueError("--save-attention with --sample needs --batching static (continuous batching seeds each "
+                         "question's sampling, static batches each batch's)")
     questions = load_questions(benchmark, data, offset=offset, limit=limit, seed=seed, difficulty=difficulty,
                                raw=raw)
     kind = protocol_kind(benchmark)
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[kind]
     protocol = {"kind": kind, "chat_template": not raw, "max_new_tokens": max_new_tokens,
                 "sampling": {"do_sample": do_sample, "temperature": temperature, "top_p": top_p, "seed": seed}}
+    if do_sample:  # how the seed is used (`answers_in_batches`)
+        protocol["sampling"]["seeded"] = "per question" if batching == "continuous" else "per static batch"
     if kind == "math":
         exemplars = ("arith train split (same seed and difficulty)" if benchmark == "arith"
                      else "first rows of GSM8K train (attentropy/gsm8k_fewshot.jsonl)")
@@ -87,6 +91,9 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
     with writer_lock(out, f"attentropy run --benchmark {benchmark}"):  # one writer per run directory
         config_path = out / "config.json"
         previous = read_config(out) if config_path.exists() else None
+        sampled = ((previous or {}).get("protocol") or {}).get("sampling") or {}
+        if sampled.get("do_sample") and "seeded" not in sampled:  # written before continuous batching could sample
+            sampled["seeded"] = "per static batch"
         if previous is not None:  # a damaged batch (torn copy, full disk) is set aside and generated again
             for damage in scan_parts(out, previous)[1]:
                 where = set_aside(out, damage)
@@ -239,9 +246,11 @@ def answers_in_batches(model, tokenizer, todo: list[Question], *, batching: str,
                        top_p: float, seed: int, prefix_store: PrefixStore, save_attention: set[str],
                        hidden: HiddenSpec):
     """Recorded generations of `todo`, in lists of up to `batch_size` to commit together. `continuous`: rows
-    refilled as answers end (`generate_continuous`, greedy), a list committed each `batch_size` answers that
-    ended; the questions whose full attention rows are kept (`save_attention`) go through static batches.
-    `static`: one batch decodes until its longest answer ends (the only choice with sampling)."""
+    refilled as answers end (`generate_continuous`), a list committed each `batch_size` answers that ended;
+    sampled with a random generator per question seeded by (seed, question id). The questions whose full
+    attention rows are kept (`save_attention`) go through static batches. `static`: one batch decodes until its
+    longest answer ends (transformers' `generate`); sampled with torch's global generator seeded by `seed` plus
+    the batch's offset in `todo`."""
     if batching not in ("continuous", "static"):
         raise ValueError(f"batching must be continuous or static, got {batching!r}")
     static = todo if batching == "static" else [q for q in todo if q.id in save_attention]
@@ -261,7 +270,8 @@ def answers_in_batches(model, tokenizer, todo: list[Question], *, batching: str,
         ended = []
         for g in generate_continuous(model, tokenizer, questions, batch_size=batch_size, shots=shots,
                                      max_new_tokens=limit, prefix_store=prefix_store, hidden=hidden,
-                                     max_batch_tokens=max_batch_tokens):
+                                     max_batch_tokens=max_batch_tokens,
+                                     sampling=Sampling(do_sample, temperature, top_p, seed)):
             ended.append(g)
             if len(ended) == batch_size:
                 yield ended

@@ -2,16 +2,21 @@
 Greedy continuous generation gives the same tokens as static batching and the same statistics within float32
 rounding, also across a compaction of the cache, with the 8-shot shared prefix, without any shared prefix, under a
 memory bound and on Llama 3.2 Vision's architecture (Mllama: cross-attention layers that must stay empty); and it
-equals an eager recomputation of each sequence alone."""
+equals an eager recomputation of each sequence alone. Sampled, an answer depends on its question and the seed only,
+and its tokens follow the warped next-token distribution."""
+
+from dataclasses import replace
 
 import numpy as np
+import torch
+from scipy import stats
 
 from conftest import assert_matches_eager, assert_matches_eager_mllama
 
 import attentropy.generate as generate_module
 from attentropy.capture import HiddenSpec
 from attentropy.data import Question, load_questions
-from attentropy.generate import PrefixStore, generate, generate_continuous
+from attentropy.generate import PrefixStore, Sampling, generate, generate_continuous, prompt_ids
 
 HIDDEN = HiddenSpec(layers=(0, 12, 30), token_layers=(15,))
 FIELDS = ("attn", "logprob", "logit_entropy", "logit_varentropy", "hidden_last_prompt", "hidden_mean")
@@ -136,3 +141,52 @@ def test_continuous_batching_on_mllama_leaves_cross_attention_layers_out(tiny_ml
     some = [continuous["m1"], continuous["m4"]]
     assert_matches_eager_mllama(tiny_mllama, [g.prompt_ids for g in some], [g.completion_ids for g in some],
                                 [g.capture for g in some])
+
+
+def test_sampled_continuous_batching_depends_on_the_question_and_seed_only(embedded):
+    model, tokenizer, _ = embedded
+    questions = load_questions("facts", limit=8)
+    hot = Sampling(do_sample=True, temperature=1.5, top_p=0.95, seed=3)
+
+    def answers(qs, batch_size, sampling=hot):
+        return {g.question.id: g for g in generate_continuous(model, tokenizer, qs, batch_size=batch_size,
+                                                              max_new_tokens=12, sampling=sampling)}
+
+    first = answers(questions, 3)
+    other_rows = answers(questions[::-1], 4)  # other neighbours, order and batch size
+    for qid, g in first.items():
+        assert other_rows[qid].completion_ids == g.completion_ids
+        np.testing.assert_allclose(other_rows[qid].capture.attn, g.capture.attn, atol=1e-4, rtol=1e-5)
+    greedy = answers(questions, 3, Sampling())
+    assert sum(first[q].completion_ids != greedy[q].completion_ids for q in first) >= 4  # it samples
+    reseeded = answers(questions, 3, replace(hot, seed=4))
+    assert sum(reseeded[q].completion_ids != first[q].completion_ids for q in first) >= 4
+    top_only = answers(questions, 3, replace(hot, top_p=0.0))  # top-p 0 keeps the most likely token alone
+    assert all(top_only[q].completion_ids == greedy[q].completion_ids for q in first)
+    some = [first[q.id] for q in questions[:3]]  # the statistics are the raw distribution's, the drawn tokens'
+    assert_matches_eager(model, [g.prompt_ids for g in some], [g.completion_ids for g in some],
+                         [g.capture for g in some], atol=2e-4)
+
+
+def test_sampled_first_tokens_follow_the_warped_distribution(embedded):
+    """400 copies of one question under different ids (so different seeds) draw their first token from softmax(logp
+    / T) restricted to the top-p nucleus: tokens outside it never come, the frequencies fit its probabilities."""
+    model, tokenizer, _ = embedded
+    question = load_questions("facts", limit=1)[0]
+    copies = [replace(question, id=f"copy{i}") for i in range(400)]
+    sampling = Sampling(do_sample=True, temperature=2.0, top_p=0.8, seed=0)
+    drawn = [g.completion_ids[0] for g in generate_continuous(model, tokenizer, copies, batch_size=16,
+                                                              max_new_tokens=1, sampling=sampling)]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids(tokenizer, question)])).logits[0, -1].float()
+    p = torch.softmax(logits / 2.0, -1).double()
+    order = p.argsort(descending=True)
+    nucleus = order[: int((p[order].cumsum(0) < 0.8).sum()) + 1].tolist()  # smallest top set reaching 0.8
+    assert set(drawn) <= set(nucleus) and len(set(drawn)) > 1
+    expected = p[nucleus] / p[nucleus].sum()
+    counts = np.array([drawn.count(t) for t in nucleus])
+    big = (expected * len(drawn) >= 5).numpy()  # the chi-square test's bins: the rare tokens pooled into one
+    observed = np.append(counts[big], counts[~big].sum())
+    wanted = np.append(expected.numpy()[big], expected.numpy()[~big].sum()) * len(drawn)
+    keep = wanted > 0
+    assert stats.chisquare(observed[keep], wanted[keep]).pvalue > 1e-3

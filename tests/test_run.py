@@ -120,6 +120,25 @@ def test_rerun_skips_finished_questions_and_extends(tmp_path, tiny_model_dir):
     assert run_benchmark(out=out, model=tiny_model_dir, **RUN)["new_tokens"] == 0
 
 
+def test_a_sampled_run_holds_the_same_answers_resumed_or_not(tmp_path, tiny_model_dir):
+    """Sampling seeds each question's own generator: a run resumed after 2 questions holds the answers of one that
+    was not (seeded per batch offset, the resumed half would have drawn from other seeds)."""
+    sampled = {**RUN, "do_sample": True, "temperature": 1.5, "seed": 7}
+    run_benchmark(out=tmp_path / "resumed", model=tiny_model_dir, **{**sampled, "limit": 2})
+    run_benchmark(out=tmp_path / "resumed", model=tiny_model_dir, **sampled)
+    run_benchmark(out=tmp_path / "whole", model=tiny_model_dir, **sampled)
+    resumed, whole = (check_run(tmp_path / name, 5).samples.set_index("question_id").completion_ids
+                      for name in ("resumed", "whole"))
+    assert resumed.map(list).to_dict() == whole.map(list).to_dict()
+    greedy = check_run(run_benchmark(out=tmp_path / "greedy", model=tiny_model_dir, **RUN)["run"], 5)
+    assert greedy.samples.set_index("question_id").completion_ids.map(list).to_dict() != whole.map(list).to_dict()
+    with pytest.raises(ValueError, match="different 'protocol'"):  # static batches seed per batch: another run
+        run_benchmark(out=tmp_path / "whole", model=tiny_model_dir, **{**sampled, "batching": "static",
+                                                                        "limit": 6})
+    with pytest.raises(ValueError, match="--save-attention with --sample needs --batching static"):
+        run_benchmark(out=tmp_path / "maps", model=tiny_model_dir, **sampled, save_attention=("facts-00001",))
+
+
 def test_rerun_with_other_settings_is_refused(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     run_benchmark(out=out, model=tiny_model_dir, **{**RUN, "limit": 2})
