@@ -4,12 +4,14 @@ Each round runs, as separate processes (so that each has its own peak memory), `
 `arith` (--arith problems, 256 new tokens at most, as the main job) with `--batching static` and `--batching
 continuous`, alternating which goes first. Prints per run: generation time and tokens/s (as the run reports them)
 and the whole process's wall time, row utilisation (answer tokens / rows decoded: every decode step's batch rows
-plus each prompt's last row, counted by a hook on the decoder), peak RSS; then per benchmark the median over rounds
-of continuous / static (speed, memory), and checks that both runs hold the same answers and statistics (tokens
-identical, largest difference of any recorded statistic). As this machine's reference, each round also times plain
-decoding (transformers' generate with sdpa, no recording, no store) of the first --batch-size facts prompts at
---batch-size, every row forced to 256 new tokens: every row busy and almost no prefill, the most a batch of that
-size decodes per second here; whole runs are printed also as a fraction of it.
+plus each prompt's last row, counted by a hook on the decoder), peak RSS, the decoder's time in decode steps and in
+prompts' forwards; then per benchmark the median over rounds of continuous / static (speed, memory), where a
+continuous run's time goes (decode steps' decoder forwards, lm head, prompts' forwards, the rest) and the rate its
+decode steps alone would give, were prompts, statistics and store free; and checks that both runs hold the same
+answers and statistics (tokens identical, largest difference of any recorded statistic). As this machine's
+reference, each round also times plain decoding (transformers' generate with sdpa, no recording, no store) of the
+first --batch-size facts prompts at --batch-size, every row forced to 256 new tokens: every row busy and almost no
+prefill, the most a batch of that size decodes per second here; whole runs are printed also as a fraction of it.
 
     .venv/bin/python bench/run_throughput.py [--facts 200] [--arith 100] [--rounds 1] [--batch-size 16] [--threads 2]
 """
@@ -33,26 +35,43 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from transformers.models.llama.modeling_llama import LlamaModel  # the embedded model's decoder
+    from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel  # the embedded model's
 
     from attentropy.run import run_benchmark
 
-    rows = [0]
-    original = LlamaModel.forward
+    rows, seconds = [0], {"decode": 0.0, "prompts": 0.0, "lm_head": 0.0}
+    steps = [0]
+    original, output_embeddings = LlamaModel.forward, LlamaForCausalLM.get_output_embeddings
+
+    def timed_head(self):  # continuous batching's lm head calls (static batching's are inside transformers' forward)
+        head = output_embeddings(self)
+
+        def call(hidden):
+            started = time.perf_counter()
+            out = head(hidden)
+            seconds["lm_head"] += time.perf_counter() - started
+            return out
+        return call
+    LlamaForCausalLM.get_output_embeddings = timed_head
 
     def forward(self, *a, **kwargs):  # rows whose query row predicts a token: decode steps', prompts' last rows
         ids = kwargs.get("input_ids")  # (the shared prefix's own forward has neither mask nor positions)
         if ids is not None and (ids.shape[1] == 1 or kwargs.get("position_ids") is not None
                                 or kwargs.get("attention_mask") is not None):
             rows[0] += ids.shape[0]
-        return original(self, *a, **kwargs)
+        started = time.perf_counter()
+        out = original(self, *a, **kwargs)
+        decode = ids is not None and ids.shape[1] == 1
+        seconds["decode" if decode else "prompts"] += time.perf_counter() - started
+        steps[0] += decode
+        return out
     LlamaModel.forward = forward
     started = time.perf_counter()
     limit, extra = (args.facts, []) if args.benchmark == "facts" else (args.arith, ["max_new_tokens"])
     summary = run_benchmark(args.benchmark, args.out, limit=limit, batch_size=args.batch_size,
                             max_new_tokens=256 if extra else None, batching=args.batching, progress=False)
     wall = time.perf_counter() - started
-    print(json.dumps({"wall": wall, "summary": summary, "rows": rows[0],
+    print(json.dumps({"wall": wall, "summary": summary, "rows": rows[0], "steps": steps[0], "seconds": seconds,
                       "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -138,7 +157,10 @@ def main() -> None:
                     results.setdefault(benchmark, {}).setdefault(batching, []).append(m)
                     print(f"round {r + 1} {benchmark:5s} {batching:10s}: {m['tokens']} tokens in {m['gen_s']:.1f} s "
                           f"({m['tokens'] / m['gen_s']:.0f} tok/s generating; process {m['wall']:.1f} s), row "
-                          f"utilisation {m['tokens'] / m['rows']:.1%}, peak RSS {m['max_rss_mb']:.0f} MB", flush=True)
+                          f"utilisation {m['tokens'] / m['rows']:.1%}, peak RSS {m['max_rss_mb']:.0f} MB; decoder "
+                          f"forwards: {m['steps']} decode steps {m['seconds']['decode']:.1f} s "
+                          f"({1e3 * m['seconds']['decode'] / max(1, m['steps']):.0f} ms each), prompts "
+                          f"{m['seconds']['prompts']:.1f} s", flush=True)
                 print(f"         {benchmark}: " + same_content(Path(tmp) / f"{benchmark}-static-{r}",
                                                              Path(tmp) / f"{benchmark}-continuous-{r}"), flush=True)
     for benchmark, by in results.items():
@@ -153,6 +175,18 @@ def main() -> None:
               f"({statistics.median(of_plain):.2f}x plain decoding's {statistics.median(plain):.0f}); row utilisation "
               f"{statistics.median(util):.1%} (static {statistics.median(util_static):.1%}); peak RSS "
               f"{statistics.median(memory):.2f}x static")
+        # where a continuous run's generation time goes, and the rate of its decode steps alone
+        runs = by["continuous"]
+        step_ms = [1e3 * (c["seconds"]["decode"] + c["seconds"]["lm_head"]) / c["steps"] for c in runs]
+        share = {part: statistics.median(c["seconds"][part] / c["gen_s"] for c in runs)
+                 for part in ("decode", "lm_head", "prompts")}
+        decode_only = [c["tokens"] / (c["seconds"]["decode"] + c["seconds"]["lm_head"]) for c in runs]
+        print(f"    {benchmark} continuous, generation time: decode steps' decoder forwards {share['decode']:.0%}, "
+              f"lm head {share['lm_head']:.0%} (a step {statistics.median(step_ms):.0f} ms with both; a whole step of "
+              f"plain decoding {statistics.median(1e3 * args.batch_size / x for x in plain):.0f} ms), prompts' "
+              f"forwards {share['prompts']:.0%}, the rest (next-token statistics, bookkeeping, store) "
+              f"{1 - sum(share.values()):.0%}; its decode steps alone, with nothing else costing time, would give "
+              f"{statistics.median(decode_only):.0f} tok/s")
 
 
 if __name__ == "__main__":
