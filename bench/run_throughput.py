@@ -14,6 +14,7 @@ first --batch-size facts prompts at --batch-size, every row forced to 256 new to
 prefill, the most a batch of that size decodes per second here; whole runs are printed also as a fraction of it.
 
     .venv/bin/python bench/run_throughput.py [--facts 200] [--arith 100] [--rounds 1] [--batch-size 16] [--threads 2]
+                                             [--sample]
 """
 
 from __future__ import annotations
@@ -43,15 +44,16 @@ def child(args) -> None:
     steps = [0]
     original, output_embeddings = LlamaModel.forward, LlamaForCausalLM.get_output_embeddings
 
-    def timed_head(self):  # continuous batching's lm head calls (static batching's are inside transformers' forward)
-        head = output_embeddings(self)
+    clock = [0.0]
 
-        def call(hidden):
-            started = time.perf_counter()
-            out = head(hidden)
-            seconds["lm_head"] += time.perf_counter() - started
-            return out
-        return call
+    def timed_head(self):  # the lm head, timed by hooks put on it the first time it is asked for
+        head = output_embeddings(self)
+        if not hasattr(head, "_timed"):
+            head._timed = True
+            head.register_forward_pre_hook(lambda *_: clock.__setitem__(0, time.perf_counter()))
+            head.register_forward_hook(
+                lambda *_: seconds.__setitem__("lm_head", seconds["lm_head"] + time.perf_counter() - clock[0]))
+        return head
     LlamaForCausalLM.get_output_embeddings = timed_head
 
     def forward(self, *a, **kwargs):  # rows whose query row predicts a token: decode steps', prompts' last rows
@@ -69,7 +71,8 @@ def child(args) -> None:
     started = time.perf_counter()
     limit, extra = (args.facts, []) if args.benchmark == "facts" else (args.arith, ["max_new_tokens"])
     summary = run_benchmark(args.benchmark, args.out, limit=limit, batch_size=args.batch_size,
-                            max_new_tokens=256 if extra else None, batching=args.batching, progress=False)
+                            max_new_tokens=256 if extra else None, batching=args.batching, progress=False,
+                            do_sample=args.sample, temperature=0.7 if args.sample else 1.0)
     wall = time.perf_counter() - started
     print(json.dumps({"wall": wall, "summary": summary, "rows": rows[0], "steps": steps[0], "seconds": seconds,
                       "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -96,7 +99,7 @@ def plain_child(args) -> None:
 def run_child(benchmark: str, batching: str, out: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--child", "--benchmark", benchmark, "--batching", batching, "--out", str(out),
            "--facts", str(args.facts), "--arith", str(args.arith), "--batch-size", str(args.batch_size),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads)] + (["--sample"] if args.sample else [])
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -132,6 +135,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sample", action="store_true", help="sampled runs (temperature 0.7): the speed only, "
+                        "their draws differ by design (static batches seed per batch, continuous per question)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--benchmark", help=argparse.SUPPRESS)
     parser.add_argument("--batching", help=argparse.SUPPRESS)
@@ -161,6 +166,8 @@ def main() -> None:
                           f"forwards: {m['steps']} decode steps {m['seconds']['decode']:.1f} s "
                           f"({1e3 * m['seconds']['decode'] / max(1, m['steps']):.0f} ms each), prompts "
                           f"{m['seconds']['prompts']:.1f} s", flush=True)
+                if args.sample:  # static batches seed per batch, continuous per question: other draws
+                    continue
                 print(f"         {benchmark}: " + same_content(Path(tmp) / f"{benchmark}-static-{r}",
                                                              Path(tmp) / f"{benchmark}-continuous-{r}"), flush=True)
     for benchmark, by in results.items():
