@@ -5,7 +5,7 @@ Each round runs, as separate processes (so that each has its own peak memory), `
 continuous`, alternating which goes first. Prints per run: generation time and tokens/s (as the run reports them)
 and the whole process's wall time, row utilisation (answer tokens / rows decoded: every decode step's batch rows
 plus each prompt's last row, counted by a hook on the decoder), peak RSS, the decoder's time in decode steps and in
-prompts' forwards; then per benchmark the median over rounds of continuous / static (speed, memory), where a
+prompts' forwards; then per benchmark the median over rounds of continuous / static (tokens/s, memory), where a
 continuous run's time goes (decode steps' decoder forwards, lm head, prompts' forwards, the rest) and the rate its
 decode steps alone would give, were prompts, statistics and store free; and checks that both runs hold the same
 answers and statistics (tokens identical, largest difference of any recorded statistic). As this machine's
@@ -171,7 +171,9 @@ def main() -> None:
                 print(f"         {benchmark}: " + same_content(Path(tmp) / f"{benchmark}-static-{r}",
                                                              Path(tmp) / f"{benchmark}-continuous-{r}"), flush=True)
     for benchmark, by in results.items():
-        speed = [s["gen_s"] / c["gen_s"] for s, c in zip(by["static"], by["continuous"])]
+        # tokens/s against tokens/s (sampled runs' answers differ, and so do their lengths)
+        speed = [(c["tokens"] / c["gen_s"]) / (s["tokens"] / s["gen_s"])
+                 for s, c in zip(by["static"], by["continuous"])]
         memory = [c["max_rss_mb"] / s["max_rss_mb"] for s, c in zip(by["static"], by["continuous"])]
         util = [c["tokens"] / c["rows"] for c in by["continuous"]]
         util_static = [s["tokens"] / s["rows"] for s in by["static"]]
