@@ -367,10 +367,10 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
                         hidden: HiddenSpec = HiddenSpec(), max_batch_tokens: int | None = None,
                         sampling: Sampling = Sampling()):
     """Recorded generation with continuous batching, greedy or `sampling`; yields each `Generation` (with its
-    `capture`) as it ends, in the order answers end. `batch_size` rows decode at once; when an answer ends, its row takes the next
-    question: that prompt is prefilled alone against the run's shared prefix, and its keys/values are written
-    into the row right-aligned at the current end of the cache, the row's older keys masked, so every row keeps
-    the layout of static batching ([shared prefix | masked | prompt | answer]). A masked key has p = 0 exactly,
+    `capture`) as it ends, in the order answers end. `batch_size` rows decode at once; when an answer ends, its row
+    takes the next question: that prompt is prefilled alone against the run's shared prefix, and its keys/values are
+    written into the row right-aligned at the current end of the cache, the row's older keys masked, so every row
+    keeps the layout of static batching ([shared prefix | masked | prompt | answer]). A masked key has p = 0 exactly,
     so an answer's tokens and statistics do not depend on its neighbours (as with static batching's padding).
     The shared prefix's keys/values are held once, not per row: a decode step's attention reads them once for all
     rows (`capture.attentropy_attention`, `Recorder.shared_prefix`), where a per-row copy made every step read
