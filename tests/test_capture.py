@@ -1,4 +1,5 @@
-"""capture() against recomputation from eager attention weights, on a tiny random Llama and a tiny Mllama."""
+"""capture() against recomputation from eager attention weights, on a tiny random Llama and a tiny Mllama; the CUDA
+half-precision branch of the recording attention, for shapes and dtypes, on meta tensors."""
 
 import numpy as np
 import pytest
@@ -88,3 +89,38 @@ def test_mllama_records_true_layer_indices_and_skips_cross_attention(tiny_mllama
 def test_capture_rejects_empty_completion(tiny_llama):
     with pytest.raises(ValueError, match="non-empty"):
         capture(tiny_llama, [[1, 2]], [[]])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("prefix", [0, 3])
+def test_the_cuda_half_precision_path_keeps_shapes_and_dtypes(monkeypatch, dtype, prefix):
+    """The CUDA branch (half-precision queries, keys and values multiplied with float32 accumulation and output,
+    `torch.bmm(..., out_dtype=torch.float32)`) cannot run without a GPU; on meta tensors, which carry shapes and
+    dtypes but no data, every operation of a decode step's recording attention (and of a shared prefix's products)
+    is checked for shape and dtype: statistics in float32, the output in the model's dtype. Its numbers are
+    `bench/gpu_check.py`'s to measure."""
+    from types import SimpleNamespace
+
+    import attentropy.capture as capture_module
+
+    monkeypatch.setattr(capture_module, "_half_on_cuda", lambda x: x.dtype in (torch.bfloat16, torch.float16))
+    batch, heads, kv_heads, dim, own = 2, 4, 2, 8, 5
+    meta = dict(device="meta", dtype=dtype)
+    recorder = Recorder(torch.ones(batch, 2, dtype=torch.long), all_rows=False, max_rows=4, layers=[0], ring=True)
+    recorder.prompt_end = torch.zeros(batch, dtype=torch.long)
+    if prefix:  # the shared prefix as continuous batching holds it, float32 (`generate.shared_keys_values`)
+        recorder.shared_prefix = {0: (torch.empty(kv_heads, dim, prefix, device="meta"),
+                                      torch.empty(kv_heads, prefix, dim, device="meta"))}
+    module = SimpleNamespace(is_causal=True, training=False, layer_idx=0)
+    keys = torch.empty(batch, kv_heads, dim, own + 3, **meta).transpose(2, 3)[:, :, :own]  # `keys_by_dim` layout
+    products, product = [], capture_module._product
+    monkeypatch.setattr(capture_module, "_product", lambda a, b: products.append(product(a, b)) or products[-1])
+    monkeypatch.setattr(capture_module, "_RECORDER", recorder)
+    output, _ = capture_module.attentropy_attention(
+        module, torch.empty(batch, heads, 1, dim, **meta), keys, torch.empty(batch, kv_heads, own, dim, **meta),
+        torch.empty(batch, 1, 1, prefix + own, **meta), scaling=dim ** -0.5)
+    recorder.end_step()
+    assert output.shape == (batch, 1, heads, dim) and output.dtype == dtype
+    assert recorder.attn_buffer.dtype == torch.float32 and recorder.attn_buffer.shape[:4] == (1, batch, heads, 4)
+    # scores and output against the rows' own keys (and the prefix's), all accumulated and returned in float32
+    assert len(products) == (4 if prefix else 2) and {p.dtype for p in products} == {torch.float32}
