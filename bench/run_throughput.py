@@ -36,15 +36,13 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel  # the embedded model's
+    from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel  # the embedded model's classes
 
     from attentropy.run import run_benchmark
 
-    rows, seconds = [0], {"decode": 0.0, "prompts": 0.0, "lm_head": 0.0}
-    steps = [0]
+    rows, steps, clock = [0], [0], [0.0]
+    seconds = {"decode": 0.0, "prompts": 0.0, "lm_head": 0.0}
     original, output_embeddings = LlamaModel.forward, LlamaForCausalLM.get_output_embeddings
-
-    clock = [0.0]
 
     def timed_head(self):  # the lm head, timed by hooks put on it the first time it is asked for
         head = output_embeddings(self)
