@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .schema import TOKEN_STATS
+
 ATTN_IMPLEMENTATION = "attentropy"
-ATTN_STATS = ("entropy", "varentropy", "sink_mass", "prompt_mass", "diag_mass", "prev_mass")
-TOKEN_STATS = ("logprob", "logit_entropy", "logit_varentropy")
 
 
 def entropy_varentropy(logp: torch.Tensor | None = None, *, p: torch.Tensor | None = None

@@ -25,6 +25,28 @@ MATH = ("gsm8k", "arith")
 FREE = "prompts"
 
 
+def protocol_kind(benchmark: str) -> str:
+    """The protocol (and the instrument's task) of a benchmark: factual, math or free."""
+    if benchmark in FACTUAL:
+        return "factual"
+    if benchmark in MATH:
+        return "math"
+    if benchmark == FREE:
+        return "free"
+    raise ValueError(f"unknown benchmark {benchmark!r}")
+
+
+def question_kind(benchmark: str, metadata: dict) -> str:
+    """The stratum of a question: facts' question kind, SimpleQA's topic, arith's number of steps."""
+    if benchmark == "facts":
+        return str(metadata.get("kind", "facts"))
+    if benchmark == "simpleqa":
+        return str(metadata.get("topic", "simpleqa"))
+    if benchmark == "arith":
+        return f"{metadata.get('steps', '?')} steps"
+    return benchmark
+
+
 class DataError(ValueError):
     """A benchmark file that does not have the published format."""
 

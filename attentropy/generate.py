@@ -14,7 +14,7 @@ import torch
 
 from .capture import (Capture, HiddenSpec, PromptCache, common_prefix_len, positions, prompt_layout,
                       recording_generation)
-from .data import FACTUAL, FREE, MATH, Question, fewshot_exemplars
+from .data import Question, fewshot_exemplars, protocol_kind
 
 # Meta's published Llama 3.2 GSM8K protocol: this user turn, 8 worked exemplars as earlier chat turns,
 # every answer ending "The final answer is N", up to 1024 new tokens.
@@ -24,16 +24,6 @@ MATH_USER_TEMPLATE = (
 )
 MATH_SHOTS = 8
 MAX_NEW_TOKENS = {"factual": 128, "math": 1024, "free": 256}
-
-
-def protocol_kind(benchmark: str) -> str:
-    if benchmark in FACTUAL:
-        return "factual"
-    if benchmark in MATH:
-        return "math"
-    if benchmark == FREE:
-        return "free"
-    raise ValueError(f"unknown benchmark {benchmark!r}")
 
 
 def exemplar_answer(reference: str) -> str:

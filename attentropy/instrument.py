@@ -32,9 +32,8 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .data import FACTUAL, MATH
+from .data import FREE, MATH, protocol_kind, question_kind
 
-TASKS = {"factual": FACTUAL, "math": MATH}
 ATTN_FEATURES = ("entropy_norm", "varentropy_norm", "sink_mass", "prompt_mass", "diag_mass", "prev_mass")
 TOKEN_LOGIT = ("logprob", "logit_entropy", "logit_varentropy")
 FORMAT = "attentropy-instrument/1"
@@ -47,24 +46,6 @@ PREFIX_LENGTHS = (1, 2, 4, 8, 16, 32)
 
 class InstrumentError(ValueError):
     """A probe that does not fit the runs or the model it is applied to."""
-
-
-def task_of(benchmark: str) -> str:
-    for task, benchmarks in TASKS.items():
-        if benchmark in benchmarks:
-            return task
-    raise InstrumentError(f"no instrument task for benchmark {benchmark!r}")
-
-
-def question_kind(benchmark: str, metadata: dict) -> str:
-    """The stratum of a question: facts' question kind, SimpleQA's topic, arith's number of steps."""
-    if benchmark == "facts":
-        return str(metadata.get("kind", "facts"))
-    if benchmark == "simpleqa":
-        return str(metadata.get("topic", "simpleqa"))
-    if benchmark == "arith":
-        return f"{metadata.get('steps', '?')} steps"
-    return benchmark
 
 
 # ---------------------------------------------------------------- answers and their per-token statistics
@@ -105,6 +86,12 @@ class Answers:
                        self.hidden_token_layers)
 
 
+def _task(benchmark: str) -> str:
+    if benchmark == FREE:
+        raise InstrumentError(f"no instrument task for benchmark {benchmark!r}: free prompts are never graded")
+    return protocol_kind(benchmark)
+
+
 def normalised_attention(stat_arrays: dict[str, np.ndarray], n_keys: np.ndarray) -> dict[str, np.ndarray]:
     """ATTN_FEATURES from the stored statistics: entropy / ln K and varentropy / (ln K)^2 (the maximal entropy of K
     keys is ln K and the maximal varentropy grows like (ln K)^2, so raw values rise with position), masses as
@@ -119,7 +106,7 @@ def load_answers(run_dirs: list[str | Path], *, require_labels: bool = True, ski
                  ) -> tuple[Answers, list[dict], dict]:
     """The answers of graded runs of one model, one description per run (path, fingerprint, benchmark, labels)
     and the model's identity (`model_identity`). `skip_damaged`: read the intact batches of a damaged run."""
-    from .capture import ATTN_STATS
+    from .schema import ATTN_STATS
     from .store import load_run
 
     parts, infos = [], []
@@ -167,7 +154,7 @@ def _answers_of(samples: pd.DataFrame, tokens: pd.DataFrame, stat_arrays: dict[s
     labels = s["label"] if "label" in s else pd.Series(["ungraded"] * len(s))
     n_tokens = tokens.groupby("question_id", sort=False).size().loc[order].to_numpy()
     answers = pd.DataFrame({
-        "run": run_name, "benchmark": s.benchmark.to_numpy(), "task": [task_of(b) for b in s.benchmark],
+        "run": run_name, "benchmark": s.benchmark.to_numpy(), "task": [_task(b) for b in s.benchmark],
         "question_id": s.question_id.to_numpy(), "group": (s.benchmark + "\n" + s.question).to_numpy(),
         "kind": [question_kind(b, m) for b, m in zip(s.benchmark, s.metadata)], "label": labels.to_numpy(),
         "y": np.select([labels == "correct", labels == "incorrect"], [1, 0], -1), "n_tokens": n_tokens,
@@ -216,7 +203,7 @@ def concat_answers(parts: list[Answers]) -> Answers:
 def answers_from_generations(generations, layers: list[int], n_heads: int, attn_dtype: str = "float32") -> Answers:
     """Unlabelled answers of freshly generated (recorded) generations: what `attentropy run --probe` scores. The
     statistics are rounded to the run's storage type first, so live scores equal scores of the stored run."""
-    from .capture import ATTN_STATS
+    from .schema import ATTN_STATS
 
     rows = []
     for g in generations:
@@ -1195,7 +1182,7 @@ def up_to_date(out: str | Path, infos: list[dict], n_boot: int, seed: int, trans
     """Whether `out` holds an instrument fitted by this version on the same runs (fingerprints, labels) with the
     same settings."""
     from . import __version__
-    from .run import git_commit
+    from .provenance import git_commit
 
     try:
         meta = json.loads((Path(out) / "probe.json").read_text())
@@ -1214,10 +1201,8 @@ def fit_instrument(run_dirs: list[str | Path], out: str | Path, *, transfer: lis
                    progress: bool = True) -> Path:
     """`attentropy fit`: evaluate every method by question-grouped cross-validation on the graded runs, fit the
     instrument on all of them and write the instrument directory `out`."""
-    import importlib.metadata
-
     from . import __version__
-    from .run import git_commit
+    from .provenance import git_commit, package_versions
     from .store import _write_parquet, write_json
 
     def say(msg):
@@ -1233,7 +1218,7 @@ def fit_instrument(run_dirs: list[str | Path], out: str | Path, *, transfer: lis
         return Path(out)
     by_task: dict[str, list] = {}
     for run_dir, run in zip(run_dirs, runs):
-        by_task.setdefault(task_of(run.config["benchmark"]), []).append(run_dir)
+        by_task.setdefault(protocol_kind(run.config["benchmark"]), []).append(run_dir)
     del runs
     transfer_answers = [load_answers([path], skip_damaged=skip_damaged) for path in transfer]
     evaluations, answer_predictions, token_predictions, summaries = [], [], [], {}
@@ -1269,7 +1254,7 @@ def fit_instrument(run_dirs: list[str | Path], out: str | Path, *, transfer: lis
     if not answer_models:
         raise InstrumentError("no task has at least 2 correct and 2 incorrect answers: nothing to fit")
     evaluation = pd.concat(evaluations, ignore_index=True)
-    packages = {p: importlib.metadata.version(p) for p in ("numpy", "scikit-learn", "pandas", "pyarrow")}
+    packages = package_versions(("numpy", "scikit-learn", "pandas", "pyarrow"))
     layers, n_heads = identity["layers"], identity["n_heads"]
     meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "attentropy_version": __version__,
             "git_commit": git_commit(), "packages": packages, "training_runs": infos,
@@ -1306,7 +1291,7 @@ def score_run(instrument: Instrument, run_dir: str | Path, skip_damaged: bool = 
     samples.answer_confidence). Returns the scores."""
     import pyarrow.parquet as pq
 
-    from .capture import ATTN_STATS
+    from .schema import ATTN_STATS
     from .store import load_run, write_confidence, write_json
 
     run = load_run(run_dir, skip_damaged=skip_damaged)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import platform
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,27 +14,20 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .capture import ATTN_STATS, TOKEN_STATS, HiddenSpec, recorded_layers
-from .data import ARITH_DEFAULT_DIFFICULTY, Question, load_questions
+from .capture import HiddenSpec, recorded_layers
+from .data import ARITH_DEFAULT_DIFFICULTY, Question, load_questions, protocol_kind
 from .generate import (MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS, PrefixStore, Sampling, generate,
-                       generate_continuous, protocol_kind)
+                       generate_continuous)
 from .instrument import answers_from_generations
 from .model import DEFAULT_MODEL, load_model
+from .provenance import git_commit, package_versions
+from .schema import ATTN_STATS, TOKEN_STATS
 from .store import (append_batch, done_question_ids, load_run, read_config, scan_parts, set_aside, write_json,
                     writer_lock)
 
 PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "gguf", "numpy", "pandas", "pyarrow")
 # Settings that change what a stored token means: a rerun into the same directory must repeat them.
 IDENTITY_KEYS = ("model", "benchmark", "data", "protocol", "capture")
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except OSError:
-        return None
 
 
 def _file_sha256(path) -> str:
@@ -198,7 +189,7 @@ def model_config(mdl, info, *, benchmark: str, data_info: dict, protocol: dict, 
                     "n_kv_heads": getattr(text_config, "num_key_value_heads", text_config.num_attention_heads),
                     "attn_stats": list(ATTN_STATS), "token_stats": list(TOKEN_STATS), "attn_dtype": attn_dtype,
                     "row_convention": "completion token t <- query row len(prompt)-1+t", "units": "nats"},
-        "packages": {p: importlib.metadata.version(p) for p in PACKAGES},
+        "packages": package_versions(PACKAGES),
     }
     if hidden:
         config["capture"]["hidden"] = {

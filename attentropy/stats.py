@@ -382,7 +382,7 @@ CONTROLS = {"none": "raw: as computed",
 
 def answer_strata(kept: pd.DataFrame, benchmark: str) -> np.ndarray | None:
     """The stratum of each answer for the stratified control, or None when the benchmark has no kinds."""
-    from .instrument import question_kind
+    from .data import question_kind
 
     if benchmark == "gsm8k":
         return None
@@ -532,7 +532,7 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
     results are those of reading everything at once.
     An ungraded run (free prompts, or a benchmark run not graded yet) gets everything that needs no labels: its
     answers form one group, `ungraded`, with profiles and per-token values, and no contrasts (`graded` False)."""
-    from .capture import ATTN_STATS
+    from .schema import ATTN_STATS
     from .data import FACTUAL
 
     samples, tokens = run.samples, run.tokens

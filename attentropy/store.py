@@ -37,14 +37,17 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .capture import ATTN_STATS
-from .generate import Generation
+from .schema import ATTN_STATS
+
+if TYPE_CHECKING:  # a type only: reading a run imports no torch
+    from .generate import Generation
 
 READ_BYTES = 256 * 2 ** 20  # `Run.layer_groups`: an attention statistic read in groups of layers of about this size
 

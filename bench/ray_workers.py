@@ -25,7 +25,7 @@ def compare(a: Path, b: Path) -> str:
     import numpy as np
 
     from attentropy import load_run
-    from attentropy.capture import ATTN_STATS
+    from attentropy.schema import ATTN_STATS
 
     one, other = load_run(a), load_run(b)
     if not (one.samples.question_id.is_unique and other.samples.question_id.is_unique):

@@ -49,7 +49,8 @@ def write_run(path: Path, n_answers: int, mean_tokens: int, seed: int = 0) -> di
     import pandas as pd
     import pyarrow as pa
 
-    from attentropy.capture import ATTN_STATS, Capture
+    from attentropy.capture import Capture
+    from attentropy.schema import ATTN_STATS
     from attentropy.data import Question
     from attentropy.generate import Generation
     from attentropy.store import _write_parquet, append_batch, write_json

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from attentropy.capture import ATTN_STATS, Capture
+from attentropy.capture import Capture
+from attentropy.schema import ATTN_STATS
 from attentropy.data import Question
 from attentropy.generate import Generation
 from attentropy.store import _write_parquet, append_batch, write_json

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from attentropy import load_run
-from attentropy.capture import ATTN_STATS
+from attentropy.schema import ATTN_STATS
 from attentropy.parallel import actor_name
 from attentropy.run import run_benchmark
 

@@ -14,7 +14,7 @@ import pytest
 
 from attentropy import load_run
 from attentropy import store as store_module
-from attentropy.capture import ATTN_STATS
+from attentropy.schema import ATTN_STATS
 from attentropy.run import run_benchmark
 
 RUN = dict(benchmark="facts", limit=5, batch_size=2, max_new_tokens=6, progress=False)
