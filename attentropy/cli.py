@@ -66,7 +66,8 @@ def _fit(args) -> None:
 
 
 def _score(args) -> None:
-    from .instrument import load_instrument, score_run, score_text
+    from .instrument import load_instrument
+    from .scoring import score_run, score_text
 
     instrument = load_instrument(args.probe)
     if args.model is None:

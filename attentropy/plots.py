@@ -290,7 +290,7 @@ def coverage_curves(predictions: pd.DataFrame, methods: list[str], out: Path, st
     """Selective answering: SimpleQA's F-score and correct given attempted against coverage (the share of answers
     given) as the abstention threshold sweeps the out-of-fold confidences; crosses: the thresholds chosen on
     training folds, applied to held-out folds."""
-    from .instrument import coverage_curve
+    from .selective import coverage_curve
 
     graded = predictions[predictions.label != "unparsed"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained")

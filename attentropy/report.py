@@ -334,7 +334,7 @@ def attach_out_of_fold_confidence(a: Analysis, probe: str | Path, run) -> None:
     instrument itself would be in-sample); other runs keep what `attentropy score` stored, if anything."""
     import pandas as pd
 
-    from .instrument import run_info
+    from .answers import run_info
 
     fingerprint = run_info(run)["fingerprint"]
     oof = pd.read_parquet(Path(probe) / "token_predictions.parquet")
@@ -364,7 +364,8 @@ def instrument_section(probe: Path, fig_dir: Path) -> str:
     in and out of distribution, selective answering, prefix and token confidence, with figures."""
     import pandas as pd
 
-    from .instrument import TOKEN_COMPARISON_TITLES, load_instrument
+    from .instrument import load_instrument
+    from .token_comparisons import TOKEN_COMPARISON_TITLES
 
     esc = html.escape
     inst = load_instrument(probe)
@@ -427,7 +428,8 @@ def instrument_section(probe: Path, fig_dir: Path) -> str:
                              ["kind", "correct / incorrect", "instrument (within)", f"{best_logit} (within)",
                               "kind + logit (within)", "instrument (kind left out)", f"{best_logit} (kind left out)"],
                              ktable))
-        shown = ["instrument", "attention", best_logit, "kind_logit", "lookback_lens"]
+        shown = [m for m in ("instrument", "attention", best_logit, "kind_logit", "lookback_lens")
+                 if f"confidence:{m}" in task_preds]
         out = fig_dir / task
         figs = [("ROC curves, out of fold", plots.roc_curves(task_preds, shown, out, "roc",
                                                              f"{task}: ROC, out of fold")),
@@ -491,16 +493,17 @@ def instrument_section(probe: Path, fig_dir: Path) -> str:
 def instrument_findings(rows, summary: dict) -> list[str]:
     """Plain sentences on one task's evaluation: in distribution against the strongest baseline and control,
     within and across question kinds, the shuffled-label control, selective answering."""
-    from .instrument import LOGIT_BASELINES, MIN_TO_CONCLUDE, NOT_COMPETITORS
+    from .detectors import PRIMARY, cheap, is_competitor, of_family
+    from .evaluation import MIN_PER_CLASS_TO_CONCLUDE as MIN_PER_CLASS
 
     auc = rows.query("evaluation == 'in_distribution' and metric == 'auroc'").set_index("method")
     gain = rows.query("evaluation == 'in_distribution' and metric == 'auroc_gain_of_instrument'").set_index("method")
-    lines = [f"In distribution the instrument's AUROC is {_cell(auc.loc['instrument'])}; attention alone "
-             f"{_cell(auc.loc['attention'])}."]
+    lines = [f"In distribution the instrument's AUROC is {_cell(auc.loc[PRIMARY])}"
+             + (f"; attention alone {_cell(auc.loc['attention'])}." if "attention" in auc.index else ".")]
     for label, pool in (("the strongest of the logit, kind and length baselines and their combination",
-                         [*LOGIT_BASELINES, "length", "kind", "kind_logit"]),
+                         cheap(auc.index)),
                         ("the strongest of all baselines and controls (published attention detectors included)",
-                         [m for m in auc.index if m not in NOT_COMPETITORS])):
+                         [m for m in auc.index if is_competitor(m)])):
         best = auc.loc[[m for m in pool if m in auc.index]].value.idxmax()
         g = gain.loc[best]
         verdict = ("above it, the paired interval above 0" if g.lo > 0 else
@@ -514,35 +517,36 @@ def instrument_findings(rows, summary: dict) -> list[str]:
                      f"Against the residual stream: the hidden-state probe {_cell(auc.loc['hidden'])}.")
     strat = rows.query("evaluation == 'stratified' and metric == 'auroc'").set_index("method")
     if len(strat):
-        sbest = strat.drop(index=list(NOT_COMPETITORS), errors="ignore").value.idxmax()
+        sbest = strat.loc[[m for m in strat.index if is_competitor(m)]].value.idxmax()
         lines.append(f"Pairs within a question kind only (the kind cannot help): instrument "
-                     f"{_cell(strat.loc['instrument'])}, best other {sbest} {_cell(strat.loc[sbest])}.")
+                     f"{_cell(strat.loc[PRIMARY])}, best other {sbest} {_cell(strat.loc[sbest])}.")
     within = rows.query("evaluation == 'within_kind' and metric == 'auroc'")
-    big = within[(within.n_positive >= MIN_TO_CONCLUDE) & (within.n_negative >= MIN_TO_CONCLUDE)]
+    big = within[(within.n_positive >= MIN_PER_CLASS) & (within.n_negative >= MIN_PER_CLASS)]
     if big.subset.nunique():
         wins = []
         for kind, kr in big.groupby("subset"):
             kr = kr.set_index("method")
-            rival = kr.loc[[m for m in (*LOGIT_BASELINES, "length", "kind", "kind_logit") if m in kr.index]]
-            wins.append(kr.loc["instrument", "value"] > rival.value.max())
-        lines.append(f"Within the kinds with at least {MIN_TO_CONCLUDE} correct and {MIN_TO_CONCLUDE} incorrect "
+            rival = kr.loc[cheap(kr.index)]
+            wins.append(kr.loc[PRIMARY, "value"] > rival.value.max())
+        lines.append(f"Within the kinds with at least {MIN_PER_CLASS} correct and {MIN_PER_CLASS} incorrect "
                      f"answers the instrument is above every logit, kind and length baseline in {sum(wins)} of "
                      f"{len(wins)}.")
     loko = rows.query("evaluation == 'leave_one_kind_out' and metric == 'auroc'")
     if loko.subset.nunique():
         means = loko.groupby("method").value.mean()
-        logit_best = means[[m for m in LOGIT_BASELINES if m in means]].idxmax()
-        worse = means["instrument"] < means[logit_best]
+        logit_best = means[[m for m in of_family("logit") if m in means]].idxmax()
+        worse = means[PRIMARY] < means[logit_best]
         lines.append(f"On a question kind left out of fitting (mean over {loko.subset.nunique()} kinds) the "
-                     f"instrument's AUROC is {means['instrument']:.3f} against {means[logit_best]:.3f} for "
+                     f"instrument's AUROC is {means[PRIMARY]:.3f} against {means[logit_best]:.3f} for "
                      f"{logit_best}" + (": <b>on a new kind of question the logit baseline is the better score; "
                                         "fit the instrument on the kinds of questions it will score</b>."
                                         if worse else "."))
-    lines.append(f"Shuffled-label control (must be at chance): {_cell(auc.loc['shuffled'])}.")
+    lines += [f"Shuffled-label control (must be at chance): {_cell(auc.loc[m])}."
+              for m in of_family("sanity", auc.index)]
     sel = rows.query("evaluation == 'selective' and metric == 'f_score'").set_index("method")
-    if "instrument" in sel.index:
+    if PRIMARY in sel.index:
         lines.append(f"Selective answering, F-score: answering everything {_cell(sel.loc['answer_everything'])}, "
-                     f"abstaining by the instrument {_cell(sel.loc['instrument'])}, by {summary['best_logit_baseline']}"
+                     f"abstaining by the instrument {_cell(sel.loc[PRIMARY])}, by {summary['best_logit_baseline']}"
                      f" {_cell(sel.loc[summary['best_logit_baseline']])}.")
     return lines
 

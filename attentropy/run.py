@@ -18,7 +18,7 @@ from .capture import HiddenSpec, recorded_layers
 from .data import ARITH_DEFAULT_DIFFICULTY, Question, load_questions, protocol_kind
 from .generate import (MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS, PrefixStore, Sampling, generate,
                        generate_continuous)
-from .instrument import answers_from_generations
+from .answers import answers_from_generations
 from .model import DEFAULT_MODEL, load_model
 from .provenance import git_commit, package_versions
 from .schema import ATTN_STATS, TOKEN_STATS
@@ -315,7 +315,9 @@ def hidden_spec(n_layers: int, layers: str = "auto", token_layers: str = "none")
 def _live_instrument(probe, out: Path, config: dict):
     """The instrument that scores a run while it generates: it must belong to the run's model and layout, and a
     run already scored by another instrument is not mixed with this one."""
-    from .instrument import InstrumentError, load_instrument, model_identity, probe_stamp
+    from .answers import InstrumentError, model_identity
+    from .instrument import load_instrument
+    from .scoring import probe_stamp
 
     instrument = load_instrument(probe)
     instrument.check(model_identity(config, config["capture"]["layers"], config["capture"]["n_heads"]),

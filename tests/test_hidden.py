@@ -6,7 +6,8 @@ import pytest
 import torch
 from synthetic import write_synthetic_run
 
-from attentropy import instrument as ins
+from attentropy.answers import load_answers
+from attentropy.evaluation import evaluate
 from attentropy import load_run
 from attentropy.capture import HiddenSpec, capture
 from attentropy.data import make_facts
@@ -89,9 +90,9 @@ def test_the_hidden_state_probe_finds_a_planted_direction(tmp_path):
     labels = ["incorrect" if i % 2 else "correct" for i in range(80)]
     path = write_synthetic_run(tmp_path / "facts", benchmark="facts", labels=labels, n_questions=80,
                                hidden=([0, 5, 10], 24), hidden_shift=3.0)
-    a, _, _ = ins.load_answers([path])
+    a, _, _ = load_answers([path])
     assert a.hidden_layers == [0, 5, 10] and a.hidden["answer_mean"].shape == (80, 3, 24)
-    rows, _ = ins.evaluate(a, "factual", n_boot=100)
+    rows, _ = evaluate(a, "factual", n_boot=100)
     auc = rows.query("evaluation == 'in_distribution' and metric == 'auroc'").set_index("method").value
     assert auc["hidden"] > 0.85 and auc["attention_hidden"] > 0.75  # the direction is at index 5
     assert auc["bag_of_tokens"] < 0.7 and auc["hidden_prompt"] < 0.7 and auc["instrument"] < 0.7  # nothing there

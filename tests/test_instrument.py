@@ -1,6 +1,7 @@
 """The confidence instrument: metric definitions, planted signals, chance under shuffled labels, question-grouped
 folds, the instrument directory, refusal of another model, live scores equal to offline scores, the CLI."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,6 +11,14 @@ from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_s
 
 from attentropy import instrument as ins
 from attentropy import load_run, stats
+from attentropy.answers import answers_from_generations, load_answers
+from attentropy.detectors import ANSWER_DETECTORS
+from attentropy.detectors.fitting import fit_fixed
+from attentropy.evaluation import cross_validate, evaluate, leave_one_kind_out, outer_splits
+from attentropy.features import feature_names
+from attentropy.probe import LinearProbe, inner_splits
+from attentropy.selective import choose_threshold, selective_outcome
+from attentropy.token_comparisons import token_types
 from attentropy.cli import main
 from synthetic import write_synthetic_run
 
@@ -67,28 +76,28 @@ def planted_answers(tmp_path, n=80, seed=0, kinds=None, **kw):
     labels = ["incorrect" if i % 2 else "correct" for i in range(n)]
     path = write_synthetic_run(tmp_path / f"facts{seed}", benchmark="facts", labels=labels, n_questions=n,
                                seed=seed, kinds=kinds, **kw)
-    return path, ins.load_answers([path])[0]
+    return path, load_answers([path])[0]
 
 
 def test_a_planted_head_is_found_and_ranked_first(tmp_path):
     _, a = planted_answers(tmp_path, planted=(2, 1), shift=1.0)
     rows = np.arange(len(a.answers))
-    cv = ins.cross_validate(a, rows, methods={k: ins.ANSWER_METHODS[k] for k in ("instrument", "shuffled")})
+    cv = cross_validate(a, rows, detectors={k: ANSWER_DETECTORS[k] for k in ("instrument", "shuffled")})
     y = a.answers.y.to_numpy()
     assert roc_auc_score(y, cv.answer.instrument) > 0.9  # out of fold
     models, _ = ins.fit_final(a)
-    names = ins.feature_names(a.layers, a.n_heads)
+    names = feature_names(a.layers, a.n_heads)
     assert names[int(np.argmax(np.abs(models["factual"].coef)))] == "entropy_norm[L2H1]"
 
 
 def test_shuffled_labels_and_no_signal_give_chance(tmp_path):
     path, a = planted_answers(tmp_path, n=120)  # nothing planted
-    rows, _ = ins.evaluate(a, "factual", n_boot=200)
+    rows, _ = evaluate(a, "factual", n_boot=200)
     auc = rows.query("evaluation == 'in_distribution' and metric == 'auroc'").set_index("method")
     for method in ("instrument", "shuffled"):
         assert auc.loc[method, "lo"] < 0.5 < auc.loc[method, "hi"], method
     _, a = planted_answers(tmp_path, n=120, seed=1, planted=(0, 0), shift=1.0)
-    rows, _ = ins.evaluate(a, "factual", n_boot=200)
+    rows, _ = evaluate(a, "factual", n_boot=200)
     auc = rows.query("evaluation == 'in_distribution' and metric == 'auroc'").set_index("method")
     assert auc.loc["instrument", "lo"] > 0.8 and auc.loc["shuffled", "lo"] < 0.5 < auc.loc["shuffled", "hi"]
 
@@ -97,28 +106,27 @@ def test_no_question_is_in_two_folds(tmp_path):
     # the same questions answered in two runs (e.g. two sampling seeds): one group per question across runs
     first = write_synthetic_run(tmp_path / "a", benchmark="facts", n_questions=60, seed=0)
     second = write_synthetic_run(tmp_path / "b", benchmark="facts", n_questions=60, seed=1)
-    a, infos, _ = ins.load_answers([first, second])
+    a, infos, _ = load_answers([first, second])
     assert len(a.answers) == 120 and a.answers.group.nunique() == 60
     rows = np.arange(len(a.answers))
-    fold = ins.outer_splits(a, rows)
+    fold = outer_splits(a, rows)
     assert a.answers.assign(fold=fold).groupby("group").fold.nunique().max() == 1
-    for train, test in ins.inner_splits(a.answers.y.to_numpy(), a.answers.group.to_numpy()):
+    for train, test in inner_splits(a.answers.y.to_numpy(), a.answers.group.to_numpy()):
         assert not set(a.answers.group.iloc[train]) & set(a.answers.group.iloc[test])
     assert infos[0]["fingerprint"] != infos[1]["fingerprint"]
 
 
-def test_leave_one_kind_out_scores_each_kind_with_models_fitted_on_the_others(tmp_path, monkeypatch):
+def test_leave_one_kind_out_scores_each_kind_with_models_fitted_on_the_others(tmp_path):
     kinds = [["k1", "k2", "k3"][i % 3] for i in range(90)]
     _, a = planted_answers(tmp_path, n=90, kinds=kinds, planted=(1, 1), shift=1.0)
     seen = []
-    real = ins.fit_fixed
 
     def spy(score, y, groups=None, seed=0):
         seen.append(set(groups))
-        return real(score, y, groups, seed)
+        return fit_fixed(score, y, groups, seed)
 
-    monkeypatch.setitem(ins.ANSWER_METHODS, "mean_logprob", ("mean_logprob", spy, "baseline", "spy"))
-    out = ins.leave_one_kind_out(a, np.arange(90), methods={"mean_logprob": ins.ANSWER_METHODS["mean_logprob"]})
+    spied = dataclasses.replace(ANSWER_DETECTORS["mean_logprob"], fit=spy)
+    out = leave_one_kind_out(a, np.arange(90), detectors={"mean_logprob": spied})
     assert out.notna().all().all() and len(seen) == 3
     groups_of = a.answers.groupby("kind").group.agg(set)
     for kind, trained_on in zip(sorted(groups_of.index), seen):
@@ -128,44 +136,20 @@ def test_leave_one_kind_out_scores_each_kind_with_models_fitted_on_the_others(tm
 def test_selective_answering_keeps_not_attempted_and_picks_the_best_training_threshold():
     labels = np.array(["correct", "correct", "incorrect", "incorrect", "not_attempted"])
     conf = np.array([0.9, 0.6, 0.55, 0.1, 0.95])
-    out = ins.selective_outcome(conf, labels, 0.5)
+    out = selective_outcome(conf, labels, 0.5)
     assert out["coverage"] == pytest.approx(3 / 5) and out["correct"] == pytest.approx(2 / 5)
     assert out["correct_given_attempted"] == pytest.approx(2 / 3)
-    assert ins.choose_threshold(conf, labels) == pytest.approx(0.6)  # drops both incorrect answers, keeps both correct
+    assert choose_threshold(conf, labels) == pytest.approx(0.6)  # drops both incorrect answers, keeps both correct
     # answering everything: correct 2 / 5, correct given attempted 2 / 4 (the abstention stays one): F = 4 / 9
-    assert ins.selective_outcome(conf, labels, 0.0)["f_score"] == pytest.approx(4 / 9)
+    assert selective_outcome(conf, labels, 0.0)["f_score"] == pytest.approx(4 / 9)
 
 
 def test_token_types_digits_and_results():
     tokens = pd.Series(["One", " of", " ", "1", "3", " bags", " is", " 4", " *", " ", "2", " =", " ", "8", ".",
                         " 1", "0", "%", "=", "5", " apples"])
-    digits, results = ins.token_types(tokens)
+    digits, results = token_types(tokens)
     assert [t for t, d in zip(tokens, digits) if d] == ["1", "3", " 4", "2", "8", " 1", "0", "5"]
     assert [t for t, r in zip(tokens, results) if r] == ["8", "5"]
-
-
-def test_published_baselines_by_hand(tmp_path):
-    path, a = planted_answers(tmp_path, n=4, n_tokens=(3, 4))
-    # one answer by hand: RAUQ's recurrence and Lookback Lens' ratio
-    first = a.subset(np.array([0]))
-    p = np.exp(first.tokens.logprob.to_numpy(float))
-    mid = ins.rauq_layers(first.layers)
-    prev = first.attn["prev_mass"][:, mid].astype(float)
-    c = [p[0] * np.ones(prev.shape[1:])]
-    for t in range(1, 3):
-        c.append(ins.RAUQ_ALPHA * p[t] + (1 - ins.RAUQ_ALPHA) * prev[t] * c[-1])
-    expected = -np.mean(np.log(np.stack(c)), axis=0)
-    np.testing.assert_allclose(ins.rauq_features(first)[0, 0], expected, rtol=1e-6)
-    ratio = ins.lookback_ratios(first)[0].reshape(len(first.layers), first.n_heads)
-    prompt = first.attn["prompt_mass"].astype(float)
-    n_keys, pos = first.tokens.n_keys.to_numpy(float), first.tokens.pos.to_numpy(float)
-    per = [np.ones_like(prompt[0])] + [
-        (prompt[t] / (n_keys[t] - pos[t])) / (prompt[t] / (n_keys[t] - pos[t]) + (1 - prompt[t]) / pos[t])
-        for t in (1, 2)]
-    np.testing.assert_allclose(ratio, np.mean(per, axis=0), rtol=1e-5)
-    # LLM-Check: per layer, sum over heads of the answer's mean log own-token attention
-    diag = np.log(first.attn["diag_mass"].astype(float))
-    np.testing.assert_allclose(ins.llm_check_scores(first)[0], diag.mean(axis=0).sum(axis=1), rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +182,7 @@ def test_the_instrument_directory_round_trips(probe, capsys):
     with np.load(out / "arrays.npz", allow_pickle=False) as z:  # no pickle anywhere
         assert all(z[k].dtype != object for k in z.files)
     loaded = ins.load_instrument(out)
-    a, _, _ = ins.load_answers([probe / "arith"])
+    a, _, _ = load_answers([probe / "arith"])
     again = ins.Instrument(loaded.identity, loaded.answer_models, loaded.token_model, {})
     again.save(probe / "copy")
     np.testing.assert_allclose(ins.load_instrument(probe / "copy").score(a).prefix_confidence,
@@ -208,9 +192,10 @@ def test_the_instrument_directory_round_trips(probe, capsys):
             "transfer", "token:type_matched_digits"} <= set(ev.evaluation)
     # every baseline on the same answers as the instrument, with its paired difference
     ind = ev[(ev.task == "factual") & (ev.evaluation == "in_distribution")]
-    assert set(ind.method) == set(ins.ANSWER_METHODS)
+    stored = {name for name, d in ANSWER_DETECTORS.items() if not d.needs}  # the synthetic runs keep no hidden states
+    assert set(ind.method) == stored
     assert ind.groupby("method").n_positive.nunique().max() == 1
-    assert set(ind[ind.metric == "auroc_gain_of_instrument"].method) == set(ins.ANSWER_METHODS) - {"instrument"}
+    assert set(ind[ind.metric == "auroc_gain_of_instrument"].method) == stored - {"instrument"}
 
 
 def test_score_a_run_and_read_it_back(probe):
@@ -234,7 +219,7 @@ def test_another_model_or_layout_is_refused(probe, tmp_path, capsys):
     with pytest.raises(ins.InstrumentError, match="layers"):
         ins.score_run(ins.load_instrument(probe / "probe"), wider)
     with pytest.raises(ins.InstrumentError, match="one model"):
-        ins.load_answers([probe / "facts", other])
+        load_answers([probe / "facts", other])
 
 
 def random_instrument(model, info, seed=0) -> ins.Instrument:
@@ -245,10 +230,10 @@ def random_instrument(model, info, seed=0) -> ins.Instrument:
     rng = np.random.default_rng(seed)
 
     def probe(n):
-        return ins.LinearProbe(np.zeros(n), np.ones(n), rng.normal(0, 1, n) / np.sqrt(n), 0.1, (1.0, 0.0), 1.0)
+        return LinearProbe(np.zeros(n), np.ones(n), rng.normal(0, 1, n) / np.sqrt(n), 0.1, (1.0, 0.0), 1.0)
 
-    n_answer = len(ins.feature_names(layers, heads))
-    n_token = len(ins.feature_names(layers, heads, "token"))
+    n_answer = len(feature_names(layers, heads))
+    n_token = len(feature_names(layers, heads, "token"))
     identity = {"name": info.name, "source": info.source, "revision": info.revision,
                 "architecture": info.architecture, "layers": layers, "n_heads": heads}
     return ins.Instrument(identity, {"factual": probe(n_answer), "math": probe(n_answer)}, probe(n_token),
@@ -294,7 +279,7 @@ def test_score_one_question_on_the_embedded_model(tmp_path, embedded, capsys):
     forced = Generation(question, gen.prompt_ids, gen.completion_ids, answer, "given",
                         capture(model, [gen.prompt_ids], [gen.completion_ids])[0])
     layers, heads = instrument.identity["layers"], instrument.identity["n_heads"]
-    teacher = instrument.score(ins.answers_from_generations([forced], layers, heads))
+    teacher = instrument.score(answers_from_generations([forced], layers, heads))
     np.testing.assert_allclose(teacher.prefix_confidence, generated.prefix_confidence, atol=1e-4)
     np.testing.assert_allclose(teacher.confidence, generated.confidence, atol=1e-4)
     assert main(["score", "--probe", str(tmp_path / "probe"), "--model", "smollm2-135m",

@@ -1,0 +1,217 @@
+"""The answers data set: graded answers of one model's runs with their tokens' statistics, the input of every
+detector and of the instrument (`Answers`, `load_answers`, `answers_from_generations`), and what identifies the
+model and the runs they came from (`model_identity`, `run_info`)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .data import FREE, MATH, protocol_kind, question_kind
+from .schema import ATTN_STATS
+
+# the normalised attention statistics every feature is made of
+ATTN_FEATURES = ("entropy_norm", "varentropy_norm", "sink_mass", "prompt_mass", "diag_mass", "prev_mass")
+TOKEN_LOGIT = ("logprob", "logit_entropy", "logit_varentropy")
+
+
+class InstrumentError(ValueError):
+    """A probe that does not fit the runs or the model it is applied to."""
+
+
+@dataclass
+class Answers:
+    """Answers (of one or several runs of one model) with their tokens' statistics, the input of every feature.
+
+    Tokens of an answer are contiguous and in answer order; `answers.start` is the row of its first token."""
+
+    answers: pd.DataFrame  # run, benchmark, task, question_id, group (the question's text), kind, label, y, n_tokens,
+    #                        start; y: 1 correct, 0 incorrect, -1 neither (not attempted, unparsed, ungraded)
+    tokens: pd.DataFrame  # answer (row of `answers`), pos, token, logprob, logit_entropy, logit_varentropy, n_keys,
+    #                       target: 1 wrong moment, 0 not, -1 unknown (an incorrect answer without a located span)
+    attn: dict[str, np.ndarray]  # ATTN_FEATURES -> [n_tokens, L, H] float32
+    layers: list[int]
+    n_heads: int
+    hidden: dict[str, np.ndarray] = field(default_factory=dict)  # last_prompt, answer_mean -> [n_answers, L_h, d]
+    hidden_layers: list[int] = field(default_factory=list)  # their output_hidden_states indices
+    hidden_tokens: np.ndarray | None = None  # [n_tokens, L_t, d] float16
+    hidden_token_layers: list[int] = field(default_factory=list)
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # features computed once
+
+    def memo(self, key: str, compute):
+        """`compute(self)`, computed once for these answers (features read by several detectors)."""
+        if key not in self._memo:
+            self._memo[key] = compute(self)
+        return self._memo[key]
+
+    @property
+    def answer_of_token(self) -> np.ndarray:
+        return self.tokens["answer"].to_numpy()
+
+    def subset(self, answer_rows: np.ndarray) -> "Answers":
+        answer_rows = np.asarray(answer_rows)
+        starts, counts = self.answers.start.to_numpy()[answer_rows], self.answers.n_tokens.to_numpy()[answer_rows]
+        token_rows = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, counts)] or [np.zeros(0, int)])
+        answers = self.answers.iloc[answer_rows].reset_index(drop=True)
+        answers["start"] = np.r_[0, np.cumsum(answers.n_tokens.to_numpy())[:-1]].astype(int)
+        tokens = self.tokens.iloc[token_rows].reset_index(drop=True)
+        tokens["answer"] = np.repeat(np.arange(len(answers)), answers.n_tokens.to_numpy())
+        return Answers(answers, tokens, {k: v[token_rows] for k, v in self.attn.items()}, self.layers, self.n_heads,
+                       {k: v[answer_rows] for k, v in self.hidden.items()}, self.hidden_layers,
+                       None if self.hidden_tokens is None else self.hidden_tokens[token_rows],
+                       self.hidden_token_layers)
+
+
+def _task(benchmark: str) -> str:
+    if benchmark == FREE:
+        raise InstrumentError(f"no instrument task for benchmark {benchmark!r}: free prompts are never graded")
+    return protocol_kind(benchmark)
+
+
+def normalised_attention(stat_arrays: dict[str, np.ndarray], n_keys: np.ndarray) -> dict[str, np.ndarray]:
+    """ATTN_FEATURES from the stored statistics: entropy / ln K and varentropy / (ln K)^2 (the maximal entropy of K
+    keys is ln K and the maximal varentropy grows like (ln K)^2, so raw values rise with position), masses as
+    they are."""
+    log_k = np.log(np.maximum(np.asarray(n_keys, np.float32), 2.0))[:, None, None]
+    out = {"entropy_norm": stat_arrays["entropy"] / log_k, "varentropy_norm": stat_arrays["varentropy"] / log_k ** 2}
+    out.update({k: stat_arrays[k] for k in ("sink_mass", "prompt_mass", "diag_mass", "prev_mass")})
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def load_answers(run_dirs: list[str | Path], *, require_labels: bool = True, skip_damaged: bool = False
+                 ) -> tuple[Answers, list[dict], dict]:
+    """The answers of graded runs of one model, one description per run (path, fingerprint, benchmark, labels)
+    and the model's identity (`model_identity`). `skip_damaged`: read the intact batches of a damaged run."""
+    from .store import load_run
+
+    parts, infos = [], []
+    model = None
+    for run_dir in run_dirs:
+        run = load_run(run_dir, skip_damaged=skip_damaged)
+        if require_labels and "label" not in run.samples:
+            raise InstrumentError(f"{run.path} has no labels: run `attentropy grade {run.path}` first")
+        identity = model_identity(run.config, run.layers, run.n_heads)
+        if model is None:
+            model = identity
+        elif identity != model:
+            raise InstrumentError(f"{run.path} is a run of {identity}, not of {model} like the runs before it; an "
+                                  "instrument belongs to one model")
+        infos.append(run_info(run))
+        stat_arrays = {s: run.attn(s) for s in ATTN_STATS}
+        part = _answers_of(run.samples, run.tokens, stat_arrays, run.layers, run.n_heads, str(run.path),
+                           hidden_of(run))
+        part.answers["run_fingerprint"] = infos[-1]["fingerprint"]
+        parts.append(part)
+    if not parts:
+        raise InstrumentError("no runs given")
+    return concat_answers(parts), infos, model
+
+
+def hidden_of(run) -> dict:
+    """A run's stored hidden states (Answers' hidden fields; rows aligned with `run.samples` / `run.tokens`)."""
+    spec = run.config.get("capture", {}).get("hidden") or {}
+    out = {}
+    if spec.get("layers"):
+        out.update(hidden={k: run.hidden(k) for k in ("last_prompt", "answer_mean")}, hidden_layers=spec["layers"])
+    if spec.get("token_layers"):
+        out.update(hidden_tokens=run.hidden_tokens(), hidden_token_layers=spec["token_layers"])
+    return out
+
+
+def _answers_of(samples: pd.DataFrame, tokens: pd.DataFrame, stat_arrays: dict[str, np.ndarray], layers, n_heads,
+                run_name: str, hidden: dict | None = None) -> Answers:
+    """Answers of one run (rows in the order of its tokens; `hidden`: `hidden_of`'s fields, aligned with
+    `samples` and `tokens`)."""
+    benchmark = samples.benchmark.iloc[0] if len(samples) else ""
+    order = pd.Index(tokens.question_id.unique())
+    sample_rows = pd.Index(samples.question_id).get_indexer(order)
+    s = samples.set_index("question_id").loc[order].reset_index()
+    labels = s["label"] if "label" in s else pd.Series(["ungraded"] * len(s))
+    n_tokens = tokens.groupby("question_id", sort=False).size().loc[order].to_numpy()
+    answers = pd.DataFrame({
+        "run": run_name, "benchmark": s.benchmark.to_numpy(), "task": [_task(b) for b in s.benchmark],
+        "question_id": s.question_id.to_numpy(), "group": (s.benchmark + "\n" + s.question).to_numpy(),
+        "kind": [question_kind(b, m) for b, m in zip(s.benchmark, s.metadata)], "label": labels.to_numpy(),
+        "y": np.select([labels == "correct", labels == "incorrect"], [1, 0], -1), "n_tokens": n_tokens,
+        "start": np.r_[0, np.cumsum(n_tokens)[:-1]].astype(int)})
+    tok = pd.DataFrame({"answer": np.repeat(np.arange(len(answers)), n_tokens), "pos": tokens.pos.to_numpy(),
+                        "token": tokens.token.to_numpy(),
+                        **{k: tokens[k].to_numpy(np.float32) for k in TOKEN_LOGIT},
+                        "n_keys": tokens.n_keys.to_numpy()})
+    target = np.zeros(len(tok), int)
+    if "in_error" in tokens:
+        located = s.set_index("question_id").get("error_token_start", pd.Series(dtype=float)).reindex(order)
+        located = (located.fillna(-1).to_numpy() >= 0)[tok.answer.to_numpy()]
+        target = np.where(tokens.in_error.to_numpy(bool), 1, 0)
+        wrong = (answers.y.to_numpy() == 0)[tok.answer.to_numpy()]
+        target[wrong & ~located] = -1  # an incorrect answer whose wrong moment the critic did not find
+    if benchmark not in MATH:
+        target[:] = -1
+    target[(answers.y.to_numpy() == -1)[tok.answer.to_numpy()]] = -1  # not attempted, unparsed, ungraded
+    tok["target"] = target
+    hidden = dict(hidden or {})
+    if "hidden" in hidden:
+        hidden["hidden"] = {k: v[sample_rows] for k, v in hidden["hidden"].items()}
+    return Answers(answers, tok, normalised_attention(stat_arrays, tok.n_keys.to_numpy()), list(layers), n_heads,
+                   **hidden)
+
+
+def concat_answers(parts: list[Answers]) -> Answers:
+    offsets = np.r_[0, np.cumsum([len(p.answers) for p in parts])[:-1]]
+    token_offsets = np.r_[0, np.cumsum([len(p.tokens) for p in parts])[:-1]]
+    answers = pd.concat([p.answers.assign(start=p.answers.start + t) for p, t in zip(parts, token_offsets)],
+                        ignore_index=True)
+    tokens = pd.concat([p.tokens.assign(answer=p.tokens.answer + o) for p, o in zip(parts, offsets)],
+                       ignore_index=True)
+    attn = {k: np.concatenate([p.attn[k] for p in parts]) for k in ATTN_FEATURES}
+    out = Answers(answers, tokens, attn, parts[0].layers, parts[0].n_heads)
+    # hidden states only where every run kept the same ones
+    if all(p.hidden and p.hidden_layers == parts[0].hidden_layers for p in parts):
+        out.hidden = {k: np.concatenate([p.hidden[k] for p in parts]) for k in parts[0].hidden}
+        out.hidden_layers = parts[0].hidden_layers
+    if all(p.hidden_tokens is not None and p.hidden_token_layers == parts[0].hidden_token_layers for p in parts):
+        out.hidden_tokens = np.concatenate([p.hidden_tokens for p in parts])
+        out.hidden_token_layers = parts[0].hidden_token_layers
+    return out
+
+
+def answers_from_generations(generations, layers: list[int], n_heads: int, attn_dtype: str = "float32") -> Answers:
+    """Unlabelled answers of freshly generated (recorded) generations: what `attentropy run --probe` scores. The
+    statistics are rounded to the run's storage type first, so live scores equal scores of the stored run."""
+    rows = []
+    for g in generations:
+        c = g.capture
+        for t, token_id in enumerate(g.completion_ids):
+            rows.append((g.question.id, t, token_id, c.logprob[t], c.logit_entropy[t], c.logit_varentropy[t],
+                         c.n_keys[t]))
+    tokens = pd.DataFrame(rows, columns=["question_id", "pos", "token", *TOKEN_LOGIT, "n_keys"])
+    attn = np.concatenate([g.capture.attn for g in generations]).astype(attn_dtype).astype(np.float32)
+    samples = pd.DataFrame({"question_id": [g.question.id for g in generations],
+                            "benchmark": [g.question.benchmark for g in generations],
+                            "question": [g.question.question for g in generations],
+                            "metadata": [g.question.metadata for g in generations]})
+    stat_arrays = {s: attn[..., i] for i, s in enumerate(ATTN_STATS)}
+    return _answers_of(samples, tokens, stat_arrays, layers, n_heads, "live")
+
+
+def model_identity(config: dict, layers: list[int], n_heads: int) -> dict:
+    """What an instrument must match: the model (name, source, revision) and the recorded layer x head layout."""
+    model = config.get("model", {})
+    return {"name": model.get("name"), "source": model.get("source"), "revision": model.get("revision"),
+            "architecture": model.get("architecture"), "layers": list(layers), "n_heads": int(n_heads)}
+
+
+def run_info(run) -> dict:
+    """A run's description; its fingerprint (config.json and the first committed batch's answers) survives copying
+    the directory and resuming the run, and tells two runs of the same settings apart."""
+    digest = hashlib.sha256((Path(run.path) / "config.json").read_bytes())
+    if run.parts:
+        digest.update((Path(run.path) / "samples" / f"{run.parts[0]}.parquet").read_bytes())
+    labels = run.samples["label"].value_counts().to_dict() if "label" in run.samples else {}
+    return {"path": str(Path(run.path).resolve()), "fingerprint": digest.hexdigest()[:16],
+            "benchmark": run.config["benchmark"], "answers": len(run.samples),
+            "labels": {k: int(v) for k, v in labels.items()}}

@@ -1,0 +1,54 @@
+"""The detectors compared with the instrument on the same folds, one file per family; this list is the registry
+(adding a detector is one file and one line here). The order is the order of every table."""
+
+from __future__ import annotations
+
+from . import bag_of_tokens, controls, head_entropy, hidden_state, instrument, llm_check, logit, lookback_lens, rauq
+from .detector import Detector
+from .fitting import Fitted
+
+PRIMARY = "instrument"  # the detector the others are measured against (paired differences, the fitted instrument)
+# "the logit, kind and length baselines": the cheap scores a result over attention has to beat first
+CHEAP_FAMILIES = ("logit", "length", "kind")
+
+ANSWER_DETECTORS: dict[str, Detector] = {d.name: d for d in (
+    instrument.INSTRUMENT, instrument.ATTENTION,
+    logit.LOGIT_PROBE, logit.MEAN_LOGPROB, logit.MIN_LOGPROB, logit.LOGIT_ENTROPY, logit.LOGIT_VARENTROPY,
+    lookback_lens.LOOKBACK_LENS, llm_check.LLM_CHECK, rauq.RAUQ, head_entropy.HEAD_ENTROPY,
+    controls.LENGTH, controls.KIND, controls.KIND_LOGIT, controls.SHUFFLED,
+    hidden_state.HIDDEN, hidden_state.HIDDEN_PROMPT, instrument.ATTENTION_HIDDEN, bag_of_tokens.BAG_OF_TOKENS,
+)}
+TOKEN_DETECTORS: dict[str, Detector] = {d.name: d for d in (
+    instrument.TOKEN_INSTRUMENT, logit.TOKEN_LOGIT_PROBE, logit.TOKEN_LOGPROB, logit.TOKEN_ENTROPY,
+    logit.TOKEN_VARENTROPY, controls.POSITION, hidden_state.TOKEN_HIDDEN,
+)}
+
+
+def available(detectors: dict[str, Detector], answers) -> dict[str, Detector]:
+    """The detectors whose inputs the runs behind `answers` stored."""
+    return {name: d for name, d in detectors.items() if d.available(answers)}
+
+
+def family_of(name: str, level: str = "answer") -> str:
+    registry = ANSWER_DETECTORS if level == "answer" else TOKEN_DETECTORS
+    return registry[name].family if name in registry else ""
+
+
+def is_competitor(name: str) -> bool:
+    """A baseline or control the instrument is measured against (not the instrument, its variants or the sanity
+    check)."""
+    d = ANSWER_DETECTORS.get(name)
+    return d is not None and d.role != "instrument" and d.family != "sanity"
+
+
+def cheap(names) -> list[str]:
+    """Those of `names` that are logit, kind or length baselines, in order."""
+    return [n for n in names if family_of(n) in CHEAP_FAMILIES]
+
+
+def of_family(family: str, names=None) -> list[str]:
+    return [n for n in (ANSWER_DETECTORS if names is None else names) if family_of(n) == family]
+
+
+__all__ = ["ANSWER_DETECTORS", "CHEAP_FAMILIES", "PRIMARY", "TOKEN_DETECTORS", "Detector", "Fitted", "available",
+           "cheap", "family_of", "is_competitor", "of_family"]

@@ -1,0 +1,58 @@
+"""RAUQ (recurrent attention-based uncertainty): per layer of the middle third, the head that attends most to the
+previous token; token confidences propagated along the answer through that head's attention. A variant: the head
+is chosen once on the training answers (the authors choose it per sequence)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..features import segment_means
+from .detector import Detector
+from .fitting import Fitted, fit_fixed
+
+def rauq_layers(layers: list[int]) -> list[int]:
+    """RAUQ's layers: the middle third of the recorded ones (indices into `layers`)."""
+    n = len(layers)
+    return list(range(n // 3, max(n // 3 + 1, 2 * n // 3)))
+
+
+RAUQ_ALPHA = 0.5  # the recurrence's weight of the token's own probability (the RAUQ paper's choice for instruct models)
+
+
+def rauq_features(a, alpha: float = RAUQ_ALPHA) -> np.ndarray:
+    """[n_answers, 2, L_mid, H]: per answer, layer of the middle third and head, the RAUQ uncertainty
+    -mean_i ln c_i with c_1 = p_1, c_i = alpha p_i + (1 - alpha) a_(i,i-1) c_(i-1) (p_i the token's probability,
+    a_(i,i-1) that head's attention to the previous token), and (second) the answer's summed attention to the
+    previous token, from which the head of each layer is chosen on training answers."""
+    mid = rauq_layers(a.layers)
+    prev = a.attn["prev_mass"][:, mid].astype(np.float64)  # [n_tokens, L_mid, H]
+    p = np.exp(a.tokens.logprob.to_numpy(np.float64))[:, None, None]
+    pos = a.tokens.pos.to_numpy()
+    log_c = np.zeros_like(prev)
+    c = np.zeros_like(prev)
+    for t in range(pos.max() + 1 if len(pos) else 0):  # recurrence along positions, all answers at once
+        rows = np.flatnonzero(pos == t)
+        c[rows] = p[rows] if t == 0 else alpha * p[rows] + (1 - alpha) * prev[rows] * c[rows - 1]
+        log_c[rows] = np.log(np.maximum(c[rows], 1e-300))
+    starts, counts = a.answers.start.to_numpy(), a.answers.n_tokens.to_numpy()
+    n_cells = prev.shape[1] * prev.shape[2]
+    uncertainty = -segment_means(log_c.reshape(len(prev), n_cells), starts, counts)
+    prev_sum = np.add.reduceat(prev.reshape(len(prev), n_cells), starts, axis=0) if len(starts) else prev[:0]
+    return np.stack([uncertainty, prev_sum], axis=1).reshape(len(starts), 2, *prev.shape[1:])
+
+
+def fit_rauq(feats: np.ndarray, y: np.ndarray, groups=None, seed: int = 0) -> Fitted:
+    """RAUQ: per layer of the middle third the head with the highest mean attention to the previous token on the
+    training answers (no labels used); answer uncertainty = max over those layers; confidence = its negative,
+    calibrated as `fit_fixed`."""
+    heads = feats[:, 1].sum(axis=0).argmax(axis=1)  # [L_mid]
+
+    def score(f):
+        return -f[:, 0, np.arange(len(heads)), heads].max(axis=1, keepdims=True)
+
+    inner = fit_fixed(score(feats), y)
+    return Fitted(lambda f: inner.confidence(score(f)), inner.train_confidence, {"heads": heads.tolist()})
+
+
+RAUQ = Detector("rauq", "answer", "baseline", "rauq", "RAUQ (alpha 0.5, middle third of layers, previous-token heads)",
+                rauq_features, fit_rauq)

@@ -1,0 +1,348 @@
+"""The instrument's evaluation: every detector fitted and scored on the same question-grouped folds
+(`cross_validate`), on question kinds left out of fitting (`leave_one_kind_out`) and on other runs
+(`transfer_rows`), summarised as rows of metrics with intervals that resample questions (`evaluate`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from . import stats
+from .answers import Answers, InstrumentError
+from .detectors import ANSWER_DETECTORS, PRIMARY, TOKEN_DETECTORS, Detector, available, of_family
+from .detectors.fitting import take
+from .probe import INNER_FOLDS
+from .selective import choose_threshold, f_score
+from .token_comparisons import TOKEN_COMPARISON_TITLES, token_comparisons
+
+OUTER_FOLDS = 5
+PREFIX_LENGTHS = (1, 2, 4, 8, 16, 32)
+NEGATIVES_PER_POSITIVE = 20
+MIN_PER_CLASS = 2  # answers of each class for a metric to be computed at all
+MIN_PER_CLASS_TO_CONCLUDE = 20  # per class, as the within-kind criterion; smaller subsets are flagged
+
+
+def answer_detectors(a: Answers) -> dict[str, Detector]:
+    """The answer-level detectors compared on these answers: every registered one whose inputs the runs stored
+    (the hidden-state probes and the bag of tokens need the runs' hidden states)."""
+    return available(ANSWER_DETECTORS, a)
+
+
+def token_detectors(a: Answers) -> dict[str, Detector]:
+    return available(TOKEN_DETECTORS, a)
+
+
+def kinds_of(a: Answers) -> list[str]:
+    """The question kinds that get a one-hot column in the kind controls."""
+    return sorted(a.answers.kind.unique())
+
+
+def _roles(detectors: dict[str, Detector]) -> dict:
+    return {name: d.role for name, d in detectors.items()}
+
+
+def outer_splits(a: Answers, rows: np.ndarray, n_splits: int = OUTER_FOLDS, seed: int = 0) -> list[np.ndarray]:
+    """Fold index (0 .. n_splits-1) of every answer in `rows`, grouped by question (all answers of one question,
+    across runs, fall in one fold) and stratified by label."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    labels = a.answers.label.to_numpy()[rows]
+    strata = a.answers.y.to_numpy()[rows]  # correct, incorrect, neither (not attempted, unparsed)
+    n = min(n_splits, int(pd.Series(a.answers.y.to_numpy()[rows]).value_counts().get(0, 0)),
+            int(pd.Series(a.answers.y.to_numpy()[rows]).value_counts().get(1, 0)))
+    if n < 2:
+        raise InstrumentError(f"too few correct or incorrect answers to cross-validate (labels: "
+                              f"{pd.Series(labels).value_counts().to_dict()})")
+    fold = np.empty(len(rows), int)
+    splitter = StratifiedGroupKFold(n, shuffle=True, random_state=seed)
+    for i, (_, test) in enumerate(splitter.split(rows, strata, a.answers.group.to_numpy()[rows])):
+        fold[test] = i
+    return fold
+
+
+def sample_negatives(y: np.ndarray, ratio: int, seed: int) -> np.ndarray:
+    """Rows to train a token model on: every wrong-moment token (y == 0) and at most `ratio` times as many others,
+    drawn at random (the class weights are balanced anyway; this bounds the fitting time)."""
+    rare, common = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
+    keep = min(len(common), max(ratio * len(rare), 1))
+    return np.sort(np.r_[rare, np.random.default_rng(seed).choice(common, keep, replace=False)])
+
+
+@dataclass
+class CrossValidation:
+    """Out-of-fold confidences of every method for one task's answers (and tokens)."""
+
+    rows: np.ndarray  # answers of the task (rows of Answers.answers)
+    fold: np.ndarray  # fold of each of those answers
+    answer: pd.DataFrame  # per answer (rows): method -> out-of-fold confidence
+    selective: pd.DataFrame  # per answer and method: the threshold chosen on its training folds
+    prefix: dict[str, np.ndarray]  # detector with a prefix form -> per token of `rows`' answers: its out-of-fold
+    #                               prefix confidence
+    token: pd.DataFrame | None  # per token of `rows`' answers: token detector -> out-of-fold confidence (math)
+    details: dict
+
+
+def token_rows(a: Answers, rows: np.ndarray) -> np.ndarray:
+    starts, counts = a.answers.start.to_numpy()[rows], a.answers.n_tokens.to_numpy()[rows]
+    return np.concatenate([np.arange(s, s + n) for s, n in zip(starts, counts)]) if len(rows) else np.zeros(0, int)
+
+
+def cross_validate(a: Answers, rows: np.ndarray, *, detectors: dict[str, Detector] | None = None,
+                   token_detectors_: dict[str, Detector] | None = None, seed: int = 0,
+                   progress=None) -> CrossValidation:
+    """Every detector fitted on the training folds of each outer fold, scored on the held-out fold (answers
+    grouped by question: no question is in two folds). Only correct / incorrect answers train; every answer of
+    a held-out fold is scored. Thresholds for selective answering come from the training folds' honest
+    confidences. Detectors: `answer_detectors(a)`, `token_detectors(a)` unless given."""
+    detectors = answer_detectors(a) if detectors is None else detectors
+    token_dets = token_detectors(a) if token_detectors_ is None else token_detectors_
+    fold = outer_splits(a, rows, seed=seed)
+    kinds = kinds_of(a)
+    feats = {name: d.inputs(a, kinds) for name, d in detectors.items()}
+    y_all, groups_all, labels_all = a.answers.y.to_numpy(), a.answers.group.to_numpy(), a.answers.label.to_numpy()
+    answer = pd.DataFrame(index=rows, columns=list(detectors), dtype=float)
+    thresholds = pd.DataFrame(index=rows, columns=list(detectors), dtype=float)
+    tok_rows = token_rows(a, rows)
+    token_fold = np.repeat(fold, a.answers.n_tokens.to_numpy()[rows])
+    with_prefix = {name: d for name, d in detectors.items() if d.prefix_features is not None}
+    rows_only = a.subset(rows) if with_prefix else None  # tokens of `rows` in order: tok_rows
+    prefix_feats = {name: d.prefix_features(rows_only) for name, d in with_prefix.items()}
+    prefix = {name: np.full(len(tok_rows), np.nan) for name in with_prefix}
+    token = None
+    target = a.tokens.target.to_numpy()[tok_rows]
+    has_tokens = token_dets and (target == 1).sum() >= 2
+    if has_tokens:
+        tfeats = {name: d.inputs(a, kinds)[tok_rows] for name, d in token_dets.items()}
+        token = pd.DataFrame(index=np.arange(len(tok_rows)), columns=list(token_dets), dtype=float)
+        t_groups = groups_all[a.answer_of_token[tok_rows]]
+    details: dict = {"folds": int(fold.max() + 1), "C": {}, "threshold": {}}
+    for k in range(fold.max() + 1):
+        train = rows[(fold != k) & (y_all[rows] >= 0)]
+        test = rows[fold == k]
+        for name, d in detectors.items():
+            if progress:
+                progress(f"fold {k + 1}: {name}")
+            fitted = d.fit(take(feats[name], train), y_all[train], groups_all[train], seed=seed + k)
+            answer.loc[test, name] = fitted.confidence(take(feats[name], test))
+            thresholds.loc[test, name] = choose_threshold(fitted.train_confidence, labels_all[train])
+            if "C" in fitted.detail:
+                details["C"].setdefault(name, []).append(fitted.detail["C"])
+            if name in prefix:
+                prefix[name][token_fold == k] = fitted.confidence(prefix_feats[name][token_fold == k])
+        if has_tokens:
+            usable = np.flatnonzero((token_fold != k) & (target >= 0))
+            train_t = usable[sample_negatives(1 - target[usable], NEGATIVES_PER_POSITIVE, seed + k)]
+            test_t = np.flatnonzero(token_fold == k)
+            for name, d in token_dets.items():
+                if progress:
+                    progress(f"fold {k + 1}: token {name}")
+                fitted = d.fit(tfeats[name][train_t], 1 - target[train_t], t_groups[train_t], seed=seed + k)
+                token.loc[test_t, name] = fitted.confidence(tfeats[name][test_t])
+                if "C" in fitted.detail:
+                    details["C"].setdefault(f"token:{name}", []).append(fitted.detail["C"])
+    return CrossValidation(rows, fold, answer, thresholds, prefix, token, details)
+
+
+
+def leave_one_kind_out(a: Answers, rows: np.ndarray, *, detectors: dict[str, Detector] | None = None,
+                       seed: int = 0, progress=None) -> pd.DataFrame:
+    """Out-of-kind confidences: each kind scored by the detectors fitted on the other kinds only (the kinds the
+    instrument will meet are not the ones it was fitted on). Empty where fewer than two kinds exist. Only for
+    detectors evaluated out of kind (not those that read the kind: a kind left out has no column of its own)."""
+    detectors = answer_detectors(a) if detectors is None else detectors
+    detectors = {name: d for name, d in detectors.items() if d.out_of_kind}
+    kinds = a.answers.kind.to_numpy()[rows]
+    y = a.answers.y.to_numpy()
+    feats = {name: d.inputs(a, kinds_of(a)) for name, d in detectors.items()}
+    out = pd.DataFrame(index=rows, columns=list(detectors), dtype=float)
+    if len(np.unique(kinds)) < 2:
+        return out.iloc[:0]
+    for kind in np.unique(kinds):
+        train = rows[(kinds != kind) & (y[rows] >= 0)]
+        test = rows[kinds == kind]
+        if min((y[train] == 1).sum(), (y[train] == 0).sum()) < 2 * INNER_FOLDS:
+            continue
+        for name, d in detectors.items():
+            if progress:
+                progress(f"leave out {kind}: {name}")
+            fitted = d.fit(take(feats[name], train), y[train], a.answers.group.to_numpy()[train], seed=seed)
+            out.loc[test, name] = fitted.confidence(take(feats[name], test))
+    return out
+
+
+
+def transfer_rows(train: Answers, test: Answers, name: str, *, n_boot: int, seed: int) -> list[dict]:
+    """Every answer detector fitted on all of `train` (per task) and scored on the answers of another run
+    (hidden-state detectors only where both kept the same layers)."""
+    rows = []
+    detectors = answer_detectors(train)
+    if not test.hidden or test.hidden_layers != train.hidden_layers:
+        detectors = {m: d for m, d in detectors.items() if not d.needs}
+    roles = _roles(detectors)
+    kinds = kinds_of(train)
+    for task in sorted(set(test.answers.task) & set(train.answers.task)):
+        tr = np.flatnonzero((train.answers.task.to_numpy() == task) & (train.answers.y.to_numpy() >= 0))
+        te = np.flatnonzero((test.answers.task.to_numpy() == task) & (test.answers.y.to_numpy() >= 0))
+        conf = pd.DataFrame(index=te, columns=list(detectors), dtype=float)
+        for method, d in detectors.items():
+            fitted = d.fit(take(d.inputs(train, kinds), tr), train.answers.y.to_numpy()[tr],
+                           train.answers.group.to_numpy()[tr], seed=seed)
+            conf[method] = fitted.confidence(take(d.inputs(test, kinds), te))
+        rows += discrimination_rows(task, "transfer", name, conf, test.answers.y.to_numpy()[te],
+                                    test.answers.group.to_numpy()[te], roles, n_boot=n_boot, seed=seed)
+    return rows
+
+
+
+def _row(task, evaluation, subset, method, role, metric, value, lo=np.nan, hi=np.nan, n_pos=0, n_neg=0) -> dict:
+    return {"task": task, "evaluation": evaluation, "subset": subset, "method": method, "role": role,
+            "metric": metric, "value": float(value), "lo": float(lo), "hi": float(hi), "n_positive": int(n_pos),
+            "n_negative": int(n_neg)}
+
+
+def discrimination_rows(task: str, evaluation: str, subset: str, confidences: pd.DataFrame, y: np.ndarray,
+                        groups: np.ndarray, roles: dict, *, n_boot: int, seed: int,
+                        metrics=tuple(stats.SCORE_METRICS), positive_name: str = "correct") -> list[dict]:
+    """Every method's metrics on the same items and the same bootstrap resamples of their questions, plus the
+    paired AUROC difference instrument - method."""
+    y = np.asarray(y, float)
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    if min(n_pos, n_neg) < MIN_PER_CLASS:
+        return []
+    weights = stats.group_counts(groups, n_boot, seed)
+    rows, boot_auc = [], {}
+    for method in confidences:
+        conf = confidences[method].to_numpy(float)
+        for metric, (value, lo, hi) in stats.score_metrics(conf, y, weights, metrics).items():
+            rows.append(_row(task, evaluation, subset, method, roles[method], metric, value, lo, hi, n_pos, n_neg))
+        boot_auc[method] = stats.weighted_auroc_rows(conf, y, weights)
+    if PRIMARY in boot_auc:
+        point = {m: r["value"] for r in rows if r["metric"] == "auroc" for m in [r["method"]]}
+        for method, boot in boot_auc.items():
+            if method == PRIMARY:
+                continue
+            lo, hi = np.nanpercentile(boot_auc[PRIMARY] - boot, [2.5, 97.5])
+            rows.append(_row(task, evaluation, subset, method, roles[method], "auroc_gain_of_instrument",
+                             point[PRIMARY] - point[method], lo, hi, n_pos, n_neg))
+    return rows
+
+
+def stratified_rows(task: str, confidences: pd.DataFrame, y: np.ndarray, strata: np.ndarray, groups: np.ndarray,
+                    roles: dict, *, n_boot: int, seed: int) -> list[dict]:
+    """Stratified AUROC: only pairs (correct, incorrect) of the same stratum (question kind) count, so a method
+    cannot score by telling kinds apart. The pooled pair-weighted mean of the per-stratum AUROCs."""
+    usable = [s for s in np.unique(strata) if min((y[strata == s] == 1).sum(), (y[strata == s] == 0).sum()) >= 1]
+    if not usable:
+        return []
+    weights = np.r_[np.ones((1, len(y))), stats.group_counts(groups, n_boot, seed)]
+    rows = []
+    for method in confidences:
+        value = stats.stratified_auroc(confidences[method].to_numpy(float)[:, None], y == 1, strata, weights)[:, 0]
+        lo, hi = np.nanpercentile(value[1:], [2.5, 97.5])
+        rows.append(_row(task, "stratified", "pairs within a kind", method, roles[method], "auroc", value[0], lo, hi,
+                         (y == 1).sum(), (y == 0).sum()))
+    return rows
+
+
+def selective_rows(task: str, confidence: pd.DataFrame, thresholds: pd.DataFrame, labels: np.ndarray,
+                   groups: np.ndarray, roles: dict, policies: list[str], *, n_boot: int, seed: int) -> list[dict]:
+    """Abstention below each answer's fold's training threshold (`thresholds`, per method), pooled over the
+    held-out folds: coverage, correct, correct given attempted and F-score (SimpleQA's), next to answering
+    everything."""
+    weights = np.r_[np.ones((1, len(labels))), stats.group_counts(groups, n_boot, seed)]
+    rows = []
+    for method in [None, *policies]:
+        if method is None:
+            attempted = labels != "not_attempted"
+        else:
+            attempted = (confidence[method].to_numpy(float) >= thresholds[method].to_numpy(float)) & (
+                labels != "not_attempted")
+        correct = attempted & (labels == "correct")
+        n = weights.sum(1)
+        values = {"coverage": weights @ attempted / n, "correct": weights @ correct / n}
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values["correct_given_attempted"] = weights @ correct / (weights @ attempted)
+        c, cga = values["correct"], values["correct_given_attempted"]
+        values["f_score"] = f_score(c, cga)
+        name = method or "answer_everything"
+        for metric, v in values.items():
+            lo, hi = np.nanpercentile(v[1:], [2.5, 97.5])
+            rows.append(_row(task, "selective", "threshold from training folds", name,
+                             roles.get(method, "reference"), metric, v[0], lo, hi, (labels == "correct").sum(),
+                             (labels == "incorrect").sum()))
+    return rows
+
+
+def evaluate(a: Answers, task: str, *, n_boot: int = 1000, seed: int = 0, progress=None
+             ) -> tuple[pd.DataFrame, dict]:
+    """The whole evaluation of one task's answers: rows of (evaluation, subset, method, metric, value, interval)
+    and the out-of-fold predictions behind them (for figures and the token viewer)."""
+    rows = np.flatnonzero(a.answers.task.to_numpy() == task)
+    cv = cross_validate(a, rows, seed=seed, progress=progress)
+    loko = leave_one_kind_out(a, rows, seed=seed, progress=progress)
+    roles, token_roles = _roles(answer_detectors(a)), _roles(token_detectors(a))
+    answers = a.answers.iloc[rows]
+    y, groups, kinds = answers.y.to_numpy(), answers.group.to_numpy(), answers.kind.to_numpy()
+    lab = y >= 0
+    out: list[dict] = []
+    out += discrimination_rows(task, "in_distribution", "all", cv.answer[lab], y[lab], groups[lab], roles,
+                               n_boot=n_boot, seed=seed)
+    for kind in np.unique(kinds):
+        m = lab & (kinds == kind)
+        out += discrimination_rows(task, "within_kind", kind, cv.answer[m], y[m], groups[m], roles, n_boot=n_boot,
+                                   seed=seed, metrics=("auroc",))
+        if len(loko) and not loko.loc[rows[m]].isna().all().all():
+            out += discrimination_rows(task, "leave_one_kind_out", kind, loko.loc[rows[m]], y[m], groups[m], roles,
+                                       n_boot=n_boot, seed=seed, metrics=("auroc",))
+    if len(np.unique(kinds)) > 1:
+        out += stratified_rows(task, cv.answer[lab], y[lab], kinds[lab], groups[lab], roles, n_boot=n_boot,
+                               seed=seed)
+    in_dist = pd.DataFrame(out)
+    auc = in_dist.query("evaluation == 'in_distribution' and metric == 'auroc'").set_index("method").value
+    best_logit = max(of_family("logit"), key=lambda m: auc.get(m, -1))
+    graded = answers.label.to_numpy() != "unparsed"
+    out += selective_rows(task, cv.answer[graded], cv.selective[graded], answers.label.to_numpy()[graded],
+                          groups[graded], roles, [PRIMARY, best_logit], n_boot=n_boot, seed=seed)
+    # prefix confidence: the answer model on the first k tokens (whole answers when shorter)
+    tok_rows = token_rows(a, rows)
+    lengths = answers.n_tokens.to_numpy()
+    tok_answer = np.repeat(np.arange(len(rows)), lengths)
+    local_start = np.r_[0, np.cumsum(lengths)[:-1]]
+    for k in (*PREFIX_LENGTHS, None):
+        pick = local_start + (lengths if k is None else np.minimum(lengths, k)) - 1
+        conf = pd.DataFrame({name: prefix[pick] for name, prefix in cv.prefix.items()})
+        out += discrimination_rows(task, "prefix", "whole answer" if k is None else f"first {k} tokens",
+                                   conf[lab], y[lab], groups[lab], roles, n_boot=n_boot, seed=seed,
+                                   metrics=("auroc",))
+    token_table = None
+    if cv.token is not None:
+        tok_groups = groups[tok_answer]
+        for name, (positive, negative) in token_comparisons(a, tok_rows).items():
+            use = positive | negative
+            if positive.sum() < MIN_PER_CLASS:
+                continue
+            # positive class here: the wrong moment; a method flags it by low confidence
+            flagged = 1 - cv.token[use].astype(float)
+            out += discrimination_rows(task, f"token:{name}", TOKEN_COMPARISON_TITLES[name], flagged,
+                                       positive[use].astype(float), tok_groups[use], token_roles, n_boot=n_boot,
+                                       seed=seed, metrics=("auroc",))
+        token_table = cv.token
+    evaluation = pd.DataFrame(out)
+    identity = answers[["run", "run_fingerprint", "question_id", "kind", "label", "y"]].reset_index(drop=True)
+    predictions = identity.assign(
+        fold=cv.fold, **{f"confidence:{m}": cv.answer[m].to_numpy(float) for m in cv.answer},
+        **{f"threshold:{m}": cv.selective[m].to_numpy(float) for m in cv.selective},
+        **({f"loko:{m}": loko[m].reindex(rows).to_numpy(float) for m in loko} if len(loko) else {}))
+    tokens = a.tokens.iloc[tok_rows][["pos", "token", "target"]].reset_index(drop=True).assign(
+        run=answers.run.to_numpy()[tok_answer], run_fingerprint=answers.run_fingerprint.to_numpy()[tok_answer],
+        question_id=answers.question_id.to_numpy()[tok_answer],
+        prefix_confidence=cv.prefix.get(PRIMARY, np.full(len(tok_rows), np.nan)))
+    if token_table is not None:
+        tokens = tokens.assign(**{f"confidence:{m}": token_table[m].to_numpy(float) for m in token_table})
+    summary = {"answers": int(len(rows)), "labels": answers.label.value_counts().to_dict(),
+               "kinds": answers.kind.value_counts().to_dict(), "folds": cv.details["folds"],
+               "chosen_C": cv.details["C"], "best_logit_baseline": best_logit,
+               "wrong_moment_tokens": int((a.tokens.target.to_numpy()[tok_rows] == 1).sum())}
+    return evaluation, {"answers": predictions, "tokens": tokens, "summary": summary}
