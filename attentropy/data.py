@@ -349,7 +349,7 @@ def _arith_problem(rng: random.Random, steps: int) -> tuple[str, str, int]:
     return " ".join(sentences), "\n".join(lines), value
 
 
-ARITH_DEFAULT_DIFFICULTY = 1  # SmolLM2-135M: ~50% correct at 1 step, ~5% at 2 (8-shot, greedy)
+ARITH_DEFAULT_DIFFICULTY = 1  # one step: what the embedded model answers about half correctly (bench/RESULTS.md)
 
 
 def make_arith(n: int = 100, seed: int = 0, difficulty: int = ARITH_DEFAULT_DIFFICULTY,

@@ -45,8 +45,8 @@ class Instrument:
     """Fitted answer models (one per task) and the token model, for one model's recorded layer x head layout."""
 
     identity: dict  # model_identity(): the model and layout it belongs to
-    answer_models: dict[str, LinearProbe]  # task -> probe on instrument_features(answer)
-    token_model: LinearProbe | None  # probe on instrument_features(token): P(not the wrong moment)
+    answer_models: dict[str, LinearProbe]  # task -> probe on features.answer_features
+    token_model: LinearProbe | None  # probe on features.token_features: P(not the wrong moment)
     meta: dict = field(default_factory=dict)  # training runs, features, versions, evaluation summary
 
     def check(self, identity: dict, what: str) -> None:

@@ -61,7 +61,7 @@ def _sha256(path: Path) -> str:
 
 def embedded_model_dir() -> tuple[Path, str]:
     """Dequantize the embedded GGUF once into float32 safetensors under the user cache; return (dir, gguf sha256).
-    Later loads read the safetensors directly (well under a second instead of ~20 s)."""
+    Later loads read the safetensors directly (bench/model_load.py compares the two)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf()

@@ -157,7 +157,7 @@ def append_batch(run_dir: Path, generations: list[Generation], tokenizer, attn_d
             _replace_atomically(tmp, path)
     # Statistics are floats with few repeated values: dictionary encoding (Parquet's default) fails and leaves
     # parts larger than the raw floats; byte-stream split (each byte of the floats stored together) lets zstd
-    # compress them (the main job's parts: 0.81x the raw floats, `du -sh runs/smollm2-135m/*/attn`).
+    # compress them (sizes: bench/RESULTS.md).
     _write_parquet(attn_table, run_dir / "attn" / f"{part}.parquet", use_dictionary=False,
                    use_byte_stream_split=attn_dtype == "float32")  # float16 split needs pyarrow >= 16
     _write_parquet(tokens, run_dir / "tokens" / f"{part}.parquet")

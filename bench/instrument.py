@@ -33,10 +33,11 @@ import pandas as pd
 
 
 def targets(probe: Path) -> None:
-    from attentropy.instrument import LOGIT_BASELINES, MIN_TO_CONCLUDE
+    from attentropy.detectors import cheap, of_family
+    from attentropy.evaluation import MIN_PER_CLASS_TO_CONCLUDE as MIN_TO_CONCLUDE
 
     ev = pd.read_csv(probe / "evaluation.csv")
-    pool = [*LOGIT_BASELINES, "length", "kind", "kind_logit"]
+    pool = cheap(ev.method.unique())
     for task, rows in ev.groupby("task", sort=False):
         auc = rows.query("evaluation == 'in_distribution' and metric == 'auroc'").set_index("method")
         gain = rows.query("evaluation == 'in_distribution' and metric == 'auroc_gain_of_instrument'").set_index(
@@ -60,7 +61,7 @@ def targets(probe: Path) -> None:
         loko = rows.query("evaluation == 'leave_one_kind_out' and metric == 'auroc'")
         for kind, kr in loko.groupby("subset"):
             kr = kr.set_index("method")
-            rival = kr.loc[[m for m in LOGIT_BASELINES if m in kr.index]].value.idxmax()
+            rival = kr.loc[of_family("logit", kr.index)].value.idxmax()
             print(f"  {kind} left out of fitting: instrument {kr.loc['instrument', 'value']:.3f} vs {rival} "
                   f"{kr.loc[rival, 'value']:.3f}")
         tokens = rows[rows.evaluation.str.startswith("token:") & (rows.metric == "auroc")]
@@ -74,7 +75,9 @@ def targets(probe: Path) -> None:
 
 
 def fitting_time(facts_run: Path, n: int = 1000) -> None:
-    from attentropy.instrument import evaluate, fit_final, load_answers
+    from attentropy.answers import load_answers
+    from attentropy.evaluation import evaluate
+    from attentropy.instrument import fit_final
 
     a, _, _ = load_answers([facts_run])
     draw = np.random.default_rng(0).choice(len(a.answers), n, replace=True)
@@ -116,7 +119,8 @@ def teacher_forced(probe: Path, questions: int, rounds: int) -> None:
     from attentropy.capture import capture
     from attentropy.data import make_facts
     from attentropy.generate import PrefixStore, generate
-    from attentropy.instrument import answers_from_generations, load_instrument
+    from attentropy.answers import answers_from_generations
+    from attentropy.instrument import load_instrument
     from attentropy.model import load_model
 
     instrument = load_instrument(probe)
@@ -146,8 +150,11 @@ def teacher_forced(probe: Path, questions: int, rounds: int) -> None:
 def token_features(arith_run: Path) -> None:
     from sklearn.metrics import roc_auc_score
 
-    from attentropy.instrument import (NEGATIVES_PER_POSITIVE, _sample_negatives, attention_token_matrix, fit_probe,
-                                       instrument_features, load_answers, token_types)
+    from attentropy.answers import load_answers
+    from attentropy.evaluation import NEGATIVES_PER_POSITIVE, sample_negatives
+    from attentropy.features import attention_token_matrix, token_features
+    from attentropy.probe import fit_probe
+    from attentropy.token_comparisons import token_types
 
     a, _, _ = load_answers([arith_run])
     target = a.tokens.target.to_numpy()
@@ -155,10 +162,10 @@ def token_features(arith_run: Path) -> None:
     questions = np.unique(groups)
     held_out = np.isin(groups, np.random.default_rng(0).choice(questions, len(questions) // 5, replace=False))
     usable = np.flatnonzero(~held_out & (target >= 0))
-    train = usable[_sample_negatives(1 - target[usable], NEGATIVES_PER_POSITIVE, 0)]
+    train = usable[sample_negatives(1 - target[usable], NEGATIVES_PER_POSITIVE, 0)]
     test = np.flatnonzero(held_out & (target >= 0))
     digits, results = token_types(a.tokens.token)
-    per_layer = instrument_features(a, "token")
+    per_layer = token_features(a)
     per_head = np.concatenate([attention_token_matrix(a), per_layer[:, -3:]], axis=1)
     for name, X in (("per layer (mean over heads)", per_layer), ("per layer x head", per_head)):
         start = time.perf_counter()
