@@ -13,62 +13,16 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
 
+from .gsm8k import extract_final_number, grade_gsm8k, normalize_number, numbers_in
 from .simpleqa import grade_simpleqa_offline
 
 SIMPLEQA_LABELS = ("correct", "incorrect", "not_attempted", "unparsed")
 GSM8K_LABELS = ("correct", "incorrect", "unparsed")
-
-# ---------------------------------------------------------------- numbers and GSM8K extraction
-
-_NUMBER = r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\$?\s?\.\d+"
-_STRICT = re.compile(r"final answer is[:\s]*\**\s*(" + _NUMBER + r")", re.IGNORECASE)
-_ANY_NUMBER = re.compile(_NUMBER)
-
-
-def normalize_number(text: str) -> str | None:
-    """'$1,234.50' -> '1234.5', '7.0' -> '7', '+3' -> '3', '-0' -> '0'; None if it is no number."""
-    cleaned = text.strip().replace("$", "").replace(",", "").replace(" ", "").lstrip("+").rstrip(".")
-    try:
-        value = Decimal(cleaned)
-    except InvalidOperation:
-        return None
-    if value == 0:
-        return "0"
-    normalized = format(value.normalize(), "f")
-    return normalized.rstrip("0").rstrip(".") if "." in normalized else normalized
-
-
-def extract_final_number(text: str, policy: str) -> str | None:
-    """The answer's final number. `strict`: the number in the last "The final answer is N" (the format the prompt
-    asks for); `flexible`: the last number anywhere in the text. Normalised by `normalize_number`."""
-    if policy == "strict":
-        matches = _STRICT.findall(text)
-    elif policy == "flexible":
-        matches = _ANY_NUMBER.findall(text)
-    else:
-        raise ValueError(f"policy must be 'strict' or 'flexible', got {policy!r}")
-    for candidate in reversed(matches):
-        number = normalize_number(candidate)
-        if number is not None:
-            return number
-    return None
-
-
-def grade_gsm8k(target: str, completion: str, policy: str = "strict") -> str:
-    predicted = extract_final_number(completion, policy)
-    if predicted is None:
-        return "unparsed"
-    return "correct" if Decimal(predicted) == Decimal(normalize_number(target)) else "incorrect"
-
-
-def _numbers(text: str) -> list[Decimal]:
-    return [Decimal(n) for n in (normalize_number(m) for m in _ANY_NUMBER.findall(text)) if n is not None]
-
 
 # ---------------------------------------------------------------- LLM judge / critic through an OpenAI-compatible API
 
@@ -333,12 +287,12 @@ def _evaluate(expression: str) -> Decimal | None:
 def _reference_values(question: str, reference: str) -> tuple[set[Decimal], set[Decimal]]:
     """(operands, results) the reference supports: operands are the question's numbers (digits or number words)
     and every number of the reference; results are the numbers of the reference (annotations, text, answer)."""
-    operands = set(_numbers(question))
+    operands = set(numbers_in(question))
     operands.update(v for w, v in _NUMBER_WORDS.items() if re.search(rf"\b{w}\b", question, re.IGNORECASE))
-    results = set(_numbers(reference))
+    results = set(numbers_in(reference))
     for expression, result in re.findall(r"<<([^=<>]*)=([^<>]*)>>", reference):
-        operands.update(_numbers(expression))
-        results.update(_numbers(result))
+        operands.update(numbers_in(expression))
+        results.update(numbers_in(result))
     return operands | results, results
 
 

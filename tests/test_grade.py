@@ -16,9 +16,9 @@ from attentropy.capture import Capture
 from attentropy.cli import main
 from attentropy.data import Question, make_arith
 from attentropy.generate import Generation
-from attentropy.grade import (char_to_token_spans, extract_final_number, grade_run,
-                              locate_error_offline, locate_text, normalize_number, parse_critic_reply,
-                              parse_judge_verdict, split_steps, tokens_of_span)
+from attentropy.grade import (char_to_token_spans, grade_run, locate_error_offline, locate_text,
+                              parse_critic_reply, parse_judge_verdict, split_steps, tokens_of_span)
+from attentropy.gsm8k import extract_final_number, normalize_number
 from attentropy.report import _config_rows
 from attentropy.store import append_batch, write_json
 
