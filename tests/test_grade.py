@@ -17,8 +17,9 @@ from attentropy.cli import main
 from attentropy.data import Question, make_arith
 from attentropy.generate import Generation
 from attentropy.grade import (char_to_token_spans, grade_run, locate_error_offline, locate_text,
-                              parse_critic_reply, parse_judge_verdict, split_steps, tokens_of_span)
+                              parse_critic_reply, split_steps, tokens_of_span)
 from attentropy.gsm8k import extract_final_number, normalize_number
+from attentropy.judge import parse_judge_verdict
 from attentropy.report import _config_rows
 from attentropy.store import append_batch, write_json
 
