@@ -18,6 +18,7 @@ from .judge import SIMPLEQA_JUDGE_PROMPT, parse_judge_verdict
 from .llm_client import LLMClient, ReplyCache, ask_all, failure_causes
 from .offline_critic import find_error_offline, split_steps
 from .simpleqa import grade_simpleqa_offline
+from .token_spans import char_to_token_spans, tokens_of_span
 
 SIMPLEQA_LABELS = ("correct", "incorrect", "not_attempted", "unparsed")
 GSM8K_LABELS = ("correct", "incorrect", "unparsed")
@@ -85,27 +86,6 @@ def locate_text(solution: str, text: str, step_span: tuple[int, int] | None) -> 
         if at >= 0:
             return at, at + len(text)
     return None
-
-
-def char_to_token_spans(tokenizer, token_ids: list[int]) -> list[tuple[int, int]]:
-    """Character span of each generated token inside decode(token_ids, skip_special_tokens=True), from decoding
-    growing prefixes of the ids (never re-tokenizing). A token holding only part of a multi-byte character
-    (its prefix decodes to a trailing U+FFFD) also covers that character, so spans of neighbours may overlap."""
-    spans, previous = [], 0
-    for i in range(1, len(token_ids) + 1):
-        text = tokenizer.decode(token_ids[:i], skip_special_tokens=True)
-        complete = max(len(text.rstrip("\ufffd")), previous)
-        spans.append((previous, complete + (1 if text.endswith("\ufffd") else 0)))
-        previous = complete
-    return spans
-
-
-def tokens_of_span(token_spans: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
-    """[first, last + 1) of the tokens whose characters overlap [start, end)."""
-    inside = [i for i, (s, e) in enumerate(token_spans) if s < end and e > start]
-    if not inside:
-        raise ValueError(f"no token covers characters [{start}, {end})")
-    return inside[0], inside[-1] + 1
 
 
 # ---------------------------------------------------------------- grading a run directory
