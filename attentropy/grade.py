@@ -1,5 +1,6 @@
-"""Labels for a run: SimpleQA's three grades (LLM judge or offline grader), GSM8K correctness (strict and
-flexible extraction), and the critic's "moment where things went wrong" mapped to completion tokens.
+"""Grading a run directory: labels for its answers (DIR/grades.parquet): SimpleQA's three grades (LLM judge or
+offline grader), GSM8K correctness (strict and flexible extraction), and the critic's "moment where things went
+wrong" mapped to completion tokens; their metrics (DIR/metrics.json) and how they are printed.
 
 Every LLM reply is cached on disk (DIR/llm_replies.jsonl, keyed by model and prompt), so `attentropy grade`
 reruns only what is missing and a changed parser regrades from the stored replies without new calls.
@@ -7,88 +8,19 @@ reruns only what is missing and a changed parser regrades from the stored replie
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 
+from .critic import CRITIC_PROMPT, critique_of, empty_critique, numbered_steps
 from .gsm8k import extract_final_number, grade_gsm8k
 from .judge import SIMPLEQA_JUDGE_PROMPT, parse_judge_verdict
 from .llm_client import LLMClient, ReplyCache, ask_all, failure_causes
-from .offline_critic import find_error_offline, split_steps
 from .simpleqa import grade_simpleqa_offline
-from .token_spans import char_to_token_spans, tokens_of_span
 
 SIMPLEQA_LABELS = ("correct", "incorrect", "not_attempted", "unparsed")
 GSM8K_LABELS = ("correct", "incorrect", "unparsed")
-
-# ---------------------------------------------------------------- the critic
-
-CRITIC_PROMPT = """You check a student's solution to a grade-school math problem against the reference solution. \
-The student's final answer is wrong. Find the EARLIEST step where the student's reasoning or arithmetic goes \
-wrong: a wrong calculation, a wrong number carried forward, a wrong operation or a misread quantity.
-
-Problem:
-{question}
-
-Student's solution, split into numbered steps:
-{steps}
-
-Reference solution:
-{reference}
-
-Reply with a JSON object and nothing else:
-{{"step": <number of the earliest wrong step>, "error_text": "<the exact erroneous words or number, copied \
-verbatim from that step>", "reason": "<one short sentence>"}}"""
-
-
-# ---------------------------------------------------------------- solutions: the LLM critic, spans
-
-
-def numbered_steps(solution: str) -> str:
-    return "\n".join(f"Step {i + 1}: {solution[s:e]}" for i, (s, e) in enumerate(split_steps(solution)))
-
-
-def parse_critic_reply(reply: str | None) -> dict | None:
-    """{'step': 1-based int, 'error_text': str, 'reason': str} from a critic's reply, tolerant: the last JSON
-    object with a step wins; else the last 'step N' mentioned. None when no step index is given."""
-    if not reply:
-        return None
-    for candidate in reversed(re.findall(r"\{[^{}]*\}", reply, re.DOTALL)):
-        try:
-            obj = json.loads(candidate)
-        except json.JSONDecodeError:
-            continue
-        step = obj.get("step") if isinstance(obj, dict) else None
-        if isinstance(step, str) and step.strip().lstrip("-").isdigit():
-            step = int(step)
-        if isinstance(step, int) and not isinstance(step, bool):
-            return {"step": step, "error_text": str(obj.get("error_text") or ""), "reason": str(obj.get("reason") or "")}
-    steps = re.findall(r"step\W{0,3}(\d+)", reply, re.IGNORECASE)
-    if steps:
-        return {"step": int(steps[-1]), "error_text": "", "reason": ""}
-    return None
-
-
-def locate_text(solution: str, text: str, step_span: tuple[int, int] | None) -> tuple[int, int] | None:
-    """Character span of `text` in `solution`: inside the given step first, then after the step's start, then
-    anywhere (first occurrence); whitespace-insensitive at the ends. None if it does not occur."""
-    text = text.strip()
-    if not text:
-        return None
-    windows = [step_span] if step_span else []
-    if step_span:
-        windows.append((step_span[0], len(solution)))
-    windows.append((0, len(solution)))
-    for lo, hi in windows:
-        at = solution.find(text, lo, hi)
-        if at >= 0:
-            return at, at + len(text)
-    return None
-
-
-# ---------------------------------------------------------------- grading a run directory
 
 
 def simpleqa_metrics(labels) -> dict:
@@ -125,43 +57,6 @@ def confusion_table(rows: list[str], cols: list[str], labels: tuple[str, ...], r
     agree = sum(counts[(x, x)] for x in labels)
     lines.append(f"agreement: {agree}/{len(rows)} ({agree / max(1, len(rows)):.1%})")
     return "\n".join(lines)
-
-
-def _critique(row, tokenizer, critic_reply: dict | None, critic_name: str) -> dict:
-    """The critic's wrong moment for one incorrect solution, located in characters and completion tokens."""
-    solution = row.completion
-    steps = split_steps(solution)
-    token_spans = char_to_token_spans(tokenizer, list(row.completion_ids))
-    out = _critique_defaults(critic_name)
-    # the numbered steps the critic saw, in characters and in completion tokens
-    out["step_char_ranges"] = [list(span) for span in steps]
-    out["step_token_ranges"] = [list(tokens_of_span(token_spans, *span)) for span in steps]
-    if critic_reply is None:  # offline critic
-        index, span, reason = find_error_offline(row.question, solution, row.reference)
-        out.update(error_step=index, error_reason=reason)
-        if index < 0:
-            out["critic_status"] = "no_error_found"
-            return out
-        status = "located"
-    else:
-        if critic_reply.get("reply") is None:  # no reply: not a verdict; asked again on the next run
-            out.update(critic_status="no_reply", error_reason=str(critic_reply.get("error")))
-            return out
-        parsed = parse_critic_reply(critic_reply.get("reply"))
-        if parsed is None or not 1 <= parsed["step"] <= len(steps):
-            out["critic_status"] = "unparsed"
-            return out
-        index = parsed["step"] - 1
-        out.update(error_step=index, error_text=parsed["error_text"], error_reason=parsed["reason"])
-        span = locate_text(solution, parsed["error_text"], steps[index])
-        status = "located"
-        if span is None:  # the critic's words are not in the solution: the whole step is the wrong moment
-            span, status = steps[index], "step_only"
-    out.update(critic_status=status, error_char_start=span[0], error_char_end=span[1],
-               error_text=out["error_text"] or solution[span[0]:span[1]])
-    first, last = tokens_of_span(token_spans, *span)
-    out.update(error_token_start=first, error_token_end=last)
-    return out
 
 
 def grade_run(run_dir: str | Path, *, judge: str | None = None, critic: str | None = None,
@@ -263,14 +158,14 @@ def _grade_run(run_dir: Path, *, judge, critic, base_url, api_key_env, timeout, 
                        for r in wrong.itertuples()]
             replies = ask_all(LLMClient(critic, **llm), prompts, cache, "critic", progress)
         name = f"llm:{critic}" if critic else "offline"
-        found = {r.question_id: _critique(r, tokenizer, reply, name) for r, reply in zip(wrong.itertuples(), replies)}
+        found = {r.question_id: critique_of(r, tokenizer, reply, name) for r, reply in zip(wrong.itertuples(), replies)}
         for q, critique in found.items():  # no reply: the previous critique of the same critic stays
             if critique["critic_status"] == "no_reply" and q in previous.index and \
                     previous.loc[q].get("critic") == name and previous.loc[q].get("critic_status") != "no_reply":
                 found[q] = {k: previous.loc[q][k] for k in critique}
         if critic and failure_causes(replies):
             metrics["failed_calls"] = {"critic": failure_causes(replies)}
-        empty = _critique_defaults(name)
+        empty = empty_critique(name)
         for column in empty:
             rows[column] = [found.get(q, empty)[column] for q in rows.question_id]
         statuses = [v["critic_status"] for v in found.values()]
@@ -283,12 +178,6 @@ def _grade_run(run_dir: Path, *, judge, critic, base_url, api_key_env, timeout, 
     write_json(run_dir / "metrics.json", metrics)
     metrics["_tables"] = report
     return metrics
-
-
-def _critique_defaults(name: str) -> dict:
-    return {"critic": name, "error_step": -1, "error_text": "", "error_reason": "", "critic_status": "not_critiqued",
-            "error_char_start": -1, "error_char_end": -1, "error_token_start": -1, "error_token_end": -1,
-            "step_char_ranges": [], "step_token_ranges": []}
 
 
 def _tokenizer_source(run) -> str:

@@ -14,9 +14,10 @@ import pytest
 from attentropy import load_run
 from attentropy.capture import Capture
 from attentropy.cli import main
+from attentropy.critic import locate_text, parse_critic_reply
 from attentropy.data import Question, make_arith
 from attentropy.generate import Generation
-from attentropy.grade import grade_run, locate_text, parse_critic_reply
+from attentropy.grade import grade_run
 from attentropy.gsm8k import extract_final_number, normalize_number
 from attentropy.judge import parse_judge_verdict
 from attentropy.offline_critic import locate_error_offline, split_steps
