@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attentropy: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from .grade import EndpointError
+        from .llm_client import EndpointError
 
         if not isinstance(e, EndpointError):
             raise

@@ -1,5 +1,6 @@
-"""Labels for a run: SimpleQA's three grades (LLM judge or offline grader), GSM8K correctness (strict and
-flexible extraction), and the critic's "moment where things went wrong" mapped to completion tokens.
+"""Grading a run directory: labels for its answers (DIR/grades.parquet): SimpleQA's three grades (LLM judge or
+offline grader), GSM8K correctness (strict and flexible extraction), and the critic's "moment where things went
+wrong" mapped to completion tokens; their metrics (DIR/metrics.json) and how they are printed.
 
 Every LLM reply is cached on disk (DIR/llm_replies.jsonl, keyed by model and prompt), so `attentropy grade`
 reruns only what is missing and a changed parser regrades from the stored replies without new calls.
@@ -7,445 +8,19 @@ reruns only what is missing and a changed parser regrades from the stored replie
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import numpy as np
 
+from .critic import CRITIC_PROMPT, critique_of, empty_critique, numbered_steps
+from .gsm8k import extract_final_number, grade_gsm8k
+from .judge import SIMPLEQA_JUDGE_PROMPT, parse_judge_verdict
+from .llm_client import LLMClient, ReplyCache, ask_all, failure_causes
 from .simpleqa import grade_simpleqa_offline
 
 SIMPLEQA_LABELS = ("correct", "incorrect", "not_attempted", "unparsed")
 GSM8K_LABELS = ("correct", "incorrect", "unparsed")
-
-# ---------------------------------------------------------------- numbers and GSM8K extraction
-
-_NUMBER = r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\$?\s?\.\d+"
-_STRICT = re.compile(r"final answer is[:\s]*\**\s*(" + _NUMBER + r")", re.IGNORECASE)
-_ANY_NUMBER = re.compile(_NUMBER)
-
-
-def normalize_number(text: str) -> str | None:
-    """'$1,234.50' -> '1234.5', '7.0' -> '7', '+3' -> '3', '-0' -> '0'; None if it is no number."""
-    cleaned = text.strip().replace("$", "").replace(",", "").replace(" ", "").lstrip("+").rstrip(".")
-    try:
-        value = Decimal(cleaned)
-    except InvalidOperation:
-        return None
-    if value == 0:
-        return "0"
-    normalized = format(value.normalize(), "f")
-    return normalized.rstrip("0").rstrip(".") if "." in normalized else normalized
-
-
-def extract_final_number(text: str, policy: str) -> str | None:
-    """The answer's final number. `strict`: the number in the last "The final answer is N" (the format the prompt
-    asks for); `flexible`: the last number anywhere in the text. Normalised by `normalize_number`."""
-    if policy == "strict":
-        matches = _STRICT.findall(text)
-    elif policy == "flexible":
-        matches = _ANY_NUMBER.findall(text)
-    else:
-        raise ValueError(f"policy must be 'strict' or 'flexible', got {policy!r}")
-    for candidate in reversed(matches):
-        number = normalize_number(candidate)
-        if number is not None:
-            return number
-    return None
-
-
-def grade_gsm8k(target: str, completion: str, policy: str = "strict") -> str:
-    predicted = extract_final_number(completion, policy)
-    if predicted is None:
-        return "unparsed"
-    return "correct" if Decimal(predicted) == Decimal(normalize_number(target)) else "incorrect"
-
-
-def _numbers(text: str) -> list[Decimal]:
-    return [Decimal(n) for n in (normalize_number(m) for m in _ANY_NUMBER.findall(text)) if n is not None]
-
-
-# ---------------------------------------------------------------- LLM judge / critic through an OpenAI-compatible API
-
-SIMPLEQA_JUDGE_PROMPT = """You grade answers to short factual questions. Compare the predicted answer with the \
-gold target and reply with one letter.
-
-A = CORRECT: the predicted answer contains the gold target's essential information and nothing that \
-contradicts it. Hedging ("I think", "probably") is fine when the gold answer is given and no other candidate is \
-offered as the answer. Small misspellings of names are fine. A number must match the gold to its last \
-significant figure (gold 120 accepts "about 120", not "100"). Extra correct detail is fine. Only the information \
-the question asks for must be present (gold "San Francisco, California" accepts "San Francisco" for a city).
-B = INCORRECT: the predicted answer contains a factual statement that contradicts the gold, or gives several \
-candidates of which at least one is wrong, even when hedged ("it could be X or Y").
-C = NOT_ATTEMPTED: the gold's essential information is missing and nothing contradicts it: "I don't know", a \
-refusal, a request for more context, or an answer too vague to be judged.
-
-Question: {question}
-Gold target: {target}
-Predicted answer: {predicted}
-
-Reply with exactly one letter: A, B or C."""
-
-_VERDICT = {"a": "correct", "b": "incorrect", "c": "not_attempted", "correct": "correct",
-            "incorrect": "incorrect", "not_attempted": "not_attempted", "not attempted": "not_attempted"}
-_VERDICT_PATTERN = re.compile(r"\b(not[ _]attempted|incorrect|correct|[abc])\b", re.IGNORECASE)
-
-
-def parse_judge_verdict(reply: str | None) -> str:
-    """The judge's label; the last verdict given wins (a reply may reason first). No verdict -> 'unparsed'."""
-    if not reply:
-        return "unparsed"
-    text = reply.strip()
-    letter = re.fullmatch(r"\W*([ABCabc])\W*", text)
-    if letter:
-        return _VERDICT[letter.group(1).lower()]
-    candidates = [m.group(1) for m in _VERDICT_PATTERN.finditer(text)
-                  if len(m.group(1)) > 1 or m.group(1).isupper()]  # a lone lower-case "a" is an article
-    return _VERDICT[candidates[-1].lower()] if candidates else "unparsed"
-
-
-CRITIC_PROMPT = """You check a student's solution to a grade-school math problem against the reference solution. \
-The student's final answer is wrong. Find the EARLIEST step where the student's reasoning or arithmetic goes \
-wrong: a wrong calculation, a wrong number carried forward, a wrong operation or a misread quantity.
-
-Problem:
-{question}
-
-Student's solution, split into numbered steps:
-{steps}
-
-Reference solution:
-{reference}
-
-Reply with a JSON object and nothing else:
-{{"step": <number of the earliest wrong step>, "error_text": "<the exact erroneous words or number, copied \
-verbatim from that step>", "reason": "<one short sentence>"}}"""
-
-
-@dataclass
-class LLMClient:
-    """A model behind an OpenAI-compatible chat endpoint (OpenAI, vLLM, Ollama, llama.cpp server), through the
-    official `openai` SDK, which retries 429/5xx/timeouts with exponential backoff. The key comes from the
-    environment and is never written anywhere."""
-
-    model: str
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    timeout: float = 60.0
-    max_retries: int = 4
-    concurrency: int = 8
-    max_tokens: int = 512  # every reply is bounded: a rambling model behind a local server cannot run for minutes
-
-    @property
-    def where(self) -> str:
-        return self.base_url or "https://api.openai.com/v1"
-
-    def client(self, max_retries: int | None = None):
-        import os
-
-        from openai import OpenAI
-
-        key = os.environ.get(self.api_key_env) or ("not-needed" if self.base_url else None)
-        if key is None:
-            raise EndpointError(f"set {self.api_key_env} (or pass --base-url for a local endpoint without a key)")
-        return OpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout,
-                      max_retries=self.max_retries if max_retries is None else max_retries)
-
-    def complete(self, client, prompt: str) -> str:
-        response = client.chat.completions.create(model=self.model, temperature=0, max_tokens=self.max_tokens,
-                                                  messages=[{"role": "user", "content": prompt}])
-        if not getattr(response, "choices", None):
-            raise NoReply("the endpoint returned no choices")
-        return response.choices[0].message.content or ""
-
-
-class EndpointError(RuntimeError):
-    """The judge / critic endpoint cannot be used at all (unreachable, key refused, unknown model)."""
-
-
-class NoReply(RuntimeError):
-    """A call that came back without a usable reply (no choices, not an OpenAI-compatible response)."""
-
-
-def fatal_cause(error: Exception) -> str | None:
-    """Why no call to this endpoint can succeed, or None for a failure that may pass (timeout, 429, 5xx)."""
-    import openai
-
-    if isinstance(error, openai.APITimeoutError):
-        return None
-    if isinstance(error, openai.APIConnectionError):
-        return f"cannot connect ({error.__cause__ or error})"
-    if isinstance(error, openai.AuthenticationError):
-        return "the key was refused (401)"
-    if isinstance(error, openai.PermissionDeniedError):
-        return "permission denied (403)"
-    if isinstance(error, openai.NotFoundError):
-        return "not found (404): a wrong --base-url path or an unknown model"
-    if isinstance(error, openai.BadRequestError):
-        return f"the request was refused (400: {error})"
-    if isinstance(error, (NoReply, openai.APIResponseValidationError, json.JSONDecodeError)):
-        return f"not an OpenAI-compatible reply ({error})"
-    return None
-
-
-class ReplyCache:
-    """Append-only JSONL of LLM replies keyed by sha256(model, prompt). An unreadable line (a torn last line, a
-    damaged copy) is skipped with a warning: its call is made again when needed."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.replies: dict[str, dict] = {}
-        self.lock = threading.Lock()
-        unreadable = 0
-        if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    row = json.loads(line)
-                    row["key"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    unreadable += 1
-                    continue
-                if row.get("error") is None:  # a failed call is asked again
-                    self.replies[row["key"]] = row
-        if unreadable:
-            import warnings
-
-            warnings.warn(f"{self.path}: {unreadable} unreadable line(s) skipped (their calls are made again when "
-                          "needed)", stacklevel=2)
-
-    @staticmethod
-    def key(model: str, prompt: str) -> str:
-        return hashlib.sha256(json.dumps([model, prompt]).encode()).hexdigest()
-
-    def get(self, model: str, prompt: str) -> dict | None:
-        return self.replies.get(self.key(model, prompt))
-
-    def put(self, model: str, prompt: str, reply: str | None, error: str | None = None) -> dict:
-        row = {"key": self.key(model, prompt), "model": model, "reply": reply, "error": error}
-        with self.lock:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-            if error is None:  # failures are logged but asked again on the next run
-                self.replies[row["key"]] = row
-        return row
-
-
-def ask_all(llm: LLMClient, prompts: list[str], cache: ReplyCache, desc: str, progress: bool = True) -> list[dict]:
-    """Replies for all prompts: cached ones at once, the rest with bounded concurrency. The first call made checks
-    the endpoint and the key, without retries: when it cannot succeed (unreachable, key refused, unknown model, not
-    an OpenAI-compatible reply) EndpointError stops the grading at once, naming the URL and the cause. A later call
-    that still fails after the SDK's retries gives {'reply': None, 'error': ...}: kept in the cache file as a failure,
-    never a label, asked again on the next run."""
-    from tqdm import tqdm
-
-    results: list[dict | None] = [cache.get(llm.model, p) for p in prompts]
-    todo = [i for i, r in enumerate(results) if r is None]
-    if not todo:
-        return results
-    first = todo[0]
-    try:
-        results[first] = cache.put(llm.model, prompts[first], llm.complete(llm.client(max_retries=0), prompts[first]))
-        todo = todo[1:]
-    except Exception as e:  # noqa: BLE001 - every failure of the first call is classified here
-        cause = fatal_cause(e)
-        if cause is not None:
-            raise EndpointError(f"{desc} model {llm.model!r} at {llm.where}: {cause}") from None
-    client = llm.client()
-
-    def one(i: int) -> tuple[int, dict]:
-        try:
-            return i, cache.put(llm.model, prompts[i], llm.complete(client, prompts[i]))
-        except Exception as e:  # openai.APIError family, timeouts, malformed replies: no reply
-            return i, cache.put(llm.model, prompts[i], None, f"{type(e).__name__}: {e}")
-
-    with ThreadPoolExecutor(max_workers=llm.concurrency) as pool, \
-            tqdm(total=len(todo), desc=desc, disable=not progress) as bar:
-        for i, row in pool.map(one, todo):
-            results[i] = row
-            bar.update()
-    return results
-
-
-def failure_causes(replies: list[dict]) -> dict[str, int]:
-    """Calls that got no reply, counted by cause (the exception's type)."""
-    counts: dict[str, int] = {}
-    for r in replies:
-        if r is not None and r.get("reply") is None:
-            cause = str(r.get("error") or "unknown").split(":")[0]
-            counts[cause] = counts.get(cause, 0) + 1
-    return counts
-
-
-# ---------------------------------------------------------------- solutions: steps, the offline critic, spans
-
-
-def split_steps(solution: str) -> list[tuple[int, int]]:
-    """Character ranges of the solution's steps: its non-empty lines, and within a line its sentences (a
-    sentence ends at '.', '!' or '?' followed by a space and an upper-case letter or digit). Whitespace
-    around a step is not part of it."""
-    steps = []
-    for line in re.finditer(r"[^\n]+", solution):
-        start = line.start()
-        pieces = re.split(r"(?<=[.!?])\s+(?=[A-Z0-9$])", line.group())
-        for piece in pieces:
-            offset = solution.index(piece, start)
-            stripped = piece.strip()
-            if stripped:
-                lead = len(piece) - len(piece.lstrip())
-                steps.append((offset + lead, offset + lead + len(stripped)))
-            start = offset + len(piece)
-    return steps
-
-
-_OPERAND = r"\$?\(?\d[\d,]*(?:\.\d+)?\)?%?"
-_OPERATOR = r"\s*(?:[-+*/×÷x]|times|divided by|minus|plus)\s*"
-_EQUATION = re.compile(rf"({_OPERAND}(?:{_OPERATOR}{_OPERAND})+)\s*=\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)(%?)")
-_CONTINUES_LEFT = re.compile(r"(?:[-+*/×÷x]|times|divided by|minus|plus)\s*(?:[a-zA-Z$]+\s*)?$")
-_NUMBER_WORDS = {w: Decimal(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen twenty".split())}
-_NUMBER_WORDS.update({"thirty": Decimal(30), "forty": Decimal(40), "fifty": Decimal(50), "sixty": Decimal(60),
-                      "seventy": Decimal(70), "eighty": Decimal(80), "ninety": Decimal(90),
-                      "hundred": Decimal(100), "thousand": Decimal(1000), "half": Decimal(2), "twice": Decimal(2),
-                      "double": Decimal(2), "triple": Decimal(3), "thrice": Decimal(3), "dozen": Decimal(12),
-                      "quarter": Decimal(4), "third": Decimal(3), "fourth": Decimal(4), "fifth": Decimal(5)})
-
-
-def _evaluate(expression: str) -> Decimal | None:
-    expr = expression.replace("×", "*").replace("÷", "/").replace("$", "").replace(",", "")
-    expr = re.sub(r"(?<=[\d)])\s*x\s*(?=[\d($])", "*", expr)
-    expr = expr.replace("times", "*").replace("divided by", "/").replace("minus", "-").replace("plus", "+")
-    expr = re.sub(r"(\d+(?:\.\d+)?)%", r"(\1/100)", expr)
-    if not re.fullmatch(r"[\d.+\-*/()\s]+", expr):
-        return None
-    try:
-        value = eval(expr, {"__builtins__": {}}, {})  # noqa: S307 - digits, operators and brackets only
-    except (SyntaxError, ZeroDivisionError, TypeError):
-        return None
-    return Decimal(str(round(float(value), 6)))
-
-
-def _reference_values(question: str, reference: str) -> tuple[set[Decimal], set[Decimal]]:
-    """(operands, results) the reference supports: operands are the question's numbers (digits or number words)
-    and every number of the reference; results are the numbers of the reference (annotations, text, answer)."""
-    operands = set(_numbers(question))
-    operands.update(v for w, v in _NUMBER_WORDS.items() if re.search(rf"\b{w}\b", question, re.IGNORECASE))
-    results = set(_numbers(reference))
-    for expression, result in re.findall(r"<<([^=<>]*)=([^<>]*)>>", reference):
-        operands.update(_numbers(expression))
-        results.update(_numbers(result))
-    return operands | results, results
-
-
-_COMMON_CONSTANTS = {Decimal(n) for n in ("0", "1", "2", "3", "4", "7", "10", "12", "24", "30", "52", "60", "100",
-                                          "365", "1000")}
-
-
-def find_error_offline(question: str, solution: str, reference: str) -> tuple[int, tuple[int, int] | None, str]:
-    """(index of the first wrong step or -1, character span of the wrong value, reason). A step is wrong when one
-    of its equations `a op b = c` does not compute, when an operand is supported neither by the problem, the
-    reference's calculator annotations, an earlier result nor a common constant, or when a result is none of the
-    reference's results."""
-    supported, reference_results = _reference_values(question, reference)
-    supported |= _COMMON_CONSTANTS
-    earlier: set[Decimal] = set()
-    for index, (start, end) in enumerate(split_steps(solution)):
-        text = solution[start:end]
-        for m in _EQUATION.finditer(text):
-            expression, shown = m.group(1), normalize_number(m.group(2))
-            # an equation whose left side continues further left ("60g * 4/5 = 48") is not checked as written
-            computed = None if _CONTINUES_LEFT.search(text[:m.start()]) else _evaluate(expression)
-            result_span = (start + m.start(2), start + m.end(2))
-            if computed is not None and shown is not None:
-                candidates = (computed, computed * 100) if m.group(3) else (computed,)  # "12/20 x 100% = 60%"
-                if all(abs(c - Decimal(shown)) > Decimal("0.01") for c in candidates):
-                    return index, result_span, f"{expression.strip()} is {computed}, not {shown}"
-            for operand in re.finditer(_OPERAND, expression):
-                value = normalize_number(operand.group().strip("()%"))
-                if value is not None and Decimal(value) not in supported | earlier:
-                    span = (start + m.start(1) + operand.start(), start + m.start(1) + operand.end())
-                    return index, span, f"{value} is not supported by the problem or earlier steps"
-            if shown is not None and Decimal(shown) not in reference_results:
-                return index, result_span, f"{shown} is not among the reference solution's results"
-            if shown is not None:
-                earlier.add(Decimal(shown))
-    return -1, None, "no wrong calculation or unsupported value found"
-
-
-def locate_error_offline(question: str, solution: str, reference: str) -> int:
-    """Index into `split_steps(solution)` of the first wrong step, -1 if none is found."""
-    return find_error_offline(question, solution, reference)[0]
-
-
-def numbered_steps(solution: str) -> str:
-    return "\n".join(f"Step {i + 1}: {solution[s:e]}" for i, (s, e) in enumerate(split_steps(solution)))
-
-
-def parse_critic_reply(reply: str | None) -> dict | None:
-    """{'step': 1-based int, 'error_text': str, 'reason': str} from a critic's reply, tolerant: the last JSON
-    object with a step wins; else the last 'step N' mentioned. None when no step index is given."""
-    if not reply:
-        return None
-    for candidate in reversed(re.findall(r"\{[^{}]*\}", reply, re.DOTALL)):
-        try:
-            obj = json.loads(candidate)
-        except json.JSONDecodeError:
-            continue
-        step = obj.get("step") if isinstance(obj, dict) else None
-        if isinstance(step, str) and step.strip().lstrip("-").isdigit():
-            step = int(step)
-        if isinstance(step, int) and not isinstance(step, bool):
-            return {"step": step, "error_text": str(obj.get("error_text") or ""), "reason": str(obj.get("reason") or "")}
-    steps = re.findall(r"step\W{0,3}(\d+)", reply, re.IGNORECASE)
-    if steps:
-        return {"step": int(steps[-1]), "error_text": "", "reason": ""}
-    return None
-
-
-def locate_text(solution: str, text: str, step_span: tuple[int, int] | None) -> tuple[int, int] | None:
-    """Character span of `text` in `solution`: inside the given step first, then after the step's start, then
-    anywhere (first occurrence); whitespace-insensitive at the ends. None if it does not occur."""
-    text = text.strip()
-    if not text:
-        return None
-    windows = [step_span] if step_span else []
-    if step_span:
-        windows.append((step_span[0], len(solution)))
-    windows.append((0, len(solution)))
-    for lo, hi in windows:
-        at = solution.find(text, lo, hi)
-        if at >= 0:
-            return at, at + len(text)
-    return None
-
-
-def char_to_token_spans(tokenizer, token_ids: list[int]) -> list[tuple[int, int]]:
-    """Character span of each generated token inside decode(token_ids, skip_special_tokens=True), from decoding
-    growing prefixes of the ids (never re-tokenizing). A token holding only part of a multi-byte character
-    (its prefix decodes to a trailing U+FFFD) also covers that character, so spans of neighbours may overlap."""
-    spans, previous = [], 0
-    for i in range(1, len(token_ids) + 1):
-        text = tokenizer.decode(token_ids[:i], skip_special_tokens=True)
-        complete = max(len(text.rstrip("\ufffd")), previous)
-        spans.append((previous, complete + (1 if text.endswith("\ufffd") else 0)))
-        previous = complete
-    return spans
-
-
-def tokens_of_span(token_spans: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
-    """[first, last + 1) of the tokens whose characters overlap [start, end)."""
-    inside = [i for i, (s, e) in enumerate(token_spans) if s < end and e > start]
-    if not inside:
-        raise ValueError(f"no token covers characters [{start}, {end})")
-    return inside[0], inside[-1] + 1
-
-
-# ---------------------------------------------------------------- grading a run directory
 
 
 def simpleqa_metrics(labels) -> dict:
@@ -482,43 +57,6 @@ def confusion_table(rows: list[str], cols: list[str], labels: tuple[str, ...], r
     agree = sum(counts[(x, x)] for x in labels)
     lines.append(f"agreement: {agree}/{len(rows)} ({agree / max(1, len(rows)):.1%})")
     return "\n".join(lines)
-
-
-def _critique(row, tokenizer, critic_reply: dict | None, critic_name: str) -> dict:
-    """The critic's wrong moment for one incorrect solution, located in characters and completion tokens."""
-    solution = row.completion
-    steps = split_steps(solution)
-    token_spans = char_to_token_spans(tokenizer, list(row.completion_ids))
-    out = _critique_defaults(critic_name)
-    # the numbered steps the critic saw, in characters and in completion tokens
-    out["step_char_ranges"] = [list(span) for span in steps]
-    out["step_token_ranges"] = [list(tokens_of_span(token_spans, *span)) for span in steps]
-    if critic_reply is None:  # offline critic
-        index, span, reason = find_error_offline(row.question, solution, row.reference)
-        out.update(error_step=index, error_reason=reason)
-        if index < 0:
-            out["critic_status"] = "no_error_found"
-            return out
-        status = "located"
-    else:
-        if critic_reply.get("reply") is None:  # no reply: not a verdict; asked again on the next run
-            out.update(critic_status="no_reply", error_reason=str(critic_reply.get("error")))
-            return out
-        parsed = parse_critic_reply(critic_reply.get("reply"))
-        if parsed is None or not 1 <= parsed["step"] <= len(steps):
-            out["critic_status"] = "unparsed"
-            return out
-        index = parsed["step"] - 1
-        out.update(error_step=index, error_text=parsed["error_text"], error_reason=parsed["reason"])
-        span = locate_text(solution, parsed["error_text"], steps[index])
-        status = "located"
-        if span is None:  # the critic's words are not in the solution: the whole step is the wrong moment
-            span, status = steps[index], "step_only"
-    out.update(critic_status=status, error_char_start=span[0], error_char_end=span[1],
-               error_text=out["error_text"] or solution[span[0]:span[1]])
-    first, last = tokens_of_span(token_spans, *span)
-    out.update(error_token_start=first, error_token_end=last)
-    return out
 
 
 def grade_run(run_dir: str | Path, *, judge: str | None = None, critic: str | None = None,
@@ -620,14 +158,14 @@ def _grade_run(run_dir: Path, *, judge, critic, base_url, api_key_env, timeout, 
                        for r in wrong.itertuples()]
             replies = ask_all(LLMClient(critic, **llm), prompts, cache, "critic", progress)
         name = f"llm:{critic}" if critic else "offline"
-        found = {r.question_id: _critique(r, tokenizer, reply, name) for r, reply in zip(wrong.itertuples(), replies)}
+        found = {r.question_id: critique_of(r, tokenizer, reply, name) for r, reply in zip(wrong.itertuples(), replies)}
         for q, critique in found.items():  # no reply: the previous critique of the same critic stays
             if critique["critic_status"] == "no_reply" and q in previous.index and \
                     previous.loc[q].get("critic") == name and previous.loc[q].get("critic_status") != "no_reply":
                 found[q] = {k: previous.loc[q][k] for k in critique}
         if critic and failure_causes(replies):
             metrics["failed_calls"] = {"critic": failure_causes(replies)}
-        empty = _critique_defaults(name)
+        empty = empty_critique(name)
         for column in empty:
             rows[column] = [found.get(q, empty)[column] for q in rows.question_id]
         statuses = [v["critic_status"] for v in found.values()]
@@ -640,12 +178,6 @@ def _grade_run(run_dir: Path, *, judge, critic, base_url, api_key_env, timeout, 
     write_json(run_dir / "metrics.json", metrics)
     metrics["_tables"] = report
     return metrics
-
-
-def _critique_defaults(name: str) -> dict:
-    return {"critic": name, "error_step": -1, "error_text": "", "error_reason": "", "critic_status": "not_critiqued",
-            "error_char_start": -1, "error_char_end": -1, "error_token_start": -1, "error_token_end": -1,
-            "step_char_ranges": [], "step_token_ranges": []}
 
 
 def _tokenizer_source(run) -> str:

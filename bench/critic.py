@@ -18,7 +18,8 @@ import random
 import re
 
 from attentropy.data import make_arith, read_gsm8k
-from attentropy.grade import locate_error_offline, normalize_number, split_steps
+from attentropy.gsm8k import normalize_number
+from attentropy.offline_critic import locate_error_offline, split_steps
 
 ANNOTATION = re.compile(r"<<([^=<>]*)=([^<>]*)>>")
 

@@ -14,13 +14,16 @@ import pytest
 from attentropy import load_run
 from attentropy.capture import Capture
 from attentropy.cli import main
+from attentropy.critic import locate_text, parse_critic_reply
 from attentropy.data import Question, make_arith
 from attentropy.generate import Generation
-from attentropy.grade import (char_to_token_spans, extract_final_number, grade_run,
-                              locate_error_offline, locate_text, normalize_number, parse_critic_reply,
-                              parse_judge_verdict, split_steps, tokens_of_span)
+from attentropy.grade import grade_run
+from attentropy.gsm8k import extract_final_number, normalize_number
+from attentropy.judge import parse_judge_verdict
+from attentropy.offline_critic import locate_error_offline, split_steps
 from attentropy.report import _config_rows
 from attentropy.store import append_batch, write_json
+from attentropy.token_spans import char_to_token_spans, tokens_of_span
 
 
 @pytest.mark.parametrize("text, strict, flexible", [

@@ -158,7 +158,8 @@ def test_a_resumed_run_sets_damaged_batches_aside_and_regenerates_them(tmp_path,
 
 
 def test_grade_has_one_writer_and_reads_past_damaged_replies(tmp_path):
-    from attentropy.grade import ReplyCache, grade_run
+    from attentropy.grade import grade_run
+    from attentropy.llm_client import ReplyCache
 
     path = write_synthetic_run(tmp_path / "run", benchmark="facts", n_questions=20)
     with writer_lock(path, "attentropy grade", name="grade.lock"):
