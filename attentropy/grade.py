@@ -17,6 +17,7 @@ from .critic import CRITIC_PROMPT, critique_of, empty_critique, numbered_steps
 from .gsm8k import extract_final_number, grade_gsm8k
 from .judge import SIMPLEQA_JUDGE_PROMPT, parse_judge_verdict
 from .llm_client import LLMClient, ReplyCache, ask_all, failure_causes
+from .selective import f_score
 from .simpleqa import grade_simpleqa_offline
 
 SIMPLEQA_LABELS = ("correct", "incorrect", "not_attempted", "unparsed")
@@ -32,7 +33,7 @@ def simpleqa_metrics(labels) -> dict:
     attempted = correct + incorrect
     c = correct / n if n else float("nan")
     cga = correct / attempted if attempted else float("nan")
-    f = 2 * c * cga / (c + cga) if attempted and (c + cga) > 0 else float("nan")
+    f = f_score(c, cga, empty=float("nan")) if attempted else float("nan")
     return {"n": n, "unparsed": len(labels) - n, "correct": c, "incorrect": incorrect / n if n else float("nan"),
             "not_attempted": graded.count("not_attempted") / n if n else float("nan"),
             "correct_given_attempted": cga, "f_score": f}
