@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, plots
+from .contrasts import AGGREGATIONS, CONTROLS, FIRST_K, LOGIT_STATS, MIN_TO_CONCLUDE, WINDOW, Analysis, analyze_run
 from .data import FACTUAL, FREE
 from .grade import GSM8K_LABELS, SIMPLEQA_LABELS
-from .stats import AGGREGATIONS, CONTROLS, FIRST_K, LOGIT_STATS, MIN_TO_CONCLUDE, WINDOW, Analysis, analyze_run
 from .store import load_run
 
 MAX_VIEWER_ANSWERS = 300  # per run; the viewer embeds per-token, per-layer values

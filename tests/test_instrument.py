@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
+from attentropy import confidence_metrics, load_run
 from attentropy import instrument as ins
-from attentropy import load_run, stats
 from attentropy.cli import main
 from synthetic import write_synthetic_run
 
@@ -31,17 +31,19 @@ def test_score_metrics_follow_their_definitions():
         if trial % 2:
             conf = np.round(conf, 1)  # ties
         ones = np.ones((1, n))
-        assert np.isclose(stats.weighted_auroc_rows(conf, y, ones)[0], roc_auc_score(y, conf))
-        assert np.isclose(stats.weighted_average_precision(conf, y, ones)[0], average_precision_score(1 - y, -conf))
-        assert np.isclose(stats.brier_score(conf, y, ones)[0], brier_score_loss(y, conf))
+        assert np.isclose(confidence_metrics.weighted_auroc_rows(conf, y, ones)[0], roc_auc_score(y, conf))
+        assert np.isclose(confidence_metrics.weighted_average_precision(conf, y, ones)[0],
+                          average_precision_score(1 - y, -conf))
+        assert np.isclose(confidence_metrics.brier_score(conf, y, ones)[0], brier_score_loss(y, conf))
         if trial % 2 == 0:  # no ties: PRR exactly as written out
-            assert np.isclose(stats.prediction_rejection_ratio(conf, y, ones)[0], prr_by_definition(conf, y))
+            assert np.isclose(confidence_metrics.prediction_rejection_ratio(conf, y, ones)[0],
+                              prr_by_definition(conf, y))
         # a row of bootstrap counts is the metric of the resample itself
         counts = rng.integers(1, 3, n).astype(float)
         idx = np.repeat(np.arange(n), counts.astype(int))
         expanded = np.ones((1, len(idx)))
-        for name in stats.SCORE_METRICS:
-            fn = stats.SCORE_METRICS[name]
+        for name in confidence_metrics.SCORE_METRICS:
+            fn = confidence_metrics.SCORE_METRICS[name]
             if name == "prr" and trial % 2:
                 continue
             assert np.isclose(fn(conf, y, counts[None])[0], fn(conf[idx], y[idx], expanded)[0]), name
@@ -57,10 +59,11 @@ def test_score_metrics_follow_their_definitions():
     areas = [np.mean(np.cumsum(y[o]) / np.arange(1, 7)) for o in orders]
     oracle = np.mean(np.cumsum(np.sort(y)[::-1]) / np.arange(1, 7))
     expected = (np.mean(areas) - y.mean()) / (oracle - y.mean())
-    assert np.isclose(stats.prediction_rejection_ratio(conf, y, np.ones((1, 6)))[0], expected)
+    assert np.isclose(confidence_metrics.prediction_rejection_ratio(conf, y, np.ones((1, 6)))[0], expected)
     # ECE by hand: two bins
     conf, y = np.array([0.05, 0.05, 0.95, 0.95]), np.array([0.0, 1.0, 1.0, 1.0])
-    assert np.isclose(stats.expected_calibration_error(conf, y, np.ones((1, 4)))[0], 0.5 * 0.45 + 0.5 * 0.05)
+    assert np.isclose(confidence_metrics.expected_calibration_error(conf, y, np.ones((1, 4)))[0],
+                      0.5 * 0.45 + 0.5 * 0.05)
 
 
 def planted_answers(tmp_path, n=80, seed=0, kinds=None, **kw):
