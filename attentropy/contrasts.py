@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .stats import (Comparison, answer_aggregates, benjamini_hochberg, compare_answers,
+from .stats import (WINDOW, Comparison, answer_aggregates, benjamini_hochberg, compare_answers,
                     compare_answers_stratified, compare_tokens, position_matched, resample_counts)
 from .store import READ_BYTES
 
 AGGREGATIONS = ("mean", "max", "first_k")
 FIRST_K = 8  # tokens of the `first_k` aggregation
-WINDOW = 8  # positions either side of the wrong moment that count as "nearby"
-MIN_TO_CONCLUDE = 10  # questions per group below which the report says "too small to conclude"
+MIN_QUESTIONS_TO_CONCLUDE = 10  # questions per group below which the report says "too small to conclude"
 PROFILE_STATS = ("entropy", "varentropy", "entropy_norm")
 LAYER_MEAN_STATS = ("entropy", "varentropy", "entropy_norm")  # kept per token and layer for the figures and viewer
 LOGIT_STATS = ("logit_entropy", "logit_varentropy", "logprob")
@@ -128,7 +127,7 @@ def template_tokens(tok: pd.DataFrame) -> np.ndarray:
     return out
 
 
-def wrong_moment_windows(tok: pd.DataFrame, incorrect: set, correct: set, kind: str, window: int = 8,
+def wrong_moment_windows(tok: pd.DataFrame, incorrect: set, correct: set, kind: str, window: int = WINDOW,
                          template: np.ndarray | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
     """Per answer, the two token sets whose difference of means (moment - its window) is behind the
     `correct_baseline` control (`window_differences`): in
@@ -303,10 +302,10 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
             contrast.status = "not_computed"
             contrast.note = (f"not computed: {contrast.n_positive} {contrast.positive} vs {contrast.n_negative} "
                              f"{contrast.negative} questions (at least 2 per group needed)")
-        elif n < MIN_TO_CONCLUDE:
+        elif n < MIN_QUESTIONS_TO_CONCLUDE:
             contrast.status = "too_small"
             contrast.note = (f"{contrast.n_positive} vs {contrast.n_negative} questions (the report draws "
-                             f"conclusions from {MIN_TO_CONCLUDE} per group or more)")
+                             f"conclusions from {MIN_QUESTIONS_TO_CONCLUDE} per group or more)")
 
     strata = answer_strata(kept, benchmark)
     bins = length_bins(lengths[kept.index].to_numpy(float))

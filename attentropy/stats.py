@@ -294,7 +294,10 @@ def answer_aggregates(values: np.ndarray, question_ids: np.ndarray, how: str = "
     return questions[rows], out[rows].reshape(len(questions), *values.shape[1:])
 
 
-def position_matched(question_ids: np.ndarray, pos: np.ndarray, in_error: np.ndarray, window: int = 8
+WINDOW = 8  # positions either side of the wrong moment that count as "nearby"
+
+
+def position_matched(question_ids: np.ndarray, pos: np.ndarray, in_error: np.ndarray, window: int = WINDOW
                      ) -> np.ndarray:
     """Control tokens for a wrong-moment comparison: tokens not in the error span of their answer but within
     `window` positions of it, so both groups sit at similar positions (maximal attention entropy grows with
