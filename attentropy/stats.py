@@ -1,6 +1,7 @@
-"""Group comparisons for the study, per cell (e.g. every layer x head): effect sizes (AUROC, Cohen's d) with 95 %
-bootstrap intervals that resample *questions*, p-values from per-question aggregates, and Benjamini-Hochberg
-control of the false discovery rate over all cells tested together.
+"""The statistics of a group comparison, per cell (e.g. every layer x head): effect sizes (AUROC, Cohen's d) with
+95 % bootstrap intervals that resample *questions*, p-values from per-question aggregates, Benjamini-Hochberg
+control of the false discovery rate over all cells tested together, and the per-question aggregates and
+position-matched control tokens they are computed on.
 
 Tokens of one answer are not independent: resampling tokens would give intervals far too narrow, and a test on
 tokens would count one long answer many times. So the unit is always the question.
@@ -52,7 +53,8 @@ def weighted_auroc(positive: np.ndarray, negative: np.ndarray, w_pos: np.ndarray
     w_neg [B, n0] -> [B, C]. With integer counts as weights this is exactly the AUROC of the resampled data:
     sum_i w_i (weight of negatives below x_i + half the weight of negatives equal to it) / (sum w * sum u).
     Weights are handled as float32 with the resamples along the fast axis (per cell: one cumulative sum and two
-    row gathers; 2.5x faster than float64 rows): exact for counts while n1 * n0 < 2^24, float32 rounding above."""
+    row gathers; faster than float64 rows, see the `analyze` step of bench/scale.py): exact for counts while
+    n1 * n0 < 2^24, float32 rounding above."""
     w_pos_t = np.ascontiguousarray(w_pos.T, dtype=np.float32)  # [n1, B]
     w_neg_t = np.ascontiguousarray(w_neg.T, dtype=np.float32)  # [n0, B]
     n0, n_boot = w_neg_t.shape
@@ -241,8 +243,9 @@ def compare_tokens(values: np.ndarray, positive: np.ndarray, question_ids: np.nd
     question = np.searchsorted(both, index[keep])  # 0 .. len(both)-1
     diffs = _group_means(values[positive], question[positive], len(both)) \
         - _group_means(values[~positive], question[~positive], len(both))
-    # scipy's default for <= 13 questions with a tie or zero anywhere is a permutation test run cell by cell (minutes
-    # on 5,000 cells); the normal approximation there (such contrasts are at or near "too small to conclude")
+    # scipy's default for <= 13 questions with a tie or zero anywhere is a permutation test run cell by cell (slow
+    # over a run's cells, see the `analyze` step of bench/scale.py); the normal approximation there (such contrasts
+    # are at or near "too small to conclude")
     tied = len(both) <= 13 and (bool((diffs == 0).any()) or _has_ties(np.abs(diffs)))
     method = "asymptotic" if tied else "auto"
     p = sps.wilcoxon(diffs, axis=0, zero_method="wilcox", method=method).pvalue.reshape(cells)
