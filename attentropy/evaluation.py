@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from . import stats
+from . import confidence_metrics, stats
 from .answers import Answers, InstrumentError
 from .detectors import ANSWER_DETECTORS, PRIMARY, TOKEN_DETECTORS, Detector, available, of_family
 from .detectors.fitting import take
@@ -204,7 +204,7 @@ def _row(task, evaluation, subset, method, role, metric, value, lo=np.nan, hi=np
 
 def discrimination_rows(task: str, evaluation: str, subset: str, confidences: pd.DataFrame, y: np.ndarray,
                         groups: np.ndarray, roles: dict, *, n_boot: int, seed: int,
-                        metrics=tuple(stats.SCORE_METRICS), positive_name: str = "correct") -> list[dict]:
+                        metrics=tuple(confidence_metrics.SCORE_METRICS), positive_name: str = "correct") -> list[dict]:
     """Every method's metrics on the same items and the same bootstrap resamples of their questions, plus the
     paired AUROC difference instrument - method."""
     y = np.asarray(y, float)
@@ -215,9 +215,9 @@ def discrimination_rows(task: str, evaluation: str, subset: str, confidences: pd
     rows, boot_auc = [], {}
     for method in confidences:
         conf = confidences[method].to_numpy(float)
-        for metric, (value, lo, hi) in stats.score_metrics(conf, y, weights, metrics).items():
+        for metric, (value, lo, hi) in confidence_metrics.score_metrics(conf, y, weights, metrics).items():
             rows.append(_row(task, evaluation, subset, method, roles[method], metric, value, lo, hi, n_pos, n_neg))
-        boot_auc[method] = stats.weighted_auroc_rows(conf, y, weights)
+        boot_auc[method] = confidence_metrics.weighted_auroc_rows(conf, y, weights)
     if PRIMARY in boot_auc:
         point = {m: r["value"] for r in rows if r["metric"] == "auroc" for m in [r["method"]]}
         for method, boot in boot_auc.items():

@@ -1,5 +1,5 @@
 """The report's figures, one function per figure. Each writes `<stem>.png` and the numbers drawn as `<stem>.csv`
-into a folder and returns the PNG's path. All take an `Analysis` (attentropy.stats.analyze_run)."""
+into a folder and returns the PNG's path. All take an `Analysis` (attentropy.contrasts.analyze_run)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .stats import PROFILE_STATS, Analysis  # noqa: E402
+from .contrasts import PROFILE_STATS, Analysis  # noqa: E402
 
 LABEL_COLORS = {"correct": "#1b9e77", "incorrect": "#d95f02", "not_attempted": "#7570b3", "ungraded": "#4c72b0"}
 STAT_NAMES = {"entropy": "attention entropy (nats)", "varentropy": "attention varentropy (nats²)",
@@ -265,7 +265,7 @@ def roc_curves(predictions: pd.DataFrame, methods: list[str], out: Path, stem: s
 def reliability(predictions: pd.DataFrame, methods: list[str], out: Path, stem: str, title: str) -> Path:
     """Reliability diagram: fraction correct against mean confidence per bin of out-of-fold confidence; the
     marker's area is the bin's number of answers."""
-    from .stats import reliability_table
+    from .confidence_metrics import reliability_table
 
     lab = predictions[predictions.y >= 0]
     fig, ax = plt.subplots(figsize=(5, 4.6), layout="constrained")

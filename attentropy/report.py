@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, plots
+from .contrasts import (AGGREGATIONS, CONTROLS, FIRST_K, LOGIT_STATS, MIN_QUESTIONS_TO_CONCLUDE, Analysis,
+                        analyze_run)
 from .data import FACTUAL, FREE
 from .grade import GSM8K_LABELS, SIMPLEQA_LABELS
-from .stats import AGGREGATIONS, CONTROLS, FIRST_K, LOGIT_STATS, MIN_TO_CONCLUDE, WINDOW, Analysis, analyze_run
+from .stats import WINDOW
 from .store import load_run
 
 MAX_VIEWER_ANSWERS = 300  # per run; the viewer embeds per-token, per-layer values
@@ -577,7 +579,7 @@ def _html(analyses: list[Analysis], figures: list[dict], instrument: str = "") -
         f"answer, and the {WINDOW} tokens after the span vs the {WINDOW} before it — position-matched, and also as "
         "entropy / ln K; and the span's tokens containing a digit vs the answer's other such tokens (token type "
         "held fixed, position not).</li>"
-        f"<li>Groups with fewer than {MIN_TO_CONCLUDE} questions are reported as too small to conclude; "
+        f"<li>Groups with fewer than {MIN_QUESTIONS_TO_CONCLUDE} questions are reported as too small to conclude; "
         "<code>unparsed</code> answers are excluded from every contrast and counted above.</li></ul>")
     keys = []
     for a in analyses:

@@ -1,6 +1,7 @@
-"""Group comparisons for the study, per cell (e.g. every layer x head): effect sizes (AUROC, Cohen's d) with 95 %
-bootstrap intervals that resample *questions*, p-values from per-question aggregates, and Benjamini-Hochberg
-control of the false discovery rate over all cells tested together.
+"""The statistics of a group comparison, per cell (e.g. every layer x head): effect sizes (AUROC, Cohen's d) with
+95 % bootstrap intervals that resample *questions*, p-values from per-question aggregates, Benjamini-Hochberg
+control of the false discovery rate over all cells tested together, and the per-question aggregates and
+position-matched control tokens they are computed on.
 
 Tokens of one answer are not independent: resampling tokens would give intervals far too narrow, and a test on
 tokens would count one long answer many times. So the unit is always the question.
@@ -12,15 +13,11 @@ sums: one sort per cell, then 1,000 resamples cost a cumulative sum each instead
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
-
-from .store import READ_BYTES
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
@@ -56,7 +53,8 @@ def weighted_auroc(positive: np.ndarray, negative: np.ndarray, w_pos: np.ndarray
     w_neg [B, n0] -> [B, C]. With integer counts as weights this is exactly the AUROC of the resampled data:
     sum_i w_i (weight of negatives below x_i + half the weight of negatives equal to it) / (sum w * sum u).
     Weights are handled as float32 with the resamples along the fast axis (per cell: one cumulative sum and two
-    row gathers; 2.5x faster than float64 rows): exact for counts while n1 * n0 < 2^24, float32 rounding above."""
+    row gathers; faster than float64 rows, see the `analyze` step of bench/scale.py): exact for counts while
+    n1 * n0 < 2^24, float32 rounding above."""
     w_pos_t = np.ascontiguousarray(w_pos.T, dtype=np.float32)  # [n1, B]
     w_neg_t = np.ascontiguousarray(w_neg.T, dtype=np.float32)  # [n0, B]
     n0, n_boot = w_neg_t.shape
@@ -93,6 +91,14 @@ def weighted_cohens_d(positive: np.ndarray, negative: np.ndarray, w_pos: np.ndar
 def resample_counts(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
     """[n_boot, n] counts of a draw of n items with replacement, per bootstrap replicate."""
     return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)
+
+
+def group_counts(groups: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
+    """[n_boot, n] bootstrap weights that resample *groups* (questions): an item weighs as often as its group was
+    drawn, so all answers (or tokens) of a question come and go together."""
+    _, index = np.unique(np.asarray(groups), return_inverse=True)
+    counts = resample_counts(np.random.default_rng(seed), index.max() + 1, n_boot)
+    return counts[:, index]
 
 
 @dataclass
@@ -237,8 +243,9 @@ def compare_tokens(values: np.ndarray, positive: np.ndarray, question_ids: np.nd
     question = np.searchsorted(both, index[keep])  # 0 .. len(both)-1
     diffs = _group_means(values[positive], question[positive], len(both)) \
         - _group_means(values[~positive], question[~positive], len(both))
-    # scipy's default for <= 13 questions with a tie or zero anywhere is a permutation test run cell by cell (minutes
-    # on 5,000 cells); the normal approximation there (such contrasts are at or near "too small to conclude")
+    # scipy's default for <= 13 questions with a tie or zero anywhere is a permutation test run cell by cell (slow
+    # over a run's cells, see the `analyze` step of bench/scale.py); the normal approximation there (such contrasts
+    # are at or near "too small to conclude")
     tied = len(both) <= 13 and (bool((diffs == 0).any()) or _has_ties(np.abs(diffs)))
     method = "asymptotic" if tied else "auto"
     p = sps.wilcoxon(diffs, axis=0, zero_method="wilcox", method=method).pvalue.reshape(cells)
@@ -290,7 +297,10 @@ def answer_aggregates(values: np.ndarray, question_ids: np.ndarray, how: str = "
     return questions[rows], out[rows].reshape(len(questions), *values.shape[1:])
 
 
-def position_matched(question_ids: np.ndarray, pos: np.ndarray, in_error: np.ndarray, window: int = 8
+WINDOW = 8  # positions either side of the wrong moment that count as "nearby"
+
+
+def position_matched(question_ids: np.ndarray, pos: np.ndarray, in_error: np.ndarray, window: int = WINDOW
                      ) -> np.ndarray:
     """Control tokens for a wrong-moment comparison: tokens not in the error span of their answer but within
     `window` positions of it, so both groups sit at similar positions (maximal attention entropy grows with
@@ -303,543 +313,3 @@ def position_matched(question_ids: np.ndarray, pos: np.ndarray, in_error: np.nda
         near = (pos >= span.min() - window) & (pos <= span.max() + window)
         keep |= rows & near & ~in_error
     return keep
-
-
-# ---------------------------------------------------------------- the study's contrasts on a graded run
-
-AGGREGATIONS = ("mean", "max", "first_k")
-FIRST_K = 8  # tokens of the `first_k` aggregation
-WINDOW = 8  # positions either side of the wrong moment that count as "nearby"
-MIN_TO_CONCLUDE = 10  # questions per group below which the report says "too small to conclude"
-PROFILE_STATS = ("entropy", "varentropy", "entropy_norm")
-LAYER_MEAN_STATS = ("entropy", "varentropy", "entropy_norm")  # kept per token and layer for the figures and viewer
-LOGIT_STATS = ("logit_entropy", "logit_varentropy", "logprob")
-
-
-@dataclass
-class Contrast:
-    """One of the study's comparisons as run on one run directory."""
-
-    key: str  # e.g. "hallucinated", "wrong_moment"
-    title: str
-    positive: str  # the group whose higher values give AUROC > 0.5
-    negative: str
-    level: str  # "answer" (one aggregate per question) or "token" (tokens inside incorrect answers)
-    n_positive: int  # questions
-    n_negative: int
-    status: str = "ok"  # ok | too_small (computed, not conclusive) | not_computed (fewer than 2 per group)
-    note: str = ""  # the group sizes behind a status other than ok
-
-
-@dataclass
-class Analysis:
-    """Everything the report shows of one graded run. AUROC > 0.5: the positive group has the higher values."""
-
-    name: str
-    path: str
-    config: dict
-    benchmark: str
-    layers: list[int]
-    n_heads: int
-    excluded: dict[str, int]  # answers left out of every contrast, by reason
-    contrasts: list[Contrast]
-    comparisons: pd.DataFrame  # one row per (contrast, stat, aggregation, layer, head) cell
-    profiles: pd.DataFrame  # per group, stat and layer: mean over answers of the answer means, with a 95 % CI
-    samples: pd.DataFrame  # the run's samples with their grades (all answers, the excluded ones too)
-    answers: pd.DataFrame  # one row per analysed answer: label and answer means of the headline statistics
-    tokens: pd.DataFrame  # one row per token of the analysed answers
-    layer_means: dict[str, np.ndarray]  # stat -> [n_tokens, n_layers], mean over heads, aligned with `tokens`, of the
-    # statistics shown per token (LAYER_MEAN_STATS)
-    graded: bool = True  # False: no labels (free prompts, not graded yet); one group, `ungraded`, no contrasts
-
-
-UNGRADED = "ungraded"  # the one group of an ungraded run's answers
-
-
-def contrasts_of(benchmark: str) -> list[tuple[str, str, tuple[str, ...], tuple[str, ...]]]:
-    """(key, title, positive labels, negative labels) of the answer-level contrasts of a benchmark."""
-    from .data import FACTUAL
-
-    if benchmark in FACTUAL:
-        return [("hallucinated", "hallucinated (incorrect) vs not (correct or not attempted)", ("incorrect",),
-                 ("correct", "not_attempted")),
-                ("incorrect_vs_correct", "incorrect vs correct", ("incorrect",), ("correct",)),
-                ("incorrect_vs_not_attempted", "incorrect vs not attempted", ("incorrect",), ("not_attempted",)),
-                ("not_attempted_vs_correct", "not attempted vs correct", ("not_attempted",), ("correct",))]
-    return [("incorrect_vs_correct", "incorrect vs correct answers", ("incorrect",), ("correct",))]
-
-
-CONTROLLED_STATS = ("entropy", "varentropy", "entropy_norm", *LOGIT_STATS)  # the statistics with controlled rows
-LENGTH_BIN_WIDTH = 0.05  # the length control: pairs of answers whose lengths differ by at most ~5 %
-CONTROLS = {"none": "raw: as computed",
-            "stratified": "pairs inside one question kind only (facts: the kind; SimpleQA: the topic; arith: the "
-                          "number of steps)",
-            "length_matched": "pairs of answers whose lengths differ by at most ~5 % only",
-            "correct_baseline": "difference in differences: the wrong moment against its window in incorrect "
-                                "answers, minus a pseudo-moment at the same token position against its window "
-                                "in correct answers (template tokens left out of every window)"}
-
-
-def answer_strata(kept: pd.DataFrame, benchmark: str) -> np.ndarray | None:
-    """The stratum of each answer for the stratified control, or None when the benchmark has no kinds."""
-    from .data import question_kind
-
-    if benchmark == "gsm8k":
-        return None
-    kinds = np.array([question_kind(benchmark, m) for m in kept.metadata])
-    return kinds if len(np.unique(kinds)) > 1 else None
-
-
-def length_bins(lengths: np.ndarray, width: float = LENGTH_BIN_WIDTH) -> np.ndarray:
-    """The length stratum of each answer: bins of `width` in ln(length), so answers paired inside one differ in
-    length by at most ~5 % (exactly equal up to 20 tokens): a coarser binning leaves a length difference inside
-    each bin that the statistics' growth with position still shows."""
-    return np.floor(np.log(np.maximum(np.asarray(lengths, float), 1.0)) / width).astype(int)
-
-
-_TEMPLATE = re.compile(r"The final answer is")
-
-
-def template_tokens(tok: pd.DataFrame) -> np.ndarray:
-    """Tokens of the protocol's template: the closing "The final answer is N" sentence and chat markup
-    (<|...|> tokens), whatever the answer. Windows around a wrong moment leave them out: any answer, right or
-    wrong, has them at its end."""
-    out = np.array(tok.token.astype(str).str.fullmatch(r"\s*<\|[^|]+\|>\s*"), dtype=bool)
-    for _, rows in tok.groupby("question_id", sort=False).indices.items():
-        text, starts = "", []
-        for t in tok.token.iloc[rows].astype(str):
-            starts.append(len(text))
-            text += t
-        m = None
-        for m in _TEMPLATE.finditer(text):
-            pass
-        if m is not None:
-            out[rows[np.searchsorted(starts, m.start(), side="right") - 1:]] = True
-    return out
-
-
-def wrong_moment_windows(tok: pd.DataFrame, incorrect: set, correct: set, kind: str, window: int = 8,
-                         template: np.ndarray | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
-    """Per answer, the two token sets whose difference of means (moment - its window) is behind the
-    `correct_baseline` control (`window_differences`): in
-    incorrect answers the critic's wrong moment; in correct answers a pseudo-moment of the same length at the
-    same token position (the correct answers, in question order, take the located incorrect ones' positions in
-    turn; moved earlier where the answer is shorter): the statistics grow with the number of visible keys, so the
-    same position, not the same share of the answer, is what cancels that growth. `kind`: wrong_moment (window:
-    tokens within `window` positions), wrong_moment_numbers (the moment's digit tokens against the answer's other
-    digit tokens; the pseudo-moment is the number nearest the position), after_vs_before (the `window` tokens after
-    minus the `window` before). Template tokens are in no window.
-    `template`: `template_tokens(tok)` when already computed. Returns ([(moment rows, window rows)] as rows of
-    `tok`, is_incorrect) per answer with both sets non-empty."""
-    template = template_tokens(tok) if template is None else template
-    digits = tok.token.astype(str).str.contains(r"\d").to_numpy(bool)
-    in_error = tok.in_error.to_numpy(bool)
-    groups = tok.groupby("question_id", sort=False).indices
-    located = sorted(q for q in incorrect if q in groups and in_error[groups[q]].any())
-    shapes = [(int(np.flatnonzero(in_error[groups[q]])[0]), int(in_error[groups[q]].sum())) for q in located]
-    windows, is_incorrect = [], []
-    for i, q in enumerate(located + sorted(q for q in correct if q in groups)):
-        rows = groups[q]
-        n, keep = len(rows), ~template[rows]
-        if i < len(located):
-            span = np.flatnonzero(in_error[rows])
-        else:
-            if not shapes:
-                break
-            start, length = shapes[(i - len(located)) % len(shapes)]
-            free = int(keep.sum())
-            start = int(min(start, max(free - length, 0)))
-            span = np.arange(start, min(start + length, n))
-            if kind == "wrong_moment_numbers":  # the number nearest that position
-                candidates = np.flatnonzero(digits[rows] & keep)
-                if not len(candidates):
-                    continue
-                centre = candidates[np.argmin(np.abs(candidates - start))]
-                span = np.array([centre])
-        if kind == "wrong_moment_numbers":
-            moment = span[digits[rows][span]]
-            other = np.setdiff1d(np.flatnonzero(digits[rows] & keep), span)
-            first, second = moment, other
-        elif kind == "after_vs_before":
-            positions = np.arange(n)
-            first = positions[(positions >= span[-1] + 1) & (positions <= span[-1] + window) & keep]
-            second = positions[(positions < span[0]) & (positions >= span[0] - window) & keep]
-        else:
-            positions = np.arange(n)
-            near = (positions >= span[0] - window) & (positions <= span[-1] + window) & keep
-            first, second = span, np.setdiff1d(positions[near], span)
-        if len(first) and len(second):
-            windows.append((rows[first], rows[second]))
-            is_incorrect.append(i < len(located))
-    return windows, np.array(is_incorrect, bool)
-
-
-def window_differences(values: np.ndarray, windows: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """[n_windows, *cells]: per (moment rows, window rows) of `wrong_moment_windows`, the mean of `values` over the
-    moment minus its mean over the window."""
-    out = np.zeros((len(windows), *values.shape[1:]))
-    for i, (first, second) in enumerate(windows):
-        out[i] = values[first].mean(axis=0) - values[second].mean(axis=0)
-    return out
-
-
-def token_values(run, stat: str, layers: list[int] | None = None) -> np.ndarray:
-    """Per-token values of a statistic: attention stats [n_tokens, len(layers), H] (default: all recorded layers);
-    `entropy_norm` = entropy / ln n_keys (the fraction of the maximal entropy, which removes the growth with
-    position); logit stats [n_tokens]."""
-    if stat in LOGIT_STATS:
-        return run.tokens[stat].to_numpy(np.float64)
-    if stat == "entropy_norm":
-        log_keys = np.log(np.maximum(run.tokens["n_keys"].to_numpy(np.float64), 2.0))
-        return run.attn("entropy", layers) / log_keys[:, None, None].astype(np.float32)
-    return run.attn(stat, layers)
-
-
-def _join_layer_groups(parts: list[np.ndarray]) -> np.ndarray:
-    """Per-answer values computed one group of layers at a time ([n, layers of the group(, H)] each), joined along
-    the layers; a logit statistic's single [n] array as it is."""
-    return np.concatenate(parts, axis=1) if parts[0].ndim > 1 else parts[0]
-
-
-def concat_comparisons(parts: list[Comparison]) -> Comparison:
-    """Comparisons of consecutive groups of cells (e.g. layer groups) as one along the first cell axis, the false
-    discovery rate controlled over all of their cells together."""
-    if len(parts) == 1:
-        return parts[0]
-    joined = {name: np.concatenate([getattr(c, name) for c in parts]) for name in ("auroc", "cohens_d", "p")}
-    ci = {name: tuple(np.concatenate([getattr(c, name)[i] for c in parts]) for i in (0, 1))
-          for name in ("auroc_ci", "cohens_d_ci")}
-    return Comparison(joined["auroc"], ci["auroc_ci"], joined["cohens_d"], ci["cohens_d_ci"], joined["p"],
-                      benjamini_hochberg(joined["p"]), parts[0].n_positive, parts[0].n_negative, parts[0].alpha)
-
-
-def _cells_table(c: Comparison, layers: list[int], per_head: bool) -> pd.DataFrame:
-    if c.auroc.ndim == 0:
-        return c.table({"layer": np.array([-1]), "head": np.array([-1])})
-    if per_head:
-        n_layers, n_heads = c.auroc.shape
-        return c.table({"layer": np.repeat(layers, n_heads), "head": np.tile(np.arange(n_heads), n_layers)})
-    return c.table({"layer": np.asarray(layers), "head": np.full(len(layers), -1)})
-
-
-def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW, first_k: int = FIRST_K,
-                stats: tuple[str, ...] | None = None, read_bytes: int = READ_BYTES) -> Analysis:
-    """The three contrasts of the study on a graded run (`attentropy grade` first): answer-level contrasts for
-    every statistic per layer x head and per layer (mean over heads) under each aggregation, and, for math,
-    the critic's wrong moment vs nearby tokens and after vs before it (token level, position-matched).
-    Attention statistics are read in groups of layers of about `read_bytes` (`Run.layer_groups`): memory holds the
-    run's tokens table, one group's values and the per-answer reductions, whatever the number of layers; the
-    results are those of reading everything at once.
-    An ungraded run (free prompts, or a benchmark run not graded yet) gets everything that needs no labels: its
-    answers form one group, `ungraded`, with profiles and per-token values, and no contrasts (`graded` False)."""
-    from .schema import ATTN_STATS
-    from .data import FACTUAL
-
-    samples, tokens = run.samples, run.tokens
-    graded = "label" in samples
-    if not graded:
-        samples = samples.assign(label=UNGRADED)
-    stats = tuple(stats or (*ATTN_STATS, "entropy_norm", *LOGIT_STATS))
-    benchmark = run.config["benchmark"]
-    lengths = samples.completion_ids.map(len)
-    excluded = {"unparsed": int((samples.label == "unparsed").sum()), "empty answer": int((lengths == 0).sum()),
-                "not graded": int(samples.label.isna().sum())}  # the judge gave no reply and there was no label
-    kept = samples[(samples.label != "unparsed") & (lengths > 0) & samples.label.notna()]
-    label_of = kept.set_index("question_id").label
-    token_rows = np.flatnonzero(tokens.question_id.isin(label_of.index).to_numpy())
-    tok = tokens.iloc[token_rows].reset_index(drop=True)
-    tok["label"] = tok.question_id.map(label_of).to_numpy()
-    layers = list(run.layers)
-
-    answer_contrasts = []
-    contrasts: list[Contrast] = []
-    for key, title, pos_labels, neg_labels in contrasts_of(benchmark) if graded else []:
-        pos_mask, neg_mask = kept.label.isin(pos_labels).to_numpy(), kept.label.isin(neg_labels).to_numpy()
-        contrast = Contrast(key, title, "+".join(pos_labels), "+".join(neg_labels), "answer",
-                            int(pos_mask.sum()), int(neg_mask.sum()))
-        contrasts.append(contrast)
-        answer_contrasts.append((contrast, pos_mask, neg_mask))
-
-    # Wrong moment (math): tokens of incorrect answers whose critic located a span.
-    token_contrasts = []
-    if benchmark not in FACTUAL and "in_error" in tok:
-        in_error = tok.in_error.to_numpy(bool)
-        span = kept.set_index("question_id")
-        start = tok.question_id.map(span.error_token_start).to_numpy(float)
-        end = tok.question_id.map(span.error_token_end).to_numpy(float)
-        pos = tok.pos.to_numpy()
-        nearby = position_matched(tok.question_id.to_numpy(), pos, in_error, window)
-        before = (pos < start) & (pos >= start - window)
-        after = (pos >= end) & (pos < end + window)
-        # the wrong moment is mostly a number; its neighbours mostly words: compare numbers with numbers too
-        numeric = tok.token.str.contains(r"\d").to_numpy(bool)
-        for key, title, positive, negative, pos_name, neg_name in (
-                ("wrong_moment", f"wrong-moment tokens vs tokens within {window} positions of it", in_error,
-                 nearby, "wrong moment", "nearby"),
-                ("wrong_moment_numbers", "wrong-moment tokens with a digit vs the other tokens with a digit of the "
-                 "same answers", in_error & numeric, ~in_error & numeric, "wrong moment (digits)", "other digits"),
-                ("after_vs_before", f"the {window} tokens after the wrong moment vs the {window} before it", after,
-                 before, "after", "before")):
-            rows = np.flatnonzero(positive | negative)
-            qids = tok.question_id.to_numpy()[rows]
-            n_both = len(set(qids[positive[rows]]) & set(qids[negative[rows]]))
-            contrast = Contrast(key, title, pos_name, neg_name, "token", n_both, n_both)
-            contrasts.append(contrast)
-            token_contrasts.append((contrast, rows, positive[rows], qids))
-
-    for contrast in contrasts:
-        n = min(contrast.n_positive, contrast.n_negative)
-        if n < 2:
-            contrast.status = "not_computed"
-            contrast.note = (f"not computed: {contrast.n_positive} {contrast.positive} vs {contrast.n_negative} "
-                             f"{contrast.negative} questions (at least 2 per group needed)")
-        elif n < MIN_TO_CONCLUDE:
-            contrast.status = "too_small"
-            contrast.note = (f"{contrast.n_positive} vs {contrast.n_negative} questions (the report draws "
-                             f"conclusions from {MIN_TO_CONCLUDE} per group or more)")
-
-    strata = answer_strata(kept, benchmark)
-    bins = length_bins(lengths[kept.index].to_numpy(float))
-    windows = {}  # token contrast -> (wrong-moment windows, is_incorrect) of its correct-baseline control
-    if any(stat in CONTROLLED_STATS for stat in stats):
-        live = [c for c, *_ in token_contrasts if c.status != "not_computed"]
-        template = template_tokens(tok) if live else None
-        incorrect_ids = set(kept.question_id[kept.label == "incorrect"])
-        correct_ids = set(kept.question_id[kept.label == "correct"])
-        for contrast in live:
-            windows[contrast.key] = wrong_moment_windows(tok, incorrect_ids, correct_ids, contrast.key, window,
-                                                         template)
-
-    def controlled(agg: np.ndarray, sel: np.ndarray, pos_mask: np.ndarray, s: int) -> list[tuple[str, Comparison]]:
-        out = []
-        for control, groups in (("stratified", strata), ("length_matched", bins)):
-            if groups is None or len(np.unique(groups[sel])) < 2:
-                continue
-            try:
-                out.append((control, compare_answers_stratified(agg[sel], pos_mask[sel], groups[sel], n_boot=n_boot,
-                                                                seed=seed + s)))
-            except ValueError:  # too few answers of a group inside shared strata
-                pass
-        return out
-
-    qids, kept_ids = tok.question_id.to_numpy(), kept.question_id
-    groups = [None] if all(stat in LOGIT_STATS for stat in stats) else run.layer_groups(read_bytes)
-    tables = []
-    layer_means: dict[str, np.ndarray] = {}
-    answer_means: dict[str, np.ndarray] = {}
-    profiles = []
-    for s, stat in enumerate(stats):
-        # Everything the contrasts need of the per-token values, reduced one group of layers at a time: per level
-        # (head: every layer x head; layer: mean over heads; token: a logit statistic) the answers' aggregates,
-        # the wrong-moment differences, and the token contrasts (compared per group, joined after).
-        aggregates, differences, token_parts = {}, {}, {}
-        per_layer = []
-        for group in ([None] if stat in LOGIT_STATS else groups):
-            values = token_values(run, stat, group)[token_rows]
-            if values.ndim == 3:
-                per_layer.append(values.mean(axis=2))  # [n_tokens, len(group)]
-            variants = [("head", values), ("layer", per_layer[-1])] if values.ndim == 3 else [("token", values)]
-            for level, v in variants:
-                for how in AGGREGATIONS:
-                    questions, agg = answer_aggregates(v, qids, how, first_k)
-                    aggregates.setdefault((how, level), []).append(agg[pd.Index(questions).get_indexer(kept_ids)])
-                for key, (wins, _) in windows.items() if stat in CONTROLLED_STATS else ():
-                    differences.setdefault((key, level), []).append(window_differences(v, wins))
-                for contrast, rows, positive, row_qids in token_contrasts:
-                    if contrast.status != "not_computed":
-                        token_parts.setdefault((contrast.key, level), []).append(
-                            compare_tokens(v[rows], positive, row_qids, n_boot=n_boot, seed=seed + s))
-            del values
-        joined = {k: _join_layer_groups(v) for k, v in aggregates.items()}
-        if per_layer and stat in LAYER_MEAN_STATS:
-            layer_means[stat] = np.concatenate(per_layer, axis=1)
-        levels = ("head", "layer") if stat not in LOGIT_STATS else ("token",)
-        for how in AGGREGATIONS:
-            for level in levels:
-                agg = joined[(how, level)]
-                if how == "mean" and level != "head":
-                    answer_means[stat] = agg
-                for contrast, pos_mask, neg_mask in answer_contrasts:
-                    if contrast.status == "not_computed":
-                        continue
-                    sel = pos_mask | neg_mask
-                    c = compare_answers(agg[sel], pos_mask[sel], n_boot=n_boot, seed=seed + s)
-                    found = [("none", c)]
-                    if how == "mean" and stat in CONTROLLED_STATS:
-                        found += controlled(agg, sel, pos_mask, s)
-                    for control, c in found:
-                        tables.append(_cells_table(c, layers, level == "head").assign(
-                            contrast=contrast.key, stat=stat, aggregation=how, level=level, control=control))
-        for contrast, *_ in token_contrasts:
-            if contrast.status == "not_computed":
-                continue
-            for level in levels:
-                c = concat_comparisons(token_parts[(contrast.key, level)])
-                tables.append(_cells_table(c, layers, level == "head").assign(
-                    contrast=contrast.key, stat=stat, aggregation="tokens", level=level, control="none"))
-                if stat not in CONTROLLED_STATS:
-                    continue
-                is_incorrect = windows[contrast.key][1]
-                if is_incorrect.sum() >= 2 and (~is_incorrect).sum() >= 2:
-                    diffs = _join_layer_groups(differences[(contrast.key, level)])
-                    c = compare_answers(diffs, is_incorrect, n_boot=n_boot, seed=seed + s)
-                    tables.append(_cells_table(c, layers, level == "head").assign(
-                        contrast=contrast.key, stat=stat, aggregation="tokens", level=level,
-                        control="correct_baseline"))
-        if stat in PROFILE_STATS and stat in answer_means:
-            for label in sorted(kept.label.unique()):
-                members = answer_means[stat][(kept.label == label).to_numpy()]
-                w = resample_counts(np.random.default_rng(seed), len(members), n_boot)
-                boot = w @ members / len(members)
-                lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
-                profiles.append(pd.DataFrame({"group": label, "stat": stat, "layer": layers,
-                                              "mean": members.mean(axis=0), "lo": lo, "hi": hi,
-                                              "n": len(members)}))
-
-    # Answer length: a confound of every answer-level mean (the maximal attention entropy grows with position).
-    for contrast, pos_mask, neg_mask in answer_contrasts:
-        if contrast.status != "not_computed":
-            sel = pos_mask | neg_mask
-            c = compare_answers(lengths[kept.index].to_numpy(float)[sel], pos_mask[sel], n_boot=n_boot, seed=seed)
-            tables.append(_cells_table(c, layers, False).assign(contrast=contrast.key, stat="answer_length",
-                                                               aggregation="count", level="answer", control="none"))
-
-    columns = ["contrast", "stat", "aggregation", "level", "control", "layer", "head"]
-    comparisons = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=columns)
-    comparisons = comparisons[columns + [c for c in comparisons.columns if c not in columns]]
-    answers = pd.DataFrame({"question_id": kept.question_id.to_numpy(), "label": kept.label.to_numpy(),
-                            "n_tokens": lengths[kept.index].to_numpy()})
-    for stat, v in answer_means.items():
-        answers[stat if stat in LOGIT_STATS else f"attn_{stat}"] = v.mean(axis=1) if v.ndim == 2 else v
-    return Analysis(name=Path(run.path).name, path=str(run.path), config=run.config, benchmark=benchmark,
-                    layers=layers, n_heads=run.n_heads, excluded=excluded, contrasts=contrasts,
-                    comparisons=comparisons, profiles=pd.concat(profiles, ignore_index=True) if profiles else
-                    pd.DataFrame(columns=["group", "stat", "layer", "mean", "lo", "hi", "n"]),
-                    samples=samples, answers=answers, tokens=tok, layer_means=layer_means, graded=graded)
-
-
-# ---------------------------------------------------------------- how good a confidence score is
-# Every function takes `w` [B, n]: one row of weights per evaluation (a row of ones: the data as they are; a row of
-# bootstrap counts: a resample), so a point estimate and its 1,000 resamples are one vectorised call. `y` [n] is 1
-# where the answer is correct; `confidence` [n] is higher where the answer is more likely correct.
-
-def group_counts(groups: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
-    """[n_boot, n] bootstrap weights that resample *groups* (questions): an item weighs as often as its group was
-    drawn, so all answers (or tokens) of a question come and go together."""
-    _, index = np.unique(np.asarray(groups), return_inverse=True)
-    counts = resample_counts(np.random.default_rng(seed), index.max() + 1, n_boot)
-    return counts[:, index]
-
-
-def _tie_blocks(sorted_scores: np.ndarray) -> np.ndarray:
-    """Start index of each run of equal values in a sorted array."""
-    return np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-
-
-def weighted_auroc_rows(score: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """AUROC [B] of `score` for y == 1 against y == 0, per row of weights."""
-    y = np.asarray(y, bool)
-    return weighted_auroc(score[y][:, None], score[~y][:, None], w[:, y], w[:, ~y])[:, 0]
-
-
-def harmonic(x: np.ndarray) -> np.ndarray:
-    """H(x) = 1 + 1/2 + ... + 1/x for non-negative integers x (as floats), H(0) = 0."""
-    from scipy.special import digamma
-
-    return digamma(np.asarray(x, float) + 1) + np.euler_gamma
-
-
-def _retained_quality_area(order: np.ndarray, score_sorted: np.ndarray | None, y: np.ndarray, w: np.ndarray
-                           ) -> np.ndarray:
-    """(1/N) sum over m = 1..N of the mean quality of the m most confident answers, N = sum of the weights, with
-    answers taken in `order` (most confident first) and each answer counted w times; answers of equal score
-    (`score_sorted`, None: no ties) share their mean quality (the expectation over orderings of the ties).
-    Inside an answer's block of copies C_(i-1) < m <= C_i the retained total is S_(i-1) + (m - C_(i-1)) y_i, so
-    the block's sum of retained means is (S_(i-1) - C_(i-1) y_i)(H(C_i) - H(C_(i-1))) + w_i y_i."""
-    w, yy = w[:, order], np.broadcast_to(y[order].astype(float), w.shape)
-    if score_sorted is not None:
-        starts = _tie_blocks(score_sorted)
-        sizes = np.diff(np.r_[starts, len(order)])
-        tie_w = np.add.reduceat(w, starts, axis=1)
-        tie_q = np.add.reduceat(w * yy, starts, axis=1)
-        yy = np.repeat(np.divide(tie_q, tie_w, out=np.zeros_like(tie_q), where=tie_w > 0), sizes, axis=1)
-    c = np.cumsum(w, axis=1)
-    s = np.cumsum(w * yy, axis=1)
-    c0, s0 = c - w, s - w * yy
-    total = ((s0 - c0 * yy) * (harmonic(c) - harmonic(c0)) + w * yy).sum(axis=1)
-    return total / c[:, -1]
-
-
-def prediction_rejection_ratio(confidence: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """PRR [B] as lm-polygraph defines it: reject answers from the least confident, average the retained answers'
-    quality (here: 1 if correct) over every rejection level; PRR = (area - random) / (oracle - random), where
-    random keeps the mean quality at every level and the oracle rejects the incorrect answers first. 1: the
-    oracle's order, 0: no better than chance."""
-    order = np.argsort(-confidence, kind="stable")
-    area = _retained_quality_area(order, confidence[order], y, w)
-    oracle = _retained_quality_area(np.argsort(-np.asarray(y, float), kind="stable"), None, y, w)
-    random = (w * y).sum(axis=1) / w.sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return (area - random) / (oracle - random)
-
-
-def weighted_average_precision(confidence: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """AUPRC [B] (average precision) of finding the *incorrect* answers (y == 0) by low confidence, as
-    scikit-learn's average_precision_score with equal scores forming one threshold."""
-    order = np.argsort(confidence, kind="stable")  # least confident first
-    ends = np.r_[_tie_blocks(confidence[order])[1:], len(order)] - 1  # last index of each block of equal scores
-    w = w[:, order]
-    wrong = w * (1 - np.asarray(y, float)[order])
-    tp, seen = np.cumsum(wrong, axis=1)[:, ends], np.cumsum(w, axis=1)[:, ends]
-    positives = tp[:, -1:]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(seen > 0, tp / seen, 0.0)
-        recall_gain = np.diff(np.c_[np.zeros(len(tp)), tp], axis=1) / positives
-    return (recall_gain * precision).sum(axis=1)
-
-
-def brier_score(confidence: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
-    return w @ (confidence - y) ** 2 / w.sum(axis=1)
-
-
-CALIBRATION_BINS = 10
-
-
-def expected_calibration_error(confidence: np.ndarray, y: np.ndarray, w: np.ndarray,
-                               bins: int = CALIBRATION_BINS) -> np.ndarray:
-    """ECE [B]: over `bins` equal-width bins of confidence, the answers' share of the bin times |mean confidence -
-    fraction correct| in it, summed."""
-    which = np.minimum((np.asarray(confidence) * bins).astype(int), bins - 1)
-    gap = np.zeros((len(confidence), bins))
-    gap[np.arange(len(confidence)), which] = confidence - y
-    return np.abs(w @ gap).sum(axis=1) / w.sum(axis=1)
-
-
-def reliability_table(confidence: np.ndarray, y: np.ndarray, bins: int = CALIBRATION_BINS) -> pd.DataFrame:
-    """Per bin of confidence: answers, their mean confidence and the fraction of them correct."""
-    which = np.minimum((np.asarray(confidence) * bins).astype(int), bins - 1)
-    frame = pd.DataFrame({"bin": which, "confidence": confidence, "correct": y})
-    table = frame.groupby("bin").agg(n=("correct", "size"), mean_confidence=("confidence", "mean"),
-                                     fraction_correct=("correct", "mean")).reset_index()
-    table.insert(1, "lo", table["bin"] / bins)
-    table.insert(2, "hi", (table["bin"] + 1) / bins)
-    return table
-
-
-SCORE_METRICS = {"auroc": weighted_auroc_rows, "auprc": weighted_average_precision,
-                 "prr": prediction_rejection_ratio, "brier": brier_score, "ece": expected_calibration_error}
-
-
-def score_metrics(confidence: np.ndarray, y: np.ndarray, boot_weights: np.ndarray,
-                  metrics: tuple[str, ...] = tuple(SCORE_METRICS)) -> dict[str, tuple[float, float, float]]:
-    """metric -> (value, 95 % lo, hi) of one confidence score; the intervals from `boot_weights` [B, n] (e.g.
-    `group_counts`), the same rows for every score compared, so differences between scores can be paired."""
-    confidence, y = np.asarray(confidence, float), np.asarray(y, float)
-    ones = np.ones((1, len(y)))
-    out = {}
-    for name in metrics:
-        fn = SCORE_METRICS[name]
-        value = float(fn(confidence, y, ones)[0])
-        lo, hi = np.nanpercentile(fn(confidence, y, boot_weights), [2.5, 97.5])
-        out[name] = (value, float(lo), float(hi))
-    return out

@@ -50,8 +50,8 @@ def trace(prompt: str, *, model: str = DEFAULT_MODEL, out: str | Path | None = N
 def trace_page(out: str | Path, stat: str = "entropy") -> Path:
     """Write OUT/trace.html for the traced prompt in OUT/run and return its path."""
     from . import plots
+    from .contrasts import analyze_run
     from .report import CSS, VIEWER_HTML, VIEWER_JS, _img, viewer_data
-    from .stats import analyze_run
     from .store import load_run
 
     out = Path(out)
@@ -119,8 +119,8 @@ def trace_page(out: str | Path, stat: str = "entropy") -> Path:
 def trace_text(out: str | Path, stat: str = "entropy", layer: int | None = None) -> str:
     """The traced answer with each token on a background by `stat` (attention statistics: mean over heads of
     `layer`, or over all layers), from low (dark) to high (bright) within the answer, and a legend."""
+    from .contrasts import LOGIT_STATS, token_values
     from .schema import ATTN_STATS
-    from .stats import LOGIT_STATS, token_values
     from .store import load_run
 
     run = load_run(Path(out) / "run")

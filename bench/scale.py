@@ -118,7 +118,7 @@ def step(name: str, path: Path, n_boot: int) -> dict:
         assert (one[:, 0] == everything[:, 40]).all()
         return {"seconds": one_s, "all_layers_seconds": all_s}
     if name == "analyze":
-        from attentropy.stats import analyze_run
+        from attentropy.contrasts import analyze_run
 
         a = analyze_run(load_run(path), n_boot=n_boot)
         planted = a.comparisons.query("contrast == 'incorrect_vs_correct' and stat == 'entropy' and "

@@ -9,7 +9,7 @@ significant cell in at least three (by chance two or more of four at 5 % each: 1
 import numpy as np
 
 from attentropy import load_run
-from attentropy.stats import analyze_run
+from attentropy.contrasts import analyze_run
 from synthetic import write_synthetic_run
 
 SEEDS = range(4)

@@ -10,7 +10,7 @@ import pytest
 
 from attentropy import load_run
 from attentropy.cli import main
-from attentropy.stats import analyze_run
+from attentropy.contrasts import analyze_run
 from synthetic import write_synthetic_run
 
 

@@ -1,0 +1,570 @@
+"""The study's contrasts on a graded run: which groups of answers (and of tokens inside answers) are compared, the
+controls of a contrast (question kind, answer length, a correct-answer baseline of the wrong moment), and
+`analyze_run`, which compares them for every statistic, per layer x head and per layer, into the `Analysis` that the
+report shows.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from .stats import (WINDOW, Comparison, answer_aggregates, benjamini_hochberg, compare_answers,
+                    compare_answers_stratified, compare_tokens, position_matched, resample_counts)
+from .store import READ_BYTES
+
+AGGREGATIONS = ("mean", "max", "first_k")
+FIRST_K = 8  # tokens of the `first_k` aggregation
+MIN_QUESTIONS_TO_CONCLUDE = 10  # questions per group below which the report says "too small to conclude"
+PROFILE_STATS = ("entropy", "varentropy", "entropy_norm")
+LAYER_MEAN_STATS = ("entropy", "varentropy", "entropy_norm")  # kept per token and layer for the figures and viewer
+LOGIT_STATS = ("logit_entropy", "logit_varentropy", "logprob")
+
+
+@dataclass
+class Contrast:
+    """One of the study's comparisons as run on one run directory."""
+
+    key: str  # e.g. "hallucinated", "wrong_moment"
+    title: str
+    positive: str  # the group whose higher values give AUROC > 0.5
+    negative: str
+    level: str  # "answer" (one aggregate per question) or "token" (tokens inside incorrect answers)
+    n_positive: int  # questions
+    n_negative: int
+    status: str = "ok"  # ok | too_small (computed, not conclusive) | not_computed (fewer than 2 per group)
+    note: str = ""  # the group sizes behind a status other than ok
+
+
+@dataclass
+class Analysis:
+    """Everything the report shows of one graded run. AUROC > 0.5: the positive group has the higher values."""
+
+    name: str
+    path: str
+    config: dict
+    benchmark: str
+    layers: list[int]
+    n_heads: int
+    excluded: dict[str, int]  # answers left out of every contrast, by reason
+    contrasts: list[Contrast]
+    comparisons: pd.DataFrame  # one row per (contrast, stat, aggregation, layer, head) cell
+    profiles: pd.DataFrame  # per group, stat and layer: mean over answers of the answer means, with a 95 % CI
+    samples: pd.DataFrame  # the run's samples with their grades (all answers, the excluded ones too)
+    answers: pd.DataFrame  # one row per analysed answer: label and answer means of the headline statistics
+    tokens: pd.DataFrame  # one row per token of the analysed answers
+    layer_means: dict[str, np.ndarray]  # stat -> [n_tokens, n_layers], mean over heads, aligned with `tokens`, of the
+    # statistics shown per token (LAYER_MEAN_STATS)
+    graded: bool = True  # False: no labels (free prompts, not graded yet); one group, `ungraded`, no contrasts
+
+
+UNGRADED = "ungraded"  # the one group of an ungraded run's answers
+
+
+def contrasts_of(benchmark: str) -> list[tuple[str, str, tuple[str, ...], tuple[str, ...]]]:
+    """(key, title, positive labels, negative labels) of the answer-level contrasts of a benchmark."""
+    from .data import FACTUAL
+
+    if benchmark in FACTUAL:
+        return [("hallucinated", "hallucinated (incorrect) vs not (correct or not attempted)", ("incorrect",),
+                 ("correct", "not_attempted")),
+                ("incorrect_vs_correct", "incorrect vs correct", ("incorrect",), ("correct",)),
+                ("incorrect_vs_not_attempted", "incorrect vs not attempted", ("incorrect",), ("not_attempted",)),
+                ("not_attempted_vs_correct", "not attempted vs correct", ("not_attempted",), ("correct",))]
+    return [("incorrect_vs_correct", "incorrect vs correct answers", ("incorrect",), ("correct",))]
+
+
+CONTROLLED_STATS = ("entropy", "varentropy", "entropy_norm", *LOGIT_STATS)  # the statistics with controlled rows
+LENGTH_BIN_WIDTH = 0.05  # the length control: pairs of answers whose lengths differ by at most ~5 %
+CONTROLS = {"none": "raw: as computed",
+            "stratified": "pairs inside one question kind only (facts: the kind; SimpleQA: the topic; arith: the "
+                          "number of steps)",
+            "length_matched": "pairs of answers whose lengths differ by at most ~5 % only",
+            "correct_baseline": "difference in differences: the wrong moment against its window in incorrect "
+                                "answers, minus a pseudo-moment at the same token position against its window "
+                                "in correct answers (template tokens left out of every window)"}
+
+
+def answer_strata(kept: pd.DataFrame, benchmark: str) -> np.ndarray | None:
+    """The stratum of each answer for the stratified control, or None when the benchmark has no kinds."""
+    from .data import question_kind
+
+    if benchmark == "gsm8k":
+        return None
+    kinds = np.array([question_kind(benchmark, m) for m in kept.metadata])
+    return kinds if len(np.unique(kinds)) > 1 else None
+
+
+def length_bins(lengths: np.ndarray, width: float = LENGTH_BIN_WIDTH) -> np.ndarray:
+    """The length stratum of each answer: bins of `width` in ln(length), so answers paired inside one differ in
+    length by at most ~5 % (exactly equal up to 20 tokens): a coarser binning leaves a length difference inside
+    each bin that the statistics' growth with position still shows."""
+    return np.floor(np.log(np.maximum(np.asarray(lengths, float), 1.0)) / width).astype(int)
+
+
+_TEMPLATE = re.compile(r"The final answer is")
+
+
+def template_tokens(tok: pd.DataFrame) -> np.ndarray:
+    """Tokens of the protocol's template: the closing "The final answer is N" sentence and chat markup
+    (<|...|> tokens), whatever the answer. Windows around a wrong moment leave them out: any answer, right or
+    wrong, has them at its end."""
+    out = np.array(tok.token.astype(str).str.fullmatch(r"\s*<\|[^|]+\|>\s*"), dtype=bool)
+    for _, rows in tok.groupby("question_id", sort=False).indices.items():
+        text, starts = "", []
+        for t in tok.token.iloc[rows].astype(str):
+            starts.append(len(text))
+            text += t
+        m = None
+        for m in _TEMPLATE.finditer(text):
+            pass
+        if m is not None:
+            out[rows[np.searchsorted(starts, m.start(), side="right") - 1:]] = True
+    return out
+
+
+def wrong_moment_windows(tok: pd.DataFrame, incorrect: set, correct: set, kind: str, window: int = WINDOW,
+                         template: np.ndarray | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """Per answer, the two token sets whose difference of means (moment - its window) is behind the
+    `correct_baseline` control (`window_differences`): in
+    incorrect answers the critic's wrong moment; in correct answers a pseudo-moment of the same length at the
+    same token position (the correct answers, in question order, take the located incorrect ones' positions in
+    turn; moved earlier where the answer is shorter): the statistics grow with the number of visible keys, so the
+    same position, not the same share of the answer, is what cancels that growth. `kind`: wrong_moment (window:
+    tokens within `window` positions), wrong_moment_numbers (the moment's digit tokens against the answer's other
+    digit tokens; the pseudo-moment is the number nearest the position), after_vs_before (the `window` tokens after
+    minus the `window` before). Template tokens are in no window.
+    `template`: `template_tokens(tok)` when already computed. Returns ([(moment rows, window rows)] as rows of
+    `tok`, is_incorrect) per answer with both sets non-empty."""
+    template = template_tokens(tok) if template is None else template
+    digits = tok.token.astype(str).str.contains(r"\d").to_numpy(bool)
+    in_error = tok.in_error.to_numpy(bool)
+    groups = tok.groupby("question_id", sort=False).indices
+    located = sorted(q for q in incorrect if q in groups and in_error[groups[q]].any())
+    shapes = [(int(np.flatnonzero(in_error[groups[q]])[0]), int(in_error[groups[q]].sum())) for q in located]
+    windows, is_incorrect = [], []
+    for i, q in enumerate(located + sorted(q for q in correct if q in groups)):
+        rows = groups[q]
+        n, keep = len(rows), ~template[rows]
+        if i < len(located):
+            span = np.flatnonzero(in_error[rows])
+        else:
+            if not shapes:
+                break
+            start, length = shapes[(i - len(located)) % len(shapes)]
+            free = int(keep.sum())
+            start = int(min(start, max(free - length, 0)))
+            span = np.arange(start, min(start + length, n))
+            if kind == "wrong_moment_numbers":  # the number nearest that position
+                candidates = np.flatnonzero(digits[rows] & keep)
+                if not len(candidates):
+                    continue
+                centre = candidates[np.argmin(np.abs(candidates - start))]
+                span = np.array([centre])
+        if kind == "wrong_moment_numbers":
+            moment = span[digits[rows][span]]
+            other = np.setdiff1d(np.flatnonzero(digits[rows] & keep), span)
+            first, second = moment, other
+        elif kind == "after_vs_before":
+            positions = np.arange(n)
+            first = positions[(positions >= span[-1] + 1) & (positions <= span[-1] + window) & keep]
+            second = positions[(positions < span[0]) & (positions >= span[0] - window) & keep]
+        else:
+            positions = np.arange(n)
+            near = (positions >= span[0] - window) & (positions <= span[-1] + window) & keep
+            first, second = span, np.setdiff1d(positions[near], span)
+        if len(first) and len(second):
+            windows.append((rows[first], rows[second]))
+            is_incorrect.append(i < len(located))
+    return windows, np.array(is_incorrect, bool)
+
+
+def window_differences(values: np.ndarray, windows: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """[n_windows, *cells]: per (moment rows, window rows) of `wrong_moment_windows`, the mean of `values` over the
+    moment minus its mean over the window."""
+    out = np.zeros((len(windows), *values.shape[1:]))
+    for i, (first, second) in enumerate(windows):
+        out[i] = values[first].mean(axis=0) - values[second].mean(axis=0)
+    return out
+
+
+def token_values(run, stat: str, layers: list[int] | None = None) -> np.ndarray:
+    """Per-token values of a statistic: attention stats [n_tokens, len(layers), H] (default: all recorded layers);
+    `entropy_norm` = entropy / ln n_keys (the fraction of the maximal entropy, which removes the growth with
+    position); logit stats [n_tokens]."""
+    if stat in LOGIT_STATS:
+        return run.tokens[stat].to_numpy(np.float64)
+    if stat == "entropy_norm":
+        log_keys = np.log(np.maximum(run.tokens["n_keys"].to_numpy(np.float64), 2.0))
+        return run.attn("entropy", layers) / log_keys[:, None, None].astype(np.float32)
+    return run.attn(stat, layers)
+
+
+def _join_along_layers(parts: list[np.ndarray]) -> np.ndarray:
+    """Per-answer values computed one group of layers at a time ([n, layers of the group(, H)] each), joined along
+    the layers; a logit statistic's single [n] array as it is."""
+    return np.concatenate(parts, axis=1) if parts[0].ndim > 1 else parts[0]
+
+
+def concat_comparisons(parts: list[Comparison]) -> Comparison:
+    """Comparisons of consecutive groups of cells (e.g. layer groups) as one along the first cell axis, the false
+    discovery rate controlled over all of their cells together."""
+    if len(parts) == 1:
+        return parts[0]
+    joined = {name: np.concatenate([getattr(c, name) for c in parts]) for name in ("auroc", "cohens_d", "p")}
+    ci = {name: tuple(np.concatenate([getattr(c, name)[i] for c in parts]) for i in (0, 1))
+          for name in ("auroc_ci", "cohens_d_ci")}
+    return Comparison(joined["auroc"], ci["auroc_ci"], joined["cohens_d"], ci["cohens_d_ci"], joined["p"],
+                      benjamini_hochberg(joined["p"]), parts[0].n_positive, parts[0].n_negative, parts[0].alpha)
+
+
+def _cells_table(c: Comparison, layers: list[int], **names) -> pd.DataFrame:
+    """`c`'s table, one row per cell (per layer x head where `names`' level is `head`, else per layer; one row for
+    a single cell), with `names` (contrast, stat, aggregation, level, control) as columns."""
+    if c.auroc.ndim == 0:
+        table = c.table({"layer": np.array([-1]), "head": np.array([-1])})
+    elif names["level"] == "head":
+        n_layers, n_heads = c.auroc.shape
+        table = c.table({"layer": np.repeat(layers, n_heads), "head": np.tile(np.arange(n_heads), n_layers)})
+    else:
+        table = c.table({"layer": np.asarray(layers), "head": np.full(len(layers), -1)})
+    return table.assign(**names)
+
+
+# ---------------------------------------------------------------- analyze_run, step by step
+
+class AnswerContrast(NamedTuple):
+    """An answer-level contrast and its groups, as masks over the analysed answers."""
+
+    contrast: Contrast
+    positive: np.ndarray
+    negative: np.ndarray
+
+
+class TokenContrast(NamedTuple):
+    """A token-level contrast: the rows of the analysed tokens it compares, which of them are in the positive group,
+    and their questions."""
+
+    contrast: Contrast
+    rows: np.ndarray
+    positive: np.ndarray
+    question_ids: np.ndarray
+
+
+@dataclass
+class AnalysedAnswers:
+    """The answers of a run that its contrasts compare, and those left out."""
+
+    samples: pd.DataFrame  # every answer with its grade (label `ungraded` where the run is not graded)
+    kept: pd.DataFrame  # the analysed answers: parsed, not empty, graded
+    lengths: pd.Series  # tokens per analysed answer, aligned with `kept`
+    token_rows: np.ndarray  # the rows of the run's tokens table that belong to analysed answers
+    tokens: pd.DataFrame  # those rows, each with its answer's label
+    token_questions: np.ndarray  # the question of each row of `tokens`
+    excluded: dict[str, int]  # answers left out, by reason
+    graded: bool
+
+
+@dataclass
+class LevelValues:
+    """What the contrasts need of one statistic's per-token values at one level (`head`: every layer x head;
+    `layer`: the mean over heads; `token`: a logit statistic), for one group of layers or, joined, for all."""
+
+    aggregates: dict[str, np.ndarray]  # aggregation -> [analysed answers, *cells]
+    differences: dict[str, np.ndarray]  # token contrast -> [its correct-baseline windows, *cells]
+    token_comparisons: dict[str, Comparison]  # token contrast -> its comparison
+
+
+def analysed_answers(run) -> AnalysedAnswers:
+    """The run's answers left after removing the unparsed, the empty and the ungraded ones, with their tokens; an
+    ungraded run's answers all labelled `ungraded`."""
+    samples, tokens = run.samples, run.tokens
+    graded = "label" in samples
+    if not graded:
+        samples = samples.assign(label=UNGRADED)
+    lengths = samples.completion_ids.map(len)
+    excluded = {"unparsed": int((samples.label == "unparsed").sum()), "empty answer": int((lengths == 0).sum()),
+                "not graded": int(samples.label.isna().sum())}  # the judge gave no reply and there was no label
+    kept = samples[(samples.label != "unparsed") & (lengths > 0) & samples.label.notna()]
+    label_of = kept.set_index("question_id").label
+    token_rows = np.flatnonzero(tokens.question_id.isin(label_of.index).to_numpy())
+    tok = tokens.iloc[token_rows].reset_index(drop=True)
+    tok["label"] = tok.question_id.map(label_of).to_numpy()
+    return AnalysedAnswers(samples, kept, lengths[kept.index], token_rows, tok, tok.question_id.to_numpy(), excluded,
+                           graded)
+
+
+def answer_contrasts(kept: pd.DataFrame, benchmark: str) -> list[AnswerContrast]:
+    """The benchmark's answer-level contrasts (`contrasts_of`) on the analysed answers."""
+    out = []
+    for key, title, pos_labels, neg_labels in contrasts_of(benchmark):
+        pos_mask, neg_mask = kept.label.isin(pos_labels).to_numpy(), kept.label.isin(neg_labels).to_numpy()
+        contrast = Contrast(key, title, "+".join(pos_labels), "+".join(neg_labels), "answer",
+                            int(pos_mask.sum()), int(neg_mask.sum()))
+        out.append(AnswerContrast(contrast, pos_mask, neg_mask))
+    return out
+
+
+def token_contrasts(kept: pd.DataFrame, tok: pd.DataFrame, window: int) -> list[TokenContrast]:
+    """Wrong moment (math): tokens of incorrect answers whose critic located a span, against the tokens within
+    `window` positions of it, against the answer's other tokens with a digit, and after it against before it."""
+    in_error = tok.in_error.to_numpy(bool)
+    span = kept.set_index("question_id")
+    start = tok.question_id.map(span.error_token_start).to_numpy(float)
+    end = tok.question_id.map(span.error_token_end).to_numpy(float)
+    pos = tok.pos.to_numpy()
+    nearby = position_matched(tok.question_id.to_numpy(), pos, in_error, window)
+    before = (pos < start) & (pos >= start - window)
+    after = (pos >= end) & (pos < end + window)
+    # the wrong moment is mostly a number; its neighbours mostly words: compare numbers with numbers too
+    numeric = tok.token.str.contains(r"\d").to_numpy(bool)
+    out = []
+    for key, title, positive, negative, pos_name, neg_name in (
+            ("wrong_moment", f"wrong-moment tokens vs tokens within {window} positions of it", in_error,
+             nearby, "wrong moment", "nearby"),
+            ("wrong_moment_numbers", "wrong-moment tokens with a digit vs the other tokens with a digit of the "
+             "same answers", in_error & numeric, ~in_error & numeric, "wrong moment (digits)", "other digits"),
+            ("after_vs_before", f"the {window} tokens after the wrong moment vs the {window} before it", after,
+             before, "after", "before")):
+        rows = np.flatnonzero(positive | negative)
+        qids = tok.question_id.to_numpy()[rows]
+        n_both = len(set(qids[positive[rows]]) & set(qids[negative[rows]]))
+        out.append(TokenContrast(Contrast(key, title, pos_name, neg_name, "token", n_both, n_both), rows,
+                                 positive[rows], qids))
+    return out
+
+
+def judge_group_sizes(contrasts: list[Contrast]) -> None:
+    """Mark each contrast not computed (fewer than 2 questions in a group) or too small to conclude."""
+    for contrast in contrasts:
+        n = min(contrast.n_positive, contrast.n_negative)
+        if n < 2:
+            contrast.status = "not_computed"
+            contrast.note = (f"not computed: {contrast.n_positive} {contrast.positive} vs {contrast.n_negative} "
+                             f"{contrast.negative} questions (at least 2 per group needed)")
+        elif n < MIN_QUESTIONS_TO_CONCLUDE:
+            contrast.status = "too_small"
+            contrast.note = (f"{contrast.n_positive} vs {contrast.n_negative} questions (the report draws "
+                             f"conclusions from {MIN_QUESTIONS_TO_CONCLUDE} per group or more)")
+
+
+def build_contrasts(answers: AnalysedAnswers, benchmark: str, window: int
+                    ) -> tuple[list[AnswerContrast], list[TokenContrast]]:
+    """The contrasts of a run, each with its status: the answer-level ones of a graded run, and the wrong moment's
+    token-level ones where the benchmark is math and the critic ran."""
+    from .data import FACTUAL
+
+    by_answer = answer_contrasts(answers.kept, benchmark) if answers.graded else []
+    by_token = (token_contrasts(answers.kept, answers.tokens, window)
+                if benchmark not in FACTUAL and "in_error" in answers.tokens else [])
+    judge_group_sizes([c.contrast for c in (*by_answer, *by_token)])
+    return by_answer, by_token
+
+
+def answer_controls(answers: AnalysedAnswers, benchmark: str) -> tuple[tuple[str, np.ndarray | None], ...]:
+    """(control, the stratum of each analysed answer, or None where the control does not apply) of the controlled
+    answer-level comparisons."""
+    return (("stratified", answer_strata(answers.kept, benchmark)),
+            ("length_matched", length_bins(answers.lengths.to_numpy(float))))
+
+
+def correct_baseline_windows(answers: AnalysedAnswers, live: list[TokenContrast], window: int
+                             ) -> dict[str, tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]]:
+    """Token contrast -> (`wrong_moment_windows`, is_incorrect) of its correct-baseline control."""
+    kept, tok = answers.kept, answers.tokens
+    template = template_tokens(tok) if live else None
+    incorrect_ids = set(kept.question_id[kept.label == "incorrect"])
+    correct_ids = set(kept.question_id[kept.label == "correct"])
+    return {t.contrast.key: wrong_moment_windows(tok, incorrect_ids, correct_ids, t.contrast.key, window, template)
+            for t in live}
+
+
+def reduce_layer_group(values: np.ndarray, answers: AnalysedAnswers, first_k: int, windows: dict,
+                       live: list[TokenContrast], n_boot: int, seed: int
+                       ) -> tuple[dict[str, LevelValues], np.ndarray | None]:
+    """Everything the contrasts need of one group of layers' per-token `values` ([n_tokens, layers, H], or a logit
+    statistic's [n_tokens]), per level: the answers' aggregates, the wrong-moment differences of `windows` (those of
+    `correct_baseline_windows`, or none) and the token contrasts' comparisons. Also the mean over heads [n_tokens,
+    layers] (None for a logit statistic)."""
+    layer_mean = values.mean(axis=2) if values.ndim == 3 else None
+    variants = {"head": values, "layer": layer_mean} if values.ndim == 3 else {"token": values}
+    out = {}
+    for level, v in variants.items():
+        aggregates = {}
+        for how in AGGREGATIONS:
+            questions, agg = answer_aggregates(v, answers.token_questions, how, first_k)
+            aggregates[how] = agg[pd.Index(questions).get_indexer(answers.kept.question_id)]
+        differences = {key: window_differences(v, wins) for key, (wins, _) in windows.items()}
+        token_comparisons = {t.contrast.key: compare_tokens(v[t.rows], t.positive, t.question_ids, n_boot=n_boot,
+                                                            seed=seed) for t in live}
+        out[level] = LevelValues(aggregates, differences, token_comparisons)
+    return out, layer_mean
+
+
+def join_layer_groups(parts: list[dict[str, LevelValues]]) -> dict[str, LevelValues]:
+    """The `reduce_layer_group` results of consecutive groups of layers as those of all the layers: values joined
+    along the layers, comparisons with the false discovery rate controlled over all their cells."""
+    def join(level: str, field: str, how) -> dict:
+        return {k: how([getattr(p[level], field)[k] for p in parts]) for k in getattr(parts[0][level], field)}
+
+    return {level: LevelValues(join(level, "aggregates", _join_along_layers),
+                               join(level, "differences", _join_along_layers),
+                               join(level, "token_comparisons", concat_comparisons)) for level in parts[0]}
+
+
+def reduce_stat(run, stat: str, answers: AnalysedAnswers, groups: list, first_k: int, windows: dict,
+                live: list[TokenContrast], n_boot: int, seed: int) -> tuple[dict[str, LevelValues], np.ndarray | None]:
+    """`reduce_layer_group` of a statistic over all of the run's layers, read one group of `groups` at a time
+    (`Run.layer_groups`; a logit statistic at once), joined; and its per-token mean over heads of every layer
+    [n_tokens, n_layers] for a statistic in LAYER_MEAN_STATS (else None)."""
+    parts, per_layer = [], []
+    for group in ([None] if stat in LOGIT_STATS else groups):
+        levels, layer_mean = reduce_layer_group(token_values(run, stat, group)[answers.token_rows], answers, first_k,
+                                                windows, live, n_boot, seed)
+        parts.append(levels)
+        if layer_mean is not None:
+            per_layer.append(layer_mean)
+    return join_layer_groups(parts), (np.concatenate(per_layer, axis=1) if per_layer and stat in LAYER_MEAN_STATS
+                                      else None)
+
+
+def controlled_comparisons(agg: np.ndarray, sel: np.ndarray, positive: np.ndarray, controls: tuple, n_boot: int,
+                           seed: int) -> list[tuple[str, Comparison]]:
+    """(control, comparison) of the answers `sel` under each of `answer_controls` that applies to them."""
+    out = []
+    for control, groups in controls:
+        if groups is None or len(np.unique(groups[sel])) < 2:
+            continue
+        try:
+            out.append((control, compare_answers_stratified(agg[sel], positive[sel], groups[sel], n_boot=n_boot,
+                                                            seed=seed)))
+        except ValueError:  # too few answers of a group inside shared strata
+            pass
+    return out
+
+
+def compare_answer_contrasts(stat: str, levels: dict[str, LevelValues], live: list[AnswerContrast], controls: tuple,
+                       layers: list[int], n_boot: int, seed: int) -> list[pd.DataFrame]:
+    """The answer-level contrasts of a statistic, per aggregation and level: raw, and controlled for the mean of a
+    statistic in CONTROLLED_STATS."""
+    tables = []
+    for how in AGGREGATIONS:
+        for level, lv in levels.items():
+            agg = lv.aggregates[how]
+            for a in live:
+                sel = a.positive | a.negative
+                found = [("none", compare_answers(agg[sel], a.positive[sel], n_boot=n_boot, seed=seed))]
+                if how == "mean" and stat in CONTROLLED_STATS:
+                    found += controlled_comparisons(agg, sel, a.positive, controls, n_boot, seed)
+                for control, c in found:
+                    tables.append(_cells_table(c, layers, contrast=a.contrast.key, stat=stat, aggregation=how,
+                                       level=level, control=control))
+    return tables
+
+
+def compare_token_contrasts(stat: str, levels: dict[str, LevelValues], live: list[TokenContrast], windows: dict,
+                      layers: list[int], n_boot: int, seed: int) -> list[pd.DataFrame]:
+    """The token-level contrasts of a statistic per level: raw, and for a statistic in CONTROLLED_STATS against
+    the correct answers' pseudo-moments (`correct_baseline`) where each side has at least 2 answers."""
+    tables = []
+    for t in live:
+        key = t.contrast.key
+        for level, lv in levels.items():
+            tables.append(_cells_table(lv.token_comparisons[key], layers, contrast=key, stat=stat, aggregation="tokens",
+                               level=level, control="none"))
+            if stat not in CONTROLLED_STATS:
+                continue
+            is_incorrect = windows[key][1]
+            if is_incorrect.sum() >= 2 and (~is_incorrect).sum() >= 2:
+                c = compare_answers(lv.differences[key], is_incorrect, n_boot=n_boot, seed=seed)
+                tables.append(_cells_table(c, layers, contrast=key, stat=stat, aggregation="tokens", level=level,
+                                   control="correct_baseline"))
+    return tables
+
+
+def profiles(stat: str, means: np.ndarray, kept: pd.DataFrame, layers: list[int], n_boot: int, seed: int
+             ) -> list[pd.DataFrame]:
+    """Per label: the mean over its answers of their per-layer means `means` [analysed answers, n_layers], with a
+    95 % bootstrap interval over the answers."""
+    out = []
+    for label in sorted(kept.label.unique()):
+        members = means[(kept.label == label).to_numpy()]
+        w = resample_counts(np.random.default_rng(seed), len(members), n_boot)
+        boot = w @ members / len(members)
+        lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
+        out.append(pd.DataFrame({"group": label, "stat": stat, "layer": layers, "mean": members.mean(axis=0),
+                                 "lo": lo, "hi": hi, "n": len(members)}))
+    return out
+
+
+def compare_answer_lengths(live: list[AnswerContrast], lengths: pd.Series, layers: list[int], n_boot: int, seed: int
+                    ) -> list[pd.DataFrame]:
+    """Answer length: a confound of every answer-level mean (the maximal attention entropy grows with position)."""
+    return [_cells_table(compare_answers(lengths.to_numpy(float)[a.positive | a.negative],
+                                         a.positive[a.positive | a.negative], n_boot=n_boot, seed=seed), layers,
+                                 contrast=a.contrast.key, stat="answer_length", aggregation="count", level="answer",
+                         control="none")
+            for a in live]
+
+
+def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW, first_k: int = FIRST_K,
+                stats: tuple[str, ...] | None = None, read_bytes: int = READ_BYTES) -> Analysis:
+    """The three contrasts of the study on a graded run (`attentropy grade` first): answer-level contrasts for
+    every statistic per layer x head and per layer (mean over heads) under each aggregation, and, for math,
+    the critic's wrong moment vs nearby tokens and after vs before it (token level, position-matched).
+    Attention statistics are read in groups of layers of about `read_bytes` (`Run.layer_groups`): memory holds the
+    run's tokens table, one group's values and the per-answer reductions, whatever the number of layers; the
+    results are those of reading everything at once.
+    An ungraded run (free prompts, or a benchmark run not graded yet) gets everything that needs no labels: its
+    answers form one group, `ungraded`, with profiles and per-token values, and no contrasts (`graded` False).
+    Steps: `analysed_answers`, `build_contrasts`, then per statistic `reduce_stat` (`reduce_layer_group` per group
+    of layers), `compare_answer_contrasts`, `compare_token_contrasts` and `profiles`; last `compare_answer_lengths`."""
+    from .schema import ATTN_STATS
+
+    stats = tuple(stats or (*ATTN_STATS, "entropy_norm", *LOGIT_STATS))
+    benchmark = run.config["benchmark"]
+    layers = list(run.layers)
+    answers = analysed_answers(run)
+    by_answer, by_token = build_contrasts(answers, benchmark, window)
+    live_answer = [a for a in by_answer if a.contrast.status != "not_computed"]
+    live_token = [t for t in by_token if t.contrast.status != "not_computed"]
+    controls = answer_controls(answers, benchmark)
+    windows = (correct_baseline_windows(answers, live_token, window)
+               if any(stat in CONTROLLED_STATS for stat in stats) else {})
+    groups = [None] if all(stat in LOGIT_STATS for stat in stats) else run.layer_groups(read_bytes)
+
+    tables, profile_tables = [], []
+    layer_means: dict[str, np.ndarray] = {}
+    answer_means: dict[str, np.ndarray] = {}
+    for s, stat in enumerate(stats):
+        levels, layer_mean = reduce_stat(run, stat, answers, groups, first_k,
+                                         windows if stat in CONTROLLED_STATS else {}, live_token, n_boot, seed + s)
+        if layer_mean is not None:
+            layer_means[stat] = layer_mean
+        answer_means[stat] = levels["token" if "token" in levels else "layer"].aggregates["mean"]
+        tables += compare_answer_contrasts(stat, levels, live_answer, controls, layers, n_boot, seed + s)
+        tables += compare_token_contrasts(stat, levels, live_token, windows, layers, n_boot, seed + s)
+        if stat in PROFILE_STATS:
+            profile_tables += profiles(stat, answer_means[stat], answers.kept, layers, n_boot, seed)
+    tables += compare_answer_lengths(live_answer, answers.lengths, layers, n_boot, seed)
+
+    columns = ["contrast", "stat", "aggregation", "level", "control", "layer", "head"]
+    comparisons = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=columns)
+    comparisons = comparisons[columns + [c for c in comparisons.columns if c not in columns]]
+    kept = answers.kept
+    table = pd.DataFrame({"question_id": kept.question_id.to_numpy(), "label": kept.label.to_numpy(),
+                          "n_tokens": answers.lengths.to_numpy()})
+    for stat, v in answer_means.items():
+        table[stat if stat in LOGIT_STATS else f"attn_{stat}"] = v.mean(axis=1) if v.ndim == 2 else v
+    return Analysis(name=Path(run.path).name, path=str(run.path), config=run.config, benchmark=benchmark,
+                    layers=layers, n_heads=run.n_heads, excluded=answers.excluded,
+                    contrasts=[c.contrast for c in (*by_answer, *by_token)], comparisons=comparisons,
+                    profiles=pd.concat(profile_tables, ignore_index=True) if profile_tables else
+                    pd.DataFrame(columns=["group", "stat", "layer", "mean", "lo", "hi", "n"]),
+                    samples=answers.samples, answers=table, tokens=answers.tokens, layer_means=layer_means,
+                    graded=answers.graded)
