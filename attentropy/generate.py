@@ -12,9 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .capture import (Capture, HiddenSpec, PromptCache, common_prefix_len, positions, prompt_layout,
-                      recording_generation)
+from .capture import Capture, recorded_captures
 from .data import Question, fewshot_exemplars, protocol_kind
+from .hidden_states import HiddenSpec
+from .layout import PromptCache, common_prefix_len, positions, prompt_layout
+from .recorder import recording_generation
 
 # Meta's published Llama 3.2 GSM8K protocol: this user turn, 8 worked exemplars as earlier chat turns,
 # every answer ending "The final answer is N", up to 1024 new tokens.
@@ -277,7 +279,7 @@ def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_S
                                       "length" if end is None else "stop"))
     if record:
         recorder.record_drawn(out.sequences[:, -1:])
-        captures = recorder.captures(model, prompts, [g.completion_ids for g in generations])
+        captures = recorded_captures(recorder, model, prompts, [g.completion_ids for g in generations])
         for g, c in zip(generations, captures):
             g.capture = c
     cache = out.cache
@@ -363,7 +365,7 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
     keeps the layout of static batching ([shared prefix | masked | prompt | answer]). A masked key has p = 0 exactly,
     so an answer's tokens and statistics do not depend on its neighbours (as with static batching's padding).
     The shared prefix's keys/values are held once, not per row: a decode step's attention reads them once for all
-    rows (`capture.attentropy_attention`, `Recorder.shared_prefix`), where a per-row copy made every step read
+    rows (`attention.attentropy_attention`, `Recorder.shared_prefix`), where a per-row copy made every step read
     them batch-size times (the 8-shot prefix is ~1,500 of a row's ~1,700 keys). When dead (masked) columns make
     up more than 1/8 of the rows' own, the cache is compacted. `max_batch_tokens`: a bound on the key/value
     columns held, the shared prefix once plus rows x a row's own columns; fewer rows decode while it would be
@@ -371,7 +373,8 @@ def generate_continuous(model, tokenizer, questions: list[Question], *, batch_si
 
     Rows: completion token 0's statistics come from the prompt's prefill (its last row), token t's from decode step
     first_step + t - 1, taken from the recorder's ring buffer when the answer ends."""
-    from .capture import Recorder, recorded_layers, recording
+    from .attention import recorded_layers, recording
+    from .recorder import Recorder
 
     if not questions:
         return
@@ -654,7 +657,7 @@ class _SlotHidden:
     prompt token, or a decode step's row of every batch row); the loop adds them to the row's answer."""
 
     def __init__(self, model, spec: HiddenSpec):
-        from .capture import hook_hidden_states
+        from .hidden_states import hook_hidden_states
 
         self.spec = spec
         self.last: dict[int, torch.Tensor] = {}

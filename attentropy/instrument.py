@@ -1328,7 +1328,8 @@ def score_answer(instrument: Instrument, model, tokenizer, info, question, *, an
                  max_new_tokens: int | None = None) -> tuple[pd.DataFrame, list[str], str]:
     """Scores of one question's answer: generated and recorded, or, given as text, tokenized once and read
     through the teacher-forced capture. Returns (scores per token, the tokens' text, the answer)."""
-    from .capture import capture, recorded_layers
+    from .attention import recorded_layers
+    from .capture import capture
     from .generate import MAX_NEW_TOKENS, Generation, generate, prompt_ids, protocol_kind, stop_token_ids
 
     layers = recorded_layers(model)

@@ -9,15 +9,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import __version__
-from .capture import HiddenSpec, recorded_layers
+from .attention import recorded_layers
 from .data import ARITH_DEFAULT_DIFFICULTY, Question, load_questions, protocol_kind
 from .generate import (MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS, PrefixStore, Sampling, generate,
                        generate_continuous)
+from .hidden_states import HiddenSpec, hidden_spec
 from .instrument import answers_from_generations
 from .model import DEFAULT_MODEL, load_model
 from .provenance import git_commit, package_versions
@@ -283,33 +283,6 @@ def batches(todo: list[Question], batch_size: int, max_new_tokens: int):
             hi += 1
         yield lo, todo[lo:hi], limit
         lo = hi
-
-
-HIDDEN_AUTO = 9  # hidden-state indices kept per answer by default, evenly spaced from the embeddings to the last
-
-
-def hidden_spec(n_layers: int, layers: str = "auto", token_layers: str = "none") -> HiddenSpec:
-    """The hidden states a run keeps, by `output_hidden_states` index 0 .. n_layers: `auto` (per answer: 9 evenly
-    spaced indices, the embeddings, the middle and the last included; per token: the three at 1/3, 1/2 and 2/3 of
-    the depth), `all`, `none` or a comma-separated list. Per answer, SmolLM2-135M (576 wide) at `auto` stores
-    9 x 576 x 2 float32 = 41 kB; per token, `auto` adds 3 x 576 float16 = 3.5 kB."""
-    def parse(value: str, auto: list[int]) -> tuple[int, ...]:
-        if value == "auto":
-            return tuple(auto)
-        if value == "all":
-            return tuple(range(n_layers + 1))
-        if value in ("none", ""):
-            return ()
-        try:
-            chosen = tuple(sorted({int(x) for x in value.split(",")}))
-        except ValueError:
-            raise ValueError(f"hidden-state layers must be auto, all, none or indices like 0,8,15; got {value!r}")
-        if chosen[0] < 0 or chosen[-1] > n_layers:
-            raise ValueError(f"hidden-state indices run from 0 (embeddings) to {n_layers}; got {value!r}")
-        return chosen
-
-    spread = sorted({int(round(x)) for x in np.linspace(0, n_layers, HIDDEN_AUTO)})
-    return HiddenSpec(parse(layers, spread), parse(token_layers, [n_layers // 3, n_layers // 2, 2 * n_layers // 3]))
 
 
 def _live_instrument(probe, out: Path, config: dict):

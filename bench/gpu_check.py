@@ -62,7 +62,7 @@ def exactness(model, prompts, new_tokens: int, mode: str) -> dict:
     same full sequences (float32 math on the eager bf16 probabilities)."""
     import torch
 
-    from attentropy.capture import entropy_varentropy
+    from attentropy.entropy import entropy_varentropy
     from attentropy.generate import generate, generate_continuous
 
     questions = [_question(i, p) for i, p in enumerate(prompts)]

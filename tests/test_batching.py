@@ -14,9 +14,9 @@ from scipy import stats
 from conftest import assert_matches_eager, assert_matches_eager_mllama
 
 import attentropy.generate as generate_module
-from attentropy.capture import HiddenSpec
 from attentropy.data import Question, load_questions
 from attentropy.generate import PrefixStore, Sampling, generate, generate_continuous, prompt_ids
+from attentropy.hidden_states import HiddenSpec
 
 HIDDEN = HiddenSpec(layers=(0, 12, 30), token_layers=(15,))
 FIELDS = ("attn", "logprob", "logit_entropy", "logit_varentropy", "hidden_last_prompt", "hidden_mean")

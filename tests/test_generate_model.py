@@ -6,10 +6,12 @@ import torch
 
 from conftest import assert_matches_eager
 
-from attentropy.capture import Recorder, capture, entropy_varentropy
+from attentropy.capture import capture
 from attentropy.data import Question, make_arith, make_facts
+from attentropy.entropy import entropy_varentropy
 from attentropy.generate import chat_messages, exemplar_answer, generate, stop_token_ids
 from attentropy.model import ModelLoadError, load_model
+from attentropy.recorder import Recorder
 
 
 def test_factual_prompt_is_the_bare_question():
@@ -167,8 +169,8 @@ def test_growing_cache_layer_holds_what_transformers_dynamic_layer_holds(monkeyp
 
 
 def test_shared_prefix_batching_generates_what_each_prompt_generates_alone(embedded, monkeypatch):
-    from attentropy.capture import common_prefix_len
     from attentropy.generate import PrefixStore, _growing_layer_class, prompt_ids
+    from attentropy.layout import common_prefix_len
 
     monkeypatch.setattr(_growing_layer_class(), "spare", 5)  # the cache's buffers grow several times
     model, tokenizer, _ = embedded
