@@ -1330,7 +1330,8 @@ def score_answer(instrument: Instrument, model, tokenizer, info, question, *, an
     through the teacher-forced capture. Returns (scores per token, the tokens' text, the answer)."""
     from .attention import recorded_layers
     from .capture import capture
-    from .generate import MAX_NEW_TOKENS, Generation, generate, prompt_ids, protocol_kind, stop_token_ids
+    from .generate import Generation, generate
+    from .prompts import MAX_NEW_TOKENS, prompt_ids, stop_token_ids
 
     layers = recorded_layers(model)
     n_heads = model.config.get_text_config().num_attention_heads

@@ -14,13 +14,15 @@ from tqdm import tqdm
 
 from . import __version__
 from .attention import recorded_layers
+from .continuous import generate_continuous
 from .data import ARITH_DEFAULT_DIFFICULTY, Question, load_questions, protocol_kind
-from .generate import (MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS, PrefixStore, Sampling, generate,
-                       generate_continuous)
+from .generate import PrefixStore, generate
 from .hidden_states import HiddenSpec, hidden_spec
 from .instrument import answers_from_generations
 from .model import DEFAULT_MODEL, load_model
+from .prompts import MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS
 from .provenance import git_commit, package_versions
+from .sampling import Sampling
 from .schema import ATTN_STATS, TOKEN_STATS
 from .store import (append_batch, done_question_ids, load_run, read_config, scan_parts, set_aside, write_json,
                     writer_lock)

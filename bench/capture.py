@@ -72,7 +72,8 @@ def run_once(mode, model, tokenizer, questions, batch, new_tokens) -> int:
     from attentropy.entropy import entropy_varentropy
     from transformers import LogitsProcessorList
 
-    from attentropy.generate import PrefixStore, generate, prompt_ids, stop_token_ids, suppress_stops
+    from attentropy.generate import PrefixStore, generate, suppress_stops
+    from attentropy.prompts import prompt_ids, stop_token_ids
     from attentropy.store import append_batch
 
     if mode == "a_dynamic_cache":
