@@ -72,8 +72,9 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
         outputs.append(F.scaled_dot_product_attention(query[:, :, :first], key_rows(key), value,
                                                       attn_mask=attention_mask[:, :, :first], scale=scaling,
                                                       enable_gqa=groups > 1))
-    # A decode step calls this once per layer with one row: every tensor operation saved here counts (each costs a
-    # few microseconds, as much as the arithmetic at batch 1), hence no calls that would return their input.
+    # A decode step calls this once per layer with one row: every tensor operation saved here counts (each has a
+    # fixed cost about as large as the arithmetic at batch 1; recorded generation's speed: measured by
+    # `bench/capture.py`), hence no calls that would return their input.
     # 3-D views for bmm (matmul's broadcasting costs more than the product itself at batch 1): [B * Hkv, D, K] keys
     # (contiguous rows in the recording generation's layout) and [B * Hkv, K, D] values, no copy
     if not _half_on_cuda(key):  # float32 copies (where needed), once for every chunk
