@@ -46,13 +46,13 @@ class Worker:
         self.model, self.tokenizer, self.info = load_model(model, dtype=dtype, device=device, device_map=device_map)
 
     def describe(self, **described) -> dict:
-        from .run import model_config
+        from .worker import model_config
 
         return model_config(self.model, self.info, **described)
 
     def generate(self, out: str, questions: list[Question], settings, config: dict) -> tuple[int, int]:
         """(answers, tokens) committed for `questions`."""
-        from .run import generate_into
+        from .worker import generate_into
 
         return len(questions), generate_into(Path(out), self.model, self.tokenizer, questions, settings, config,
                                              writer=self.name)

@@ -4,28 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 from tqdm import tqdm
 
-from . import __version__
-from .capture import HiddenSpec, recorded_layers
-from .data import ARITH_DEFAULT_DIFFICULTY, Question, load_questions, protocol_kind
-from .generate import (MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS, PrefixStore, Sampling, generate,
-                       generate_continuous)
-from .answers import answers_from_generations
+from .data import ARITH_DEFAULT_DIFFICULTY, load_questions, protocol_kind
 from .model import DEFAULT_MODEL, load_model
-from .provenance import git_commit, package_versions
-from .schema import ATTN_STATS, TOKEN_STATS
-from .store import (append_batch, done_question_ids, load_run, read_config, scan_parts, set_aside, write_json,
-                    writer_lock)
+from .prompts import MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS
+from .store import done_question_ids, load_run, read_config, scan_parts, set_aside, write_json, writer_lock
+from .worker import Settings, generate_into, model_config
 
-PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "gguf", "numpy", "pandas", "pyarrow")
 # Settings that change what a stored token means: a rerun into the same directory must repeat them.
 IDENTITY_KEYS = ("model", "benchmark", "data", "protocol", "capture")
 
@@ -145,171 +134,6 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
         finally:
             if pool is not None:
                 pool.close()
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How a run's answers are generated and stored: the same in its one process or in each of its workers."""
-
-    batching: str
-    batch_size: int
-    shots: int
-    max_new_tokens: int
-    max_batch_tokens: int | None
-    do_sample: bool
-    temperature: float
-    top_p: float
-    seed: int
-    save_attention: tuple[str, ...]
-    attn_dtype: str
-    probe: str | None  # an instrument that scores each batch as it is generated
-
-
-def model_config(mdl, info, *, benchmark: str, data_info: dict, protocol: dict, previous: dict | None, batching: str,
-                 batch_size: int, attn_dtype: str, hidden_layers: str | None, hidden_token_layers: str | None) -> dict:
-    """config.json of a run of this model (`previous`: the run's config when it is resumed)."""
-    text_config = mdl.config.get_text_config()
-    kept = ((previous or {}).get("capture") or {}).get("hidden") or {}
-
-    def setting(given: str | None, key: str, new_run: str) -> str:  # a resumed run keeps its own by default
-        if given:
-            return given
-        return new_run if previous is None else ",".join(map(str, kept.get(key, []))) or "none"
-
-    hidden = hidden_spec(text_config.num_hidden_layers, setting(hidden_layers, "layers", "auto"),
-                         setting(hidden_token_layers, "token_layers", "none"))
-    config = {
-        "attentropy_version": __version__, "git_commit": git_commit(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": {k: v for k, v in asdict(info).items() if k not in ("device", "extra")},
-        "runtime": {"device": info.device, **info.extra, "torch_threads": torch.get_num_threads(),
-                    "batching": batching, "batch_size": batch_size, "python": platform.python_version()},
-        "benchmark": benchmark, "data": data_info, "protocol": protocol,
-        "capture": {"layers": recorded_layers(mdl), "n_heads": text_config.num_attention_heads,
-                    "n_kv_heads": getattr(text_config, "num_key_value_heads", text_config.num_attention_heads),
-                    "attn_stats": list(ATTN_STATS), "token_stats": list(TOKEN_STATS), "attn_dtype": attn_dtype,
-                    "row_convention": "completion token t <- query row len(prompt)-1+t", "units": "nats"},
-        "packages": package_versions(PACKAGES),
-    }
-    if hidden:
-        config["capture"]["hidden"] = {
-            "layers": list(hidden.layers), "token_layers": list(hidden.token_layers),
-            "size": text_config.hidden_size,
-            "index": "transformers' output_hidden_states: 0 the embeddings, i after block i, the last "
-                     "after the final norm",
-            "rows": "the rows that predicted the completion tokens (inputs: last prompt token, "
-                    "completion[:-1])"}
-    return config
-
-
-def generate_into(out: Path, mdl, tok, todo: list[Question], settings: Settings, config: dict, advance=None,
-                  writer: str = "") -> int:
-    """Generate and commit the answers of `todo` into the run directory `out` (whose config.json is `config`), one
-    batch a part (`writer`: a data-parallel worker's part names); `advance(answers, tokens)` after each batch.
-    Returns the number of new tokens."""
-    instrument = None
-    if settings.probe:
-        from .instrument import load_instrument
-
-        instrument = load_instrument(settings.probe)
-    spec = config["capture"].get("hidden") or {}
-    hidden = HiddenSpec(tuple(spec.get("layers", ())), tuple(spec.get("token_layers", ())))
-    new_tokens = 0
-    for gens in answers_in_batches(
-            mdl, tok, todo, batching=settings.batching, batch_size=settings.batch_size, shots=settings.shots,
-            max_new_tokens=settings.max_new_tokens, max_batch_tokens=settings.max_batch_tokens,
-            do_sample=settings.do_sample, temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
-            prefix_store=PrefixStore(), save_attention=set(settings.save_attention), hidden=hidden):
-        scores = None
-        if instrument is not None:
-            scores = instrument.score(answers_from_generations(gens, config["capture"]["layers"],
-                                                               config["capture"]["n_heads"], settings.attn_dtype))
-        append_batch(out, gens, tok, attn_dtype=settings.attn_dtype, confidence=scores, writer=writer)
-        n_tokens = sum(len(g.completion_ids) for g in gens)
-        new_tokens += n_tokens
-        if advance is not None:
-            advance(len(gens), n_tokens)
-    return new_tokens
-
-
-def answers_in_batches(model, tokenizer, todo: list[Question], *, batching: str, batch_size: int, shots: int,
-                       max_new_tokens: int, max_batch_tokens: int | None, do_sample: bool, temperature: float,
-                       top_p: float, seed: int, prefix_store: PrefixStore, save_attention: set[str],
-                       hidden: HiddenSpec):
-    """Recorded generations of `todo`, in lists of up to `batch_size` to commit together. `continuous`: rows
-    refilled as answers end (`generate_continuous`), a list committed each `batch_size` answers that ended;
-    sampled with a random generator per question seeded by (seed, question id). The questions whose full
-    attention rows are kept (`save_attention`) go through static batches. `static`: one batch decodes until its
-    longest answer ends (transformers' `generate`); sampled with torch's global generator seeded by `seed` plus
-    the batch's offset in `todo`."""
-    if batching not in ("continuous", "static"):
-        raise ValueError(f"batching must be continuous or static, got {batching!r}")
-    static = todo if batching == "static" else [q for q in todo if q.id in save_attention]
-    for lo, batch, limit in batches(static, batch_size, max_new_tokens):
-        wanted = {b for b, q in enumerate(batch) if q.id in save_attention}
-        # [0]: the prompts' keys/values are not needed here; dropped now, not held while the batch is stored
-        yield generate(model, tokenizer, batch, shots=shots, max_new_tokens=limit, do_sample=do_sample,
-                       temperature=temperature, top_p=top_p, seed=seed + lo, prefix_store=prefix_store,
-                       record=True, save_maps=wanted, hidden=hidden)[0]
-    if batching == "static":
-        return
-    rest = [q for q in todo if q.id not in save_attention]
-    by_limit: dict[int, list[Question]] = {}  # free prompts may bring their own bounds
-    for q in rest:
-        by_limit.setdefault(q.metadata.get("max_new_tokens", max_new_tokens), []).append(q)
-    for limit, questions in by_limit.items():
-        ended = []
-        for g in generate_continuous(model, tokenizer, questions, batch_size=batch_size, shots=shots,
-                                     max_new_tokens=limit, prefix_store=prefix_store, hidden=hidden,
-                                     max_batch_tokens=max_batch_tokens,
-                                     sampling=Sampling(do_sample, temperature, top_p, seed)):
-            ended.append(g)
-            if len(ended) == batch_size:
-                yield ended
-                ended = []
-        if ended:
-            yield ended
-
-
-def batches(todo: list[Question], batch_size: int, max_new_tokens: int):
-    """(index of the first question, questions, their max_new_tokens): consecutive runs of `batch_size` questions,
-    a new batch wherever a free prompt's own `max_new_tokens` changes (a batch decodes to one bound)."""
-    lo = 0
-    while lo < len(todo):
-        limit = todo[lo].metadata.get("max_new_tokens", max_new_tokens)
-        hi = lo + 1
-        while hi < min(lo + batch_size, len(todo)) and todo[hi].metadata.get("max_new_tokens",
-                                                                             max_new_tokens) == limit:
-            hi += 1
-        yield lo, todo[lo:hi], limit
-        lo = hi
-
-
-HIDDEN_AUTO = 9  # hidden-state indices kept per answer by default, evenly spaced from the embeddings to the last
-
-
-def hidden_spec(n_layers: int, layers: str = "auto", token_layers: str = "none") -> HiddenSpec:
-    """The hidden states a run keeps, by `output_hidden_states` index 0 .. n_layers: `auto` (per answer: 9 evenly
-    spaced indices, the embeddings, the middle and the last included; per token: the three at 1/3, 1/2 and 2/3 of
-    the depth), `all`, `none` or a comma-separated list. Per answer, SmolLM2-135M (576 wide) at `auto` stores
-    9 x 576 x 2 float32 = 41 kB; per token, `auto` adds 3 x 576 float16 = 3.5 kB."""
-    def parse(value: str, auto: list[int]) -> tuple[int, ...]:
-        if value == "auto":
-            return tuple(auto)
-        if value == "all":
-            return tuple(range(n_layers + 1))
-        if value in ("none", ""):
-            return ()
-        try:
-            chosen = tuple(sorted({int(x) for x in value.split(",")}))
-        except ValueError:
-            raise ValueError(f"hidden-state layers must be auto, all, none or indices like 0,8,15; got {value!r}")
-        if chosen[0] < 0 or chosen[-1] > n_layers:
-            raise ValueError(f"hidden-state indices run from 0 (embeddings) to {n_layers}; got {value!r}")
-        return chosen
-
-    spread = sorted({int(round(x)) for x in np.linspace(0, n_layers, HIDDEN_AUTO)})
-    return HiddenSpec(parse(layers, spread), parse(token_layers, [n_layers // 3, n_layers // 2, 2 * n_layers // 3]))
 
 
 def _live_instrument(probe, out: Path, config: dict):

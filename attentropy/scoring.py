@@ -60,8 +60,11 @@ def score_answer(instrument: Instrument, model, tokenizer, info, question, *, an
                  max_new_tokens: int | None = None) -> tuple[pd.DataFrame, list[str], str]:
     """Scores of one question's answer: generated and recorded, or, given as text, tokenized once and read
     through the teacher-forced capture. Returns (scores per token, the tokens' text, the answer)."""
-    from .capture import capture, recorded_layers
-    from .generate import MAX_NEW_TOKENS, Generation, generate, prompt_ids, protocol_kind, stop_token_ids
+    from .attention import recorded_layers
+    from .capture import capture
+    from .data import protocol_kind
+    from .generate import Generation, generate
+    from .prompts import MAX_NEW_TOKENS, prompt_ids, stop_token_ids
 
     layers = recorded_layers(model)
     n_heads = model.config.get_text_config().num_attention_heads

@@ -69,10 +69,11 @@ def child(items: list[tuple[str, int]], new_tokens: int, threads: int, repeats: 
 def run_once(mode, model, tokenizer, questions, batch, new_tokens) -> int:
     import torch
 
-    from attentropy.capture import entropy_varentropy
+    from attentropy.entropy import entropy_varentropy
     from transformers import LogitsProcessorList
 
-    from attentropy.generate import PrefixStore, generate, prompt_ids, stop_token_ids, suppress_stops
+    from attentropy.generate import PrefixStore, generate, suppress_stops
+    from attentropy.prompts import prompt_ids, stop_token_ids
     from attentropy.store import append_batch
 
     if mode == "a_dynamic_cache":

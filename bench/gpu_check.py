@@ -62,8 +62,9 @@ def exactness(model, prompts, new_tokens: int, mode: str) -> dict:
     same full sequences (float32 math on the eager bf16 probabilities)."""
     import torch
 
-    from attentropy.capture import entropy_varentropy
-    from attentropy.generate import generate, generate_continuous
+    from attentropy.continuous import generate_continuous
+    from attentropy.entropy import entropy_varentropy
+    from attentropy.generate import generate
 
     questions = [_question(i, p) for i, p in enumerate(prompts)]
     if mode == "static":
@@ -107,7 +108,8 @@ def speed(model, prompts, new_tokens: int, mode: str) -> tuple[float, float]:
     """(new tokens per second, peak memory in GiB) of one batch of `prompts` generating `new_tokens` each."""
     import torch
 
-    from attentropy.generate import generate, generate_continuous, suppress_stops
+    from attentropy.continuous import generate_continuous
+    from attentropy.generate import generate, suppress_stops
 
     questions = [_question(i, p) for i, p in enumerate(prompts)]
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
@@ -147,6 +149,7 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
+    import attentropy.continuous as continuous_module
     import attentropy.generate as generate_module
 
     if args.smoke:
@@ -159,8 +162,9 @@ def main() -> int:
         device, dtype, models = torch.device("cuda"), torch.bfloat16, args.models
         print(f"gpu_check on {torch.cuda.get_device_name()}, torch {torch.__version__}, bfloat16")
     # free prompts of random ids: the prompt is the question's `ids`
-    generate_module.prompt_ids = lambda tokenizer, q, shots=8: list(q.metadata["ids"])
-    generate_module.stop_token_ids = lambda model, tokenizer: [2]
+    for module in (generate_module, continuous_module):  # static and continuous batching read them
+        module.prompt_ids = lambda tokenizer, q, shots=8: list(q.metadata["ids"])
+        module.stop_token_ids = lambda model, tokenizer: [2]
     generator = torch.Generator().manual_seed(0)
     for name in models:
         model = build(name, device, dtype)

@@ -1,4 +1,4 @@
-"""Benchmark: one decode step of the embedded model with and without `attentropy.generate.packed_linears`.
+"""Benchmark: one decode step of the embedded model with and without `attentropy.packed_linears.packed_linears`.
 
 For each batch size: a prompt of --keys random tokens is prefilled once; then a decode step (body + lm_head) is
 timed with plain `F.linear` and with MKL-packed weights in turn, --rounds rounds of --steps steps each; prints the
@@ -25,14 +25,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    import attentropy.generate as gen
+    import attentropy.packed_linears as packing
+    from attentropy.kv_cache import growing_cache
     from attentropy.model import load_model
 
     model, _, _ = load_model("smollm2-135m")
-    threshold, gen.PACKED_MIN_BATCH = gen.PACKED_MIN_BATCH, 1  # measure the packing at every batch size
+    threshold, packing.PACKED_MIN_BATCH = packing.PACKED_MIN_BATCH, 1  # measure the packing at every batch size
     for batch in args.batch_sizes:
         torch.manual_seed(0)
-        cache = gen.growing_cache(model)
+        cache = growing_cache(model)
         with torch.no_grad():
             model.model(input_ids=torch.randint(0, 40000, (batch, args.keys)), cache=cache, use_cache=True)
         token = torch.randint(0, 40000, (batch, 1))
@@ -44,7 +45,7 @@ def main() -> None:
                 return model.lm_head(model.model(input_ids=token, cache=cache, use_cache=True).last_hidden_state)
 
         def timed(packed: bool):
-            with gen.packed_linears(model, batch if packed else 0):
+            with packing.packed_linears(model, batch if packed else 0):
                 logits = step()  # also packs the weights on first use
                 start = time.perf_counter()
                 for _ in range(args.steps):

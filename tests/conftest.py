@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from attentropy.capture import entropy_varentropy, recorded_layers
+from attentropy.attention import recorded_layers
+from attentropy.entropy import entropy_varentropy
 from attentropy.schema import ATTN_STATS
 
 torch.set_num_threads(2)  # deliberate: torch's default collapses when another process competes for the cores

@@ -13,10 +13,15 @@ from scipy import stats
 
 from conftest import assert_matches_eager, assert_matches_eager_mllama
 
+import attentropy.continuous as continuous_module
 import attentropy.generate as generate_module
-from attentropy.capture import HiddenSpec
+from attentropy.continuous import generate_continuous
 from attentropy.data import Question, load_questions
-from attentropy.generate import PrefixStore, Sampling, generate, generate_continuous, prompt_ids
+from attentropy.generate import PrefixStore, generate
+from attentropy.hidden_states import HiddenSpec
+from attentropy.layout import common_prefix_len
+from attentropy.prompts import prompt_ids
+from attentropy.sampling import Sampling
 
 HIDDEN = HiddenSpec(layers=(0, 12, 30), token_layers=(15,))
 FIELDS = ("attn", "logprob", "logit_entropy", "logit_varentropy", "hidden_last_prompt", "hidden_mean")
@@ -48,8 +53,8 @@ def assert_same(static, continuous):
 
 def test_continuous_batching_equals_static_across_compactions(embedded, monkeypatch):
     model, tokenizer, _ = embedded
-    compactions, compact = [], generate_module._compact
-    monkeypatch.setattr(generate_module, "_compact",
+    compactions, compact = [], continuous_module._compact
+    monkeypatch.setattr(continuous_module, "_compact",
                         lambda *args, **kwargs: (compactions.append(args[4:6]), compact(*args, **kwargs))[1])
     questions = load_questions("facts", limit=30)
     continuous = list(generate_continuous(model, tokenizer, questions, batch_size=3, max_new_tokens=10,
@@ -87,15 +92,15 @@ def test_continuous_batching_without_a_shared_prefix(embedded):
 def test_max_batch_tokens_bounds_the_prefix_and_rows_times_their_columns(embedded):
     model, tokenizer, _ = embedded
     questions = load_questions("facts", limit=8)
-    prompts = [generate_module.prompt_ids(tokenizer, q) for q in questions]
-    prefix = generate_module.common_prefix_len(prompts)
+    prompts = [prompt_ids(tokenizer, q) for q in questions]
+    prefix = common_prefix_len(prompts)
     widest = max(len(p) - prefix for p in prompts) + 8  # a row's own columns with its longest answer
     shapes = []
     hook = model.get_decoder().register_forward_pre_hook(
         lambda module, args, kwargs: shapes.append(tuple(kwargs["attention_mask"].shape))
         if kwargs.get("attention_mask") is not None else None, with_kwargs=True)
     try:
-        most = int(widest + max(generate_module.COMPACT_FRACTION * widest, generate_module.COMPACT_SLACK))
+        most = int(widest + max(continuous_module.COMPACT_FRACTION * widest, continuous_module.COMPACT_SLACK))
         for bound in (None, prefix + 2 * most):
             shapes.clear()
             out = list(generate_continuous(model, tokenizer, questions, batch_size=4, max_new_tokens=8,
@@ -122,8 +127,9 @@ class IdsTokenizer:
 def test_continuous_batching_on_mllama_leaves_cross_attention_layers_out(tiny_mllama, monkeypatch):
     """Text-only Mllama skips a cross-attention layer only while its cache is empty: continuous batching must not
     give those layers keys (nor a shared prefix), and records the self-attention layers under their true indices."""
-    monkeypatch.setattr(generate_module, "prompt_ids", lambda tokenizer, q, shots=8: list(q.metadata["ids"]))
-    monkeypatch.setattr(generate_module, "stop_token_ids", lambda model, tokenizer: [2])
+    for module in (generate_module, continuous_module):  # static and continuous batching read them
+        monkeypatch.setattr(module, "prompt_ids", lambda tokenizer, q, shots=8: list(q.metadata["ids"]))
+        monkeypatch.setattr(module, "stop_token_ids", lambda model, tokenizer: [2])
     tails = [[20, 21], [22, 23, 24, 25], [26], [27, 28, 29], [30, 31, 32, 33, 34, 35]]
     questions = [Question(f"m{i}", "prompts", "", "", metadata={"ids": [1, 5, 9, 11, 13] + t})
                  for i, t in enumerate(tails)]

@@ -7,7 +7,10 @@ import torch
 
 from conftest import assert_matches_eager, assert_matches_eager_mllama
 
-from attentropy.capture import Recorder, capture, entropy_varentropy, recorded_layers, recording
+from attentropy.attention import recorded_layers, recording
+from attentropy.capture import capture
+from attentropy.entropy import entropy_varentropy
+from attentropy.recorder import Recorder
 
 
 SEQS = [([1, 5, 9, 11, 3], [7, 8, 20, 21, 2]), ([1, 4], [30, 31, 32]), ([1, 6, 6, 6, 6, 6, 6, 6], [40])]
@@ -101,22 +104,22 @@ def test_the_cuda_half_precision_path_keeps_shapes_and_dtypes(monkeypatch, dtype
     `bench/gpu_check.py`'s to measure."""
     from types import SimpleNamespace
 
-    import attentropy.capture as capture_module
+    import attentropy.attention as attention_module
 
-    monkeypatch.setattr(capture_module, "_half_on_cuda", lambda x: x.dtype in (torch.bfloat16, torch.float16))
+    monkeypatch.setattr(attention_module, "_half_on_cuda", lambda x: x.dtype in (torch.bfloat16, torch.float16))
     batch, heads, kv_heads, dim, own = 2, 4, 2, 8, 5
     meta = dict(device="meta", dtype=dtype)
     recorder = Recorder(torch.ones(batch, 2, dtype=torch.long), all_rows=False, max_rows=4, layers=[0], ring=True)
     recorder.prompt_end = torch.zeros(batch, dtype=torch.long)
-    if prefix:  # the shared prefix as continuous batching holds it, float32 (`generate.shared_keys_values`)
+    if prefix:  # the shared prefix as continuous batching holds it, float32 (`kv_cache.shared_keys_values`)
         recorder.shared_prefix = {0: (torch.empty(kv_heads, dim, prefix, device="meta"),
                                       torch.empty(kv_heads, prefix, dim, device="meta"))}
     module = SimpleNamespace(is_causal=True, training=False, layer_idx=0)
     keys = torch.empty(batch, kv_heads, dim, own + 3, **meta).transpose(2, 3)[:, :, :own]  # `keys_by_dim` layout
-    products, product = [], capture_module._product
-    monkeypatch.setattr(capture_module, "_product", lambda a, b: products.append(product(a, b)) or products[-1])
-    monkeypatch.setattr(capture_module, "_RECORDER", recorder)
-    output, _ = capture_module.attentropy_attention(
+    products, product = [], attention_module._product
+    monkeypatch.setattr(attention_module, "_product", lambda a, b: products.append(product(a, b)) or products[-1])
+    monkeypatch.setattr(attention_module, "_RECORDER", recorder)
+    output, _ = attention_module.attentropy_attention(
         module, torch.empty(batch, heads, 1, dim, **meta), keys, torch.empty(batch, kv_heads, own, dim, **meta),
         torch.empty(batch, 1, 1, prefix + own, **meta), scaling=dim ** -0.5)
     recorder.end_step()

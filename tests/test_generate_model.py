@@ -6,10 +6,13 @@ import torch
 
 from conftest import assert_matches_eager
 
-from attentropy.capture import Recorder, capture, entropy_varentropy
+from attentropy.capture import capture
 from attentropy.data import Question, make_arith, make_facts
-from attentropy.generate import chat_messages, exemplar_answer, generate, stop_token_ids
+from attentropy.entropy import entropy_varentropy
+from attentropy.generate import generate
 from attentropy.model import ModelLoadError, load_model
+from attentropy.prompts import chat_messages, exemplar_answer, stop_token_ids
+from attentropy.recorder import Recorder
 
 
 def test_factual_prompt_is_the_bare_question():
@@ -127,11 +130,11 @@ def test_growing_cache_layer_holds_what_transformers_dynamic_layer_holds(monkeyp
 
     from transformers.cache_utils import DynamicLayer
 
-    from attentropy.generate import _growing_layer_class
+    from attentropy.kv_cache import growing_layer_class
 
-    monkeypatch.setattr(_growing_layer_class(), "spare", 3)
+    monkeypatch.setattr(growing_layer_class(), "spare", 3)
     gen = torch.Generator().manual_seed(0)
-    growing, plain = _growing_layer_class()(), DynamicLayer()
+    growing, plain = growing_layer_class()(), DynamicLayer()
     growing.keys_by_dim = keys_by_dim
 
     def step(op, *args):
@@ -167,10 +170,12 @@ def test_growing_cache_layer_holds_what_transformers_dynamic_layer_holds(monkeyp
 
 
 def test_shared_prefix_batching_generates_what_each_prompt_generates_alone(embedded, monkeypatch):
-    from attentropy.capture import common_prefix_len
-    from attentropy.generate import PrefixStore, _growing_layer_class, prompt_ids
+    from attentropy.generate import PrefixStore
+    from attentropy.kv_cache import growing_layer_class
+    from attentropy.layout import common_prefix_len
+    from attentropy.prompts import prompt_ids
 
-    monkeypatch.setattr(_growing_layer_class(), "spare", 5)  # the cache's buffers grow several times
+    monkeypatch.setattr(growing_layer_class(), "spare", 5)  # the cache's buffers grow several times
     model, tokenizer, _ = embedded
     questions = make_arith(3, difficulty=1)
     prompts = [prompt_ids(tokenizer, q, shots=2) for q in questions]
@@ -188,7 +193,7 @@ def test_shared_prefix_batching_generates_what_each_prompt_generates_alone(embed
 def test_min_new_tokens_generates_what_transformers_min_new_tokens_generates(embedded):
     """attentropy's in-place stop suppression (`min_new_tokens`) against transformers' own processor, greedy, on
     each unpadded prompt: the same tokens, and no stop token before the minimum."""
-    from attentropy.generate import prompt_ids
+    from attentropy.prompts import prompt_ids
 
     model, tokenizer, _ = embedded
     stops = stop_token_ids(model, tokenizer)
@@ -209,19 +214,19 @@ def test_packed_linears_generate_what_plain_linears_generate(embedded, monkeypat
     """From PACKED_MIN_BATCH rows on, decode steps multiply by MKL-packed weights: the same tokens and statistics
     (up to float32 rounding) as `F.linear`, every linear that ran packed once, the model's forwards restored after,
     also when generation raises."""
-    import attentropy.generate as gen
+    import attentropy.packed_linears as packing
 
     model, tokenizer, _ = embedded
-    assert gen._mkl_linear_available()  # the CPU torch this project installs has the op: no silent fallback
+    assert packing._mkl_linear_available()  # the CPU torch this project installs has the op: no silent fallback
     questions = make_facts(5, seed=2)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     for m in linears:  # packs left by earlier tests on the shared model (other batch sizes)
         m.__dict__.pop("_mkl_packed", None)
     try:
-        monkeypatch.setattr(gen, "PACKED_MIN_BATCH", 10**9)
+        monkeypatch.setattr(packing, "PACKED_MIN_BATCH", 10**9)
         plain, _ = generate(model, tokenizer, questions, max_new_tokens=24, record=True)
         assert not any("_mkl_packed" in m.__dict__ for m in linears)
-        monkeypatch.setattr(gen, "PACKED_MIN_BATCH", 4)
+        monkeypatch.setattr(packing, "PACKED_MIN_BATCH", 4)
         packed, _ = generate(model, tokenizer, questions, max_new_tokens=24, record=True)
         assert all(m.__dict__["_mkl_packed"][0] == 5 for m in linears)  # every linear of the text model ran packed
         weights = [m._mkl_packed[1] for m in linears]
@@ -234,7 +239,7 @@ def test_packed_linears_generate_what_plain_linears_generate(embedded, monkeypat
             np.testing.assert_allclose(b.capture.logprob, a.capture.logprob, atol=1e-4)
             np.testing.assert_array_equal(b.capture.attn, c.capture.attn)
         assert not any("forward" in m.__dict__ for m in model.modules())
-        with pytest.raises(KeyboardInterrupt), gen.packed_linears(model, 8):
+        with pytest.raises(KeyboardInterrupt), packing.packed_linears(model, 8):
             assert all("forward" in m.__dict__ for m in linears)
             raise KeyboardInterrupt
         assert not any("forward" in m.__dict__ for m in model.modules())

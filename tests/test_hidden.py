@@ -9,11 +9,12 @@ from synthetic import write_synthetic_run
 from attentropy.answers import load_answers
 from attentropy.evaluation import evaluate
 from attentropy import load_run
-from attentropy.capture import HiddenSpec, capture
+from attentropy.capture import capture
 from attentropy.data import make_facts
 from attentropy.generate import generate
+from attentropy.hidden_states import HiddenSpec, hidden_spec
 from attentropy.model import load_model
-from attentropy.run import hidden_spec, run_benchmark
+from attentropy.run import run_benchmark
 
 
 def reference(model, prompt, completion, layers):

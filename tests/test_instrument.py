@@ -174,7 +174,7 @@ def test_another_model_or_layout_is_refused(probe, tmp_path, capsys):
 
 def random_instrument(model, info, seed=0) -> ins.Instrument:
     """An instrument with random weights for a real model's identity (the fitting is not what these tests test)."""
-    from attentropy.capture import recorded_layers
+    from attentropy.attention import recorded_layers
 
     layers, heads = recorded_layers(model), model.config.get_text_config().num_attention_heads
     rng = np.random.default_rng(seed)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from attentropy.capture import entropy_varentropy
+from attentropy.entropy import entropy_varentropy
 
 
 def test_uniform_over_k_keys_has_entropy_ln_k_and_zero_varentropy():
