@@ -1,6 +1,6 @@
 """Entropy and varentropy of a distribution: the statistics' math.
 
-Definitions (DESIGN.md): for a distribution p over the K visible items,
+Definitions: for a distribution p over the K visible items,
     entropy     H = -sum p ln p                       (nats)
     varentropy  V =  sum p (ln p + H)^2 = Var[-ln p]   (nats^2)
 Masked (invisible) keys have p = 0 exactly and contribute 0 (never 0 * inf).

@@ -196,6 +196,11 @@ def transfer_rows(train: Answers, test: Answers, name: str, *, n_boot: int, seed
 
 
 
+def interval_text(row) -> str:
+    """An evaluation row's value and 95 % interval: "0.850 [0.812, 0.886]"."""
+    return f"{row['value']:.3f} [{row['lo']:.3f}, {row['hi']:.3f}]"
+
+
 def _row(task, evaluation, subset, method, role, metric, value, lo=np.nan, hi=np.nan, n_pos=0, n_neg=0) -> dict:
     return {"task": task, "evaluation": evaluation, "subset": subset, "method": method, "role": role,
             "metric": metric, "value": float(value), "lo": float(lo), "hi": float(hi), "n_positive": int(n_pos),

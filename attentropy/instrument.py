@@ -31,8 +31,8 @@ import pandas as pd
 from .answers import ATTN_FEATURES, Answers, InstrumentError, load_answers, run_info
 from .data import protocol_kind
 from .detectors import PRIMARY, cheap, is_competitor, of_family
-from .evaluation import (NEGATIVES_PER_POSITIVE, OUTER_FOLDS, answer_detectors, evaluate, sample_negatives,
-                         token_detectors, transfer_rows)
+from .evaluation import (NEGATIVES_PER_POSITIVE, OUTER_FOLDS, answer_detectors, evaluate, interval_text as cell,
+                         sample_negatives, token_detectors, transfer_rows)
 from .features import answer_features, feature_names, prefix_features, token_features
 from .probe import CS, INNER_FOLDS, LinearProbe, fit_probe
 from .scoring import score_answer, score_run  # noqa: F401  (the README's Python API: attentropy.instrument)
@@ -263,13 +263,13 @@ def format_evaluation(probe_dir: str | Path) -> str:
         auc = rows.query("evaluation == 'in_distribution' and metric == 'auroc'").set_index("method")
         gain = rows.query("evaluation == 'in_distribution' and metric == 'auroc_gain_of_instrument'").set_index(
             "method")
-        sanity = "".join(f", {m} {_ci(auc.loc[m])}" for m in of_family("sanity", auc.index))
-        lines.append(f"  {task}: AUROC {PRIMARY} {_ci(auc.loc[PRIMARY])}{sanity}  (n = "
+        sanity = "".join(f", {m} {cell(auc.loc[m])}" for m in of_family("sanity", auc.index))
+        lines.append(f"  {task}: AUROC {PRIMARY} {cell(auc.loc[PRIMARY])}{sanity}  (n = "
                      f"{int(auc.n_positive.iloc[0])} correct, {int(auc.n_negative.iloc[0])} incorrect, out of fold)")
         for label, pool in (("logit/kind/length", cheap(auc.index)),
                             ("any baseline", [m for m in auc.index if is_competitor(m)])):
             best = auc.loc[[m for m in pool if m in auc.index]].value.idxmax()
-            lines.append(f"    best {label}: {best} {_ci(auc.loc[best])}; instrument - it: {_ci(gain.loc[best])}")
+            lines.append(f"    best {label}: {best} {cell(auc.loc[best])}; instrument - it: {cell(gain.loc[best])}")
         loko = rows.query("evaluation == 'leave_one_kind_out' and metric == 'auroc'")
         if len(loko):
             means = loko.groupby("method").value.mean()
@@ -278,13 +278,9 @@ def format_evaluation(probe_dir: str | Path) -> str:
                          f"{means[PRIMARY]:.3f}, best logit baseline {best_logit:.3f}")
         sel = rows.query("evaluation == 'selective' and metric == 'f_score'").set_index("method")
         if len(sel):
-            lines.append("    selective answering F-score: " + ", ".join(f"{m} {_ci(r)}" for m, r in sel.iterrows()))
+            lines.append("    selective answering F-score: " + ", ".join(f"{m} {cell(r)}" for m, r in sel.iterrows()))
         tok = rows.query("evaluation.str.startswith('token:') and metric == 'auroc' and method == 'instrument'",
                          engine="python")
         for _, r in tok.iterrows():
-            lines.append(f"    token {r.evaluation[6:]}: AUROC {_ci(r)} ({int(r.n_positive)} vs {int(r.n_negative)})")
+            lines.append(f"    token {r.evaluation[6:]}: AUROC {cell(r)} ({int(r.n_positive)} vs {int(r.n_negative)})")
     return "\n".join(lines)
-
-
-def _ci(row) -> str:
-    return f"{row['value']:.3f} [{row['lo']:.3f}, {row['hi']:.3f}]"

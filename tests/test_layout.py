@@ -2,6 +2,7 @@
 run or analysing it imports no torch."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,19 @@ def test_reading_and_analysing_a_run_imports_no_torch(tmp_path):
             "assert not loaded, loaded[:5]\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_readme_layout_lists_every_module():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    on_disk = {p.name for p in PACKAGE.rglob("*.py")} - {"__init__.py"}
+    named = set(re.findall(r"`([a-z0-9_]+\.py)`", layout)) - {"__init__.py"}
+    assert on_disk - named == set(), "modules missing from the README's layout"
+    assert named - on_disk == set(), "the README's layout names modules that do not exist"
+
+
+def test_every_module_opens_with_a_docstring_and_stays_small():
+    for path in PACKAGE.rglob("*.py"):
+        source = path.read_text()
+        assert ast.get_docstring(ast.parse(source)), f"{path.name} has no opening docstring naming its noun"
+        assert source.count("\n") <= 600, f"{path.name} has {source.count(chr(10))} lines"

@@ -1,0 +1,228 @@
+"""The report's Instrument section: what was fitted, plain findings, every detector's out-of-fold metrics, the
+figures, and the out-of-fold confidences shown in the token viewer."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+
+from . import plots
+from .contrasts import Analysis
+from .evaluation import interval_text as cell
+from .html_blocks import figure, html_table, side_by_side
+
+
+def attach_out_of_fold_confidence(a: Analysis, probe: str | Path, run) -> None:
+    """The viewer's confidences for a run the instrument was fitted on: its out-of-fold ones (a score by the
+    instrument itself would be in-sample); other runs keep what `attentropy score` stored, if anything."""
+    import pandas as pd
+
+    from .answers import run_info
+
+    fingerprint = run_info(run)["fingerprint"]
+    oof = pd.read_parquet(Path(probe) / "token_predictions.parquet")
+    oof = oof[oof.run_fingerprint == fingerprint]
+    if not len(oof):
+        return
+    key = pd.MultiIndex.from_frame(a.tokens[["question_id", "pos"]])
+    oof = oof.set_index(["question_id", "pos"])
+    a.tokens["prefix_confidence"] = oof.prefix_confidence.reindex(key).to_numpy()
+    a.tokens["confidence"] = (oof["confidence:instrument"].reindex(key).to_numpy()
+                              if "confidence:instrument" in oof else np.nan)
+
+
+
+def instrument_section(probe: Path, fig_dir: Path) -> str:
+    """The Instrument section: what was fitted, the metrics of every method on the same out-of-fold answers,
+    in and out of distribution, selective answering, prefix and token confidence, with figures."""
+    import pandas as pd
+
+    from .instrument import load_instrument
+    from .token_comparisons import TOKEN_COMPARISON_TITLES
+
+    esc = html.escape
+    inst = load_instrument(probe)
+    ev = pd.read_csv(probe / "evaluation.csv")
+    preds = pd.read_parquet(probe / "predictions.parquet")
+    meta = inst.meta
+    runs = ", ".join(f"{Path(r['path']).name} ({r['benchmark']}, {r['answers']} answers)"
+                     for r in meta["training_runs"])
+    parts = [f"<h2 id=instrument>Instrument</h2><p class=meta><code>{esc(str(probe))}</code> · fitted on "
+             f"{esc(runs)} · model {esc(str(inst.identity['name']))} · {len(inst.identity['layers'])} layers × "
+             f"{inst.identity['n_heads']} heads · answer models: {', '.join(sorted(inst.answer_models))}; token model: "
+             f"{'yes' if inst.token_model is not None else 'no (no wrong moments to learn from)'}</p>",
+             "<ul><li>Answer confidence: P(correct) from the answer's mean attention statistics per layer × head "
+             "(entropy / ln K, varentropy / (ln K)², masses on the first token, the prompt, the own and the previous "
+             "token) and its logit statistics; an L2 logistic probe, its strength chosen inside the training folds, "
+             "calibrated (Platt) on inner out-of-fold scores. Prefix confidence: the same on the tokens so far. "
+             "Token confidence: P(not the critic's wrong moment) from the token's own statistics per layer.</li>"
+             f"<li>Every number below is out of fold ({meta['evaluation']['folds']}-fold cross-validation grouped by "
+             "question: no question is in two folds), every method on the same answers and folds; 95 % intervals "
+             "resample questions; Δ AUROC = instrument − method on the same resamples. Each baseline's direction "
+             "and scale are calibrated on the training folds, which can only help it.</li></ul>"]
+    roles = {m: d["role"] for m, d in meta["methods"].items()}
+    descriptions = {m: d["description"] for m, d in meta["methods"].items()}
+    descriptions.update({f"token:{m}": d["description"] for m, d in meta["token_methods"].items()})
+    for task, rows in ev.groupby("task", sort=False):
+        summary = meta["evaluation"]["summary"][task]
+        best_logit = summary["best_logit_baseline"]
+        task_preds = preds[preds.task == task]
+        parts.append(f"<h3>{esc(task)} answers: {summary['answers']} ("
+                     + ", ".join(f"{k} {v}" for k, v in summary["labels"].items()) + ")</h3>")
+        parts.append("<ul>" + "".join(f"<li>{line}</li>" for line in instrument_findings(rows, summary)) + "</ul>")
+        ind = rows[rows.evaluation == "in_distribution"]
+        table = []
+        order = [m for m in roles if m in set(ind.method)]
+        for m in order:
+            r = ind[ind.method == m].set_index("metric")
+            gain = r.loc["auroc_gain_of_instrument"] if "auroc_gain_of_instrument" in r.index else None
+            table.append([f"<b title='{esc(descriptions[m])}'>{esc(m)}</b>", esc(roles[m]), cell(r.loc["auroc"]),
+                          "—" if gain is None else cell(gain), f"{r.loc['auprc', 'value']:.3f}",
+                          f"{r.loc['prr', 'value']:.3f}", f"{r.loc['brier', 'value']:.3f}",
+                          f"{r.loc['ece', 'value']:.3f}"])
+        parts.append("<p>In distribution, out of fold (AUPRC: finding the incorrect answers; PRR: "
+                     "prediction-rejection ratio as lm-polygraph defines it):</p>" + html_table(
+                         ["method", "role", "AUROC [95 % CI]", "Δ AUROC of the instrument", "AUPRC", "PRR",
+                          "Brier", "ECE"], table, highlight=0))
+        kinds = rows[rows.evaluation.isin(["within_kind", "leave_one_kind_out"]) & (rows.metric == "auroc")]
+        if kinds.subset.nunique() > 1:
+            ktable = []
+            for kind, kr in kinds.groupby("subset", sort=False):
+                def get(evaluation, method):
+                    r = kr[(kr.evaluation == evaluation) & (kr.method == method)]
+                    return cell(r.iloc[0]) if len(r) else "—"
+                first = kr.iloc[0]
+                ktable.append([esc(kind), f"{int(first.n_positive)} / {int(first.n_negative)}",
+                               get("within_kind", "instrument"), get("within_kind", best_logit),
+                               get("within_kind", "kind_logit"), get("leave_one_kind_out", "instrument"),
+                               get("leave_one_kind_out", best_logit)])
+            parts.append("<p>By question kind: within the kind (out of fold, same models as above) and leave one "
+                         "kind out (fitted on the other kinds only):</p>" + html_table(
+                             ["kind", "correct / incorrect", "instrument (within)", f"{best_logit} (within)",
+                              "kind + logit (within)", "instrument (kind left out)", f"{best_logit} (kind left out)"],
+                             ktable))
+        shown = [m for m in ("instrument", "attention", best_logit, "kind_logit", "lookback_lens")
+                 if f"confidence:{m}" in task_preds]
+        out = fig_dir / task
+        figs = [("ROC curves, out of fold", plots.roc_curves(task_preds, shown, out, "roc",
+                                                             f"{task}: ROC, out of fold")),
+                ("reliability of the calibrated confidence", plots.reliability(
+                    task_preds, ["instrument", best_logit], out, "reliability", f"{task}: reliability, out of fold"))]
+        sel = rows[rows.evaluation == "selective"]
+        figs.append(("selective answering: F-score and accuracy of the answers given against coverage",
+                     plots.coverage_curves(task_preds, ["instrument", best_logit], out, "coverage",
+                                           f"{task}: abstain below a confidence threshold (curves: every threshold; "
+                                           "x: threshold chosen on training folds)", sel)))
+        if kinds.subset.nunique() > 1:
+            for evaluation, caption in (("within_kind", "AUROC within each question kind"),
+                                        ("leave_one_kind_out", "AUROC on a kind left out of fitting")):
+                kr = kinds[kinds.evaluation == evaluation]
+                if len(kr):
+                    figs.append((caption, plots.auroc_bars(kr, ["instrument", best_logit, "kind_logit"], out,
+                                                           evaluation, f"{task}: {caption}")))
+        prefix = rows[rows.evaluation == "prefix"]
+        if len(prefix):
+            figs.append(("prefix confidence: AUROC of the answer's correctness from its first k tokens",
+                         plots.auroc_bars(prefix, ["instrument"], out, "prefix",
+                                          f"{task}: prefix confidence after k tokens")))
+        parts.append(side_by_side([figure(p, cap) for cap, p in figs[:2]]))
+        parts.append(side_by_side([figure(p, cap) for cap, p in figs[2:3]]))
+        if figs[3:]:
+            parts.append(side_by_side([figure(p, cap) for cap, p in figs[3:]]))
+        if len(sel):
+            stable = []
+            for m, r in sel.groupby("method", sort=False):
+                r = r.set_index("metric")
+                stable.append([esc(m)] + [cell(r.loc[k]) for k in ("coverage", "correct", "correct_given_attempted",
+                                                                      "f_score")])
+            parts.append("<p>Selective answering: an answer whose confidence is below the threshold chosen on "
+                         "its training folds (highest F-score there) becomes <i>not attempted</i>; held-out folds "
+                         "pooled:</p>" + html_table(["policy", "coverage", "correct", "correct given attempted",
+                                                 "F-score"], stable))
+        tokens = rows[rows.evaluation.str.startswith("token:") & (rows.metric == "auroc")]
+        if len(tokens):
+            ttable = []
+            for evaluation, tr in tokens.groupby("evaluation", sort=False):
+                tr = tr.set_index("method")
+                first = tr.iloc[0]
+                ttable.append([esc(TOKEN_COMPARISON_TITLES[evaluation[6:]]),
+                               f"{int(first.n_positive)} / {int(first.n_negative)}"]
+                              + [cell(tr.loc[m]) if m in tr.index else "—" for m in
+                                 ("instrument", "logit_probe", "logprob", "logit_entropy", "position")])
+            parts.append("<p>Token confidence: AUROC of finding the critic's wrong-moment tokens by low confidence "
+                         "(intervals resample questions). The type-matched rows are the ones that say whether the "
+                         "instrument sees an error rather than a kind of token.</p>" + html_table(
+                             ["comparison", "wrong-moment / other tokens", "instrument", "logit probe",
+                              "token log-prob", "logit entropy", "position (control)"], ttable))
+            tbars = tokens.assign(subset=tokens.evaluation.str[6:])
+            parts.append(side_by_side([figure(plots.auroc_bars(
+                tbars, ["instrument", "logit_probe", "logprob", "position"], out, "tokens",
+                f"{task}: token confidence, wrong moment vs other tokens"), "token confidence by comparison")]))
+        parts.append("<p class=meta>Methods: " + "; ".join(
+            f"<b>{esc(m)}</b> ({esc(roles[m])}): {esc(descriptions[m])}" for m in roles) + ".</p>")
+    return "".join(parts)
+
+
+
+def instrument_findings(rows, summary: dict) -> list[str]:
+    """Plain sentences on one task's evaluation: in distribution against the strongest baseline and control,
+    within and across question kinds, the shuffled-label control, selective answering."""
+    from .detectors import PRIMARY, cheap, is_competitor, of_family
+    from .evaluation import MIN_PER_CLASS_TO_CONCLUDE as MIN_PER_CLASS
+
+    auc = rows.query("evaluation == 'in_distribution' and metric == 'auroc'").set_index("method")
+    gain = rows.query("evaluation == 'in_distribution' and metric == 'auroc_gain_of_instrument'").set_index("method")
+    lines = [f"In distribution the instrument's AUROC is {cell(auc.loc[PRIMARY])}"
+             + (f"; attention alone {cell(auc.loc['attention'])}." if "attention" in auc.index else ".")]
+    for label, pool in (("the strongest of the logit, kind and length baselines and their combination",
+                         cheap(auc.index)),
+                        ("the strongest of all baselines and controls (published attention detectors included)",
+                         [m for m in auc.index if is_competitor(m)])):
+        best = auc.loc[[m for m in pool if m in auc.index]].value.idxmax()
+        g = gain.loc[best]
+        verdict = ("above it, the paired interval above 0" if g.lo > 0 else
+                   "not distinguishable from it (the paired interval covers 0)" if g.hi >= 0 else "below it")
+        lines.append(f"Against {label}, {best} {cell(auc.loc[best])}: Δ AUROC {cell(g)}, {verdict}.")
+    if "hidden" in auc.index:
+        lines.append(f"Against the residual stream: the hidden-state probe {cell(auc.loc['hidden'])} (instrument − "
+                     f"it: {cell(gain.loc['hidden'])}); instrument + hidden states "
+                     f"{cell(auc.loc['attention_hidden'])}; the bag of tokens (what the answer says) "
+                     f"{cell(auc.loc['bag_of_tokens'])}." if "bag_of_tokens" in auc.index else
+                     f"Against the residual stream: the hidden-state probe {cell(auc.loc['hidden'])}.")
+    strat = rows.query("evaluation == 'stratified' and metric == 'auroc'").set_index("method")
+    if len(strat):
+        sbest = strat.loc[[m for m in strat.index if is_competitor(m)]].value.idxmax()
+        lines.append(f"Pairs within a question kind only (the kind cannot help): instrument "
+                     f"{cell(strat.loc[PRIMARY])}, best other {sbest} {cell(strat.loc[sbest])}.")
+    within = rows.query("evaluation == 'within_kind' and metric == 'auroc'")
+    big = within[(within.n_positive >= MIN_PER_CLASS) & (within.n_negative >= MIN_PER_CLASS)]
+    if big.subset.nunique():
+        wins = []
+        for kind, kr in big.groupby("subset"):
+            kr = kr.set_index("method")
+            rival = kr.loc[cheap(kr.index)]
+            wins.append(kr.loc[PRIMARY, "value"] > rival.value.max())
+        lines.append(f"Within the kinds with at least {MIN_PER_CLASS} correct and {MIN_PER_CLASS} incorrect "
+                     f"answers the instrument is above every logit, kind and length baseline in {sum(wins)} of "
+                     f"{len(wins)}.")
+    loko = rows.query("evaluation == 'leave_one_kind_out' and metric == 'auroc'")
+    if loko.subset.nunique():
+        means = loko.groupby("method").value.mean()
+        logit_best = means[[m for m in of_family("logit") if m in means]].idxmax()
+        worse = means[PRIMARY] < means[logit_best]
+        lines.append(f"On a question kind left out of fitting (mean over {loko.subset.nunique()} kinds) the "
+                     f"instrument's AUROC is {means[PRIMARY]:.3f} against {means[logit_best]:.3f} for "
+                     f"{logit_best}" + (": <b>on a new kind of question the logit baseline is the better score; "
+                                        "fit the instrument on the kinds of questions it will score</b>."
+                                        if worse else "."))
+    lines += [f"Shuffled-label control (must be at chance): {cell(auc.loc[m])}."
+              for m in of_family("sanity", auc.index)]
+    sel = rows.query("evaluation == 'selective' and metric == 'f_score'").set_index("method")
+    if PRIMARY in sel.index:
+        lines.append(f"Selective answering, F-score: answering everything {cell(sel.loc['answer_everything'])}, "
+                     f"abstaining by the instrument {cell(sel.loc[PRIMARY])}, by {summary['best_logit_baseline']}"
+                     f" {cell(sel.loc[summary['best_logit_baseline']])}.")
+    return lines
+
