@@ -5,6 +5,7 @@ model and the runs they came from (`model_identity`, `run_info`)."""
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,8 @@ class Answers:
 
     Tokens of an answer are contiguous and in answer order; `answers.start` is the row of its first token."""
 
-    answers: pd.DataFrame  # run, benchmark, task, question_id, group (the question's text), kind, label, y, n_tokens,
+    answers: pd.DataFrame  # run, benchmark, task, question_id, question, group (`content_groups`; in answers
+    #                        not read by `load_answers`: the question), kind, label, y, n_tokens,
     #                        start; y: 1 correct, 0 incorrect, -1 neither (not attempted, unparsed, ungraded)
     tokens: pd.DataFrame  # answer (row of `answers`), pos, token, logprob, logit_entropy, logit_varentropy, n_keys,
     #                       target: 1 wrong moment, 0 not, -1 unknown (an incorrect answer without a located span)
@@ -72,6 +74,19 @@ def _task(benchmark: str) -> str:
     return protocol_kind(benchmark)
 
 
+_CALCULATION = re.compile(r"<<([^>]*)>>")
+
+
+def _content(benchmark: str, reference: str) -> str:
+    """A math problem's computation: the reference solution's calculator annotations, e.g. "7+3=10;10*2=20"."""
+    steps = _CALCULATION.findall(reference or "") if benchmark in MATH else []
+    return f"{benchmark}\n" + ";".join(s.replace(" ", "") for s in steps) if steps else ""
+
+
+def _normal(text: str) -> str:
+    return " ".join(str(text).lower().split())
+
+
 def normalised_attention(stat_arrays: dict[str, np.ndarray], n_keys: np.ndarray) -> dict[str, np.ndarray]:
     """ATTN_FEATURES from the stored statistics: entropy / ln K and varentropy / (ln K)^2 (the maximal entropy of K
     keys is ln K and the maximal varentropy grows like (ln K)^2, so raw values rise with position), masses as
@@ -108,7 +123,35 @@ def load_answers(run_dirs: list[str | Path], *, require_labels: bool = True, ski
         parts.append(part)
     if not parts:
         raise InstrumentError("no runs given")
-    return concat_answers(parts), infos, model
+    out = concat_answers(parts)
+    out.answers["group"] = content_groups(out.answers.question.to_numpy(), out.answers.pop("content").to_numpy(),
+                                          out.answers.pop("gold").to_numpy())
+    return out, infos, model
+
+
+def content_groups(questions: np.ndarray, contents: np.ndarray, golds: np.ndarray) -> np.ndarray:
+    """The group of each answer for folds and intervals: answers are in one group when they share their question,
+    their content (a math problem's operations and numbers: the same computation under other names is a near-
+    duplicate) or their gold answer within a question kind (factual). The group is named by its first question."""
+    parent: dict = {}
+
+    def root(x):
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for question, content, gold in zip(questions, contents, golds):
+        for key in (("content", content), ("gold", gold)):
+            if key[1]:
+                parent[root(key)] = root(("question", question))
+    names: dict = {}
+    return np.array([names.setdefault(root(("question", q)), q) for q in questions], dtype=object)
+
+
+def near_duplicates(answers: pd.DataFrame) -> int:
+    """Answers whose group holds another question than their own (near-duplicates joined by `content_groups`)."""
+    return int((answers.groupby("group").question.transform("nunique") > 1).sum())
 
 
 def hidden_of(run) -> dict:
@@ -134,8 +177,12 @@ def _answers_of(samples: pd.DataFrame, tokens: pd.DataFrame, stat_arrays: dict[s
     n_tokens = tokens.groupby("question_id", sort=False).size().loc[order].to_numpy()
     answers = pd.DataFrame({
         "run": run_name, "benchmark": s.benchmark.to_numpy(), "task": [_task(b) for b in s.benchmark],
-        "question_id": s.question_id.to_numpy(), "group": (s.benchmark + "\n" + s.question).to_numpy(),
+        "question_id": s.question_id.to_numpy(), "question": (s.benchmark + "\n" + s.question).to_numpy(),
+        "group": (s.benchmark + "\n" + s.question).to_numpy(),
         "kind": [question_kind(b, m) for b, m in zip(s.benchmark, s.metadata)], "label": labels.to_numpy(),
+        "content": [_content(b, r) for b, r in zip(s.benchmark, s.get("reference", [""] * len(s)))],
+        "gold": [f"{b}\n{question_kind(b, m)}\n{_normal(t)}" if b not in MATH else ""
+                 for b, m, t in zip(s.benchmark, s.metadata, s.get("target", [""] * len(s)))],
         "y": np.select([labels == "correct", labels == "incorrect"], [1, 0], -1), "n_tokens": n_tokens,
         "start": np.r_[0, np.cumsum(n_tokens)[:-1]].astype(int)})
     tok = pd.DataFrame({"answer": np.repeat(np.arange(len(answers)), n_tokens), "pos": tokens.pos.to_numpy(),

@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 
 from . import confidence_metrics, stats
-from .answers import Answers, InstrumentError
-from .detectors import ANSWER_DETECTORS, PRIMARY, TOKEN_DETECTORS, Detector, available, of_family
+from .answers import Answers, InstrumentError, near_duplicates
+from .detectors import (ANSWER_DETECTORS, PRIMARY, TOKEN_DETECTORS, Detector, available, cheap, is_competitor,
+                        of_family, training_free)
 from .detectors.fitting import take
 from .probe import INNER_FOLDS
 from .selective import choose_threshold, f_score
@@ -120,13 +121,18 @@ def cross_validate(a: Answers, rows: np.ndarray, *, detectors: dict[str, Detecto
     details: dict = {"folds": int(fold.max() + 1), "C": {}, "threshold": {}}
     for k in range(fold.max() + 1):
         train = rows[(fold != k) & (y_all[rows] >= 0)]
+        # the training folds' not-attempted answers: they do not train, but the threshold is chosen on every
+        # training answer, as it is applied to every test answer (not attempted ones stay not attempted)
+        abstained = rows[(fold != k) & (labels_all[rows] == "not_attempted")]
         test = rows[fold == k]
         for name, d in detectors.items():
             if progress:
                 progress(f"fold {k + 1}: {name}")
             fitted = d.fit(take(feats[name], train), y_all[train], groups_all[train], seed=seed + k)
             answer.loc[test, name] = fitted.confidence(take(feats[name], test))
-            thresholds.loc[test, name] = choose_threshold(fitted.train_confidence, labels_all[train])
+            thresholds.loc[test, name] = choose_threshold(
+                np.r_[fitted.train_confidence, fitted.confidence(take(feats[name], abstained))],
+                labels_all[np.r_[train, abstained]])
             if "C" in fitted.detail:
                 details["C"].setdefault(name, []).append(fitted.detail["C"])
             if name in prefix:
@@ -201,6 +207,36 @@ def interval_text(row) -> str:
     return f"{row['value']:.3f} [{row['lo']:.3f}, {row['hi']:.3f}]"
 
 
+def verdict(gain_row) -> str:
+    """What a paired difference instrument - baseline says."""
+    if gain_row["lo"] > 0:
+        return "above it (the paired interval above 0)"
+    if gain_row["hi"] < 0:
+        return "below it (the paired interval below 0)"
+    return "not distinguishable from it (the paired interval covers 0)"
+
+
+HEADLINE_POOLS = (("every baseline and control", "all"), ("the training-free scores", "training_free"),
+                  ("the logit, kind and length baselines", "cheap"))
+
+
+def headlines(rows: pd.DataFrame, evaluation: str = "in_distribution") -> list[dict]:
+    """The instrument against the best of every baseline and control (hidden-state probe and bag of tokens
+    included), of the training-free scores, and of the logit / kind / length baselines: one dict per pool (pool,
+    best, auroc row, gain row, verdict), from one task's evaluation rows."""
+    auc = rows[(rows.evaluation == evaluation) & (rows.metric == "auroc")].set_index("method")
+    gain = rows[(rows.evaluation == evaluation) & (rows.metric == "auroc_gain_of_instrument")].set_index("method")
+    pools = {"all": [m for m in auc.index if is_competitor(m)], "training_free": training_free(auc.index),
+             "cheap": cheap(auc.index)}
+    out = []
+    for label, key in HEADLINE_POOLS:
+        if pools[key]:
+            best = auc.loc[pools[key]].value.idxmax()
+            out.append({"pool": label, "best": best, "auroc": auc.loc[best], "gain": gain.loc[best],
+                        "verdict": verdict(gain.loc[best])})
+    return out
+
+
 def _row(task, evaluation, subset, method, role, metric, value, lo=np.nan, hi=np.nan, n_pos=0, n_neg=0) -> dict:
     return {"task": task, "evaluation": evaluation, "subset": subset, "method": method, "role": role,
             "metric": metric, "value": float(value), "lo": float(lo), "hi": float(hi), "n_positive": int(n_pos),
@@ -255,9 +291,11 @@ def selective_rows(task: str, confidence: pd.DataFrame, thresholds: pd.DataFrame
                    groups: np.ndarray, roles: dict, policies: list[str], *, n_boot: int, seed: int) -> list[dict]:
     """Abstention below each answer's fold's training threshold (`thresholds`, per method), pooled over the
     held-out folds: coverage, correct, correct given attempted and F-score (SimpleQA's), next to answering
-    everything."""
+    everything; with, on the same resamples, each policy's F-score gain over answering everything and the
+    instrument's F-score gain over each policy."""
     weights = np.r_[np.ones((1, len(labels))), stats.group_counts(groups, n_boot, seed)]
-    rows = []
+    rows, f_scores = [], {}
+    n_correct, n_incorrect = (labels == "correct").sum(), (labels == "incorrect").sum()
     for method in [None, *policies]:
         if method is None:
             attempted = labels != "not_attempted"
@@ -269,14 +307,25 @@ def selective_rows(task: str, confidence: pd.DataFrame, thresholds: pd.DataFrame
         values = {"coverage": weights @ attempted / n, "correct": weights @ correct / n}
         with np.errstate(divide="ignore", invalid="ignore"):
             values["correct_given_attempted"] = weights @ correct / (weights @ attempted)
-        c, cga = values["correct"], values["correct_given_attempted"]
-        values["f_score"] = f_score(c, cga)
+        values["f_score"] = f_score(values["correct"], values["correct_given_attempted"])
         name = method or "answer_everything"
+        f_scores[name] = values["f_score"]
         for metric, v in values.items():
             lo, hi = np.nanpercentile(v[1:], [2.5, 97.5])
             rows.append(_row(task, "selective", "threshold from training folds", name,
-                             roles.get(method, "reference"), metric, v[0], lo, hi, (labels == "correct").sum(),
-                             (labels == "incorrect").sum()))
+                             roles.get(method, "reference"), metric, v[0], lo, hi, n_correct, n_incorrect))
+
+    def paired(method, metric, difference):
+        lo, hi = np.nanpercentile(difference[1:], [2.5, 97.5])
+        rows.append(_row(task, "selective", "threshold from training folds", method, roles.get(method, "reference"),
+                         metric, difference[0], lo, hi, n_correct, n_incorrect))
+
+    for method in policies:
+        paired(method, "f_score_gain_over_answering_everything", f_scores[method] - f_scores["answer_everything"])
+    if PRIMARY in f_scores:
+        for method in ["answer_everything", *policies]:
+            if method != PRIMARY:
+                paired(method, "f_score_gain_of_instrument", f_scores[PRIMARY] - f_scores[method])
     return rows
 
 
@@ -308,8 +357,9 @@ def evaluate(a: Answers, task: str, *, n_boot: int = 1000, seed: int = 0, progre
     auc = in_dist.query("evaluation == 'in_distribution' and metric == 'auroc'").set_index("method").value
     best_logit = max(of_family("logit"), key=lambda m: auc.get(m, -1))
     graded = answers.label.to_numpy() != "unparsed"
+    policies = [m for m in cv.answer if ANSWER_DETECTORS.get(m) is None or ANSWER_DETECTORS[m].family != "sanity"]
     out += selective_rows(task, cv.answer[graded], cv.selective[graded], answers.label.to_numpy()[graded],
-                          groups[graded], roles, [PRIMARY, best_logit], n_boot=n_boot, seed=seed)
+                          groups[graded], roles, policies, n_boot=n_boot, seed=seed)
     # prefix confidence: the answer model on the first k tokens (whole answers when shorter)
     tok_rows = token_rows(a, rows)
     lengths = answers.n_tokens.to_numpy()
@@ -349,5 +399,6 @@ def evaluate(a: Answers, task: str, *, n_boot: int = 1000, seed: int = 0, progre
     summary = {"answers": int(len(rows)), "labels": answers.label.value_counts().to_dict(),
                "kinds": answers.kind.value_counts().to_dict(), "folds": cv.details["folds"],
                "chosen_C": cv.details["C"], "best_logit_baseline": best_logit,
-               "wrong_moment_tokens": int((a.tokens.target.to_numpy()[tok_rows] == 1).sum())}
+               "wrong_moment_tokens": int((a.tokens.target.to_numpy()[tok_rows] == 1).sum()),
+               "groups": int(answers.group.nunique()), "near_duplicates": near_duplicates(answers)}
     return evaluation, {"answers": predictions, "tokens": tokens, "summary": summary}

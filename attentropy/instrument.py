@@ -30,9 +30,9 @@ import pandas as pd
 
 from .answers import ATTN_FEATURES, Answers, InstrumentError, load_answers, run_info
 from .data import protocol_kind
-from .detectors import PRIMARY, cheap, is_competitor, of_family
-from .evaluation import (NEGATIVES_PER_POSITIVE, OUTER_FOLDS, answer_detectors, evaluate, interval_text as cell,
-                         sample_negatives, token_detectors, transfer_rows)
+from .detectors import PRIMARY, of_family, training_free
+from .evaluation import (NEGATIVES_PER_POSITIVE, OUTER_FOLDS, answer_detectors, evaluate, headlines,
+                         interval_text as cell, sample_negatives, token_detectors, transfer_rows)
 from .features import answer_features, feature_names, prefix_features, token_features
 from .probe import CS, INNER_FOLDS, LinearProbe, fit_probe
 from .scoring import score_answer, score_run  # noqa: F401  (the README's Python API: attentropy.instrument)
@@ -202,6 +202,9 @@ def fit_instrument(run_dirs: list[str | Path], out: str | Path, *, transfer: lis
             "cross-validation by question, every method")
         tick = time.perf_counter()
         rows, preds = evaluate(a, task, n_boot=n_boot, seed=seed)
+        say(f"{task}: folds and intervals grouped by content: {preds['summary']['groups']} groups; "
+            f"{preds['summary']['near_duplicates']} answers share theirs with another question (same computation "
+            "or same gold answer)")
         evaluations.append(rows)
         answer_predictions.append(preds["answers"].assign(task=task))
         token_predictions.append(preds["tokens"].assign(task=task))
@@ -254,31 +257,32 @@ def fit_instrument(run_dirs: list[str | Path], out: str | Path, *, transfer: lis
 
 
 def format_evaluation(probe_dir: str | Path) -> str:
-    """The headline of an instrument's evaluation: in-distribution AUROC of the instrument and the strongest
-    baseline and control, leave-one-kind-out means, selective answering."""
+    """The headline of an instrument's evaluation: in-distribution AUROC of the instrument against the best of every
+    baseline and control, of the training-free scores and of the logit / kind / length ones, leave-one-kind-out
+    means, selective answering, the token-level comparisons."""
     probe_dir = Path(probe_dir)
     ev = pd.read_csv(probe_dir / "evaluation.csv")
     lines = [f"instrument: {probe_dir}"]
     for task, rows in ev.groupby("task", sort=False):
         auc = rows.query("evaluation == 'in_distribution' and metric == 'auroc'").set_index("method")
-        gain = rows.query("evaluation == 'in_distribution' and metric == 'auroc_gain_of_instrument'").set_index(
-            "method")
         sanity = "".join(f", {m} {cell(auc.loc[m])}" for m in of_family("sanity", auc.index))
         lines.append(f"  {task}: AUROC {PRIMARY} {cell(auc.loc[PRIMARY])}{sanity}  (n = "
                      f"{int(auc.n_positive.iloc[0])} correct, {int(auc.n_negative.iloc[0])} incorrect, out of fold)")
-        for label, pool in (("logit/kind/length", cheap(auc.index)),
-                            ("any baseline", [m for m in auc.index if is_competitor(m)])):
-            best = auc.loc[[m for m in pool if m in auc.index]].value.idxmax()
-            lines.append(f"    best {label}: {best} {cell(auc.loc[best])}; instrument - it: {cell(gain.loc[best])}")
+        for h in headlines(rows):
+            lines.append(f"    against the best of {h['pool']}: {h['best']} {cell(h['auroc'])}; instrument - it: "
+                         f"{cell(h['gain'])}, {h['verdict'].split(' (')[0]}")
         loko = rows.query("evaluation == 'leave_one_kind_out' and metric == 'auroc'")
         if len(loko):
             means = loko.groupby("method").value.mean()
-            best_logit = means[of_family("logit", means.index)].max()
+            free = means[training_free(means.index)]
             lines.append(f"    leave one kind out (mean over {loko.subset.nunique()} kinds): instrument "
-                         f"{means[PRIMARY]:.3f}, best logit baseline {best_logit:.3f}")
+                         f"{means[PRIMARY]:.3f}, best training-free {free.idxmax()} {free.max():.3f}")
         sel = rows.query("evaluation == 'selective' and metric == 'f_score'").set_index("method")
         if len(sel):
-            lines.append("    selective answering F-score: " + ", ".join(f"{m} {cell(r)}" for m, r in sel.iterrows()))
+            others = sel.drop(index=["answer_everything", PRIMARY], errors="ignore")
+            shown = ["answer_everything", PRIMARY] + ([others.value.idxmax()] if len(others) else [])
+            lines.append("    selective answering F-score: "
+                         + ", ".join(f"{m} {cell(sel.loc[m])}" for m in shown if m in sel.index))
         tok = rows.query("evaluation.str.startswith('token:') and metric == 'auroc' and method == 'instrument'",
                          engine="python")
         for _, r in tok.iterrows():

@@ -135,12 +135,15 @@ def instrument_section(probe: Path, fig_dir: Path) -> str:
             stable = []
             for m, r in sel.groupby("method", sort=False):
                 r = r.set_index("metric")
-                stable.append([esc(m)] + [cell(r.loc[k]) for k in ("coverage", "correct", "correct_given_attempted",
-                                                                      "f_score")])
+                stable.append([esc(m)] + [cell(r.loc[k]) if k in r.index else "—" for k in (
+                    "coverage", "correct", "correct_given_attempted", "f_score",
+                    "f_score_gain_over_answering_everything", "f_score_gain_of_instrument")])
             parts.append("<p>Selective answering: an answer whose confidence is below the threshold chosen on "
-                         "its training folds (highest F-score there) becomes <i>not attempted</i>; held-out folds "
-                         "pooled:</p>" + html_table(["policy", "coverage", "correct", "correct given attempted",
-                                                 "F-score"], stable))
+                         "its training folds (highest F-score there, not-attempted answers included) becomes "
+                         "<i>not attempted</i>; held-out folds pooled; gains paired on the same resamples:</p>"
+                         + html_table(["policy", "coverage", "correct", "correct given attempted", "F-score",
+                                       "F-score gain over answering everything", "instrument − it (F-score)"],
+                                      stable))
         tokens = rows[rows.evaluation.str.startswith("token:") & (rows.metric == "auroc")]
         if len(tokens):
             ttable = []
@@ -169,22 +172,24 @@ def instrument_section(probe: Path, fig_dir: Path) -> str:
 def instrument_findings(rows, summary: dict) -> list[str]:
     """Plain sentences on one task's evaluation: in distribution against the strongest baseline and control,
     within and across question kinds, the shuffled-label control, selective answering."""
-    from .detectors import PRIMARY, cheap, is_competitor, of_family
+    from .detectors import PRIMARY, cheap, is_competitor, of_family, training_free
     from .evaluation import MIN_PER_CLASS_TO_CONCLUDE as MIN_PER_CLASS
+    from .evaluation import headlines
 
     auc = rows.query("evaluation == 'in_distribution' and metric == 'auroc'").set_index("method")
     gain = rows.query("evaluation == 'in_distribution' and metric == 'auroc_gain_of_instrument'").set_index("method")
-    lines = [f"In distribution the instrument's AUROC is {cell(auc.loc[PRIMARY])}"
-             + (f"; attention alone {cell(auc.loc['attention'])}." if "attention" in auc.index else ".")]
-    for label, pool in (("the strongest of the logit, kind and length baselines and their combination",
-                         cheap(auc.index)),
-                        ("the strongest of all baselines and controls (published attention detectors included)",
-                         [m for m in auc.index if is_competitor(m)])):
-        best = auc.loc[[m for m in pool if m in auc.index]].value.idxmax()
-        g = gain.loc[best]
-        verdict = ("above it, the paired interval above 0" if g.lo > 0 else
-                   "not distinguishable from it (the paired interval covers 0)" if g.hi >= 0 else "below it")
-        lines.append(f"Against {label}, {best} {cell(auc.loc[best])}: Δ AUROC {cell(g)}, {verdict}.")
+    heads = headlines(rows)
+    strongest = heads[0]
+    adds = strongest["gain"]["lo"] > 0
+    lines = [("<b>Attention adds nothing measurable over the strongest baseline here</b>: "
+              if not adds else "<b>The instrument is above the strongest baseline</b>: ")
+             + f"the instrument's AUROC is {cell(auc.loc[PRIMARY])}, the best of every baseline and control "
+             f"({strongest['best']}) {cell(strongest['auroc'])}, Δ AUROC {cell(strongest['gain'])}, "
+             f"{strongest['verdict']}."
+             + (f" Attention alone: {cell(auc.loc['attention'])}." if "attention" in auc.index else "")]
+    for h in heads[1:]:
+        lines.append(f"Against the best of {h['pool']}, {h['best']} {cell(h['auroc'])}: Δ AUROC {cell(h['gain'])}, "
+                     f"{h['verdict']}.")
     if "hidden" in auc.index:
         lines.append(f"Against the residual stream: the hidden-state probe {cell(auc.loc['hidden'])} (instrument − "
                      f"it: {cell(gain.loc['hidden'])}); instrument + hidden states "
@@ -210,19 +215,24 @@ def instrument_findings(rows, summary: dict) -> list[str]:
     loko = rows.query("evaluation == 'leave_one_kind_out' and metric == 'auroc'")
     if loko.subset.nunique():
         means = loko.groupby("method").value.mean()
-        logit_best = means[[m for m in of_family("logit") if m in means]].idxmax()
-        worse = means[PRIMARY] < means[logit_best]
+        free = training_free(means.index)
+        free_best = means[free].idxmax()
+        worse = means[PRIMARY] < means[free_best]
         lines.append(f"On a question kind left out of fitting (mean over {loko.subset.nunique()} kinds) the "
-                     f"instrument's AUROC is {means[PRIMARY]:.3f} against {means[logit_best]:.3f} for "
-                     f"{logit_best}" + (": <b>on a new kind of question the logit baseline is the better score; "
-                                        "fit the instrument on the kinds of questions it will score</b>."
-                                        if worse else "."))
+                     f"instrument's AUROC is {means[PRIMARY]:.3f} against {means[free_best]:.3f} for the best "
+                     f"training-free score, {free_best}" + (
+                         ": <b>on a new kind of question the training-free score is the better one; fit the "
+                         "instrument on the kinds of questions it will score</b>." if worse else "."))
     lines += [f"Shuffled-label control (must be at chance): {cell(auc.loc[m])}."
               for m in of_family("sanity", auc.index)]
-    sel = rows.query("evaluation == 'selective' and metric == 'f_score'").set_index("method")
-    if PRIMARY in sel.index:
-        lines.append(f"Selective answering, F-score: answering everything {cell(sel.loc['answer_everything'])}, "
-                     f"abstaining by the instrument {cell(sel.loc[PRIMARY])}, by {summary['best_logit_baseline']}"
-                     f" {cell(sel.loc[summary['best_logit_baseline']])}.")
+    sel = rows[rows.evaluation == "selective"]
+    f = sel[sel.metric == "f_score"].set_index("method")
+    if PRIMARY in f.index:
+        gain = sel[sel.metric == "f_score_gain_of_instrument"].set_index("method")
+        rival = f.drop(index=["answer_everything", PRIMARY]).value.idxmax()
+        lines.append(f"Selective answering, F-score: answering everything {cell(f.loc['answer_everything'])}, "
+                     f"abstaining by the instrument {cell(f.loc[PRIMARY])} (gain {cell(gain.loc['answer_everything'])})"
+                     f", by the best other method, {rival}, {cell(f.loc[rival])} (instrument − it: "
+                     f"{cell(gain.loc[rival])}).")
     return lines
 

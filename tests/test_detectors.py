@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from attentropy.answers import load_answers
-from attentropy.detectors import ANSWER_DETECTORS, TOKEN_DETECTORS, rauq
+from attentropy.detectors import ANSWER_DETECTORS, TOKEN_DETECTORS, head_entropy, rauq
 from attentropy.detectors.llm_check import llm_check_scores
 from attentropy.detectors.lookback_lens import lookback_ratios
 from attentropy.evaluation import kinds_of
@@ -82,10 +82,19 @@ def test_published_baselines_by_hand(tmp_path):
     mid = rauq.rauq_layers(first.layers)
     prev = first.attn["prev_mass"][:, mid].astype(float)
     c = [p[0] * np.ones(prev.shape[1:])]
-    for t in range(1, 3):
+    n = len(first.tokens)
+    for t in range(1, n):
         c.append(rauq.RAUQ_ALPHA * p[t] + (1 - rauq.RAUQ_ALPHA) * prev[t] * c[-1])
     expected = -np.mean(np.log(np.stack(c)), axis=0)
     np.testing.assert_allclose(rauq.rauq_features(first)[0, 0], expected, rtol=1e-6)
+    # RAUQ as its authors choose heads: per layer the head with the most attention to the previous generated token
+    # over this answer; the answer's uncertainty is the largest over those layers
+    chosen = [int(np.argmax(prev[1:n, layer].mean(axis=0))) for layer in range(prev.shape[1])]
+    by_hand = max(expected[layer, head] for layer, head in enumerate(chosen))
+    assert np.isclose(rauq.rauq_uncertainty(rauq.rauq_features(first))[0], by_hand)
+    # Attention Head Entropy: each head's entropy in nats averaged over the answer's tokens
+    nats = first.attn["entropy_norm"] * np.log(first.tokens.n_keys.to_numpy(float))[:, None, None]
+    np.testing.assert_allclose(head_entropy.entropy_over_answer(first)[0], nats.mean(axis=0).ravel(), rtol=1e-5)
     ratio = lookback_ratios(first)[0].reshape(len(first.layers), first.n_heads)
     prompt = first.attn["prompt_mass"].astype(float)
     n_keys, pos = first.tokens.n_keys.to_numpy(float), first.tokens.pos.to_numpy(float)

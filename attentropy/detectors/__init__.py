@@ -14,7 +14,8 @@ CHEAP_FAMILIES = ("logit", "length", "kind")
 ANSWER_DETECTORS: dict[str, Detector] = {d.name: d for d in (
     instrument.INSTRUMENT, instrument.ATTENTION,
     logit.LOGIT_PROBE, logit.MEAN_LOGPROB, logit.MIN_LOGPROB, logit.LOGIT_ENTROPY, logit.LOGIT_VARENTROPY,
-    lookback_lens.LOOKBACK_LENS, llm_check.LLM_CHECK, rauq.RAUQ, head_entropy.HEAD_ENTROPY,
+    lookback_lens.LOOKBACK_LENS, llm_check.LLM_CHECK, rauq.RAUQ, rauq.RAUQ_FIXED_HEADS, head_entropy.HEAD_ENTROPY,
+    head_entropy.HEAD_ENTROPY_PRE_ANSWER,
     controls.LENGTH, controls.KIND, controls.KIND_LOGIT, controls.SHUFFLED,
     hidden_state.HIDDEN, hidden_state.HIDDEN_PROMPT, instrument.ATTENTION_HIDDEN, bag_of_tokens.BAG_OF_TOKENS,
 )}
@@ -41,6 +42,11 @@ def is_competitor(name: str) -> bool:
     return d is not None and d.role != "instrument" and d.family != "sanity"
 
 
+def training_free(names) -> list[str]:
+    """Those of `names` that are published scores used as defined (only calibrated), in order."""
+    return [n for n in names if n in ANSWER_DETECTORS and ANSWER_DETECTORS[n].training_free]
+
+
 def cheap(names) -> list[str]:
     """Those of `names` that are logit, kind or length baselines, in order."""
     return [n for n in names if family_of(n) in CHEAP_FAMILIES]
@@ -51,4 +57,5 @@ def of_family(family: str, names=None) -> list[str]:
 
 
 __all__ = ["ANSWER_DETECTORS", "CHEAP_FAMILIES", "PRIMARY", "TOKEN_DETECTORS", "Detector", "Fitted", "available",
-           "cheap", "family_of", "is_competitor", "of_family"]
+           "cheap", "family_of", "is_competitor", "of_family",
+           "training_free"]

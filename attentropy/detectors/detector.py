@@ -27,6 +27,7 @@ class Detector:
     reads_kind: bool = False  # its features include the question kind
     out_of_kind: bool = True  # evaluated on kinds left out of fitting (not for kind readers and sanity checks)
     prefix_features: Callable | None = None  # the same model on the tokens so far: [n_tokens, F] (answer level)
+    training_free: bool = False  # a score used as defined: only its calibration (a monotone map) is fitted
 
     def inputs(self, answers, kinds: list[str]):
         """Its features of `answers`."""

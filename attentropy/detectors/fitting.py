@@ -45,10 +45,19 @@ def probe_fitter(penalty: str = "l2", balanced: bool = False, shuffle: bool = Fa
     """A calibrated logistic probe (`fit_probe`); `shuffle`: on permuted labels (a leakage check)."""
     def fit(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0) -> Fitted:
         if shuffle:  # the labels permuted: whatever this scores beyond chance is leakage
-            y = np.random.default_rng(seed + 7).permutation(y)
+            y = shuffled_labels(y, groups, seed + 7)
         probe, train_conf = fit_probe(X, y, groups, penalty=penalty, balanced=balanced, seed=seed)
         return Fitted(probe.confidence, train_conf, {"C": probe.C, "probe": probe})
     return fit
+
+
+def shuffled_labels(y: np.ndarray, groups: np.ndarray, seed: int) -> np.ndarray:
+    """The labels permuted in an order that does not depend on the rows' order: the permutation is drawn over the
+    rows sorted by question (then label), so listing the runs in another order gives the same labels per answer."""
+    order = np.lexsort((y, np.asarray(groups).astype(str)))
+    out = np.empty_like(y)
+    out[order] = np.random.default_rng(seed).permutation(y[order])
+    return out
 
 
 def best_layer_fitter(balanced: bool = False):

@@ -1,6 +1,8 @@
 """RAUQ (recurrent attention-based uncertainty): per layer of the middle third, the head that attends most to the
-previous token; token confidences propagated along the answer through that head's attention. A variant: the head
-is chosen once on the training answers (the authors choose it per sequence)."""
+previous token over the answer (chosen per answer, as its authors do); token confidences propagated along the answer
+through that head's attention; the answer's uncertainty is the largest over those layers. Training-free: only the
+calibration is fitted. A variant beside it, `rauq_fixed_heads`, chooses each layer's head once on the training
+answers."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import numpy as np
 from ..features import segment_means
 from .detector import Detector
 from .fitting import Fitted, fit_fixed
+
 
 def rauq_layers(layers: list[int]) -> list[int]:
     """RAUQ's layers: the middle third of the recorded ones (indices into `layers`)."""
@@ -23,7 +26,7 @@ def rauq_features(a, alpha: float = RAUQ_ALPHA) -> np.ndarray:
     """[n_answers, 2, L_mid, H]: per answer, layer of the middle third and head, the RAUQ uncertainty
     -mean_i ln c_i with c_1 = p_1, c_i = alpha p_i + (1 - alpha) a_(i,i-1) c_(i-1) (p_i the token's probability,
     a_(i,i-1) that head's attention to the previous token), and (second) the answer's summed attention to the
-    previous token, from which the head of each layer is chosen on training answers."""
+    previous token over its tokens after the first (both generated), from which each layer's head is chosen."""
     mid = rauq_layers(a.layers)
     prev = a.attn["prev_mass"][:, mid].astype(np.float64)  # [n_tokens, L_mid, H]
     p = np.exp(a.tokens.logprob.to_numpy(np.float64))[:, None, None]
@@ -37,13 +40,27 @@ def rauq_features(a, alpha: float = RAUQ_ALPHA) -> np.ndarray:
     starts, counts = a.answers.start.to_numpy(), a.answers.n_tokens.to_numpy()
     n_cells = prev.shape[1] * prev.shape[2]
     uncertainty = -segment_means(log_c.reshape(len(prev), n_cells), starts, counts)
-    prev_sum = np.add.reduceat(prev.reshape(len(prev), n_cells), starts, axis=0) if len(starts) else prev[:0]
+    inside = np.where(pos[:, None] > 0, prev.reshape(len(prev), n_cells), 0.0)  # a_(i,i-1) with i-1 generated
+    prev_sum = np.add.reduceat(inside, starts, axis=0) if len(starts) else prev[:0]
     return np.stack([uncertainty, prev_sum], axis=1).reshape(len(starts), 2, *prev.shape[1:])
 
 
+def rauq_uncertainty(feats: np.ndarray) -> np.ndarray:
+    """[n_answers]: RAUQ's uncertainty as its authors define it: per layer the head with the highest attention to
+    the previous token over this answer, the answer's uncertainty at that head, the largest over the layers."""
+    heads = feats[:, 1].argmax(axis=2)  # [n_answers, L_mid]
+    return np.take_along_axis(feats[:, 0], heads[:, :, None], axis=2)[:, :, 0].max(axis=1)
+
+
 def fit_rauq(feats: np.ndarray, y: np.ndarray, groups=None, seed: int = 0) -> Fitted:
-    """RAUQ: per layer of the middle third the head with the highest mean attention to the previous token on the
-    training answers (no labels used); answer uncertainty = max over those layers; confidence = its negative,
+    """RAUQ: confidence = -uncertainty, calibrated as `fit_fixed` (nothing else is fitted)."""
+    inner = fit_fixed(-rauq_uncertainty(feats)[:, None], y)
+    return Fitted(lambda f: inner.confidence(-rauq_uncertainty(f)[:, None]), inner.train_confidence)
+
+
+def fit_rauq_fixed_heads(feats: np.ndarray, y: np.ndarray, groups=None, seed: int = 0) -> Fitted:
+    """The variant: per layer of the middle third the head with the highest mean attention to the previous token on
+    the training answers (no labels used); answer uncertainty = max over those layers; confidence = its negative,
     calibrated as `fit_fixed`."""
     heads = feats[:, 1].sum(axis=0).argmax(axis=1)  # [L_mid]
 
@@ -54,5 +71,10 @@ def fit_rauq(feats: np.ndarray, y: np.ndarray, groups=None, seed: int = 0) -> Fi
     return Fitted(lambda f: inner.confidence(score(f)), inner.train_confidence, {"heads": heads.tolist()})
 
 
-RAUQ = Detector("rauq", "answer", "baseline", "rauq", "RAUQ (alpha 0.5, middle third of layers, previous-token heads)",
-                rauq_features, fit_rauq)
+RAUQ = Detector("rauq", "answer", "baseline", "rauq",
+                "RAUQ (alpha 0.5, middle third of layers, each answer's previous-token head per layer)",
+                rauq_features, fit_rauq, training_free=True)
+RAUQ_FIXED_HEADS = Detector("rauq_fixed_heads", "answer", "baseline", "rauq",
+                            "variant of RAUQ: each layer's previous-token head chosen once on the training answers "
+                            "(the authors choose it per answer)", rauq_features, fit_rauq_fixed_heads,
+                            training_free=True)
