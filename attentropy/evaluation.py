@@ -373,17 +373,21 @@ def evaluate(a: Answers, task: str, *, n_boot: int = 1000, seed: int = 0, progre
                                    metrics=("auroc",))
     token_table = None
     if cv.token is not None:
+        token_table = cv.token.copy()
+        if PRIMARY in cv.answer:  # controls: the answer's own confidence given to its tokens, the prefix confidence
+            token_table["answer_confidence"] = cv.answer[PRIMARY].to_numpy(float)[tok_answer]
+            token_table["prefix_confidence"] = cv.prefix[PRIMARY]
+            token_roles.update(answer_confidence="control", prefix_confidence="control")
         tok_groups = groups[tok_answer]
         for name, (positive, negative) in token_comparisons(a, tok_rows).items():
             use = positive | negative
             if positive.sum() < MIN_PER_CLASS:
                 continue
             # positive class here: the wrong moment; a method flags it by low confidence
-            flagged = 1 - cv.token[use].astype(float)
+            flagged = 1 - token_table[use].astype(float)
             out += discrimination_rows(task, f"token:{name}", TOKEN_COMPARISON_TITLES[name], flagged,
                                        positive[use].astype(float), tok_groups[use], token_roles, n_boot=n_boot,
                                        seed=seed, metrics=("auroc",))
-        token_table = cv.token
     evaluation = pd.DataFrame(out)
     identity = answers[["run", "run_fingerprint", "question_id", "kind", "label", "y"]].reset_index(drop=True)
     predictions = identity.assign(

@@ -283,8 +283,15 @@ def format_evaluation(probe_dir: str | Path) -> str:
             shown = ["answer_everything", PRIMARY] + ([others.value.idxmax()] if len(others) else [])
             lines.append("    selective answering F-score: "
                          + ", ".join(f"{m} {cell(sel.loc[m])}" for m in shown if m in sel.index))
-        tok = rows.query("evaluation.str.startswith('token:') and metric == 'auroc' and method == 'instrument'",
-                         engine="python")
-        for _, r in tok.iterrows():
-            lines.append(f"    token {r.evaluation[6:]}: AUROC {cell(r)} ({int(r.n_positive)} vs {int(r.n_negative)})")
+        tokens = rows[rows.evaluation.str.startswith("token:")]
+        for evaluation, tr in tokens.groupby("evaluation", sort=False):
+            tauc = tr[tr.metric == "auroc"].set_index("method")
+            tgain = tr[tr.metric == "auroc_gain_of_instrument"].set_index("method")
+            rival = tauc.drop(index=PRIMARY).value.idxmax()
+            controls = ", ".join(f"{m} {tauc.loc[m, 'value']:.3f}" for m in ("token_type", "answer_confidence",
+                                                                             "prefix_confidence") if m in tauc.index)
+            headline = " (headline)" if evaluation == "token:type_matched_results" else ""
+            lines.append(f"    token {evaluation[6:]}{headline}: AUROC {cell(tauc.loc[PRIMARY])} "
+                         f"({int(tauc.n_positive.iloc[0])} vs {int(tauc.n_negative.iloc[0])}); best other {rival} "
+                         f"{cell(tauc.loc[rival])}, instrument - it {cell(tgain.loc[rival])}; controls: {controls}")
     return "\n".join(lines)

@@ -145,20 +145,29 @@ def instrument_section(probe: Path, fig_dir: Path) -> str:
                                        "F-score gain over answering everything", "instrument − it (F-score)"],
                                       stable))
         tokens = rows[rows.evaluation.str.startswith("token:") & (rows.metric == "auroc")]
+        token_gains = rows[rows.evaluation.str.startswith("token:") & (rows.metric == "auroc_gain_of_instrument")]
         if len(tokens):
             ttable = []
+            shown_methods = ("instrument", "logit_probe", "logit_entropy", "hidden", "token_type", "answer_confidence",
+                             "prefix_confidence", "position")
             for evaluation, tr in tokens.groupby("evaluation", sort=False):
                 tr = tr.set_index("method")
+                gains = token_gains[token_gains.evaluation == evaluation].set_index("method")
+                rival = tr.drop(index="instrument").value.idxmax()
                 first = tr.iloc[0]
                 ttable.append([esc(TOKEN_COMPARISON_TITLES[evaluation[6:]]),
                                f"{int(first.n_positive)} / {int(first.n_negative)}"]
-                              + [cell(tr.loc[m]) if m in tr.index else "—" for m in
-                                 ("instrument", "logit_probe", "logprob", "logit_entropy", "position")])
+                              + [cell(tr.loc[m]) if m in tr.index else "—" for m in shown_methods]
+                              + [f"{esc(rival)}: {cell(gains.loc[rival])}" if rival in gains.index else "—"])
             parts.append("<p>Token confidence: AUROC of finding the critic's wrong-moment tokens by low confidence "
-                         "(intervals resample questions). The type-matched rows are the ones that say whether the "
-                         "instrument sees an error rather than a kind of token.</p>" + html_table(
+                         "(intervals resample questions). The first row is the headline: token type held fixed, it "
+                         "says whether a score sees an error rather than a kind of token; the other rows mostly "
+                         "measure token type (see the token-type control). Controls: the token's type alone, the "
+                         "answer's confidence given to each of its tokens, the prefix confidence.</p>" + html_table(
                              ["comparison", "wrong-moment / other tokens", "instrument", "logit probe",
-                              "token log-prob", "logit entropy", "position (control)"], ttable))
+                              "logit entropy", "hidden-state probe", "token type (control)",
+                              "answer confidence (control)", "prefix confidence (control)", "position (control)",
+                              "instrument − the best other"], ttable, highlight=0))
             tbars = tokens.assign(subset=tokens.evaluation.str[6:])
             parts.append(side_by_side([figure(plots.auroc_bars(
                 tbars, ["instrument", "logit_probe", "logprob", "position"], out, "tokens",

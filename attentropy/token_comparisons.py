@@ -1,5 +1,6 @@
 """The token-level comparisons: which tokens a wrong-moment detector is asked to tell apart (the critic's
-wrong-moment tokens against the other tokens of the same answers, nearby tokens, and tokens of the same type)."""
+wrong-moment tokens against tokens of the same type, the other tokens of the same answers, nearby tokens), and the
+token-type features of the control that knows only that."""
 
 from __future__ import annotations
 
@@ -46,15 +47,24 @@ def token_comparisons(a: Answers, tok_rows: np.ndarray, window: int = WINDOW) ->
     in_wrong = np.isin(answer, error_answers)
     near = position_matched(answer, tok.pos.to_numpy(), in_error, window)
     digits, results = token_types(tok.token)
-    return {"same_answers": (in_error, in_wrong & ~in_error),
-            "position_matched": (in_error, near),
+    return {"type_matched_results": (in_error & results, known & ~in_error & results),
             "type_matched_digits": (in_error & digits, known & ~in_error & digits),
-            "type_matched_results": (in_error & results, known & ~in_error & results)}
+            "same_answers": (in_error, in_wrong & ~in_error),
+            "position_matched": (in_error, near)}
 
 
+# the first is the headline: token type held fixed, it asks whether a score sees the error rather than a kind of
+# token (the critic marks mostly the digits of a result after '=')
 TOKEN_COMPARISON_TITLES = {
+    "type_matched_results": "wrong-moment results (after '=') vs results of all answers (correct ones included)",
+    "type_matched_digits": "wrong-moment digit tokens vs digit tokens of all answers (correct ones included)",
     "same_answers": "wrong-moment tokens vs the other tokens of the same incorrect answers",
     "position_matched": f"wrong-moment tokens vs tokens within {WINDOW} positions of them",
-    "type_matched_digits": "wrong-moment digit tokens vs digit tokens of all answers (correct ones included)",
-    "type_matched_results": "wrong-moment results (after '=') vs results of all answers (correct ones included)",
 }
+
+
+def token_type_features(a: Answers) -> np.ndarray:
+    """[n_tokens, 2]: whether the token holds a digit and whether it is a result written after '=' (no model
+    features: what the token is, not how the model computed it)."""
+    digits, results = token_types(a.tokens.token)
+    return np.column_stack([digits, results]).astype(np.float64)

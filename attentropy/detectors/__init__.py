@@ -21,7 +21,7 @@ ANSWER_DETECTORS: dict[str, Detector] = {d.name: d for d in (
 )}
 TOKEN_DETECTORS: dict[str, Detector] = {d.name: d for d in (
     instrument.TOKEN_INSTRUMENT, logit.TOKEN_LOGIT_PROBE, logit.TOKEN_LOGPROB, logit.TOKEN_ENTROPY,
-    logit.TOKEN_VARENTROPY, controls.POSITION, hidden_state.TOKEN_HIDDEN,
+    logit.TOKEN_VARENTROPY, controls.POSITION, controls.TOKEN_TYPE, hidden_state.TOKEN_HIDDEN,
 )}
 
 

@@ -1,11 +1,12 @@
 """The controls: what a result must beat to mean anything (answer length, question kind, kind with the logit
-statistics, a token's position) and the leakage check (the instrument trained on shuffled labels)."""
+statistics, a token's position or type) and the leakage check (the instrument trained on shuffled labels)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from ..features import answer_features, answer_logit_statistics
+from ..token_comparisons import token_type_features
 from .detector import Detector
 from .fitting import probe_fitter
 
@@ -37,3 +38,6 @@ SHUFFLED = Detector("shuffled", "answer", "control", "sanity",
                     probe_fitter(shuffle=True), out_of_kind=False)
 POSITION = Detector("position", "token", "control", "position", "the token's position alone", log_position,
                     probe_fitter(balanced=True))
+TOKEN_TYPE = Detector("token_type", "token", "control", "token_type",
+                      "the token's type alone (a digit; a result after '='), no model features", token_type_features,
+                      probe_fitter(balanced=True))
