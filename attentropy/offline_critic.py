@@ -73,10 +73,10 @@ _COMMON_CONSTANTS = {Decimal(n) for n in ("0", "1", "2", "3", "4", "7", "10", "1
 
 
 def find_error_offline(question: str, solution: str, reference: str) -> tuple[int, tuple[int, int] | None, str]:
-    """(index of the first wrong step or -1, character span of the wrong value, reason). A step is wrong when one
-    of its equations `a op b = c` does not compute, when an operand is supported neither by the problem, the
-    reference's calculator annotations, an earlier result nor a common constant, or when a result is none of the
-    reference's results."""
+    """(index of the first wrong step or -1, character span of the wrong moment, reason). A step is wrong when one
+    of its equations `a op b = c` does not compute (span: the result), when an operand is supported neither by the
+    problem, the reference's calculator annotations, an earlier result nor a common constant (span: the operand), or
+    when a result that computes is none of the reference's results (a wrong operation; span: the operator)."""
     supported, reference_results = _reference_values(question, reference)
     supported |= _COMMON_CONSTANTS
     earlier: set[Decimal] = set()
@@ -97,7 +97,12 @@ def find_error_offline(question: str, solution: str, reference: str) -> tuple[in
                     span = (start + m.start(1) + operand.start(), start + m.start(1) + operand.end())
                     return index, span, f"{value} is not supported by the problem or earlier steps"
             if shown is not None and Decimal(shown) not in reference_results:
-                return index, result_span, f"{shown} is not among the reference solution's results"
+                # the equation computes and its operands are supported: the operation chosen is what went wrong,
+                # so the wrong moment is the operator, not the result it correctly gives
+                operator = re.search(r"[-+*/×÷x]|times|divided by|minus|plus", expression[1:])
+                span = ((start + m.start(1) + 1 + operator.start(), start + m.start(1) + 1 + operator.end())
+                        if computed is not None and operator else result_span)
+                return index, span, f"{shown} is not among the reference solution's results"
             if shown is not None:
                 earlier.add(Decimal(shown))
     return -1, None, "no wrong calculation or unsupported value found"

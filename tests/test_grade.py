@@ -20,7 +20,7 @@ from attentropy.generate import Generation
 from attentropy.grade import grade_run
 from attentropy.gsm8k import extract_final_number, normalize_number
 from attentropy.judge import parse_judge_verdict
-from attentropy.offline_critic import locate_error_offline, split_steps
+from attentropy.offline_critic import find_error_offline, locate_error_offline, split_steps
 from attentropy.report import _config_rows
 from attentropy.store import append_batch, write_json
 from attentropy.token_spans import char_to_token_spans, tokens_of_span
@@ -84,6 +84,16 @@ QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold
 ])
 def test_offline_critic_on_hand_written_solutions(solution, step):
     assert locate_error_offline(QUESTION, solution, REFERENCE) == step
+
+
+@pytest.mark.parametrize("solution, marked", [
+    ("In May she sold 48 * 2 = 96 clips.", "*"),  # a wrong operation: the operator, not its correct result
+    ("In May she sold 48 / 2 = 25 clips.", "25"),  # a miscomputed result
+    ("In May she sold 48 / 2 = 24 clips.\nAltogether 48 + 26 = 74 clips.", "26"),  # an unsupported operand
+])
+def test_the_offline_critic_marks_where_the_step_went_wrong(solution, marked):
+    _, (start, end), _ = find_error_offline(QUESTION, solution, REFERENCE)
+    assert solution[start:end] == marked
 
 
 @pytest.mark.parametrize("reply, parsed", [
