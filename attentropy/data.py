@@ -352,18 +352,32 @@ def _arith_problem(rng: random.Random, steps: int) -> tuple[str, str, int]:
 ARITH_DEFAULT_DIFFICULTY = 1  # one step: what the embedded model answers about half correctly (bench/RESULTS.md)
 
 
-def make_arith(n: int = 100, seed: int = 0, difficulty: int = ARITH_DEFAULT_DIFFICULTY,
+def parse_difficulty(difficulty: int | str) -> int | str:
+    """`--difficulty`: a number of steps (1-4) or a range "lo-hi" (problems cycle through its step counts); returns
+    the int, or the range as "lo-hi"."""
+    text = str(difficulty).strip()
+    match = re.fullmatch(r"([1-4])(?:-([1-4]))?", text)
+    if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
+        raise DataError(f"arith difficulty must be 1 to 4 steps or a range such as 1-3, got {difficulty!r}")
+    lo, hi = int(match.group(1)), int(match.group(2) or match.group(1))
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def make_arith(n: int = 100, seed: int = 0, difficulty: int | str = ARITH_DEFAULT_DIFFICULTY,
                split: str = "test") -> list[Question]:
-    """`n` grade-school word problems of exactly `difficulty` steps (1-4), with GSM8K-format references.
-    The `train` split (the few-shot exemplars) is drawn from a random stream disjoint from `test`'s."""
-    if not 1 <= difficulty <= 4:
-        raise ValueError(f"arith difficulty must be 1 to 4 steps, got {difficulty}")
+    """`n` grade-school word problems of `difficulty` steps (1-4), or of each step count of a range "lo-hi" in turn
+    (problem i has lo + i mod (hi - lo + 1) steps), with GSM8K-format references. The `train` split (the few-shot
+    exemplars) is drawn from a random stream disjoint from `test`'s; a range's exemplars mix its step counts."""
+    difficulty = parse_difficulty(difficulty)
+    lo, hi = (difficulty, difficulty) if isinstance(difficulty, int) else map(int, difficulty.split("-"))
     rng = random.Random(f"arith-{seed}-{difficulty}" if split == "test" else f"arith-{split}-{seed}-{difficulty}")
     out = []
     for i in range(n):
-        question, solution, answer = _arith_problem(rng, difficulty)
+        steps = lo + i % (hi - lo + 1)
+        question, solution, answer = _arith_problem(rng, steps)
+        metadata = {"steps": steps, "seed": seed, **({} if lo == hi else {"difficulty": difficulty})}
         out.append(Question(f"arith-{i:05d}" if split == "test" else f"arith-{split}-{i:05d}", "arith", question,
-                            str(answer), reference=solution, metadata={"steps": difficulty, "seed": seed}))
+                            str(answer), reference=solution, metadata=metadata))
     return out
 
 
@@ -373,7 +387,8 @@ SUITE_SIZE = {"facts": 200, "arith": 100}
 
 
 def load_questions(benchmark: str, data: str | Path | None = None, *, offset: int = 0, limit: int | None = None,
-                   seed: int = 0, difficulty: int = ARITH_DEFAULT_DIFFICULTY, raw: bool = False) -> list[Question]:
+                   seed: int = 0, difficulty: int | str = ARITH_DEFAULT_DIFFICULTY, raw: bool = False
+                   ) -> list[Question]:
     """The questions of `benchmark` (simpleqa, gsm8k, facts, arith, prompts), rows [offset, offset+limit).
     `raw`: prompts only, plain continuation without the chat template."""
     if raw and benchmark != FREE:
@@ -400,10 +415,11 @@ def load_questions(benchmark: str, data: str | Path | None = None, *, offset: in
 def fewshot_exemplars(question: Question | None = None) -> list[Question]:
     """The 8 chain-of-thought exemplars of a math question, from its benchmark's train split: for GSM8K the
     first 8 rows of GSM8K train (MIT, shipped in the package); for arith 8 problems of the suite's train split
-    at the question's difficulty."""
+    at the suite's difficulty (a range's mix its step counts, so that every question of a run shares them)."""
     if question is not None and question.benchmark == "arith":
         meta = question.metadata
-        return _arith_exemplars(meta.get("seed", 0), meta.get("steps", ARITH_DEFAULT_DIFFICULTY))
+        suite = meta.get("difficulty", meta.get("steps", ARITH_DEFAULT_DIFFICULTY))
+        return _arith_exemplars(meta.get("seed", 0), suite)
     return _gsm8k_exemplars()
 
 
@@ -413,5 +429,5 @@ def _gsm8k_exemplars() -> list[Question]:  # read once, not once per prompt
 
 
 @functools.cache
-def _arith_exemplars(seed: int, difficulty: int) -> list[Question]:
+def _arith_exemplars(seed: int, difficulty: int | str) -> list[Question]:
     return make_arith(8, seed=seed, difficulty=difficulty, split="train")

@@ -71,6 +71,10 @@ def instrument_section(probe: Path, fig_dir: Path) -> str:
         task_preds = preds[preds.task == task]
         parts.append(f"<h3>{esc(task)} answers: {summary['answers']} ("
                      + ", ".join(f"{k} {v}" for k, v in summary["labels"].items()) + ")</h3>")
+        parts.append("<p class=meta>Question kinds: " + ", ".join(f"{esc(k)} {v}" for k, v in summary["kinds"].items())
+                     + f"; folds and intervals grouped by content: {summary.get('groups', '?')} groups, "
+                     f"{summary.get('near_duplicates', '?')} answers share theirs with another question (the same "
+                     "computation under other names, or the same gold answer of a kind).</p>")
         parts.append("<ul>" + "".join(f"<li>{line}</li>" for line in instrument_findings(rows, summary)) + "</ul>")
         ind = rows[rows.evaluation == "in_distribution"]
         table = []

@@ -26,7 +26,7 @@ def _file_sha256(path) -> str:
 def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL, data: str | None = None,
                   limit: int | None = None, offset: int = 0, batch_size: int = 16, max_new_tokens: int | None = None,
                   shots: int = MATH_SHOTS, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                  seed: int = 0, difficulty: int = ARITH_DEFAULT_DIFFICULTY, dtype: str = "auto",
+                  seed: int = 0, difficulty: int | str = ARITH_DEFAULT_DIFFICULTY, dtype: str = "auto",
                   device: str = "auto", device_map: str | None = None, save_attention: tuple[str, ...] = (),
                   attn_dtype: str = "float32", probe: str | Path | None = None, hidden_layers: str | None = None,
                   hidden_token_layers: str | None = None, raw: bool = False, batching: str = "continuous",

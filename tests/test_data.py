@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from attentropy.data import (DataError, fewshot_exemplars, gsm8k_final_answer, load_questions, make_arith,
+from attentropy.data import (DataError, fewshot_exemplars, parse_difficulty, gsm8k_final_answer, load_questions, make_arith,
                              make_facts, read_gsm8k, read_simpleqa)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -130,6 +130,20 @@ def test_arith_suite_is_deterministic_and_its_references_are_correct():
             assert int(q.target) > 0
     with pytest.raises(ValueError, match="1 to 4"):
         make_arith(1, difficulty=5)
+
+
+def test_an_arith_range_cycles_through_its_steps_and_shares_its_exemplars():
+    mixed = make_arith(12, seed=0, difficulty="1-3")
+    assert [q.metadata["steps"] for q in mixed] == [1, 2, 3] * 4
+    for q in mixed:
+        assert len(re.findall(r"<<", q.reference)) == q.metadata["steps"]
+    exemplars = {tuple(e.question for e in fewshot_exemplars(q)) for q in mixed}
+    assert len(exemplars) == 1  # one prompt prefix for the whole run
+    assert sorted({e.metadata["steps"] for e in fewshot_exemplars(mixed[0])}) == [1, 2, 3]
+    assert make_arith(5, difficulty=2) == make_arith(5, difficulty="2")  # a one-step range is the number
+    for bad in ("0", "3-1", "1-5", "two"):
+        with pytest.raises(DataError, match="1 to 4 steps"):
+            parse_difficulty(bad)
 
 
 def test_fewshot_exemplars_are_the_first_train_rows():
