@@ -4,6 +4,7 @@ given (`score_answer`), or a question typed at the terminal (`score_text`, token
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -83,10 +84,26 @@ def score_answer(instrument: Instrument, model, tokenizer, info, question, *, an
 
 
 def _ansi(text: str, confidence: float) -> str:
-    """Text on a background from red (confidence 0) through yellow to green (1), in 24-bit ANSI colour."""
-    c = 0.5 if np.isnan(confidence) else float(confidence)
+    """Text on a background from red (confidence 0) through yellow to green (1), in 24-bit ANSI colour; grey where
+    the confidence is NaN (not scored)."""
+    if np.isnan(confidence):
+        return f"\x1b[48;2;210;210;210m\x1b[38;2;0;0;0m{text}\x1b[0m"
+    c = float(confidence)
     r, g = (255, int(510 * c)) if c < 0.5 else (int(510 * (1 - c)), 255)
     return f"\x1b[48;2;{r};{g};60m\x1b[38;2;0;0;0m{text}\x1b[0m"
+
+
+def restates_question(texts: list[str], question: str) -> np.ndarray:
+    """[n_tokens] bool: tokens that carry nothing the question does not already say (their text a word of the
+    question, or two characters or more found in it; or punctuation and white space). Such a token cannot be where the answer goes
+    wrong, so it is shown unscored rather than flagged."""
+    lowered = question.lower()
+    words = set(re.findall(r"\w+", lowered))
+    out = []
+    for text in texts:
+        core = text.strip().lower()
+        out.append(not any(ch.isalnum() for ch in core) or core in words or (len(core) >= 2 and core in lowered))
+    return np.array(out, dtype=bool)
 
 
 def score_text(instrument: Instrument, model_name: str, question_text: str, *, answer: str | None = None,
@@ -104,17 +121,20 @@ def score_text(instrument: Instrument, model_name: str, question_text: str, *, a
     scores, texts, completion = score_answer(instrument, model, tokenizer, info, question, answer=answer,
                                              max_new_tokens=max_new_tokens)
     answer_confidence = float(scores.prefix_confidence.iloc[-1])
+    restating = restates_question(texts, question_text)
     if as_json:
         return json.dumps({"question": question_text, "answer": completion, "benchmark": benchmark,
                            "answer_confidence": answer_confidence, "probe": instrument.fingerprint,
                            "tokens": [{"token": t, "confidence": None if np.isnan(c) else float(c),
-                                       "prefix_confidence": float(p)}
-                                      for t, c, p in zip(texts, scores.confidence, scores.prefix_confidence)]},
+                                       "prefix_confidence": float(p), "restates_question": bool(r)}
+                                      for t, c, p, r in zip(texts, scores.confidence, scores.prefix_confidence,
+                                                            restating)]},
                           ensure_ascii=False, indent=1)
     shown = "confidence" if instrument.token_model is not None and benchmark in MATH else "prefix_confidence"
-    body = "".join(_ansi(t, c) for t, c in zip(texts, scores[shown]))
+    colour = np.where(restating, np.nan, scores[shown].to_numpy(float))
+    body = "".join(_ansi(t, c) for t, c in zip(texts, colour))
     legend = " ".join(_ansi(f" {v:.1f} ", v) for v in (0.0, 0.25, 0.5, 0.75, 1.0))
     what = ("token confidence: P(not where the answer goes wrong)" if shown == "confidence"
             else "prefix confidence: P(correct) from the tokens so far")
     return (f"{question_text}\n{body}\n\nanswer confidence (P correct): {answer_confidence:.3f}\ncolours: {what}  "
-            f"{legend}")
+            f"{legend}  {_ansi(' grey ', float('nan'))}: restates the question or punctuation, not scored")

@@ -17,6 +17,7 @@ from attentropy.detectors.fitting import fit_fixed
 from attentropy.evaluation import cross_validate, evaluate, leave_one_kind_out, outer_splits
 from attentropy.features import feature_names
 from attentropy.probe import LinearProbe, inner_splits
+from attentropy.scoring import restates_question
 from attentropy.selective import choose_threshold, selective_outcome
 from attentropy.token_comparisons import token_types
 from attentropy.cli import main
@@ -241,3 +242,9 @@ def test_score_one_question_on_the_embedded_model(tmp_path, embedded, capsys):
                  "--benchmark", "arith", "--max-new-tokens", "8"]) == 0
     text = capsys.readouterr().out
     assert "\x1b[48;2;" in text and "answer confidence" in text
+
+
+def test_tokens_that_restate_the_question_are_not_scored():
+    texts = ["The", " capital", " of", " Peru", " is", " Lima", ".", " 3", " *", " 4", " =", " 12"]
+    restating = restates_question(texts, "What is the capital of Peru? And 3 * 4?")
+    assert [t for t, r in zip(texts, restating) if not r] == [" Lima", " 12"]
