@@ -1,8 +1,8 @@
 """Benchmark: the confidence instrument on the embedded model's graded runs (what `./run.sh` writes).
 
 Prints, for the issue's targets:
-  1. the instrument's out-of-fold AUROC against the best of the logit, kind and length baselines and their
-     combination (paired interval), within the question kinds with >= 20 answers of each class, leave one kind out,
+  1. the instrument's out-of-fold AUROC against the best of every baseline and control, of the training-free scores
+     and of the logit, kind and length baselines and their combination (paired intervals), within the question kinds with >= 20 answers of each class, leave one kind out,
      and (math) the token level, type-matched: read from the instrument's evaluation (`--probe`, e.g. the one
      ./run.sh fits) or evaluated here;
   2. the time to fit the instrument (its answer and token models, `fit_final`) and to evaluate every method
@@ -35,6 +35,7 @@ import pandas as pd
 def targets(probe: Path) -> None:
     from attentropy.detectors import cheap, of_family
     from attentropy.evaluation import MIN_PER_CLASS_TO_CONCLUDE as MIN_TO_CONCLUDE
+    from attentropy.evaluation import headlines, interval_text
 
     ev = pd.read_csv(probe / "evaluation.csv")
     pool = cheap(ev.method.unique())
@@ -42,6 +43,9 @@ def targets(probe: Path) -> None:
         auc = rows.query("evaluation == 'in_distribution' and metric == 'auroc'").set_index("method")
         gain = rows.query("evaluation == 'in_distribution' and metric == 'auroc_gain_of_instrument'").set_index(
             "method")
+        for h in headlines(rows):
+            print(f"{task}: against the best of {h['pool']}, {h['best']} {interval_text(h['auroc'])}: instrument - it "
+                  f"{interval_text(h['gain'])}, {h['verdict']}")
         best = auc.loc[[m for m in pool if m in auc.index]].value.idxmax()
         g = gain.loc[best]
         ok = g.value >= 0.05 and g.lo > 0

@@ -1,0 +1,100 @@
+"""The main job's instrument figures as an entry of bench/RESULTS.md, generated from the instrument's evaluation
+(PROBE/evaluation.csv and evaluation.json), never typed: every detector's out-of-fold AUROC with the instrument's
+paired difference, the headlines against the best of every baseline and of the training-free ones, leave one kind
+out, selective answering, and the token-level headline with its controls.
+
+    .venv/bin/python bench/results.py [--runs runs/smollm2-135m] [--write]
+
+Prints the entry; --write also puts it at the top of bench/RESULTS.md's log (newest first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from attentropy.detectors import PRIMARY
+from attentropy.evaluation import headlines, interval_text
+from attentropy.provenance import git_commit
+from attentropy.token_comparisons import TOKEN_COMPARISON_TITLES
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def _gain(rows: pd.DataFrame, method: str, metric: str = "auroc_gain_of_instrument") -> str:
+    r = rows[(rows.method == method) & (rows.metric == metric)]
+    return interval_text(r.iloc[0]) if len(r) else ""
+
+
+def task_section(task: str, rows: pd.DataFrame, summary: dict) -> list[str]:
+    labels = ", ".join(f"{k} {v}" for k, v in summary["labels"].items())
+    kinds = ", ".join(f"{k} {v}" for k, v in summary["kinds"].items())
+    out = [f"### {task}: {summary['answers']} answers ({labels}); kinds: {kinds}; "
+           f"{summary.get('groups', '?')} content groups, {summary.get('near_duplicates', '?')} near-duplicate answers",
+           ""]
+    ind = rows[rows.evaluation == "in_distribution"]
+    instrument = interval_text(ind[(ind.metric == "auroc") & (ind.method == PRIMARY)].iloc[0])
+    for h in headlines(rows):
+        out.append(f"- Against the best of {h['pool']}, {h['best']} {interval_text(h['auroc'])}: instrument "
+                   f"{instrument}, Δ {interval_text(h['gain'])}, {h['verdict']}.")
+    loko = rows[(rows.evaluation == "leave_one_kind_out") & (rows.metric == "auroc")].groupby("method").value.mean()
+    out += ["", "| method | role | AUROC (in distribution) | Δ instrument − method | leave one kind out (mean) |",
+            "|---|---|---|---|---|"]
+    for method, r in ind[ind.metric == "auroc"].set_index("method").iterrows():
+        out.append(f"| {method} | {r.role} | {interval_text(r)} | {_gain(ind, method)} | "
+                   f"{loko[method]:.3f} |" if method in loko else
+                   f"| {method} | {r.role} | {interval_text(r)} | {_gain(ind, method)} | |")
+    selective = rows[rows.evaluation == "selective"]
+    f = selective[selective.metric == "f_score"].set_index("method")
+    if len(f):
+        rival = f.drop(index=["answer_everything", PRIMARY], errors="ignore").value.idxmax()
+        out += ["", f"Selective answering, F-score: answering everything {interval_text(f.loc['answer_everything'])}; "
+                    f"instrument {interval_text(f.loc[PRIMARY])} (gain "
+                    f"{_gain(selective, 'answer_everything', 'f_score_gain_of_instrument')}); best other policy "
+                    f"{rival} {interval_text(f.loc[rival])} (instrument − it "
+                    f"{_gain(selective, rival, 'f_score_gain_of_instrument')})."]
+    tokens = rows[rows.evaluation.str.startswith("token:")]
+    if len(tokens):
+        out += ["", "| token comparison | wrong-moment / other | " + " | ".join(
+            m for m in tokens[tokens.metric == "auroc"].method.unique()) + " |",
+            "|---|---|" + "---|" * tokens[tokens.metric == "auroc"].method.nunique()]
+        for evaluation, tr in tokens.groupby("evaluation", sort=False):
+            auc = tr[tr.metric == "auroc"].set_index("method")
+            out.append(f"| {TOKEN_COMPARISON_TITLES[evaluation[6:]]} | {int(auc.n_positive.iloc[0])} / "
+                       f"{int(auc.n_negative.iloc[0])} | " + " | ".join(
+                           interval_text(auc.loc[m]) if m in auc.index else "" for m in
+                           tokens[tokens.metric == "auroc"].method.unique()) + " |")
+    return out + [""]
+
+
+def entry(runs: Path) -> str:
+    probe = runs / "instrument"
+    ev = pd.read_csv(probe / "evaluation.csv")
+    summary = json.loads((probe / "evaluation.json").read_text())["summary"]
+    lines = [f"## {time.strftime('%Y-%m-%d')} — the main job's instrument (commit {str(git_commit())[:10]})", "",
+             f"`./run.sh {runs}` then `.venv/bin/python bench/results.py --runs {runs} --write`; every figure out of "
+             "fold, 95 % intervals resampling content groups of questions, Δ paired on the same resamples.", ""]
+    for task, rows in ev.groupby("task", sort=False):
+        lines += task_section(task, rows, summary[task])
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="runs/smollm2-135m", help="the main job's output (instrument/ inside)")
+    parser.add_argument("--write", action="store_true", help="put the entry at the top of bench/RESULTS.md's log")
+    args = parser.parse_args()
+    text = entry(Path(args.runs))
+    print(text)
+    if args.write:
+        log = RESULTS.read_text()
+        first = log.index("\n## ")
+        RESULTS.write_text(log[:first + 1] + text + "\n\n" + log[first + 1:])
+
+
+if __name__ == "__main__":
+    main()
