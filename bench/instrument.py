@@ -3,8 +3,8 @@
 Prints, for the issue's targets:
   1. the instrument's out-of-fold AUROC against the best of every baseline and control, of the training-free scores
      and of the logit, kind and length baselines and their combination (paired intervals), within the question
-     kinds with >= 20 answers of each class, leave one kind out, and (math) the token level, type-matched: read from the instrument's evaluation (`--probe`, e.g. the one
-     ./run.sh fits) or evaluated here;
+     kinds with >= 20 answers of each class, leave one kind out, and (math) the token level, type-matched: read
+     from the instrument's evaluation (`--probe`, e.g. the one ./run.sh fits) or evaluated here;
   2. the time to fit the instrument (its answer and token models, `fit_final`) and to evaluate every method
      (`evaluate`) on 1,000 answers: the facts run's answers drawn with replacement to 1,000 (questions repeat, which
      changes nothing for timing);
