@@ -1,12 +1,10 @@
-"""The study's contrasts on a graded run: which groups of answers (and of tokens inside answers) are compared, the
-controls of a contrast (question kind, answer length, a correct-answer baseline of the wrong moment), and
-`analyze_run`, which compares them for every statistic, per layer x head and per layer, into the `Analysis` that the
-report shows.
+"""The study's contrasts on a graded run: which groups of answers (and of tokens inside answers) are compared, and
+`analyze_run`, which compares them for every statistic, per layer x head and per layer, raw and under the controls of
+`contrast_controls.py`, into the `Analysis` that the report shows.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -14,6 +12,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from .contrast_controls import (answer_strata, length_bins, template_tokens, window_differences,
+                                wrong_moment_windows)
 from .stats import (WINDOW, Comparison, answer_aggregates, benjamini_hochberg, compare_answers,
                     compare_answers_stratified, compare_tokens, position_matched, resample_counts)
 from .store import READ_BYTES
@@ -80,117 +80,6 @@ def contrasts_of(benchmark: str) -> list[tuple[str, str, tuple[str, ...], tuple[
 
 
 CONTROLLED_STATS = ("entropy", "varentropy", "entropy_norm", *LOGIT_STATS)  # the statistics with controlled rows
-LENGTH_BIN_WIDTH = 0.05  # the length control: pairs of answers whose lengths differ by at most ~5 %
-CONTROLS = {"none": "raw: as computed",
-            "stratified": "pairs inside one question kind only (facts: the kind; SimpleQA: the topic; arith: the "
-                          "number of steps)",
-            "length_matched": "pairs of answers whose lengths differ by at most ~5 % only",
-            "correct_baseline": "difference in differences: the wrong moment against its window in incorrect "
-                                "answers, minus a pseudo-moment at the same token position against its window "
-                                "in correct answers (template tokens left out of every window)"}
-
-
-def answer_strata(kept: pd.DataFrame, benchmark: str) -> np.ndarray | None:
-    """The stratum of each answer for the stratified control, or None when the benchmark has no kinds."""
-    from .data import question_kind
-
-    if benchmark == "gsm8k":
-        return None
-    kinds = np.array([question_kind(benchmark, m) for m in kept.metadata])
-    return kinds if len(np.unique(kinds)) > 1 else None
-
-
-def length_bins(lengths: np.ndarray, width: float = LENGTH_BIN_WIDTH) -> np.ndarray:
-    """The length stratum of each answer: bins of `width` in ln(length), so answers paired inside one differ in
-    length by at most ~5 % (exactly equal up to 20 tokens): a coarser binning leaves a length difference inside
-    each bin that the statistics' growth with position still shows."""
-    return np.floor(np.log(np.maximum(np.asarray(lengths, float), 1.0)) / width).astype(int)
-
-
-_TEMPLATE = re.compile(r"The final answer is")
-
-
-def template_tokens(tok: pd.DataFrame) -> np.ndarray:
-    """Tokens of the protocol's template: the closing "The final answer is N" sentence and chat markup
-    (<|...|> tokens), whatever the answer. Windows around a wrong moment leave them out: any answer, right or
-    wrong, has them at its end."""
-    out = np.array(tok.token.astype(str).str.fullmatch(r"\s*<\|[^|]+\|>\s*"), dtype=bool)
-    for _, rows in tok.groupby("question_id", sort=False).indices.items():
-        text, starts = "", []
-        for t in tok.token.iloc[rows].astype(str):
-            starts.append(len(text))
-            text += t
-        m = None
-        for m in _TEMPLATE.finditer(text):
-            pass
-        if m is not None:
-            out[rows[np.searchsorted(starts, m.start(), side="right") - 1:]] = True
-    return out
-
-
-def wrong_moment_windows(tok: pd.DataFrame, incorrect: set, correct: set, kind: str, window: int = WINDOW,
-                         template: np.ndarray | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
-    """Per answer, the two token sets whose difference of means (moment - its window) is behind the
-    `correct_baseline` control (`window_differences`): in
-    incorrect answers the critic's wrong moment; in correct answers a pseudo-moment of the same length at the
-    same token position (the correct answers, in question order, take the located incorrect ones' positions in
-    turn; moved earlier where the answer is shorter): the statistics grow with the number of visible keys, so the
-    same position, not the same share of the answer, is what cancels that growth. `kind`: wrong_moment (window:
-    tokens within `window` positions), wrong_moment_numbers (the moment's digit tokens against the answer's other
-    digit tokens; the pseudo-moment is the number nearest the position), after_vs_before (the `window` tokens after
-    minus the `window` before). Template tokens are in no window.
-    `template`: `template_tokens(tok)` when already computed. Returns ([(moment rows, window rows)] as rows of
-    `tok`, is_incorrect) per answer with both sets non-empty."""
-    template = template_tokens(tok) if template is None else template
-    digits = tok.token.astype(str).str.contains(r"\d").to_numpy(bool)
-    in_error = tok.in_error.to_numpy(bool)
-    groups = tok.groupby("question_id", sort=False).indices
-    located = sorted(q for q in incorrect if q in groups and in_error[groups[q]].any())
-    shapes = [(int(np.flatnonzero(in_error[groups[q]])[0]), int(in_error[groups[q]].sum())) for q in located]
-    windows, is_incorrect = [], []
-    for i, q in enumerate(located + sorted(q for q in correct if q in groups)):
-        rows = groups[q]
-        n, keep = len(rows), ~template[rows]
-        if i < len(located):
-            span = np.flatnonzero(in_error[rows])
-        else:
-            if not shapes:
-                break
-            start, length = shapes[(i - len(located)) % len(shapes)]
-            free = int(keep.sum())
-            start = int(min(start, max(free - length, 0)))
-            span = np.arange(start, min(start + length, n))
-            if kind == "wrong_moment_numbers":  # the number nearest that position
-                candidates = np.flatnonzero(digits[rows] & keep)
-                if not len(candidates):
-                    continue
-                centre = candidates[np.argmin(np.abs(candidates - start))]
-                span = np.array([centre])
-        if kind == "wrong_moment_numbers":
-            moment = span[digits[rows][span]]
-            other = np.setdiff1d(np.flatnonzero(digits[rows] & keep), span)
-            first, second = moment, other
-        elif kind == "after_vs_before":
-            positions = np.arange(n)
-            first = positions[(positions >= span[-1] + 1) & (positions <= span[-1] + window) & keep]
-            second = positions[(positions < span[0]) & (positions >= span[0] - window) & keep]
-        else:
-            positions = np.arange(n)
-            near = (positions >= span[0] - window) & (positions <= span[-1] + window) & keep
-            first, second = span, np.setdiff1d(positions[near], span)
-        if len(first) and len(second):
-            windows.append((rows[first], rows[second]))
-            is_incorrect.append(i < len(located))
-    return windows, np.array(is_incorrect, bool)
-
-
-def window_differences(values: np.ndarray, windows: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """[n_windows, *cells]: per (moment rows, window rows) of `wrong_moment_windows`, the mean of `values` over the
-    moment minus its mean over the window."""
-    out = np.zeros((len(windows), *values.shape[1:]))
-    for i, (first, second) in enumerate(windows):
-        out[i] = values[first].mean(axis=0) - values[second].mean(axis=0)
-    return out
 
 
 def token_values(run, stat: str, layers: list[int] | None = None) -> np.ndarray:

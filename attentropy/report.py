@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, plots
-from .contrasts import (AGGREGATIONS, CONTROLS, FIRST_K, LOGIT_STATS, MIN_QUESTIONS_TO_CONCLUDE, Analysis,
-                        analyze_run)
+from .contrasts import AGGREGATIONS, FIRST_K, LOGIT_STATS, MIN_QUESTIONS_TO_CONCLUDE, Analysis, analyze_run
+from .contrast_controls import CONTROLS
 from .data import FACTUAL, FREE
 from .grade import GSM8K_LABELS, SIMPLEQA_LABELS
 from .stats import WINDOW
