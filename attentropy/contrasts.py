@@ -1,12 +1,10 @@
-"""The study's contrasts on a graded run: which groups of answers (and of tokens inside answers) are compared, the
-controls of a contrast (question kind, answer length, a correct-answer baseline of the wrong moment), and
-`analyze_run`, which compares them for every statistic, per layer x head and per layer, into the `Analysis` that the
-report shows.
+"""The study's contrasts on a graded run: which groups of answers (and of tokens inside answers) are compared, and
+`analyze_run`, which compares them for every statistic, per layer x head and per layer, raw and under the controls of
+`contrast_controls.py`, into the `Analysis` that the report shows.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -14,6 +12,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from .contrast_controls import (PositionFit, answer_strata, has_digit, length_bins, position_effects, position_fit,
+                                position_reference, template_tokens, window_differences, wrong_moment_windows)
 from .stats import (WINDOW, Comparison, answer_aggregates, benjamini_hochberg, compare_answers,
                     compare_answers_stratified, compare_tokens, position_matched, resample_counts)
 from .store import READ_BYTES
@@ -80,117 +80,6 @@ def contrasts_of(benchmark: str) -> list[tuple[str, str, tuple[str, ...], tuple[
 
 
 CONTROLLED_STATS = ("entropy", "varentropy", "entropy_norm", *LOGIT_STATS)  # the statistics with controlled rows
-LENGTH_BIN_WIDTH = 0.05  # the length control: pairs of answers whose lengths differ by at most ~5 %
-CONTROLS = {"none": "raw: as computed",
-            "stratified": "pairs inside one question kind only (facts: the kind; SimpleQA: the topic; arith: the "
-                          "number of steps)",
-            "length_matched": "pairs of answers whose lengths differ by at most ~5 % only",
-            "correct_baseline": "difference in differences: the wrong moment against its window in incorrect "
-                                "answers, minus a pseudo-moment at the same token position against its window "
-                                "in correct answers (template tokens left out of every window)"}
-
-
-def answer_strata(kept: pd.DataFrame, benchmark: str) -> np.ndarray | None:
-    """The stratum of each answer for the stratified control, or None when the benchmark has no kinds."""
-    from .data import question_kind
-
-    if benchmark == "gsm8k":
-        return None
-    kinds = np.array([question_kind(benchmark, m) for m in kept.metadata])
-    return kinds if len(np.unique(kinds)) > 1 else None
-
-
-def length_bins(lengths: np.ndarray, width: float = LENGTH_BIN_WIDTH) -> np.ndarray:
-    """The length stratum of each answer: bins of `width` in ln(length), so answers paired inside one differ in
-    length by at most ~5 % (exactly equal up to 20 tokens): a coarser binning leaves a length difference inside
-    each bin that the statistics' growth with position still shows."""
-    return np.floor(np.log(np.maximum(np.asarray(lengths, float), 1.0)) / width).astype(int)
-
-
-_TEMPLATE = re.compile(r"The final answer is")
-
-
-def template_tokens(tok: pd.DataFrame) -> np.ndarray:
-    """Tokens of the protocol's template: the closing "The final answer is N" sentence and chat markup
-    (<|...|> tokens), whatever the answer. Windows around a wrong moment leave them out: any answer, right or
-    wrong, has them at its end."""
-    out = np.array(tok.token.astype(str).str.fullmatch(r"\s*<\|[^|]+\|>\s*"), dtype=bool)
-    for _, rows in tok.groupby("question_id", sort=False).indices.items():
-        text, starts = "", []
-        for t in tok.token.iloc[rows].astype(str):
-            starts.append(len(text))
-            text += t
-        m = None
-        for m in _TEMPLATE.finditer(text):
-            pass
-        if m is not None:
-            out[rows[np.searchsorted(starts, m.start(), side="right") - 1:]] = True
-    return out
-
-
-def wrong_moment_windows(tok: pd.DataFrame, incorrect: set, correct: set, kind: str, window: int = WINDOW,
-                         template: np.ndarray | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
-    """Per answer, the two token sets whose difference of means (moment - its window) is behind the
-    `correct_baseline` control (`window_differences`): in
-    incorrect answers the critic's wrong moment; in correct answers a pseudo-moment of the same length at the
-    same token position (the correct answers, in question order, take the located incorrect ones' positions in
-    turn; moved earlier where the answer is shorter): the statistics grow with the number of visible keys, so the
-    same position, not the same share of the answer, is what cancels that growth. `kind`: wrong_moment (window:
-    tokens within `window` positions), wrong_moment_numbers (the moment's digit tokens against the answer's other
-    digit tokens; the pseudo-moment is the number nearest the position), after_vs_before (the `window` tokens after
-    minus the `window` before). Template tokens are in no window.
-    `template`: `template_tokens(tok)` when already computed. Returns ([(moment rows, window rows)] as rows of
-    `tok`, is_incorrect) per answer with both sets non-empty."""
-    template = template_tokens(tok) if template is None else template
-    digits = tok.token.astype(str).str.contains(r"\d").to_numpy(bool)
-    in_error = tok.in_error.to_numpy(bool)
-    groups = tok.groupby("question_id", sort=False).indices
-    located = sorted(q for q in incorrect if q in groups and in_error[groups[q]].any())
-    shapes = [(int(np.flatnonzero(in_error[groups[q]])[0]), int(in_error[groups[q]].sum())) for q in located]
-    windows, is_incorrect = [], []
-    for i, q in enumerate(located + sorted(q for q in correct if q in groups)):
-        rows = groups[q]
-        n, keep = len(rows), ~template[rows]
-        if i < len(located):
-            span = np.flatnonzero(in_error[rows])
-        else:
-            if not shapes:
-                break
-            start, length = shapes[(i - len(located)) % len(shapes)]
-            free = int(keep.sum())
-            start = int(min(start, max(free - length, 0)))
-            span = np.arange(start, min(start + length, n))
-            if kind == "wrong_moment_numbers":  # the number nearest that position
-                candidates = np.flatnonzero(digits[rows] & keep)
-                if not len(candidates):
-                    continue
-                centre = candidates[np.argmin(np.abs(candidates - start))]
-                span = np.array([centre])
-        if kind == "wrong_moment_numbers":
-            moment = span[digits[rows][span]]
-            other = np.setdiff1d(np.flatnonzero(digits[rows] & keep), span)
-            first, second = moment, other
-        elif kind == "after_vs_before":
-            positions = np.arange(n)
-            first = positions[(positions >= span[-1] + 1) & (positions <= span[-1] + window) & keep]
-            second = positions[(positions < span[0]) & (positions >= span[0] - window) & keep]
-        else:
-            positions = np.arange(n)
-            near = (positions >= span[0] - window) & (positions <= span[-1] + window) & keep
-            first, second = span, np.setdiff1d(positions[near], span)
-        if len(first) and len(second):
-            windows.append((rows[first], rows[second]))
-            is_incorrect.append(i < len(located))
-    return windows, np.array(is_incorrect, bool)
-
-
-def window_differences(values: np.ndarray, windows: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """[n_windows, *cells]: per (moment rows, window rows) of `wrong_moment_windows`, the mean of `values` over the
-    moment minus its mean over the window."""
-    out = np.zeros((len(windows), *values.shape[1:]))
-    for i, (first, second) in enumerate(windows):
-        out[i] = values[first].mean(axis=0) - values[second].mean(axis=0)
-    return out
 
 
 def token_values(run, stat: str, layers: list[int] | None = None) -> np.ndarray:
@@ -278,6 +167,18 @@ class LevelValues:
     aggregates: dict[str, np.ndarray]  # aggregation -> [analysed answers, *cells]
     differences: dict[str, np.ndarray]  # token contrast -> [its correct-baseline windows, *cells]
     token_comparisons: dict[str, Comparison]  # token contrast -> its comparison
+    adjusted_comparisons: dict[str, Comparison]  # token contrast -> its comparison under `position_adjusted`
+
+
+class TokenControls(NamedTuple):
+    """What the token contrasts' controls need of a run's tokens, computed once per run: the windows of
+    `correct_baseline_windows` and the fit of `position_adjusted` (None where no token contrast is controlled)."""
+
+    windows: dict[str, tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]]
+    position: PositionFit | None
+
+
+NO_TOKEN_CONTROLS = TokenControls({}, None)
 
 
 def analysed_answers(run) -> AnalysedAnswers:
@@ -322,7 +223,7 @@ def token_contrasts(kept: pd.DataFrame, tok: pd.DataFrame, window: int) -> list[
     before = (pos < start) & (pos >= start - window)
     after = (pos >= end) & (pos < end + window)
     # the wrong moment is mostly a number; its neighbours mostly words: compare numbers with numbers too
-    numeric = tok.token.str.contains(r"\d").to_numpy(bool)
+    numeric = has_digit(tok)
     out = []
     for key, title, positive, negative, pos_name, neg_name in (
             ("wrong_moment", f"wrong-moment tokens vs tokens within {window} positions of it", in_error,
@@ -373,24 +274,52 @@ def answer_controls(answers: AnalysedAnswers, benchmark: str) -> tuple[tuple[str
             ("length_matched", length_bins(answers.lengths.to_numpy(float))))
 
 
-def correct_baseline_windows(answers: AnalysedAnswers, live: list[TokenContrast], window: int
+def correct_baseline_windows(answers: AnalysedAnswers, live: list[TokenContrast], window: int, template: np.ndarray
                              ) -> dict[str, tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]]:
-    """Token contrast -> (`wrong_moment_windows`, is_incorrect) of its correct-baseline control."""
+    """Token contrast -> (`wrong_moment_windows`, is_incorrect) of its correct-baseline control; `template`: the
+    `template_tokens` of the analysed tokens."""
     kept, tok = answers.kept, answers.tokens
-    template = template_tokens(tok) if live else None
     incorrect_ids = set(kept.question_id[kept.label == "incorrect"])
     correct_ids = set(kept.question_id[kept.label == "correct"])
     return {t.contrast.key: wrong_moment_windows(tok, incorrect_ids, correct_ids, t.contrast.key, window, template)
             for t in live}
 
 
-def reduce_layer_group(values: np.ndarray, answers: AnalysedAnswers, first_k: int, windows: dict,
+def token_controls(answers: AnalysedAnswers, live: list[TokenContrast], window: int) -> TokenControls:
+    """The `TokenControls` of the live token contrasts (none where there are none)."""
+    if not live:
+        return NO_TOKEN_CONTROLS
+    template = template_tokens(answers.tokens)
+    reference = position_reference(answers.tokens, template)
+    return TokenControls(correct_baseline_windows(answers, live, window, template),
+                         position_fit(answers.tokens, reference, template))
+
+
+def position_adjusted_comparisons(values: np.ndarray, live: list[TokenContrast], fit: PositionFit, n_boot: int,
+                                  seed: int) -> dict[str, Comparison]:
+    """Token contrast -> its comparison under `position_adjusted`: the raw contrast's tokens whose (type, position)
+    bin the fit has, each less its bin's effect; contrasts left with fewer than 2 questions having tokens of both
+    groups are left out. The fit is made once on all the questions, not again in each bootstrap resample."""
+    effects = position_effects(values, fit)
+    out = {}
+    for t in live:
+        fitted = fit.bins[t.rows] >= 0
+        rows = t.rows[fitted]
+        try:
+            out[t.contrast.key] = compare_tokens(values[rows] - effects[fit.bins[rows]], t.positive[fitted],
+                                                 t.question_ids[fitted], n_boot=n_boot, seed=seed)
+        except ValueError:  # too few questions keep tokens of both groups
+            pass
+    return out
+
+
+def reduce_layer_group(values: np.ndarray, answers: AnalysedAnswers, first_k: int, controls: TokenControls,
                        live: list[TokenContrast], n_boot: int, seed: int
                        ) -> tuple[dict[str, LevelValues], np.ndarray | None]:
     """Everything the contrasts need of one group of layers' per-token `values` ([n_tokens, layers, H], or a logit
-    statistic's [n_tokens]), per level: the answers' aggregates, the wrong-moment differences of `windows` (those of
-    `correct_baseline_windows`, or none) and the token contrasts' comparisons. Also the mean over heads [n_tokens,
-    layers] (None for a logit statistic)."""
+    statistic's [n_tokens]), per level: the answers' aggregates, the wrong-moment differences of the correct-baseline
+    windows of `controls`, the token contrasts' comparisons, raw and position-adjusted (where `controls` has a
+    fit). Also the mean over heads [n_tokens, layers] (None for a logit statistic)."""
     layer_mean = values.mean(axis=2) if values.ndim == 3 else None
     variants = {"head": values, "layer": layer_mean} if values.ndim == 3 else {"token": values}
     out = {}
@@ -399,10 +328,12 @@ def reduce_layer_group(values: np.ndarray, answers: AnalysedAnswers, first_k: in
         for how in AGGREGATIONS:
             questions, agg = answer_aggregates(v, answers.token_questions, how, first_k)
             aggregates[how] = agg[pd.Index(questions).get_indexer(answers.kept.question_id)]
-        differences = {key: window_differences(v, wins) for key, (wins, _) in windows.items()}
+        differences = {key: window_differences(v, wins) for key, (wins, _) in controls.windows.items()}
         token_comparisons = {t.contrast.key: compare_tokens(v[t.rows], t.positive, t.question_ids, n_boot=n_boot,
                                                             seed=seed) for t in live}
-        out[level] = LevelValues(aggregates, differences, token_comparisons)
+        adjusted = ({} if controls.position is None else
+                    position_adjusted_comparisons(v, live, controls.position, n_boot, seed))
+        out[level] = LevelValues(aggregates, differences, token_comparisons, adjusted)
     return out, layer_mean
 
 
@@ -414,10 +345,11 @@ def join_layer_groups(parts: list[dict[str, LevelValues]]) -> dict[str, LevelVal
 
     return {level: LevelValues(join(level, "aggregates", _join_along_layers),
                                join(level, "differences", _join_along_layers),
-                               join(level, "token_comparisons", concat_comparisons)) for level in parts[0]}
+                               join(level, "token_comparisons", concat_comparisons),
+                               join(level, "adjusted_comparisons", concat_comparisons)) for level in parts[0]}
 
 
-def reduce_stat(run, stat: str, answers: AnalysedAnswers, groups: list, first_k: int, windows: dict,
+def reduce_stat(run, stat: str, answers: AnalysedAnswers, groups: list, first_k: int, controls: TokenControls,
                 live: list[TokenContrast], n_boot: int, seed: int) -> tuple[dict[str, LevelValues], np.ndarray | None]:
     """`reduce_layer_group` of a statistic over all of the run's layers, read one group of `groups` at a time
     (`Run.layer_groups`; a logit statistic at once), joined; and its per-token mean over heads of every layer
@@ -425,7 +357,7 @@ def reduce_stat(run, stat: str, answers: AnalysedAnswers, groups: list, first_k:
     parts, per_layer = [], []
     for group in ([None] if stat in LOGIT_STATS else groups):
         levels, layer_mean = reduce_layer_group(token_values(run, stat, group)[answers.token_rows], answers, first_k,
-                                                windows, live, n_boot, seed)
+                                                controls, live, n_boot, seed)
         parts.append(levels)
         if layer_mean is not None:
             per_layer.append(layer_mean)
@@ -467,10 +399,11 @@ def compare_answer_contrasts(stat: str, levels: dict[str, LevelValues], live: li
     return tables
 
 
-def compare_token_contrasts(stat: str, levels: dict[str, LevelValues], live: list[TokenContrast], windows: dict,
-                      layers: list[int], n_boot: int, seed: int) -> list[pd.DataFrame]:
+def compare_token_contrasts(stat: str, levels: dict[str, LevelValues], live: list[TokenContrast],
+                            controls: TokenControls, layers: list[int], n_boot: int, seed: int) -> list[pd.DataFrame]:
     """The token-level contrasts of a statistic per level: raw, and for a statistic in CONTROLLED_STATS against
-    the correct answers' pseudo-moments (`correct_baseline`) where each side has at least 2 answers."""
+    the correct answers' pseudo-moments (`correct_baseline`) where each side has at least 2 answers, and with
+    position and token type adjusted (`position_adjusted`) where the contrast keeps 2 questions."""
     tables = []
     for t in live:
         key = t.contrast.key
@@ -479,11 +412,14 @@ def compare_token_contrasts(stat: str, levels: dict[str, LevelValues], live: lis
                                level=level, control="none"))
             if stat not in CONTROLLED_STATS:
                 continue
-            is_incorrect = windows[key][1]
+            is_incorrect = controls.windows[key][1]
             if is_incorrect.sum() >= 2 and (~is_incorrect).sum() >= 2:
                 c = compare_answers(lv.differences[key], is_incorrect, n_boot=n_boot, seed=seed)
                 tables.append(_cells_table(c, layers, contrast=key, stat=stat, aggregation="tokens", level=level,
                                    control="correct_baseline"))
+            if key in lv.adjusted_comparisons:
+                tables.append(_cells_table(lv.adjusted_comparisons[key], layers, contrast=key, stat=stat,
+                                           aggregation="tokens", level=level, control="position_adjusted"))
     return tables
 
 
@@ -522,8 +458,9 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
     results are those of reading everything at once.
     An ungraded run (free prompts, or a benchmark run not graded yet) gets everything that needs no labels: its
     answers form one group, `ungraded`, with profiles and per-token values, and no contrasts (`graded` False).
-    Steps: `analysed_answers`, `build_contrasts`, then per statistic `reduce_stat` (`reduce_layer_group` per group
-    of layers), `compare_answer_contrasts`, `compare_token_contrasts` and `profiles`; last `compare_answer_lengths`."""
+    Steps: `analysed_answers`, `build_contrasts`, `token_controls`, then per statistic `reduce_stat`
+    (`reduce_layer_group` per group of layers), `compare_answer_contrasts`, `compare_token_contrasts` and
+    `profiles`; last `compare_answer_lengths`."""
     from .schema import ATTN_STATS
 
     stats = tuple(stats or (*ATTN_STATS, "entropy_norm", *LOGIT_STATS))
@@ -534,8 +471,8 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
     live_answer = [a for a in by_answer if a.contrast.status != "not_computed"]
     live_token = [t for t in by_token if t.contrast.status != "not_computed"]
     controls = answer_controls(answers, benchmark)
-    windows = (correct_baseline_windows(answers, live_token, window)
-               if any(stat in CONTROLLED_STATS for stat in stats) else {})
+    token_control = (token_controls(answers, live_token, window)
+                     if any(stat in CONTROLLED_STATS for stat in stats) else NO_TOKEN_CONTROLS)
     groups = [None] if all(stat in LOGIT_STATS for stat in stats) else run.layer_groups(read_bytes)
 
     tables, profile_tables = [], []
@@ -543,12 +480,13 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
     answer_means: dict[str, np.ndarray] = {}
     for s, stat in enumerate(stats):
         levels, layer_mean = reduce_stat(run, stat, answers, groups, first_k,
-                                         windows if stat in CONTROLLED_STATS else {}, live_token, n_boot, seed + s)
+                                         token_control if stat in CONTROLLED_STATS else NO_TOKEN_CONTROLS, live_token,
+                                         n_boot, seed + s)
         if layer_mean is not None:
             layer_means[stat] = layer_mean
         answer_means[stat] = levels["token" if "token" in levels else "layer"].aggregates["mean"]
         tables += compare_answer_contrasts(stat, levels, live_answer, controls, layers, n_boot, seed + s)
-        tables += compare_token_contrasts(stat, levels, live_token, windows, layers, n_boot, seed + s)
+        tables += compare_token_contrasts(stat, levels, live_token, token_control, layers, n_boot, seed + s)
         if stat in PROFILE_STATS:
             profile_tables += profiles(stat, answer_means[stat], answers.kept, layers, n_boot, seed)
     tables += compare_answer_lengths(live_answer, answers.lengths, layers, n_boot, seed)

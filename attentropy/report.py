@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, plots
-from .contrasts import (AGGREGATIONS, CONTROLS, FIRST_K, LOGIT_STATS, MIN_QUESTIONS_TO_CONCLUDE, Analysis,
-                        analyze_run)
+from .contrasts import AGGREGATIONS, FIRST_K, LOGIT_STATS, MIN_QUESTIONS_TO_CONCLUDE, Analysis, analyze_run
+from .contrast_controls import CONTROLS
 from .data import FACTUAL, FREE
 from .grade import GSM8K_LABELS, SIMPLEQA_LABELS
 from .stats import WINDOW
@@ -160,17 +160,18 @@ def findings(a: Analysis, contrast) -> list[str]:
     if c.key == "wrong_moment":
         lines.append("Caveat: the wrong-moment span is usually a number or an equation, its neighbours are often "
                      "words; a difference here can be one of token type as much as of being wrong (see the "
-                     "digits-only contrast).")
+                     "digits-only contrast, and the position-adjusted row, which holds type and position).")
     if c.key == "wrong_moment_numbers":
-        lines.append("Token type held fixed (tokens containing a digit on both sides), position not: the other "
-                     "numbers of an answer lie anywhere in it, so read entropy / ln K here.")
+        lines.append("Token type held fixed (tokens containing a digit on both sides), position not in the raw "
+                     "row: the other numbers of an answer lie anywhere in it; the position-adjusted row holds both.")
     return lines
 
 
 CONTROL_NAMES = {"stratified": "pairs inside a question kind", "length_matched": "pairs inside an answer-length bin",
-                 "correct_baseline": "against pseudo-moments in correct answers, difference in differences"}
+                 "correct_baseline": "against pseudo-moments in correct answers, difference in differences",
+                 "position_adjusted": "each token less what its position and type predict"}
 CONTROL_COLUMNS = {"stratified": "inside kinds", "length_matched": "length-matched",
-                   "correct_baseline": "vs correct answers"}
+                   "correct_baseline": "vs correct answers", "position_adjusted": "position-adjusted"}
 FINDING_STATS = ("entropy", "entropy_norm", "varentropy")
 
 

@@ -26,7 +26,7 @@ class CharTokenizer:
 def write_synthetic_run(path, *, benchmark="arith", labels=None, n_questions=60, n_layers=4, n_heads=3,
                         n_tokens=(12, 30), planted=None, shift=0.8, wrong_moment_shift=0.0, seed=0,
                         prompt_len=40, kinds=None, model="synthetic", hidden=None, hidden_shift=0.0, kind_shift=None,
-                        n_tokens_by_label=None, late_moment=False) -> Path:
+                        n_tokens_by_label=None, late_moment=False, entropy_of_position=None) -> Path:
     """A graded run. `labels`: one per question (default: alternating correct / incorrect). `planted`: (layer
     index, head) whose attention entropy is raised by `shift` in every token of incorrect answers. Math runs get a
     3-token wrong-moment span in each incorrect answer, its entropy at every cell raised by `wrong_moment_shift`.
@@ -35,7 +35,8 @@ def write_synthetic_run(path, *, benchmark="arith", labels=None, n_questions=60,
     indices, width): random hidden states per answer, those of incorrect answers moved by `hidden_shift` along one
     direction at the second kept index. Confounds: `kind_shift` {kind: entropy offset of every cell},
     `n_tokens_by_label` {label: (min, max) tokens}, `late_moment`: the wrong moment in the last third of the answer
-    (entropy grows with position, as ln K)."""
+    (entropy grows with position, as ln K). `entropy_of_position`: a function of the token positions of an
+    answer (0, 1, ...) that replaces 0.5 ln K in every cell's entropy (noise added as always)."""
     rng = np.random.default_rng(seed)
     path = Path(path)
     labels = list(labels) if labels is not None else ["incorrect" if i % 2 else "correct"
@@ -45,7 +46,8 @@ def write_synthetic_run(path, *, benchmark="arith", labels=None, n_questions=60,
         n = int(rng.integers(*(n_tokens_by_label or {}).get(label, n_tokens)))
         attn = rng.uniform(0.05, 0.3, size=(n, n_layers, n_heads, len(ATTN_STATS))).astype(np.float32)
         n_keys = prompt_len + np.arange(n)
-        attn[..., ENTROPY] = (0.5 * np.log(n_keys)[:, None, None] + rng.normal(0, 0.3) +
+        trend = 0.5 * np.log(n_keys) if entropy_of_position is None else entropy_of_position(np.arange(n))
+        attn[..., ENTROPY] = (np.asarray(trend, float)[:, None, None] + rng.normal(0, 0.3) +
                               rng.normal(0, 0.3, size=(n, n_layers, n_heads)))
         if planted is not None and label == "incorrect":
             attn[:, planted[0], planted[1], ENTROPY] += shift

@@ -6,9 +6,13 @@ A confound-only run has no effect to find, so its controlled test is significant
 could therefore fail by chance; each confound is planted in four runs (seeds 0-3) and the control must leave no
 significant cell in at least three (by chance two or more of four at 5 % each: 1.4 %)."""
 
+from collections import Counter
+
 import numpy as np
+import pandas as pd
 
 from attentropy import load_run
+from attentropy.contrast_controls import position_effects, position_fit
 from attentropy.contrasts import analyze_run
 from synthetic import write_synthetic_run
 
@@ -70,4 +74,58 @@ def test_a_planted_effect_survives_every_control(tmp_path):
     arith = load_run(write_synthetic_run(tmp_path / "arith", n_questions=120, wrong_moment_shift=1.5))
     a = analyze_run(arith, n_boot=100, stats=("entropy",))
     for contrast in ("wrong_moment", "wrong_moment_numbers"):
-        assert significant(a, contrast, "correct_baseline", aggregation="tokens", level="layer") == 4, contrast
+        for control in ("correct_baseline", "position_adjusted"):
+            assert significant(a, contrast, control, aggregation="tokens", level="layer") == 4, (contrast, control)
+
+
+def best_controlled_shares(a, stat):
+    """Contrast -> the smallest share of layer x head cells significant at FDR 5 % among its controlled versions,
+    at the aggregation the report's findings use (the answer mean; the tokens)."""
+    rows = a.comparisons.query("stat == @stat and level == 'head' and aggregation in ('mean', 'tokens') and "
+                               "control != 'none'")
+    return rows.groupby(["contrast", "control"]).significant.mean().groupby("contrast").min()
+
+
+def test_a_position_only_effect_vanishes_under_the_best_control_of_every_contrast(tmp_path):
+    # entropy in every cell: a function of the token's position alone, plus noise; incorrect answers are longer and
+    # their wrong moments anywhere in them. The digit contrast's correct baseline keeps most cells significant here
+    failed = Counter()
+    for seed in SEEDS:
+        run = write_synthetic_run(tmp_path / f"run{seed}", n_questions=120, n_heads=6, seed=seed,
+                                  entropy_of_position=np.log1p,
+                                  n_tokens_by_label={"correct": (15, 40), "incorrect": (30, 70)})
+        a = analyze_run(load_run(run), n_boot=100, stats=("entropy", "entropy_norm"))
+        contrasts = {c.key for c in a.contrasts}
+        assert len(contrasts) == 4 and all(c.status == "ok" for c in a.contrasts)
+        for stat in ("entropy", "entropy_norm"):
+            shares = best_controlled_shares(a, stat)
+            assert set(shares.index) == contrasts, stat  # every contrast has a controlled version
+            failed.update((stat, key) for key, share in shares.items() if share > 0.05)
+    assert all(n <= 1 for n in failed.values()), failed
+
+
+def test_the_position_fit_recovers_any_function_of_position_and_type_beside_answer_offsets():
+    """Values = the answer's offset + any function of (position, has a digit), no noise: less the fitted bin
+    effects, every token of an answer is left with one value (its offset, up to a constant), the tokens outside the
+    reference included; a bin that no reference token has is not fitted, nor is a template token."""
+    rng = np.random.default_rng(0)
+    lengths = [5, 9, 14, 7]
+    tok = pd.DataFrame({"question_id": np.repeat(np.arange(4), lengths),
+                        "pos": np.concatenate([np.arange(n) for n in lengths])})
+    digit = ((tok.pos + (tok.question_id == 3)) % 2 == 0).to_numpy()  # answer 3: the other type at each position
+    tok["token"] = np.where(digit, " 7", " word")
+    effect = rng.normal(0, 1, (2, 14))  # an arbitrary effect per (type, position)
+    offset = rng.normal(0, 3, 4)
+    values = (offset[tok.question_id] + effect[digit.astype(int), tok.pos])[:, None] * np.array([1.0, -2.0])
+    reference = ~((tok.question_id == 2) & (tok.pos >= 6)).to_numpy()  # as if answer 2 went wrong at 6
+    template = np.zeros(len(tok), bool)
+    template[0] = True
+    fit = position_fit(tok, reference, template)
+    fitted = fit.bins >= 0
+    known = set(zip(tok.pos[reference], digit[reference]))
+    assert fitted.tolist() == [(p, d) in known and not t for p, d, t in zip(tok.pos, digit, template)]
+    assert (fitted & ~reference).sum() == 3 and (~fitted & ~reference).sum() == 5  # fitted on other answers, or not
+    residual = values[fitted] - position_effects(values, fit)[fit.bins[fitted]]
+    for q in range(4):
+        mine = residual[tok.question_id.to_numpy()[fitted] == q]
+        assert np.allclose(mine, mine[0]), q

@@ -127,9 +127,10 @@ def test_report_files_and_text(report):
                  "hallucinated (incorrect) vs not", "raw AUROC"):
         assert text in findings, text
     comparisons = pd.read_csv(report / "figures" / "arith" / "comparisons.csv")
-    assert set(comparisons.control) == {"none", "length_matched", "correct_baseline"}
-    assert set(comparisons.query("control == 'correct_baseline'").contrast) == {
-        "wrong_moment", "wrong_moment_numbers", "after_vs_before"}
+    assert set(comparisons.control) == {"none", "length_matched", "correct_baseline", "position_adjusted"}
+    for control in ("correct_baseline", "position_adjusted"):
+        assert set(comparisons.query("control == @control").contrast) == {
+            "wrong_moment", "wrong_moment_numbers", "after_vs_before"}, control
     # the instrument's section: its metrics against every baseline, for both tasks, with figures
     section = html[html.index("<h2 id=instrument>"):html.index("<h2>Profiles")]
     for text in ("factual answers: 38", "math answers: 40", "Shuffled-label control", "Δ AUROC of the instrument",
