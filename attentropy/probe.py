@@ -82,7 +82,8 @@ def _logistic(C: float, penalty: str, balanced: bool):
 def _row_space(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """(R, V^T) with Z = R V^T when Z has far fewer rows than columns, else (Z, None). An L2-penalised logistic
     regression's weights lie in the row space of its training rows, so fitting on R (n x n) and mapping the weights
-    back with V is exactly the same model, fitted on n columns instead of p. From the eigendecomposition of the Gram matrix Z Z^T = U S^2 U^T: R = U S, V^T = S^-1 U^T Z."""
+    back with V is exactly the same model, fitted on n columns instead of p. From the eigendecomposition of the
+    Gram matrix Z Z^T = U S^2 U^T: R = U S, V^T = S^-1 U^T Z."""
     if Z.shape[1] < 2 * Z.shape[0]:
         return Z, None
     eigenvalues, u = np.linalg.eigh(Z @ Z.T)
