@@ -51,7 +51,8 @@ def trace_page(out: str | Path, stat: str = "entropy") -> Path:
     """Write OUT/trace.html for the traced prompt in OUT/run and return its path."""
     from . import plots
     from .contrasts import analyze_run
-    from .report import CSS, VIEWER_HTML, VIEWER_JS, _img, viewer_data
+    from .html_blocks import figure as figure_html
+    from .report import CSS, VIEWER_HTML, VIEWER_JS, viewer_data
     from .store import load_run
 
     out = Path(out)
@@ -103,7 +104,7 @@ def trace_page(out: str | Path, stat: str = "entropy") -> Path:
         f"<div id=keys class=meta>{esc(note) or 'click a token of the answer'}</div>"
         f"<canvas id=map></canvas>"
         f"<h2>Per layer along the answer</h2>"
-        f"{_img(figure, 'attention entropy and varentropy per layer, next-token entropy and varentropy')}"
+        f"{figure_html(figure, 'attention entropy and varentropy per layer, next-token entropy and varentropy')}"
         f"<script id=viewer-data type=application/json>{json.dumps([data]).replace('</', '<' + chr(92) + '/')}"
         f"</script><script id=map-data type=application/json>{maps_json}</script>"
         f"<script>{VIEWER_JS}</script><script>document.getElementById('stat').value = {json.dumps(stat_ok)};"

@@ -113,3 +113,24 @@ def test_every_module_opens_with_a_docstring_and_stays_small():
         source = path.read_text()
         assert ast.get_docstring(ast.parse(source)), f"{path.name} has no opening docstring naming its noun"
         assert source.count("\n") <= 600, f"{path.name} has {source.count(chr(10))} lines"
+
+
+def test_every_name_imported_from_the_package_exists():
+    """Imports inside functions run only when the function does: a name that moved must not be left behind in one."""
+    import importlib
+
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = module_name(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                target = importlib.import_module(".".join(base + ([node.module] if node.module else [])))
+                for alias in node.names:
+                    if not hasattr(target, alias.name):
+                        try:
+                            importlib.import_module(f"{target.__name__}.{alias.name}")
+                        except ImportError:
+                            missing.append(f"{path.name}: {target.__name__}.{alias.name}")
+    assert not missing, missing
