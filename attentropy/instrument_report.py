@@ -164,8 +164,8 @@ def instrument_section(probe: Path, fig_dir: Path) -> str:
                               + [cell(tr.loc[m]) if m in tr.index else "—" for m in shown_methods]
                               + [f"{esc(rival)}: {cell(gains.loc[rival])}" if rival in gains.index else "—"])
             parts.append("<p>Token confidence: AUROC of finding the critic's wrong-moment tokens by low confidence "
-                         "(intervals resample questions). The first row is the headline: token type held fixed, it "
-                         "says whether a score sees an error rather than a kind of token; the other rows mostly "
+                         "(intervals resample questions). The first row, type-matched, is the headline: token type "
+                         "held fixed, it says whether a score sees an error rather than a kind of token; the other rows mostly "
                          "measure token type (see the token-type control). Controls: the token's type alone, the "
                          "answer's confidence given to each of its tokens, the prefix confidence.</p>" + html_table(
                              ["comparison", "wrong-moment / other tokens", "instrument", "logit probe",

@@ -135,8 +135,12 @@ def test_report_files_and_text(report):
     section = html[html.index("<h2 id=instrument>"):html.index("<h2>Profiles")]
     for text in ("factual answers: 38", "math answers: 40", "Shuffled-label control", "Δ AUROC of the instrument",
                  "lookback_lens", "rauq", "llm_check", "head_entropy", "kind_logit", "Selective answering",
-                 "type-matched"):
+                 "type-matched", "the best of every baseline and control", "training-free", "token type (control)",
+                 "F-score gain over answering everything"):
         assert text in section, text
+    # the findings open with the verdict against the strongest baseline
+    first_finding = section[section.index("<ul><li>", section.index("<h3>")) + 8:]
+    assert first_finding.startswith(("<b>Attention adds nothing measurable", "<b>The instrument is above"))
     for name in ("roc", "reliability", "coverage", "prefix"):
         assert (report / "figures" / "instrument" / "factual" / f"{name}.png").exists()
     assert (report / "figures" / "instrument" / "math" / "tokens.csv").exists()
