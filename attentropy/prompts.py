@@ -25,6 +25,14 @@ def exemplar_answer(reference: str) -> str:
     return f"{body}\nThe final answer is {final.strip()}"
 
 
+def exemplar_group(question: Question) -> tuple[str, ...]:
+    """The few-shot exemplars (their questions) a question's prompt starts with (empty for factual and free prompts):
+    questions of one group share their prompt's long prefix, so continuous batching runs each group together."""
+    if protocol_kind(question.benchmark) != "math":
+        return ()
+    return tuple(ex.question for ex in fewshot_exemplars(question))
+
+
 def chat_messages(question: Question, shots: int = MATH_SHOTS) -> list[dict]:
     """The chat for one question: SimpleQA-style benchmarks get the bare question as the user turn; GSM8K-style
     ones get `shots` exemplars of the benchmark's train split as a multi-turn chat, then the question."""

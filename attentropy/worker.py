@@ -18,6 +18,7 @@ from .data import Question
 from .generate import PrefixStore, generate
 from .hidden_states import HiddenSpec, hidden_spec
 from .answers import answers_from_generations
+from .prompts import exemplar_group
 from .provenance import git_commit, package_versions
 from .sampling import Sampling
 from .schema import ATTN_STATS, TOKEN_STATS
@@ -133,10 +134,12 @@ def answers_in_batches(model, tokenizer, todo: list[Question], *, batching: str,
     if batching == "static":
         return
     rest = [q for q in todo if q.id not in save_attention]
-    by_limit: dict[int, list[Question]] = {}  # free prompts may bring their own bounds
+    # free prompts may bring their own bounds; math questions of several exemplar sets (arith's step ranges) would
+    # share no prompt prefix: one continuous run per bound and exemplar set
+    groups: dict[tuple, list[Question]] = {}
     for q in rest:
-        by_limit.setdefault(q.metadata.get("max_new_tokens", max_new_tokens), []).append(q)
-    for limit, questions in by_limit.items():
+        groups.setdefault((q.metadata.get("max_new_tokens", max_new_tokens), exemplar_group(q)), []).append(q)
+    for (limit, _), questions in groups.items():
         ended = []
         for g in generate_continuous(model, tokenizer, questions, batch_size=batch_size, shots=shots,
                                      max_new_tokens=limit, prefix_store=prefix_store, hidden=hidden,

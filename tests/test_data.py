@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from attentropy.data import (DataError, fewshot_exemplars, parse_difficulty, gsm8k_final_answer, load_questions, make_arith,
-                             make_facts, read_gsm8k, read_simpleqa)
+from attentropy.data import (DataError, fewshot_exemplars, gsm8k_final_answer, load_questions, make_arith,
+                             make_facts, parse_difficulty, read_gsm8k, read_simpleqa)
+from attentropy.prompts import exemplar_group
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -132,14 +133,13 @@ def test_arith_suite_is_deterministic_and_its_references_are_correct():
         make_arith(1, difficulty=5)
 
 
-def test_an_arith_range_cycles_through_its_steps_and_shares_its_exemplars():
+def test_an_arith_range_cycles_through_its_steps_with_exemplars_of_each():
     mixed = make_arith(12, seed=0, difficulty="1-3")
     assert [q.metadata["steps"] for q in mixed] == [1, 2, 3] * 4
     for q in mixed:
         assert len(re.findall(r"<<", q.reference)) == q.metadata["steps"]
-    exemplars = {tuple(e.question for e in fewshot_exemplars(q)) for q in mixed}
-    assert len(exemplars) == 1  # one prompt prefix for the whole run
-    assert sorted({e.metadata["steps"] for e in fewshot_exemplars(mixed[0])}) == [1, 2, 3]
+        assert {e.metadata["steps"] for e in fewshot_exemplars(q)} == {q.metadata["steps"]}
+    assert len({exemplar_group(q) for q in mixed}) == 3  # one shared prompt prefix per step count
     assert make_arith(5, difficulty=2) == make_arith(5, difficulty="2")  # a one-step range is the number
     for bad in ("0", "3-1", "1-5", "two"):
         with pytest.raises(DataError, match="1 to 4 steps"):

@@ -203,3 +203,16 @@ def test_save_attention_stores_full_maps_of_chosen_questions(tmp_path, tiny_mode
     np.testing.assert_allclose(recomputed, entropy[:, 2], atol=2e-2)
     with pytest.raises(KeyError, match="--save-attention"):
         run.attention_map("facts-00000")
+
+
+def test_an_arith_range_runs_each_step_count_with_its_own_exemplars(tmp_path, tiny_model_dir):
+    """--difficulty 1-2: each step count's questions share their exemplars' prompt prefix and run together; the run
+    holds every question once, with the same answers as static batches (which batch the questions in order)."""
+    settings = {**RUN, "benchmark": "arith", "difficulty": "1-2", "limit": 6}
+    run_benchmark(out=tmp_path / "continuous", model=tiny_model_dir, **settings)
+    run_benchmark(out=tmp_path / "static", model=tiny_model_dir, **{**settings, "batching": "static"})
+    continuous, static = load_run(tmp_path / "continuous"), load_run(tmp_path / "static")
+    assert sorted(continuous.samples.question_id) == [f"arith-{i:05d}" for i in range(6)]
+    assert sorted(s["steps"] for s in continuous.samples.metadata) == [1, 1, 1, 2, 2, 2]
+    by_id = continuous.samples.set_index("question_id").completion
+    assert static.samples.set_index("question_id").completion.loc[by_id.index].tolist() == by_id.tolist()
