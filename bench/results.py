@@ -1,7 +1,8 @@
 """The main job's instrument figures as an entry of bench/RESULTS.md, generated from the instrument's evaluation
 (PROBE/evaluation.csv and evaluation.json), never typed: every detector's out-of-fold AUROC with the instrument's
 paired difference, the headlines against the best of every baseline and of the training-free ones, leave one kind
-out, selective answering, and the token-level headline with its controls.
+out, selective answering, the token-level headline with its controls; and, from the report's comparisons.csv, the
+study's contrasts raw and under their controls.
 
     .venv/bin/python bench/results.py [--runs runs/smollm2-135m] [--write]
 
@@ -19,7 +20,6 @@ import pandas as pd
 
 from attentropy.detectors import PRIMARY
 from attentropy.evaluation import headlines, interval_text
-from attentropy.provenance import git_commit
 from attentropy.token_comparisons import TOKEN_COMPARISON_TITLES
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -71,16 +71,43 @@ def task_section(task: str, rows: pd.DataFrame, summary: dict) -> list[str]:
     return out + [""]
 
 
+def contrasts_section(runs: Path) -> list[str]:
+    """Per run: for attention entropy per layer x head, the cells significant at FDR 5 % raw, under each control and
+    under every control, from the report's figures/<run>/comparisons.csv (`attentropy report`)."""
+    out = []
+    for path in sorted(runs.glob("figures/*/comparisons.csv")):
+        c = pd.read_csv(path)
+        c = c[(c.stat == "entropy") & (c.level == "head") & c.aggregation.isin(["mean", "tokens"])]
+        if not len(c):
+            continue
+        out += [f"#### Contrasts of {path.parent.name} (attention entropy, layer x head cells significant at FDR 5 %)",
+                "", "| contrast | raw | " + " | ".join(["under each control"]) + " | under every control |",
+                "|---|---|---|---|"]
+        for contrast, rows in c.groupby("contrast", sort=False):
+            raw = rows[rows.control == "none"]
+            controls = [k for k in rows.control.unique() if k != "none"]
+            survive = raw[raw.significant].set_index(["layer", "head"]).index
+            for k in controls:
+                survive = survive.intersection(rows[(rows.control == k) & rows.significant].set_index(
+                    ["layer", "head"]).index)
+            each = ", ".join(f"{k} {int(rows[rows.control == k].significant.sum())}" for k in controls) or "—"
+            out.append(f"| {contrast} | {int(raw.significant.sum())} of {len(raw)} | {each} | "
+                       f"{len(survive) if controls else '—'} |")
+        out.append("")
+    return out
+
+
 def entry(runs: Path) -> str:
     probe = runs / "instrument"
     ev = pd.read_csv(probe / "evaluation.csv")
     summary = json.loads((probe / "evaluation.json").read_text())["summary"]
-    lines = [f"## {time.strftime('%Y-%m-%d')} — the main job's instrument (commit {str(git_commit())[:10]})", "",
+    fitted_at = json.loads((probe / "probe.json").read_text()).get("git_commit")  # the code that made the figures
+    lines = [f"## {time.strftime('%Y-%m-%d')} — the main job's instrument (commit {str(fitted_at)[:10]})", "",
              f"`./run.sh {runs}` then `.venv/bin/python bench/results.py --runs {runs} --write`; every figure out of "
              "fold, 95 % intervals resampling content groups of questions, Δ paired on the same resamples.", ""]
     for task, rows in ev.groupby("task", sort=False):
         lines += task_section(task, rows, summary[task])
-    return "\n".join(lines)
+    return "\n".join(lines + contrasts_section(runs))
 
 
 def main() -> None:
