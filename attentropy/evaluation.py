@@ -94,9 +94,10 @@ def cross_validate(a: Answers, rows: np.ndarray, *, detectors: dict[str, Detecto
                    token_detectors_: dict[str, Detector] | None = None, seed: int = 0,
                    progress=None) -> CrossValidation:
     """Every detector fitted on the training folds of each outer fold, scored on the held-out fold (answers
-    grouped by question: no question is in two folds). Only correct / incorrect answers train; every answer of
-    a held-out fold is scored. Thresholds for selective answering come from the training folds' honest
-    confidences. Detectors: `answer_detectors(a)`, `token_detectors(a)` unless given."""
+    grouped by content, `answers.content_groups`: no question or near-duplicate is in two folds). Only correct /
+    incorrect answers train; every answer of a held-out fold is scored. Thresholds for selective answering come
+    from the training folds' honest confidences. Detectors: `answer_detectors(a)`, `token_detectors(a)` unless
+    given."""
     detectors = answer_detectors(a) if detectors is None else detectors
     token_dets = token_detectors(a) if token_detectors_ is None else token_detectors_
     fold = outer_splits(a, rows, seed=seed)

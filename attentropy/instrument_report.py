@@ -59,9 +59,10 @@ def instrument_section(probe: Path, fig_dir: Path) -> str:
              "calibrated (Platt) on inner out-of-fold scores. Prefix confidence: the same on the tokens so far. "
              "Token confidence: P(not the critic's wrong moment) from the token's own statistics per layer.</li>"
              f"<li>Every number below is out of fold ({meta['evaluation']['folds']}-fold cross-validation grouped by "
-             "question: no question is in two folds), every method on the same answers and folds; 95 % intervals "
-             "resample questions; Δ AUROC = instrument − method on the same resamples. Each baseline's direction "
-             "and scale are calibrated on the training folds, which can only help it.</li></ul>"]
+             "content: no question, and no near-duplicate of it, is in two folds), every method on the same answers "
+             "and folds; 95 % intervals resample those groups; Δ AUROC = instrument − method on the same resamples. "
+             "Each baseline's direction and scale are calibrated on the training folds, which can only help it."
+             "</li></ul>"]
     roles = {m: d["role"] for m, d in meta["methods"].items()}
     descriptions = {m: d["description"] for m, d in meta["methods"].items()}
     descriptions.update({f"token:{m}": d["description"] for m, d in meta["token_methods"].items()})
@@ -165,9 +166,10 @@ def instrument_section(probe: Path, fig_dir: Path) -> str:
                               + [f"{esc(rival)}: {cell(gains.loc[rival])}" if rival in gains.index else "—"])
             parts.append("<p>Token confidence: AUROC of finding the critic's wrong-moment tokens by low confidence "
                          "(intervals resample questions). The first row, type-matched, is the headline: token type "
-                         "held fixed, it says whether a score sees an error rather than a kind of token; the other rows mostly "
-                         "measure token type (see the token-type control). Controls: the token's type alone, the "
-                         "answer's confidence given to each of its tokens, the prefix confidence.</p>" + html_table(
+                         "held fixed, it says whether a score sees an error rather than a kind of token; the other "
+                         "rows mostly measure token type (see the token-type control). Controls: the token's type "
+                         "alone, the answer's confidence given to each of its tokens, the prefix confidence.</p>"
+                         + html_table(
                              ["comparison", "wrong-moment / other tokens", "instrument", "logit probe",
                               "logit entropy", "hidden-state probe", "token type (control)",
                               "answer confidence (control)", "prefix confidence (control)", "position (control)",

@@ -95,8 +95,8 @@ def _ansi(text: str, confidence: float) -> str:
 
 def restates_question(texts: list[str], question: str) -> np.ndarray:
     """[n_tokens] bool: tokens that carry nothing the question does not already say (their text a word of the
-    question, or two characters or more found in it; or punctuation and white space). Such a token cannot be where the answer goes
-    wrong, so it is shown unscored rather than flagged."""
+    question, or two characters or more found in it; or punctuation and white space). Such a token cannot be where
+    the answer goes wrong, so it is shown unscored rather than flagged."""
     lowered = question.lower()
     words = set(re.findall(r"\w+", lowered))
     out = []
