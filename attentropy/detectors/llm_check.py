@@ -1,5 +1,6 @@
-"""LLM-Check's attention score: per layer, the log-determinant of the causal attention matrix's answer rows (sum
-over heads of the mean log attention on the token itself); the best layer on the training folds."""
+"""LLM-Check's attention score, a variant: per layer, the log-determinant of the causal attention matrix restricted to
+the answer's rows (sum over heads of the mean log attention on the token itself); the best layer on the training
+folds. The authors take the whole sequence, prompt rows included; the capture records only the answer's rows."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ def llm_check_scores(a) -> np.ndarray:
     return segment_means(log_diag, a.answers.start.to_numpy(), a.answers.n_tokens.to_numpy())
 
 
-LLM_CHECK = Detector("llm_check", "answer", "baseline", "llm_check",
-                     "LLM-Check attention score (sum over heads of mean log own-token attention), best layer on "
-                     "training folds", llm_check_scores, fit_best_column)
+LLM_CHECK = Detector("llm_check_answer_rows", "answer", "baseline", "llm_check",
+                     "variant of LLM-Check's attention score: sum over heads of the mean log own-token attention over "
+                     "the answer's rows only (the authors' log-determinant also covers the prompt's rows, which the "
+                     "capture does not record), best layer on training folds", llm_check_scores, fit_best_column)
