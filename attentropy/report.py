@@ -399,7 +399,8 @@ h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; margin-top: 1.6
 table { border-collapse: collapse; font-size: 13px; } th, td { text-align: left; padding: 2px 8px; }
 th { color: #555; font-weight: 600; } tr:nth-child(odd) { background: #f5f5f5; }
 table.metrics td { white-space: nowrap; } table.metrics tr.hl { background: #fde7e7; }
-.findings td:nth-child(2) { white-space: normal; min-width: 14em; }
+.findings td:nth-child(2) { white-space: normal; min-width: 14em; } .findings td:nth-child(3) { white-space: normal; }
+.findings td .meta { display: block; }  /* a control's group sizes under its AUROC: the table fits the page */
 figure { margin: 0.6em 0; } figure img { max-width: 100%; } figcaption { font-size: 12px; color: #555; }
 #controls { position: sticky; top: 0; background: #fff; padding: 6px 0; border-bottom: 1px solid #ddd; z-index: 1; }
 #controls label { margin-right: 1em; } #hover { font-family: monospace; font-size: 12px; min-height: 1.4em; }

@@ -167,6 +167,13 @@ def test_report_in_a_real_browser(report, browser):
     assert browser.execute_script("return [...document.images].every(i => i.complete && i.naturalWidth > 0)")
 
     assert browser.execute_script("return document.querySelectorAll('table.metrics').length") >= 4
+    # the Findings tables (one column per control) fit a 1,200-pixel window: no sideways scrolling
+    size = browser.get_window_size()
+    browser.set_window_size(1200, size["height"])
+    widths = browser.execute_script("return [...document.querySelectorAll('.findings table')]"
+                                    ".map(t => [t.scrollWidth, t.parentElement.clientWidth])")
+    browser.set_window_size(size["width"], size["height"])
+    assert widths and all(table <= page for table, page in widths), widths
     Select(browser.find_element(By.ID, "run")).select_by_visible_text("arith")
     stats = [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "stat")).options]
     assert {"confidence", "prefix_confidence"} <= set(stats)  # the instrument's out-of-fold confidences
