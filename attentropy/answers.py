@@ -31,7 +31,8 @@ class Answers:
     Tokens of an answer are contiguous and in answer order; `answers.start` is the row of its first token."""
 
     answers: pd.DataFrame  # run, benchmark, task, question_id, question, group (`content_groups`; in answers
-    #                        not read by `load_answers`: the question), kind, label, y, n_tokens,
+    #                        not read by `load_answers`: the question), kind, source (facts' data source, else
+    #                        the benchmark), label, y, n_tokens,
     #                        start; y: 1 correct, 0 incorrect, -1 neither (not attempted, unparsed, ungraded)
     tokens: pd.DataFrame  # answer (row of `answers`), pos, token, logprob, logit_entropy, logit_varentropy, n_keys,
     #                       target: 1 wrong moment, 0 not, -1 unknown (an incorrect answer without a located span)
@@ -180,6 +181,7 @@ def _answers_of(samples: pd.DataFrame, tokens: pd.DataFrame, stat_arrays: dict[s
         "question_id": s.question_id.to_numpy(), "question": (s.benchmark + "\n" + s.question).to_numpy(),
         "group": (s.benchmark + "\n" + s.question).to_numpy(),
         "kind": [question_kind(b, m) for b, m in zip(s.benchmark, s.metadata)], "label": labels.to_numpy(),
+        "source": [str(m.get("source", b)) for b, m in zip(s.benchmark, s.metadata)],
         "content": [_content(b, r) for b, r in zip(s.benchmark, s.get("reference", [""] * len(s)))],
         "gold": [f"{b}\n{question_kind(b, m)}\n{_normal(t)}" if b not in MATH else ""
                  for b, m, t in zip(s.benchmark, s.metadata, s.get("target", [""] * len(s)))],

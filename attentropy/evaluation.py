@@ -1,5 +1,5 @@
 """The instrument's evaluation: every detector fitted and scored on the same question-grouped folds
-(`cross_validate`), on question kinds left out of fitting (`leave_one_kind_out`) and on other runs
+(`cross_validate`), on question kinds or sources left out of fitting (`leave_one_out`) and on other runs
 (`transfer_rows`), summarised as rows of metrics with intervals that resample questions (`evaluate`)."""
 
 from __future__ import annotations
@@ -153,14 +153,15 @@ def cross_validate(a: Answers, rows: np.ndarray, *, detectors: dict[str, Detecto
 
 
 
-def leave_one_kind_out(a: Answers, rows: np.ndarray, *, detectors: dict[str, Detector] | None = None,
-                       seed: int = 0, progress=None) -> pd.DataFrame:
-    """Out-of-kind confidences: each kind scored by the detectors fitted on the other kinds only (the kinds the
-    instrument will meet are not the ones it was fitted on). Empty where fewer than two kinds exist. Only for
-    detectors evaluated out of kind (not those that read the kind: a kind left out has no column of its own)."""
+def leave_one_out(a: Answers, rows: np.ndarray, *, by: str = "kind", detectors: dict[str, Detector] | None = None,
+                  seed: int = 0, progress=None) -> pd.DataFrame:
+    """Out-of-kind confidences: each question kind (`by="kind"`), or every kind of one data source together
+    (`by="source"`, a larger shift), scored by the detectors fitted on the others only (the kinds the instrument
+    will meet are not the ones it was fitted on). Empty where fewer than two exist. Only for detectors evaluated
+    out of kind (not those that read the kind: a kind left out has no column of its own)."""
     detectors = answer_detectors(a) if detectors is None else detectors
     detectors = {name: d for name, d in detectors.items() if d.out_of_kind}
-    kinds = a.answers.kind.to_numpy()[rows]
+    kinds = a.answers[by].to_numpy()[rows]
     y = a.answers.y.to_numpy()
     feats = {name: d.inputs(a, kinds_of(a)) for name, d in detectors.items()}
     out = pd.DataFrame(index=rows, columns=list(detectors), dtype=float)
@@ -336,9 +337,12 @@ def evaluate(a: Answers, task: str, *, n_boot: int = 1000, seed: int = 0, progre
     and the out-of-fold predictions behind them (for figures and the token viewer)."""
     rows = np.flatnonzero(a.answers.task.to_numpy() == task)
     cv = cross_validate(a, rows, seed=seed, progress=progress)
-    loko = leave_one_kind_out(a, rows, seed=seed, progress=progress)
-    roles, token_roles = _roles(answer_detectors(a)), _roles(token_detectors(a))
+    loko = leave_one_out(a, rows, seed=seed, progress=progress)
     answers = a.answers.iloc[rows]
+    # every kind of one source held out together: only where some source has several kinds (else it is loko)
+    several = answers.groupby("source").kind.nunique().max() > 1 and answers.source.nunique() > 1
+    loso = leave_one_out(a, rows, by="source", seed=seed, progress=progress) if several else loko.iloc[:0]
+    roles, token_roles = _roles(answer_detectors(a)), _roles(token_detectors(a))
     y, groups, kinds = answers.y.to_numpy(), answers.group.to_numpy(), answers.kind.to_numpy()
     lab = y >= 0
     out: list[dict] = []
@@ -351,6 +355,12 @@ def evaluate(a: Answers, task: str, *, n_boot: int = 1000, seed: int = 0, progre
         if len(loko) and not loko.loc[rows[m]].isna().all().all():
             out += discrimination_rows(task, "leave_one_kind_out", kind, loko.loc[rows[m]], y[m], groups[m], roles,
                                        n_boot=n_boot, seed=seed, metrics=("auroc",))
+    sources = answers.source.to_numpy()
+    for source in np.unique(sources) if len(loso) else []:
+        m = lab & (sources == source)
+        if not loso.loc[rows[m]].isna().all().all():
+            out += discrimination_rows(task, "leave_one_source_out", source, loso.loc[rows[m]], y[m], groups[m],
+                                       roles, n_boot=n_boot, seed=seed, metrics=("auroc",))
     if len(np.unique(kinds)) > 1:
         out += stratified_rows(task, cv.answer[lab], y[lab], kinds[lab], groups[lab], roles, n_boot=n_boot,
                                seed=seed)

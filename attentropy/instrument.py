@@ -277,6 +277,12 @@ def format_evaluation(probe_dir: str | Path) -> str:
             free = means[training_free(means.index)]
             lines.append(f"    leave one kind out (mean over {loko.subset.nunique()} kinds): instrument "
                          f"{means[PRIMARY]:.3f}, best training-free {free.idxmax()} {free.max():.3f}")
+        loso = rows.query("evaluation == 'leave_one_source_out' and metric == 'auroc'")
+        if len(loso):
+            means = loso.groupby("method").value.mean()
+            free = means[training_free(means.index)]
+            lines.append(f"    leave one source out (mean over {loso.subset.nunique()} sources): instrument "
+                         f"{means[PRIMARY]:.3f}, best training-free {free.idxmax()} {free.max():.3f}")
         sel = rows.query("evaluation == 'selective' and metric == 'f_score'").set_index("method")
         if len(sel):
             others = sel.drop(index=["answer_everything", PRIMARY], errors="ignore")

@@ -41,13 +41,13 @@ def task_section(task: str, rows: pd.DataFrame, summary: dict) -> list[str]:
     for h in headlines(rows):
         out.append(f"- Against the best of {h['pool']}, {h['best']} {interval_text(h['auroc'])}: instrument "
                    f"{instrument}, Δ {interval_text(h['gain'])}, {h['verdict']}.")
-    loko = rows[(rows.evaluation == "leave_one_kind_out") & (rows.metric == "auroc")].groupby("method").value.mean()
-    out += ["", "| method | role | AUROC (in distribution) | Δ instrument − method | leave one kind out (mean) |",
-            "|---|---|---|---|---|"]
+    out_of = {evaluation: rows[(rows.evaluation == evaluation) & (rows.metric == "auroc")].groupby("method").value
+              .mean() for evaluation in ("leave_one_kind_out", "leave_one_source_out")}
+    out += ["", "| method | role | AUROC (in distribution) | Δ instrument − method | leave one kind out (mean) | "
+                "leave one source out (mean) |", "|---|---|---|---|---|---|"]
     for method, r in ind[ind.metric == "auroc"].set_index("method").iterrows():
-        out.append(f"| {method} | {r.role} | {interval_text(r)} | {_gain(ind, method)} | "
-                   f"{loko[method]:.3f} |" if method in loko else
-                   f"| {method} | {r.role} | {interval_text(r)} | {_gain(ind, method)} | |")
+        held_out = " | ".join(f"{m[method]:.3f}" if method in m else "" for m in out_of.values())
+        out.append(f"| {method} | {r.role} | {interval_text(r)} | {_gain(ind, method)} | {held_out} |")
     selective = rows[rows.evaluation == "selective"]
     f = selective[selective.metric == "f_score"].set_index("method")
     if len(f):

@@ -26,12 +26,12 @@ class CharTokenizer:
 def write_synthetic_run(path, *, benchmark="arith", labels=None, n_questions=60, n_layers=4, n_heads=3,
                         n_tokens=(12, 30), planted=None, shift=0.8, wrong_moment_shift=0.0, seed=0,
                         prompt_len=40, kinds=None, model="synthetic", hidden=None, hidden_shift=0.0, kind_shift=None,
-                        n_tokens_by_label=None, late_moment=False, entropy_of_position=None) -> Path:
+                        n_tokens_by_label=None, late_moment=False, entropy_of_position=None, sources=None) -> Path:
     """A graded run. `labels`: one per question (default: alternating correct / incorrect). `planted`: (layer
     index, head) whose attention entropy is raised by `shift` in every token of incorrect answers. Math runs get a
     3-token wrong-moment span in each incorrect answer, its entropy at every cell raised by `wrong_moment_shift`.
     Each question has its own offset (tokens of one answer are correlated, as in real runs). `kinds`: one question
-    kind per question (facts' metadata), `model`: the model name in config.json. `hidden`: (kept hidden-state
+    kind per question (facts' metadata), `sources`: one data source per question (the same), `model`: the model name in config.json. `hidden`: (kept hidden-state
     indices, width): random hidden states per answer, those of incorrect answers moved by `hidden_shift` along one
     direction at the second kept index. Confounds: `kind_shift` {kind: entropy offset of every cell},
     `n_tokens_by_label` {label: (min, max) tokens}, `late_moment`: the wrong moment in the last third of the answer
@@ -59,7 +59,8 @@ def write_synthetic_run(path, *, benchmark="arith", labels=None, n_questions=60,
             end = start + 3
             attn[start:end, :, :, ENTROPY] += wrong_moment_shift
         q = Question(id=f"{benchmark}-{i:05d}", benchmark=benchmark, question=f"question {i}?", target=str(i),
-                     metadata={"kind": kinds[i]} if kinds is not None else {})
+                     metadata=({"kind": kinds[i]} if kinds is not None else {})
+                     | ({"source": sources[i]} if sources is not None else {}))
         completion_ids = rng.integers(0, 26, size=n).tolist()
         capture = Capture(attn=attn, logprob=-rng.exponential(1.0, n).astype(np.float32),
                           logit_entropy=rng.exponential(1.0, n).astype(np.float32),

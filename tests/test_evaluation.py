@@ -62,3 +62,20 @@ def test_selective_answering_and_headlines_cover_every_method(tmp_path):
     assert auc[every["best"]] == auc.drop(["instrument", "attention", "shuffled"]).max()
     assert pools["the training-free scores"]["best"] in ("mean_logprob", "min_logprob", "logit_entropy",
                                                          "logit_varentropy", "rauq", "rauq_fixed_heads")
+
+
+def test_leave_one_source_out_holds_out_every_kind_of_a_source(tmp_path):
+    kinds = [["capital", "city", "element", "number"][i % 4] for i in range(120)]
+    sources = [{"capital": "atlas", "city": "atlas", "element": "table", "number": "table"}[k] for k in kinds]
+    labels = ["incorrect" if (i // 4) % 2 else "correct" for i in range(120)]
+    path = write_synthetic_run(tmp_path / "facts", benchmark="facts", labels=labels, n_questions=120, kinds=kinds,
+                               sources=sources, planted=(1, 1), shift=1.0)
+    a = load_answers([path])[0]
+    assert sorted(a.answers.source.unique()) == ["atlas", "table"]
+    rows, _ = evaluate(a, "factual", n_boot=20)
+    loso = rows[(rows.evaluation == "leave_one_source_out") & (rows.metric == "auroc")]
+    assert set(loso.subset) == {"atlas", "table"}
+    assert set(loso.method) == set(rows[rows.evaluation == "leave_one_kind_out"].method)
+    for source, r in loso.groupby("subset"):  # each source's row counts every labelled answer of its kinds
+        assert int(r.n_positive.iloc[0] + r.n_negative.iloc[0]) == (a.answers.source == source).sum()
+

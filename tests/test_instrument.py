@@ -14,7 +14,7 @@ from attentropy import instrument as ins
 from attentropy.answers import answers_from_generations, load_answers
 from attentropy.detectors import ANSWER_DETECTORS
 from attentropy.detectors.fitting import fit_fixed
-from attentropy.evaluation import cross_validate, evaluate, leave_one_kind_out, outer_splits
+from attentropy.evaluation import cross_validate, evaluate, leave_one_out, outer_splits
 from attentropy.features import feature_names
 from attentropy.probe import LinearProbe, inner_splits
 from attentropy.scoring import restates_question
@@ -77,7 +77,7 @@ def test_leave_one_kind_out_scores_each_kind_with_models_fitted_on_the_others(tm
         return fit_fixed(score, y, groups, seed)
 
     spied = dataclasses.replace(ANSWER_DETECTORS["mean_logprob"], fit=spy)
-    out = leave_one_kind_out(a, np.arange(90), detectors={"mean_logprob": spied})
+    out = leave_one_out(a, np.arange(90), detectors={"mean_logprob": spied})
     assert out.notna().all().all() and len(seen) == 3
     groups_of = a.answers.groupby("kind").group.agg(set)
     for kind, trained_on in zip(sorted(groups_of.index), seen):
