@@ -271,18 +271,13 @@ def format_evaluation(probe_dir: str | Path) -> str:
         for h in headlines(rows):
             lines.append(f"    against the best of {h['pool']}: {h['best']} {cell(h['auroc'])}; instrument - it: "
                          f"{cell(h['gain'])}, {h['verdict'].split(' (')[0]}")
-        loko = rows.query("evaluation == 'leave_one_kind_out' and metric == 'auroc'")
-        if len(loko):
-            means = loko.groupby("method").value.mean()
-            free = means[training_free(means.index)]
-            lines.append(f"    leave one kind out (mean over {loko.subset.nunique()} kinds): instrument "
-                         f"{means[PRIMARY]:.3f}, best training-free {free.idxmax()} {free.max():.3f}")
-        loso = rows.query("evaluation == 'leave_one_source_out' and metric == 'auroc'")
-        if len(loso):
-            means = loso.groupby("method").value.mean()
-            free = means[training_free(means.index)]
-            lines.append(f"    leave one source out (mean over {loso.subset.nunique()} sources): instrument "
-                         f"{means[PRIMARY]:.3f}, best training-free {free.idxmax()} {free.max():.3f}")
+        for held_out in ("kind", "source"):
+            out_of = rows[(rows.evaluation == f"leave_one_{held_out}_out") & (rows.metric == "auroc")]
+            if len(out_of):
+                means = out_of.groupby("method").value.mean()
+                free = means[training_free(means.index)]
+                lines.append(f"    leave one {held_out} out (mean over {out_of.subset.nunique()} {held_out}s): "
+                             f"instrument {means[PRIMARY]:.3f}, best training-free {free.idxmax()} {free.max():.3f}")
         sel = rows.query("evaluation == 'selective' and metric == 'f_score'").set_index("method")
         if len(sel):
             others = sel.drop(index=["answer_everything", PRIMARY], errors="ignore")
