@@ -152,7 +152,6 @@ def cross_validate(a: Answers, rows: np.ndarray, *, detectors: dict[str, Detecto
     return CrossValidation(rows, fold, answer, thresholds, prefix, token, details)
 
 
-
 def leave_one_out(a: Answers, rows: np.ndarray, *, by: str = "kind", detectors: dict[str, Detector] | None = None,
                   seed: int = 0, progress=None) -> pd.DataFrame:
     """Out-of-kind confidences: each question kind (`by="kind"`), or every kind of one data source together
@@ -161,24 +160,23 @@ def leave_one_out(a: Answers, rows: np.ndarray, *, by: str = "kind", detectors: 
     out of kind (not those that read the kind: a kind left out has no column of its own)."""
     detectors = answer_detectors(a) if detectors is None else detectors
     detectors = {name: d for name, d in detectors.items() if d.out_of_kind}
-    kinds = a.answers[by].to_numpy()[rows]
+    held = a.answers[by].to_numpy()[rows]  # the kind or source of each answer
     y = a.answers.y.to_numpy()
     feats = {name: d.inputs(a, kinds_of(a)) for name, d in detectors.items()}
     out = pd.DataFrame(index=rows, columns=list(detectors), dtype=float)
-    if len(np.unique(kinds)) < 2:
+    if len(np.unique(held)) < 2:
         return out.iloc[:0]
-    for kind in np.unique(kinds):
-        train = rows[(kinds != kind) & (y[rows] >= 0)]
-        test = rows[kinds == kind]
+    for left_out in np.unique(held):
+        train = rows[(held != left_out) & (y[rows] >= 0)]
+        test = rows[held == left_out]
         if min((y[train] == 1).sum(), (y[train] == 0).sum()) < 2 * INNER_FOLDS:
             continue
         for name, d in detectors.items():
             if progress:
-                progress(f"leave out {kind}: {name}")
+                progress(f"leave out {left_out}: {name}")
             fitted = d.fit(take(feats[name], train), y[train], a.answers.group.to_numpy()[train], seed=seed)
             out.loc[test, name] = fitted.confidence(take(feats[name], test))
     return out
-
 
 
 def transfer_rows(train: Answers, test: Answers, name: str, *, n_boot: int, seed: int) -> list[dict]:
@@ -203,7 +201,6 @@ def transfer_rows(train: Answers, test: Answers, name: str, *, n_boot: int, seed
     return rows
 
 
-
 def interval_text(row) -> str:
     """An evaluation row's value and 95 % interval: "0.850 [0.812, 0.886]"."""
     return f"{row['value']:.3f} [{row['lo']:.3f}, {row['hi']:.3f}]"
@@ -218,22 +215,19 @@ def verdict(gain_row) -> str:
     return "not distinguishable from it (the paired interval covers 0)"
 
 
-HEADLINE_POOLS = (("every baseline and control", "all"), ("the training-free scores", "training_free"),
-                  ("the logit, kind and length baselines", "cheap"))
-
-
 def headlines(rows: pd.DataFrame, evaluation: str = "in_distribution") -> list[dict]:
     """The instrument against the best of every baseline and control (hidden-state probe and bag of tokens
     included), of the training-free scores, and of the logit / kind / length baselines: one dict per pool (pool,
     best, auroc row, gain row, verdict), from one task's evaluation rows."""
     auc = rows[(rows.evaluation == evaluation) & (rows.metric == "auroc")].set_index("method")
     gain = rows[(rows.evaluation == evaluation) & (rows.metric == "auroc_gain_of_instrument")].set_index("method")
-    pools = {"all": [m for m in auc.index if is_competitor(m)], "training_free": training_free(auc.index),
-             "cheap": cheap(auc.index)}
+    pools = (("every baseline and control", [m for m in auc.index if is_competitor(m)]),
+             ("the training-free scores", training_free(auc.index)),
+             ("the logit, kind and length baselines", cheap(auc.index)))
     out = []
-    for label, key in HEADLINE_POOLS:
-        if pools[key]:
-            best = auc.loc[pools[key]].value.idxmax()
+    for label, pool in pools:
+        if pool:
+            best = auc.loc[pool].value.idxmax()
             out.append({"pool": label, "best": best, "auroc": auc.loc[best], "gain": gain.loc[best],
                         "verdict": verdict(gain.loc[best])})
     return out
@@ -298,14 +292,13 @@ def selective_rows(task: str, confidence: pd.DataFrame, thresholds: pd.DataFrame
     weights = np.r_[np.ones((1, len(labels))), stats.group_counts(groups, n_boot, seed)]
     rows, f_scores = [], {}
     n_correct, n_incorrect = (labels == "correct").sum(), (labels == "incorrect").sum()
+    answered, n = labels != "not_attempted", weights.sum(1)
     for method in [None, *policies]:
         if method is None:
-            attempted = labels != "not_attempted"
+            attempted = answered
         else:
-            attempted = (confidence[method].to_numpy(float) >= thresholds[method].to_numpy(float)) & (
-                labels != "not_attempted")
+            attempted = (confidence[method].to_numpy(float) >= thresholds[method].to_numpy(float)) & answered
         correct = attempted & (labels == "correct")
-        n = weights.sum(1)
         values = {"coverage": weights @ attempted / n, "correct": weights @ correct / n}
         with np.errstate(divide="ignore", invalid="ignore"):
             values["correct_given_attempted"] = weights @ correct / (weights @ attempted)
@@ -348,19 +341,21 @@ def evaluate(a: Answers, task: str, *, n_boot: int = 1000, seed: int = 0, progre
     out: list[dict] = []
     out += discrimination_rows(task, "in_distribution", "all", cv.answer[lab], y[lab], groups[lab], roles,
                                n_boot=n_boot, seed=seed)
+
+    def held_out_rows(by: str, predictions: pd.DataFrame, left_out: str) -> list[dict]:
+        m = lab & (answers[by].to_numpy() == left_out)
+        if not len(predictions) or predictions.loc[rows[m]].isna().all().all():
+            return []
+        return discrimination_rows(task, f"leave_one_{by}_out", left_out, predictions.loc[rows[m]], y[m], groups[m],
+                                   roles, n_boot=n_boot, seed=seed, metrics=("auroc",))
+
     for kind in np.unique(kinds):
         m = lab & (kinds == kind)
         out += discrimination_rows(task, "within_kind", kind, cv.answer[m], y[m], groups[m], roles, n_boot=n_boot,
                                    seed=seed, metrics=("auroc",))
-        if len(loko) and not loko.loc[rows[m]].isna().all().all():
-            out += discrimination_rows(task, "leave_one_kind_out", kind, loko.loc[rows[m]], y[m], groups[m], roles,
-                                       n_boot=n_boot, seed=seed, metrics=("auroc",))
-    sources = answers.source.to_numpy()
-    for source in np.unique(sources) if len(loso) else []:
-        m = lab & (sources == source)
-        if not loso.loc[rows[m]].isna().all().all():
-            out += discrimination_rows(task, "leave_one_source_out", source, loso.loc[rows[m]], y[m], groups[m],
-                                       roles, n_boot=n_boot, seed=seed, metrics=("auroc",))
+        out += held_out_rows("kind", loko, kind)
+    for source in np.unique(answers.source.to_numpy()):
+        out += held_out_rows("source", loso, source)
     if len(np.unique(kinds)) > 1:
         out += stratified_rows(task, cv.answer[lab], y[lab], kinds[lab], groups[lab], roles, n_boot=n_boot,
                                seed=seed)
@@ -368,7 +363,7 @@ def evaluate(a: Answers, task: str, *, n_boot: int = 1000, seed: int = 0, progre
     auc = in_dist.query("evaluation == 'in_distribution' and metric == 'auroc'").set_index("method").value
     best_logit = max(of_family("logit"), key=lambda m: auc.get(m, -1))
     graded = answers.label.to_numpy() != "unparsed"
-    policies = [m for m in cv.answer if ANSWER_DETECTORS.get(m) is None or ANSWER_DETECTORS[m].family != "sanity"]
+    policies = [m for m in cv.answer if m not in of_family("sanity")]
     out += selective_rows(task, cv.answer[graded], cv.selective[graded], answers.label.to_numpy()[graded],
                           groups[graded], roles, policies, n_boot=n_boot, seed=seed)
     # prefix confidence: the answer model on the first k tokens (whole answers when shorter)

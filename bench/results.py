@@ -59,15 +59,14 @@ def task_section(task: str, rows: pd.DataFrame, summary: dict) -> list[str]:
                     f"{_gain(selective, rival, 'f_score_gain_of_instrument')})."]
     tokens = rows[rows.evaluation.str.startswith("token:")]
     if len(tokens):
-        out += ["", "| token comparison | wrong-moment / other | " + " | ".join(
-            m for m in tokens[tokens.metric == "auroc"].method.unique()) + " |",
-            "|---|---|" + "---|" * tokens[tokens.metric == "auroc"].method.nunique()]
+        methods = tokens[tokens.metric == "auroc"].method.unique()
+        out += ["", "| token comparison | wrong-moment / other | " + " | ".join(methods) + " |",
+                "|---|---|" + "---|" * len(methods)]
         for evaluation, tr in tokens.groupby("evaluation", sort=False):
             auc = tr[tr.metric == "auroc"].set_index("method")
             out.append(f"| {TOKEN_COMPARISON_TITLES[evaluation[6:]]} | {int(auc.n_positive.iloc[0])} / "
-                       f"{int(auc.n_negative.iloc[0])} | " + " | ".join(
-                           interval_text(auc.loc[m]) if m in auc.index else "" for m in
-                           tokens[tokens.metric == "auroc"].method.unique()) + " |")
+                       f"{int(auc.n_negative.iloc[0])} | "
+                       + " | ".join(interval_text(auc.loc[m]) if m in auc.index else "" for m in methods) + " |")
     return out + [""]
 
 
@@ -81,7 +80,7 @@ def contrasts_section(runs: Path) -> list[str]:
         if not len(c):
             continue
         out += [f"#### Contrasts of {path.parent.name} (attention entropy, layer x head cells significant at FDR 5 %)",
-                "", "| contrast | raw | " + " | ".join(["under each control"]) + " | under every control |",
+                "", "| contrast | raw | under each control | under every control |",
                 "|---|---|---|---|"]
         for contrast, rows in c.groupby("contrast", sort=False):
             raw = rows[rows.control == "none"]
