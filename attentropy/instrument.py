@@ -167,17 +167,15 @@ def up_to_date(out: str | Path, infos: list[dict], n_boot: int, seed: int, trans
 def fit_instrument(run_dirs: list[str | Path], out: str | Path, *, transfer: list[str | Path] = (),
                    n_boot: int = 1000, seed: int = 0, force: bool = False, skip_damaged: bool = False,
                    progress: bool = True) -> Path:
-    """`attentropy fit`: evaluate every method by question-grouped cross-validation on the graded runs, fit the
+    """`attentropy fit`: evaluate every method by content-grouped cross-validation on the graded runs, fit the
     instrument on all of them and write the instrument directory `out`."""
     from . import __version__
     from .provenance import git_commit, package_versions
-    from .store import _write_parquet, write_json
+    from .store import _write_parquet, load_run, write_json
 
     def say(msg):
         if progress:
             print(f"[fit] {msg}", flush=True)
-
-    from .store import load_run
 
     runs = [load_run(d, skip_damaged=skip_damaged) for d in run_dirs]  # each run's task and fingerprint
     infos = [run_info(run) for run in runs]
@@ -199,7 +197,7 @@ def fit_instrument(run_dirs: list[str | Path], out: str | Path, *, transfer: lis
             identity = task_identity
         Instrument(identity, {}, None).check(task_identity, f"the {task} runs")
         say(f"{task}: {len(a.answers)} answers, {len(a.tokens)} tokens from {len(dirs)} run(s); 5-fold "
-            "cross-validation by question, every method")
+            "cross-validation grouped by content, every method")
         tick = time.perf_counter()
         rows, preds = evaluate(a, task, n_boot=n_boot, seed=seed)
         say(f"{task}: folds and intervals grouped by content: {preds['summary']['groups']} groups; "

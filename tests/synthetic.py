@@ -31,8 +31,8 @@ def write_synthetic_run(path, *, benchmark="arith", labels=None, n_questions=60,
     index, head) whose attention entropy is raised by `shift` in every token of incorrect answers. Math runs get a
     3-token wrong-moment span in each incorrect answer, its entropy at every cell raised by `wrong_moment_shift`.
     Each question has its own offset (tokens of one answer are correlated, as in real runs). `kinds`: one question
-    kind per question (facts' metadata), `sources`: one data source per question (the same), `model`: the model name in config.json. `hidden`: (kept hidden-state
-    indices, width): random hidden states per answer, those of incorrect answers moved by `hidden_shift` along one
+    kind per question (facts' metadata), `sources`: one data source per question (the same), `model`: the model
+    name in config.json. `hidden`: (kept hidden-state indices, width): random hidden states per answer, those of incorrect answers moved by `hidden_shift` along one
     direction at the second kept index. Confounds: `kind_shift` {kind: entropy offset of every cell},
     `n_tokens_by_label` {label: (min, max) tokens}, `late_moment`: the wrong moment in the last third of the answer
     (entropy grows with position, as ln K). `entropy_of_position`: a function of the token positions of an

@@ -15,15 +15,9 @@ def column(statistics, index: int, sign: float = 1.0):
     return features
 
 
-def _all(statistics):
-    def features(a):
-        return statistics(a)
-    return features
-
-
 # answer level: columns of answer_logit_statistics (mean log-prob, min log-prob, mean entropy, mean varentropy)
 LOGIT_PROBE = Detector("logit_probe", "answer", "baseline", "logit", "logit statistics alone (4), L2 logistic probe",
-                       _all(answer_logit_statistics), probe_fitter())
+                       answer_logit_statistics, probe_fitter())
 MEAN_LOGPROB = Detector("mean_logprob", "answer", "baseline", "logit", "MSP: mean token log-probability",
                         column(answer_logit_statistics, 0), fit_fixed, training_free=True)
 MIN_LOGPROB = Detector("min_logprob", "answer", "baseline", "logit", "minimum token log-probability",
@@ -36,7 +30,7 @@ LOGIT_VARENTROPY = Detector("logit_varentropy", "answer", "baseline", "logit",
 
 # token level: columns of token_logit_statistics (log-prob, entropy, varentropy)
 TOKEN_LOGIT_PROBE = Detector("logit_probe", "token", "baseline", "logit",
-                             "the token's logit statistics, logistic probe", _all(token_logit_statistics),
+                             "the token's logit statistics, logistic probe", token_logit_statistics,
                              probe_fitter(balanced=True))
 TOKEN_LOGPROB = Detector("logprob", "token", "baseline", "logit", "the token's log-probability",
                          column(token_logit_statistics, 0), fit_fixed, training_free=True)
