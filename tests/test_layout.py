@@ -134,3 +134,16 @@ def test_every_name_imported_from_the_package_exists():
                         except ImportError:
                             missing.append(f"{path.name}: {target.__name__}.{alias.name}")
     assert not missing, missing
+
+
+def test_the_distribution_holds_every_package():
+    """A plain `pip install .` (not editable) installs the packages pyproject.toml names: every folder of the
+    package (attentropy.detectors too) must be among them."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    listed = (set(config) if isinstance(config, list)
+              else set(find_packages(str(PACKAGE.parent), include=config["find"]["include"])))
+    assert listed == {module_name(path) for path in PACKAGE.rglob("__init__.py")}
