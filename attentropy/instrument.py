@@ -270,12 +270,13 @@ def format_evaluation(probe_dir: str | Path) -> str:
             lines.append(f"    against the best of {h['pool']}: {h['best']} {cell(h['auroc'])}; instrument - it: "
                          f"{cell(h['gain'])}, {h['verdict'].split(' (')[0]}")
         for held_out in ("kind", "source"):
-            out_of = rows[(rows.evaluation == f"leave_one_{held_out}_out") & (rows.metric == "auroc")]
+            out_of = rows[(rows.evaluation == f"leave_one_{held_out}_out_mean")].set_index(["metric", "method"])
             if len(out_of):
-                means = out_of.groupby("method").value.mean()
-                free = means[training_free(means.index)]
-                lines.append(f"    leave one {held_out} out (mean over {out_of.subset.nunique()} {held_out}s): "
-                             f"instrument {means[PRIMARY]:.3f}, best training-free {free.idxmax()} {free.max():.3f}")
+                means = out_of.loc["auroc"]
+                free = means.loc[training_free(means.index)].value.idxmax()
+                lines.append(f"    leave one {held_out} out ({means.subset.iloc[0]}): instrument "
+                             f"{cell(means.loc[PRIMARY])}, best training-free {free} {cell(means.loc[free])}, "
+                             f"instrument - it {cell(out_of.loc[('auroc_gain_of_instrument', free)])}")
         sel = rows.query("evaluation == 'selective' and metric == 'f_score'").set_index("method")
         if len(sel):
             others = sel.drop(index=["answer_everything", PRIMARY], errors="ignore")
