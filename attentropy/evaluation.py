@@ -138,7 +138,7 @@ def cross_validate(a: Answers, rows: np.ndarray, *, detectors: dict[str, Detecto
             if "C" in fitted.detail:
                 details["C"].setdefault(name, []).append(fitted.detail["C"])
             if name in prefix:
-                prefix[name][token_fold == k] = fitted.confidence(prefix_feats[name][token_fold == k])
+                prefix[name][token_fold == k] = fitted.confidence(take(prefix_feats[name], token_fold == k))
         if has_tokens:
             usable = np.flatnonzero((token_fold != k) & (target >= 0))
             train_t = usable[sample_negatives(1 - target[usable], NEGATIVES_PER_POSITIVE, seed + k)]

@@ -79,3 +79,20 @@ def test_held_out_mean_is_the_mean_over_kinds_large_enough():
     assert mean.loc["instrument", "lo"] < by_hand < mean.loc["instrument", "hi"]
     gain = rows[rows.metric == "auroc_gain_of_instrument"].set_index("method").loc["mean_logprob"]
     assert np.isclose(gain.value, by_hand - mean.loc["mean_logprob", "value"])
+
+
+def test_the_prefix_form_at_the_last_token_is_the_answer_form(tmp_path):
+    from attentropy.answers import load_answers
+    from attentropy.detectors.anchored import anchored_inputs, anchored_prefix_inputs
+    from synthetic import write_synthetic_run
+
+    path = write_synthetic_run(tmp_path / "facts", benchmark="facts", n_questions=12, planted=(1, 1),
+                               kinds=[["a", "b", "c"][i % 3] for i in range(12)])
+    a = load_answers([path])[0]
+    whole, prefix = anchored_inputs(a), anchored_prefix_inputs(a)
+    last = a.answers.start.to_numpy() + a.answers.n_tokens.to_numpy() - 1
+    assert np.allclose(prefix[0][last], whole[0], rtol=1e-4, atol=1e-5)
+    assert np.allclose(prefix[1][last], whole[1], rtol=1e-4, atol=1e-5)
+    assert (prefix[2][last] == whole[2]).all()
+    first = a.answers.start.to_numpy()
+    assert not np.allclose(prefix[0][first], whole[0])  # one token is not the whole answer

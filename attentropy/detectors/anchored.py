@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..features import answer_features, answer_logit_statistics
+from ..features import answer_features, answer_logit_statistics, prefix_features
 from ..probe import platt, sigmoid
 from .detector import Detector
 from .fitting import Fitted
-from .rauq import rauq_features, rauq_uncertainty
+from .rauq import rauq_features, rauq_prefix_features, rauq_uncertainty
 
 ANCHORS = ("mean_logprob", "logit_entropy", "rauq")  # training-free, higher = more confident
 KS = (0, 2, 8, 32)  # attention features in the correction (0: the anchor alone)
@@ -41,6 +41,13 @@ def anchored_inputs(a) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     logit = answer_logit_statistics(a)
     anchors = np.column_stack([logit[:, 0], -logit[:, 2], -rauq_uncertainty(rauq_features(a))])
     return anchors, answer_features(a)[:, :-4], a.answers.kind.to_numpy().astype(str)
+
+
+def anchored_prefix_inputs(a) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`anchored_inputs` of each answer's tokens up to and including this one: [n_tokens, ...]."""
+    pooled = prefix_features(a)
+    anchors = np.column_stack([pooled[:, -4], -pooled[:, -2], -rauq_uncertainty(rauq_prefix_features(a))])
+    return anchors, pooled[:, :-4], a.answers.kind.to_numpy().astype(str)[a.answer_of_token]
 
 
 def within_kind_auroc(X: np.ndarray, y: np.ndarray, kinds: np.ndarray) -> np.ndarray:
@@ -166,4 +173,4 @@ ANCHORED = Detector("instrument_anchored", "answer", "instrument", "attention",
                     "a training-free anchor (mean log-prob, entropy or RAUQ, best within the training kinds) plus a "
                     "shrunk correction from the attention statistics stable across kinds; anchor, features and "
                     "shrinkage chosen by leave-one-kind-out inside the training kinds; correction clipped to its "
-                    "training range", anchored_inputs, fit_anchored)
+                    "training range", anchored_inputs, fit_anchored, prefix_features=anchored_prefix_inputs)
