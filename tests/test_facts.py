@@ -80,6 +80,13 @@ def test_the_offline_grader_judges_every_kind(pool, kind):
         assert grade("I'm sorry, I don't know.") == "not_attempted", f
 
 
+def test_a_day_of_a_month_is_graded_as_a_date_not_a_number():
+    """"May 25" was read as the number 25 (its month too short to count as words): "June 25" was correct."""
+    question = "On what day and month does Jordan celebrate its Independence Day?"
+    assert grade_simpleqa_offline(question, "May 25", "It is June 25.", ["25 May"], "Date") == "incorrect"
+    assert grade_simpleqa_offline(question, "May 25", "It is on 25 May.", ["25 May"], "Date") == "correct"
+
+
 def test_golds_agree_with_the_second_source(pool):
     """Spot checks of the agreement rule against the second package itself."""
     from countryinfo import CountryInfo
