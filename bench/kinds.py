@@ -4,9 +4,10 @@ keeps (those between roughly 15 % and 85 % correct: both classes are needed to f
 Runs `attentropy run --benchmark facts` on every kind (`--kinds`, dropped ones included) with `--per-kind`
 questions of each (all of a smaller kind), grades the answers offline (`attentropy grade`, no judge), and prints per
 kind: its source package, size, questions run, correct / incorrect / not attempted, and the correct rate with a
-95 % Wilson interval. The run directory is resumable: a rerun grades and prints again without generating.
+95 % Wilson interval. The run keeps no hidden states (only the answers' labels are needed). The run directory is
+resumable: a rerun grades and prints again without generating.
 
-    nice -n 10 .venv/bin/python bench/kinds.py --out /tmp/attentropy-kinds --per-kind 50 --threads 2
+    nice -n 10 .venv/bin/python bench/kinds.py --out /tmp/attentropy-kinds --per-kind 40 --threads 2
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-kind", type=int, default=50, help="questions of each kind (all of a smaller one)")
     parser.add_argument("--kinds", help="comma-separated kinds (default: every kind, dropped ones included)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows decoded at once (greedy: the same answers)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("ATTENTROPY_JUDGE", "ATTENTROPY_CRITIC")}
     cli = [sys.executable, "-m", "attentropy.cli"]
     subprocess.run([*cli, "run", "--benchmark", "facts", "--kinds", ",".join(kinds), "--limit", str(limit),
-                    "--seed", str(args.seed), "--out", args.out, "--threads", str(args.threads)], check=True, env=env)
+                    "--seed", str(args.seed), "--out", args.out, "--threads", str(args.threads), "--batch-size",
+                    str(args.batch_size), "--hidden-layers", "none"], check=True, env=env)
     subprocess.run([*cli, "grade", args.out, "--quiet"], check=True, env=env, stdout=subprocess.DEVNULL)
 
     samples = load_run(Path(args.out)).samples
