@@ -41,7 +41,8 @@ def _kinds_data(n_kinds: int, signal: float, seed: int = 0):
     attention = rng.normal(size=(len(kinds), 21)) + offset
     attention[:, 0] += signal * y
     anchors = np.column_stack([0.5 * y + rng.normal(size=len(y)) for _ in range(3)])
-    return (anchors, attention, kinds), y
+    logit = rng.normal(size=(len(kinds), 4))  # the pooled features end in four logit statistics
+    return (anchors, np.column_stack([attention, logit]), kinds), y
 
 
 def test_too_few_kinds_leave_the_anchor_alone():

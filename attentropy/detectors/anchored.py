@@ -35,19 +35,19 @@ MIN_KINDS = 3  # training kinds (each with both classes) needed to choose by lea
 
 
 def anchored_inputs(a) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(anchors [n, 3]: mean log-prob, negated mean entropy, negated RAUQ uncertainty; attention [n, 6 L H]: the
-    attention statistics per layer x head averaged over the answer; kinds [n]: each answer's question kind, read
-    only to fit)."""
+    """(anchors [n, 3]: mean log-prob, negated mean entropy, negated RAUQ uncertainty; `answer_features` [n, 6 L H + 4]
+    (the attention statistics per layer x head averaged over the answer, then the logit statistics; the correction
+    reads the attention columns); kinds [n]: each answer's question kind, read only to fit and to route)."""
     logit = answer_logit_statistics(a)
     anchors = np.column_stack([logit[:, 0], -logit[:, 2], -rauq_uncertainty(rauq_features(a))])
-    return anchors, answer_features(a)[:, :-4], a.answers.kind.to_numpy().astype(str)
+    return anchors, answer_features(a), a.answers.kind.to_numpy().astype(str)
 
 
 def anchored_prefix_inputs(a) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`anchored_inputs` of each answer's tokens up to and including this one: [n_tokens, ...]."""
     pooled = prefix_features(a)
     anchors = np.column_stack([pooled[:, -4], -pooled[:, -2], -rauq_uncertainty(rauq_prefix_features(a))])
-    return anchors, pooled[:, :-4], a.answers.kind.to_numpy().astype(str)[a.answer_of_token]
+    return anchors, pooled, a.answers.kind.to_numpy().astype(str)[a.answer_of_token]
 
 
 def within_kind_auroc(X: np.ndarray, y: np.ndarray, kinds: np.ndarray) -> np.ndarray:
@@ -103,6 +103,18 @@ class AnchoredModel:
     def confidence(self, anchors, attention) -> np.ndarray:
         return sigmoid(self.calibration[0] * self.decision(anchors, attention) + self.calibration[1])
 
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}.columns": self.columns, f"{prefix}.mean": self.mean, f"{prefix}.scale": self.scale,
+                f"{prefix}.coef": self.coef, f"{prefix}.scalars": np.array(
+                    [self.anchor, self.intercept, *self.correction_range, *self.calibration])}
+
+    @classmethod
+    def from_arrays(cls, arrays, prefix: str) -> "AnchoredModel":
+        anchor, intercept, lo, hi, a, b = arrays[f"{prefix}.scalars"]
+        return cls(int(anchor), arrays[f"{prefix}.columns"].astype(int), arrays[f"{prefix}.mean"],
+                   arrays[f"{prefix}.scale"], arrays[f"{prefix}.coef"], float(intercept), (float(lo), float(hi)),
+                   (float(a), float(b)))
+
 
 def fit_anchored_model(anchors, attention, y, kinds, anchor: int, k: int, C: float) -> AnchoredModel:
     """The anchor plus the `k` most stable attention features of these kinds, the correction L2-shrunk by `C`."""
@@ -131,7 +143,8 @@ def _mean_within_kind_auroc(score: np.ndarray, y: np.ndarray, kinds: np.ndarray)
 def fit_anchored(X, y: np.ndarray, groups=None, seed: int = 0) -> Fitted:
     """Choose the anchor, k and C by leave-one-kind-out inside the training kinds (one-standard-error rule), refit
     on every training answer, calibrate by Platt on the held-out-kind decisions of the chosen candidate."""
-    anchors, attention, kinds = X
+    anchors, pooled, kinds = X
+    attention = pooled[:, :-4]
     y = np.asarray(y, int)
     usable = [kd for kd in np.unique(kinds) if 0 < y[kinds == kd].sum() < (kinds == kd).sum()]
     # the anchor: the training-free score that ranks answers best within the training kinds
@@ -166,7 +179,8 @@ def fit_anchored(X, y: np.ndarray, groups=None, seed: int = 0) -> Fitted:
 
     def confidence(x):
         return model.confidence(x[0], x[1])
-    return Fitted(confidence, model.confidence(anchors, attention), detail)
+    honest = sigmoid(model.calibration[0] * held_decision + model.calibration[1]) if chosen[0] else None
+    return Fitted(confidence, model.confidence(anchors, attention) if honest is None else honest, detail)
 
 
 ANCHORED = Detector("instrument_anchored", "answer", "instrument", "attention",
