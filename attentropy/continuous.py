@@ -112,6 +112,8 @@ class ContinuousBatch:
         recorder.prompt_end = torch.zeros(batch_size, dtype=torch.long)
         if prefix_len:
             recorder.shared_prefix = shared_keys_values(self.store.get(model, self.prefix, copy=False))
+        # the prefix's rows of LLM-Check's prompt part, before any hook that a forward would feed is installed
+        self.prefix_diagonal = self.store.diagonal(model) if prefix_len else None
         self.slot_hidden = _SlotHidden(model, hidden) if hidden else None
         self.slots: list[_Slot | None] = [None] * batch_size
         self.inputs = torch.full((batch_size, 1), self.pad, dtype=torch.long)
@@ -155,8 +157,7 @@ class ContinuousBatch:
                                 position_ids=positions(layout)[:, prefix_len:].to(device), cache=one,
                                 use_cache=True).last_hidden_state[:, -1:]
         rec.end_step()
-        diagonal_sums, diagonal_rows = add_prefix_diagonal(diagonal.result(self.layers),
-                                                           self.store.diagonal(model) if prefix_len else None)
+        diagonal_sums, diagonal_rows = add_prefix_diagonal(diagonal.result(self.layers), self.prefix_diagonal)
         logp = torch.log_softmax(self.lm_head(last).float(), dim=-1)  # [k, 1, V]
         rec.record_step_logits(logp)
         generators = [self.sampling.generator(q.id, logp.device) for q, _ in group]  # the lm head's device

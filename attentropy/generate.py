@@ -107,6 +107,8 @@ def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_S
         cache.batch_repeat_interleave(len(prompts))
     else:
         cache = growing_cache(model)
+    # the prefix's rows of LLM-Check's prompt part, computed before any hook that a forward would feed is installed
+    prefix_diagonal = prefix_store.diagonal(model) if prefix_len and record else None
     if record:  # keys laid out for the recording attention
         for layer in cache.layers:
             if isinstance(layer, growing_layer_class()):
@@ -134,8 +136,7 @@ def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_S
     prompt_diagonal = None
     if record:
         recorder.record_drawn(out.sequences[:, -1:])
-        prompt_diagonal = add_prefix_diagonal(diagonal.result(recorded_layers(model)),
-                                              prefix_store.diagonal(model) if prefix_len else None)
+        prompt_diagonal = add_prefix_diagonal(diagonal.result(recorded_layers(model)), prefix_diagonal)
         captures = recorded_captures(recorder, model, prompts, [g.completion_ids for g in generations],
                                      prompt_diagonal)
         for g, c in zip(generations, captures):

@@ -11,6 +11,7 @@ from attentropy.capture import capture
 from attentropy.continuous import generate_continuous
 from attentropy.data import load_questions
 from attentropy.generate import PrefixStore, generate
+from attentropy.hidden_states import HiddenSpec
 from attentropy.layout import common_prefix_len
 from attentropy.model import load_model
 from attentropy.prompts import prompt_ids
@@ -61,7 +62,8 @@ def facts_model(tiny_model_dir):
 def test_static_generation_records_the_prompt_rows_log_diagonal(tiny_model_dir):
     model, tokenizer, questions = facts_model(tiny_model_dir)
     store = PrefixStore()
-    gens, prompt_cache = generate(model, tokenizer, questions, max_new_tokens=4, record=True, prefix_store=store)
+    gens, prompt_cache = generate(model, tokenizer, questions, max_new_tokens=4, record=True, prefix_store=store,
+                                  hidden=HiddenSpec(layers=(0, 1)))
     prompts, completions = [g.prompt_ids for g in gens], [g.completion_ids for g in gens]
     assert_prompt_diagonal_matches_eager(model, prompts, completions, [g.capture for g in gens])
     # capture given generation's prompt cache carries generation's prompt part
@@ -76,7 +78,9 @@ def test_static_generation_records_the_prompt_rows_log_diagonal(tiny_model_dir):
 
 def test_continuous_batching_records_the_prompt_rows_log_diagonal(tiny_model_dir):
     model, tokenizer, questions = facts_model(tiny_model_dir)
-    gens = list(generate_continuous(model, tokenizer, questions, batch_size=2, max_new_tokens=4))
+    # with hidden states kept: their hooks must see only the rows' own forwards
+    gens = list(generate_continuous(model, tokenizer, questions, batch_size=2, max_new_tokens=4,
+                                    hidden=HiddenSpec(layers=(0, 1))))
     assert len(gens) == len(questions)
     assert_prompt_diagonal_matches_eager(model, [g.prompt_ids for g in gens], [g.completion_ids for g in gens],
                                          [g.capture for g in gens])
