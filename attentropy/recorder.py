@@ -233,7 +233,9 @@ class PromptDiagonal:
         """One layer's prefill call (the attention function's arguments); a decode step adds nothing."""
         n_q, n_k = query.shape[2], key.shape[2]
         n = n_q if self.last_row else n_q - 1
-        if n <= 0:
+        if n <= 0:  # (a prefill of one token a prompt: nothing to add, but the layer ran)
+            self.sums.setdefault(layer, torch.zeros(query.shape[:2], dtype=torch.float64, device=query.device))
+            self.rows.setdefault(layer, torch.zeros(query.shape[0], dtype=torch.long, device=query.device))
             return
         if attention_mask is None:
             raise RuntimeError("attentropy attention got no mask; register the mask function with the implementation")

@@ -74,6 +74,9 @@ def test_static_generation_records_the_prompt_rows_log_diagonal(tiny_model_dir):
     again = generate(model, tokenizer, questions[:2], max_new_tokens=4, record=True, prefix_store=store)[0]
     for a, g in zip(again, gens):
         np.testing.assert_allclose(a.capture.prompt_log_diag, g.capture.prompt_log_diag, atol=1e-4)
+    # one question alone: its prompt but the last token is the shared prefix, and the prefill has no other row
+    alone = generate(model, tokenizer, questions[2:3], max_new_tokens=4, record=True)[0]
+    assert_prompt_diagonal_matches_eager(model, [alone[0].prompt_ids], [alone[0].completion_ids], [alone[0].capture])
 
 
 def test_continuous_batching_records_the_prompt_rows_log_diagonal(tiny_model_dir):
