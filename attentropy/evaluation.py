@@ -227,9 +227,9 @@ def transfer_rows(train: Answers, test: Answers, name: str, *, n_boot: int, seed
     """Every answer detector fitted on all of `train` (per task) and scored on the answers of another run
     (hidden-state detectors only where both kept the same layers)."""
     rows = []
-    detectors = answer_detectors(train)
+    detectors = {m: d for m, d in answer_detectors(train).items() if d.available(test)}
     if not test.hidden or test.hidden_layers != train.hidden_layers:
-        detectors = {m: d for m, d in detectors.items() if not d.needs}
+        detectors = {m: d for m, d in detectors.items() if not {"hidden", "embeddings", "hidden_tokens"} & set(d.needs)}
     roles = _roles(detectors)
     kinds = kinds_of(train)
     for task in sorted(set(test.answers.task) & set(train.answers.task)):
