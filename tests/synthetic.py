@@ -68,7 +68,9 @@ def write_synthetic_run(path, *, benchmark="arith", labels=None, n_questions=60,
                           logit_entropy=rng.exponential(1.0, n).astype(np.float32),
                           logit_varentropy=rng.exponential(1.0, n).astype(np.float32), n_keys=n_keys)
         if prompt_diagonal:
-            capture.prompt_log_diag = -rng.exponential(2.0, (n_layers, n_heads)) * (prompt_len - 1)
+            # its own random stream: the runs' other data stay those the tests were written against
+            capture.prompt_log_diag = -np.random.default_rng([seed, i, 7]).exponential(2.0, (n_layers, n_heads)) * (
+                prompt_len - 1)
             capture.prompt_diag_rows = prompt_len - 1
         if hidden is not None:
             layers, width = hidden
