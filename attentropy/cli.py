@@ -52,8 +52,8 @@ def _grade(args) -> int:
 def _report(args) -> None:
     from .report import write_report
 
-    path = write_report(args.dirs, args.out, n_boot=args.n_boot, probe=args.probe, skip_damaged=args.skip_damaged,
-                        progress=not args.quiet)
+    path = write_report(args.dirs, args.out, interval=args.interval, n_boot=args.n_boot, probe=args.probe,
+                        skip_damaged=args.skip_damaged, progress=not args.quiet)
     print(f"report: {path.resolve()}")
 
 
@@ -185,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("dirs", nargs="+", metavar="DIR", help="graded run directories (several: side by side)")
     report.add_argument("--out", help="where report.html and figures/ go (default: DIR for one run, the runs' "
                                       "common parent for several)")
-    report.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates per interval")
+    report.add_argument("--interval", choices=["clustered", "bootstrap"], default="clustered",
+                        help="the contrasts' 95 %% intervals: clustered (default; Obuchowski's clustered-data AUROC "
+                             "variance with questions as clusters, no resampling) or bootstrap (percentile, "
+                             "resampling questions; slow on large runs)")
+    report.add_argument("--n-boot", type=int, default=1000, help="--interval bootstrap: replicates per interval")
     report.add_argument("--probe", help="an instrument (`attentropy fit`): adds the Instrument section")
     report.add_argument("--quiet", action="store_true")
     report.add_argument("--skip-damaged", action="store_true",

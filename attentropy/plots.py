@@ -72,7 +72,7 @@ def effect_heatmaps(a: Analysis, contrast: str, aggregation: str, out: Path, ste
 
 
 def layer_effects(a: Analysis, contrast: str, out: Path, stem: str) -> Path:
-    """AUROC per layer (mean over heads) with 95 % question-bootstrap intervals, one line per aggregation."""
+    """AUROC per layer (mean over heads) with 95 % intervals (questions the unit), one line per aggregation."""
     c = _contrast(a, contrast)
     rows = a.comparisons.query("contrast == @contrast and level == 'layer' and stat in @PROFILE_STATS "
                                "and control == 'none'")
@@ -90,14 +90,15 @@ def layer_effects(a: Analysis, contrast: str, out: Path, stem: str) -> Path:
         ax.set_ylim(0, 1)
     axes[0][0].set_ylabel(f"AUROC ({c.positive} higher → 1)")
     axes[0][0].legend(fontsize=7, title="aggregation (circle: q < 0.05)", title_fontsize=7)
-    fig.suptitle(f"{a.name}: {c.title} — per layer (mean over heads), 95 % CI resampling questions\n"
+    fig.suptitle(f"{a.name}: {c.title} — per layer (mean over heads), 95 % CI ({a.intervals.method}, "
+                 "questions as the unit)\n"
                  f"n = {c.n_positive} {c.positive} vs {c.n_negative} {c.negative} questions", fontsize=9)
     return _save(fig, rows, out, stem)
 
 
 def layer_profiles(a: Analysis, out: Path, stem: str) -> Path:
     """Per-layer mean (over answers, of each answer's mean over its tokens and the heads) per label group, with
-    95 % bootstrap intervals over answers."""
+    95 % intervals over answers."""
     fig, axes = plt.subplots(1, len(PROFILE_STATS), figsize=(4.2 * len(PROFILE_STATS), 3.6), squeeze=False,
                              layout="constrained")
     for ax, stat in zip(axes[0], PROFILE_STATS):
