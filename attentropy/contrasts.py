@@ -358,8 +358,10 @@ def reduce_stat(run, stat: str, answers: AnalysedAnswers, groups: list, first_k:
     [n_tokens, n_layers] for a statistic in LAYER_MEAN_STATS (else None)."""
     parts, per_layer = [], []
     for group in ([None] if stat in LOGIT_STATS else groups):
-        levels, layer_mean = reduce_layer_group(token_values(run, stat, group)[answers.token_rows], answers, first_k,
-                                                controls, live, intervals)
+        values = token_values(run, stat, group)
+        if len(answers.token_rows) < len(values):  # (the rows are increasing: as many is all of them, no copy)
+            values = values[answers.token_rows]
+        levels, layer_mean = reduce_layer_group(values, answers, first_k, controls, live, intervals)
         parts.append(levels)
         if layer_mean is not None:
             per_layer.append(layer_mean)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 from scipy import stats as sps
 
 from . import clustered_intervals
@@ -343,19 +344,21 @@ def answer_aggregates(values: np.ndarray, question_ids: np.ndarray, how: str = "
         raise ValueError(f"aggregation must be mean, max or first_k, got {how!r}")
     values = np.asarray(values)
     questions, first, index = np.unique(np.asarray(question_ids), return_index=True, return_inverse=True)
+    flat = values.reshape(len(values), -1)
     order = np.argsort(index, kind="stable")  # tokens grouped by question, answer order kept inside a group
     counts = np.bincount(index, minlength=len(questions))
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    grouped = values[order].reshape(len(values), -1)
-    if how == "first_k":
-        rank = np.arange(len(values)) - np.repeat(starts, counts)  # position of each token inside its answer
-        mask = rank < k
-        grouped, counts = grouped[mask], np.minimum(counts, k)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    if how == "max":
-        out = np.maximum.reduceat(grouped, starts, axis=0)
-    else:
-        out = np.add.reduceat(grouped, starts, axis=0) / counts[:, None]
+    if how == "max":  # one contiguous block per answer (numpy's reduceat along axis 0 is many times slower)
+        grouped = flat if (order == np.arange(len(order))).all() else flat[order]
+        out = np.stack([grouped[a:a + n].max(axis=0) for a, n in zip(starts, counts)])
+    else:  # a sparse [questions, tokens] matrix of averaging weights times the values, which stay where they are
+        rank = np.empty(len(order), np.int64)
+        rank[order] = np.arange(len(values)) - np.repeat(starts, counts)  # position of each token in its answer
+        used = rank < (k if how == "first_k" else len(values))
+        weight = (1.0 / np.minimum(counts, k if how == "first_k" else len(values)))[index]
+        averaging = sparse.csr_matrix((weight[used].astype(flat.dtype if flat.dtype.kind == "f" else np.float64),
+                                       (index[used], np.flatnonzero(used))), shape=(len(questions), len(values)))
+        out = np.asarray(averaging @ flat)
     rows = np.argsort(first)  # the run's question order
     return questions[rows], out[rows].reshape(len(questions), *values.shape[1:])
 

@@ -8,7 +8,13 @@ Benjamini-Hochberg survivors are the same (the p-values do not depend on the int
 every cell whose interval lies on the other side of no effect (AUROC 0.5, d 0) under one method and not the other,
 with its values.
 
+The bootstrap's bounds carry Monte Carlo error of their own (a 2.5 % quantile of 1,000 resamples moves by about a
+tenth of the standard error from one seed to the next): --noise-stats (default entropy) also analyses those statistics
+with the bootstrap from another seed, and prints the same agreement between the two bootstraps, the floor that no
+method can beat against one bootstrap.
+
     .venv/bin/python bench/intervals.py RUN_DIR [RUN_DIR ...] [--n-boot 1000] [--tolerance 0.01] [--out DIR]
+        [--noise-stats entropy]
 
 The run directories are only read; the reports go to --out (default: a temporary directory, removed at the end).
 """
@@ -44,8 +50,8 @@ def timed_report(run: Path, out: Path, interval: str, n_boot: int) -> dict:
     return {"seconds": time.perf_counter() - started, "peak_rss_gb": usage.ru_maxrss / 2 ** 20}
 
 
-def compare(boot, clus, tolerance: float) -> dict:
-    """Print the agreement of two comparisons tables; return its summary."""
+def compare(boot, clus, tolerance: float, names: tuple[str, str] = ("bootstrap", "clustered")) -> dict:
+    """Print the agreement of two comparisons tables (`names`: what they are); return its summary."""
     import numpy as np
 
     both = boot.merge(clus, on=KEYS, suffixes=("_boot", "_clus"), validate="one_to_one")
@@ -74,7 +80,7 @@ def compare(boot, clus, tolerance: float) -> dict:
             print(f"    {contrast:>28} {control:>18}: {row.cells:>6} cells, {row.within:6.1%} within, largest "
                   f"{row.largest:.4f}, n {row.n_positive} vs {row.n_negative}")
         worst = both.nlargest(5, f"{name}_diff")
-        print(f"    widest disagreements ({name}, [bootstrap] vs [clustered]):")
+        print(f"    widest disagreements ({name}, [{names[0]}] vs [{names[1]}]):")
         for _, r in worst.iterrows():
             print(f"      {cell(r)}: {r[value + '_boot']:.3f} "
                   f"[{r[lo + '_boot']:.3f}, {r[hi + '_boot']:.3f}] vs [{r[lo + '_clus']:.3f}, {r[hi + '_clus']:.3f}], "
@@ -83,8 +89,8 @@ def compare(boot, clus, tolerance: float) -> dict:
         flips = both[excludes["boot"] != excludes["clus"]]
         print(f"    cells whose interval excludes {null} under one method only: {len(flips)}")
         for _, r in flips.head(20).iterrows():
-            print(f"      {cell(r)}: bootstrap [{r[lo + '_boot']:.4f}, {r[hi + '_boot']:.4f}], clustered [{r[lo + '_clus']:.4f}, "
-                  f"{r[hi + '_clus']:.4f}], q {r.q_boot:.3g}")
+            print(f"      {cell(r)}: {names[0]} [{r[lo + '_boot']:.4f}, {r[hi + '_boot']:.4f}], {names[1]} "
+                  f"[{r[lo + '_clus']:.4f}, {r[hi + '_clus']:.4f}], q {r.q_boot:.3g}")
         summary[name] = {"within": float(within.mean()), "largest": float(diff.max()), "flips": len(flips)}
     return summary
 
@@ -95,8 +101,13 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--out", type=Path, help="keep the reports here (OUT/<run name>/<interval>)")
+    parser.add_argument("--noise-stats", default="entropy",
+                        help="statistics analysed again with the bootstrap from seed 1 (comma-separated; '' none)")
     args = parser.parse_args()
     import pandas as pd
+
+    from attentropy import load_run
+    from attentropy.contrasts import analyze_run
 
     root = args.out or Path(tempfile.mkdtemp(prefix="attentropy-intervals-"))
     try:
@@ -110,8 +121,21 @@ def main() -> None:
                 print(f"  report --interval {interval}: {times[interval]['seconds']:.1f} s, peak RSS "
                       f"{times[interval]['peak_rss_gb']:.2f} GB", flush=True)
             print(f"  speed-up: {times['bootstrap']['seconds'] / times['clustered']['seconds']:.2f}x")
+            print("  clustered against the bootstrap (seed 0):")
             summary = compare(tables["bootstrap"], tables["clustered"], args.tolerance)
             print(json.dumps({"run": str(run), "times": times, **summary}), flush=True)
+            if args.noise_stats:
+                stats = tuple(args.noise_stats.split(","))
+                other = analyze_run(load_run(run), interval="bootstrap", n_boot=args.n_boot, seed=1,
+                                    stats=stats).comparisons
+                print(f"  the noise floor: the bootstrap from seed 1 against seed 0 ({', '.join(stats)}), and the "
+                      "clustered intervals against seed 0 on the same cells:")
+                seed0 = tables["bootstrap"].merge(other[KEYS], on=KEYS)
+                noise = compare(seed0, other, args.tolerance, ("bootstrap seed 0", "bootstrap seed 1"))
+                print("  (clustered on the same cells)")
+                same_cells = compare(seed0, tables["clustered"].merge(other[KEYS], on=KEYS), args.tolerance)
+                print(json.dumps({"run": str(run), "noise_floor": noise, "clustered_same_cells": same_cells}),
+                      flush=True)
     finally:
         if args.out is None:
             shutil.rmtree(root, ignore_errors=True)
