@@ -35,6 +35,12 @@ def _save(fig, table: pd.DataFrame, out: Path, stem: str) -> Path:
     return path
 
 
+def _every(n: int, most: int = 32) -> np.ndarray:
+    """Tick positions 0..n-1, every one up to `most`, else evenly thinned (a 90B run has 80 layers x 64 heads, and
+    laying out thousands of tick labels was most of the time its report spent drawing)."""
+    return np.arange(0, n, -(-n // most))
+
+
 def _contrast(a: Analysis, key: str):
     return next(c for c in a.contrasts if c.key == key)
 
@@ -59,10 +65,10 @@ def effect_heatmaps(a: Analysis, contrast: str, aggregation: str, out: Path, ste
         ax.imshow(rgba, aspect="auto", interpolation="nearest")
         ax.set_title(f"{STAT_NAMES[stat]}\n{int(sig.to_numpy().sum())}/{sig.size} significant", fontsize=8)
         ax.set_xlabel("head")
-        ax.set_xticks(range(a.n_heads))
+        ax.set_xticks(_every(a.n_heads))
         ax.tick_params(labelsize=6)
     axes[0][0].set_ylabel("layer")
-    axes[0][0].set_yticks(range(len(a.layers)), a.layers)
+    axes[0][0].set_yticks(_every(len(a.layers)), np.asarray(a.layers)[_every(len(a.layers))])
     fig.colorbar(matplotlib.cm.ScalarMappable(norm, cmap), ax=axes[0].tolist(), shrink=0.8,
                  label=f"AUROC ({c.positive} higher → 1)")
     fig.suptitle(f"{a.name}: {c.title} — AUROC per layer × head, {aggregation} over answer tokens\n"

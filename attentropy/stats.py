@@ -351,14 +351,14 @@ def answer_aggregates(values: np.ndarray, question_ids: np.ndarray, how: str = "
     if how == "max":  # one contiguous block per answer (numpy's reduceat along axis 0 is many times slower)
         grouped = flat if (order == np.arange(len(order))).all() else flat[order]
         out = np.stack([grouped[a:a + n].max(axis=0) for a, n in zip(starts, counts)])
-    else:  # a sparse [questions, tokens] matrix of averaging weights times the values, which stay where they are
+    else:  # sums by a sparse [questions, tokens] indicator matrix times the values, which stay where they are
         rank = np.empty(len(order), np.int64)
         rank[order] = np.arange(len(values)) - np.repeat(starts, counts)  # position of each token in its answer
         used = rank < (k if how == "first_k" else len(values))
-        weight = (1.0 / np.minimum(counts, k if how == "first_k" else len(values)))[index]
-        averaging = sparse.csr_matrix((weight[used].astype(flat.dtype if flat.dtype.kind == "f" else np.float64),
-                                       (index[used], np.flatnonzero(used))), shape=(len(questions), len(values)))
-        out = np.asarray(averaging @ flat)
+        dtype = flat.dtype if flat.dtype.kind == "f" else np.float64
+        summing = sparse.csr_matrix((np.ones(int(used.sum()), dtype), (index[used], np.flatnonzero(used))),
+                                    shape=(len(questions), len(values)))
+        out = np.asarray(summing @ flat) / np.minimum(counts, k if how == "first_k" else len(values))[:, None]
     rows = np.argsort(first)  # the run's question order
     return questions[rows], out[rows].reshape(len(questions), *values.shape[1:])
 
