@@ -52,8 +52,8 @@ def _grade(args) -> int:
 def _report(args) -> None:
     from .report import write_report
 
-    path = write_report(args.dirs, args.out, interval=args.interval, n_boot=args.n_boot, probe=args.probe,
-                        skip_damaged=args.skip_damaged, progress=not args.quiet)
+    path = write_report(args.dirs, args.out, interval=args.interval, n_boot=args.n_boot, workers=args.workers,
+                        probe=args.probe, skip_damaged=args.skip_damaged, progress=not args.quiet)
     print(f"report: {path.resolve()}")
 
 
@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                              "variance with questions as clusters, no resampling) or bootstrap (percentile, "
                              "resampling questions; slow on large runs)")
     report.add_argument("--n-boot", type=int, default=1000, help="--interval bootstrap: replicates per interval")
+    report.add_argument("--workers", type=int, help="groups of layers analysed at once, on threads (default: one "
+                                                      "per core; each holds one group's values, ~256 MB)")
     report.add_argument("--probe", help="an instrument (`attentropy fit`): adds the Instrument section")
     report.add_argument("--quiet", action="store_true")
     report.add_argument("--skip-damaged", action="store_true",

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -12,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from .clustered_intervals import wald_interval
+from .clustered_intervals import threads, wald_interval
 from .contrast_controls import (PositionFit, answer_strata, has_digit, length_bins, position_effects, position_fit,
                                 position_reference, template_tokens, window_differences, wrong_moment_windows)
 from .stats import (WINDOW, Comparison, Intervals, answer_aggregates, benjamini_hochberg, compare_answers,
@@ -352,19 +353,26 @@ def join_layer_groups(parts: list[dict[str, LevelValues]]) -> dict[str, LevelVal
 
 
 def reduce_stat(run, stat: str, answers: AnalysedAnswers, groups: list, first_k: int, controls: TokenControls,
-                live: list[TokenContrast], intervals: Intervals) -> tuple[dict[str, LevelValues], np.ndarray | None]:
+                live: list[TokenContrast], intervals: Intervals, workers: int = 1
+                ) -> tuple[dict[str, LevelValues], np.ndarray | None]:
     """`reduce_layer_group` of a statistic over all of the run's layers, read one group of `groups` at a time
-    (`Run.layer_groups`; a logit statistic at once), joined; and its per-token mean over heads of every layer
-    [n_tokens, n_layers] for a statistic in LAYER_MEAN_STATS (else None)."""
-    parts, per_layer = [], []
-    for group in ([None] if stat in LOGIT_STATS else groups):
+    (`Run.layer_groups`; a logit statistic at once), `workers` groups at once on threads (reading and numpy's work
+    release the GIL), joined in order; and its per-token mean over heads of every layer [n_tokens, n_layers] for a
+    statistic in LAYER_MEAN_STATS (else None)."""
+    def reduce_group(group):
         values = token_values(run, stat, group)
         if len(answers.token_rows) < len(values):  # (the rows are increasing: as many is all of them, no copy)
             values = values[answers.token_rows]
-        levels, layer_mean = reduce_layer_group(values, answers, first_k, controls, live, intervals)
-        parts.append(levels)
-        if layer_mean is not None:
-            per_layer.append(layer_mean)
+        return reduce_layer_group(values, answers, first_k, controls, live, intervals)
+
+    todo = [None] if stat in LOGIT_STATS else groups
+    if workers > 1 and len(todo) > 1:
+        with ThreadPoolExecutor(min(workers, len(todo))) as pool:
+            reduced = list(pool.map(reduce_group, todo))
+    else:
+        reduced = [reduce_group(group) for group in todo]
+    parts = [levels for levels, _ in reduced]
+    per_layer = [layer_mean for _, layer_mean in reduced if layer_mean is not None]
     return join_layer_groups(parts), (np.concatenate(per_layer, axis=1) if per_layer and stat in LAYER_MEAN_STATS
                                       else None)
 
@@ -456,14 +464,15 @@ def compare_answer_lengths(live: list[AnswerContrast], lengths: pd.Series, layer
 
 
 def analyze_run(run, *, interval: str = "clustered", n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
-                first_k: int = FIRST_K, stats: tuple[str, ...] | None = None, read_bytes: int = READ_BYTES
-                ) -> Analysis:
+                first_k: int = FIRST_K, stats: tuple[str, ...] | None = None, read_bytes: int = READ_BYTES,
+                workers: int | None = None) -> Analysis:
     """The three contrasts of the study on a graded run (`attentropy grade` first): answer-level contrasts for
     every statistic per layer x head and per layer (mean over heads) under each aggregation, and, for math,
     the critic's wrong moment vs nearby tokens and after vs before it (token level, position-matched).
     Attention statistics are read in groups of layers of about `read_bytes` (`Run.layer_groups`): memory holds the
     run's tokens table, one group's values and the per-answer reductions, whatever the number of layers; the
-    results are those of reading everything at once. Intervals: `interval` (`stats.INTERVAL_METHODS`; `n_boot`
+    results are those of reading everything at once; `workers` groups at once (default: one per core this process
+    may use), each holding its values. Intervals: `interval` (`stats.INTERVAL_METHODS`; `n_boot`
     and `seed` for the bootstrap).
     An ungraded run (free prompts, or a benchmark run not graded yet) gets everything that needs no labels: its
     answers form one group, `ungraded`, with profiles and per-token values, and no contrasts (`graded` False).
@@ -492,7 +501,7 @@ def analyze_run(run, *, interval: str = "clustered", n_boot: int = 1000, seed: i
         stat_intervals = replace(intervals, seed=seed + s)
         levels, layer_mean = reduce_stat(run, stat, answers, groups, first_k,
                                          token_control if stat in CONTROLLED_STATS else NO_TOKEN_CONTROLS, live_token,
-                                         stat_intervals)
+                                         stat_intervals, workers or threads())
         if layer_mean is not None:
             layer_means[stat] = layer_mean
         answer_means[stat] = levels["token" if "token" in levels else "layer"].aggregates["mean"]
