@@ -53,7 +53,7 @@ def _report(args) -> None:
     from .report import write_report
 
     path = write_report(args.dirs, args.out, interval=args.interval, n_boot=args.n_boot, workers=args.workers,
-                        probe=args.probe, skip_damaged=args.skip_damaged, progress=not args.quiet)
+                        ray=args.ray, probe=args.probe, skip_damaged=args.skip_damaged, progress=not args.quiet)
     print(f"report: {path.resolve()}")
 
 
@@ -192,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--n-boot", type=int, default=1000, help="--interval bootstrap: replicates per interval")
     report.add_argument("--workers", type=int, help="groups of layers analysed at once, on threads (default: one "
                                                       "per core; each holds one group's values, ~256 MB)")
+    report.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                        help="spread the groups of layers over Ray (pip install 'attentropy[ray]'): a local cluster, "
+                             "the one RAY_ADDRESS names, or ADDRESS; the run directory must be on a file system every "
+                             "node reads")
     report.add_argument("--probe", help="an instrument (`attentropy fit`): adds the Instrument section")
     report.add_argument("--quiet", action="store_true")
     report.add_argument("--skip-damaged", action="store_true",

@@ -352,25 +352,51 @@ def join_layer_groups(parts: list[dict[str, LevelValues]]) -> dict[str, LevelVal
                                join(level, "adjusted_comparisons", concat_comparisons)) for level in parts[0]}
 
 
-def reduce_stat(run, stat: str, answers: AnalysedAnswers, groups: list, first_k: int, controls: TokenControls,
-                live: list[TokenContrast], intervals: Intervals, workers: int = 1
-                ) -> tuple[dict[str, LevelValues], np.ndarray | None]:
-    """`reduce_layer_group` of a statistic over all of the run's layers, read one group of `groups` at a time
-    (`Run.layer_groups`; a logit statistic at once), `workers` groups at once on threads (reading and numpy's work
-    release the GIL), joined in order; and its per-token mean over heads of every layer [n_tokens, n_layers] for a
-    statistic in LAYER_MEAN_STATS (else None)."""
-    def reduce_group(group):
-        values = token_values(run, stat, group)
-        if len(answers.token_rows) < len(values):  # (the rows are increasing: as many is all of them, no copy)
-            values = values[answers.token_rows]
-        return reduce_layer_group(values, answers, first_k, controls, live, intervals)
+def reduce_group(run, stat: str, group: list[int] | None, answers: AnalysedAnswers, first_k: int,
+                 controls: TokenControls, live: list[TokenContrast], intervals: Intervals
+                 ) -> tuple[dict[str, LevelValues], np.ndarray | None]:
+    """`reduce_layer_group` of one group of layers of a statistic (None: all, or a logit statistic), read here."""
+    values = token_values(run, stat, group)
+    if len(answers.token_rows) < len(values):  # (the rows are increasing: as many is all of them, no copy)
+        values = values[answers.token_rows]
+    return reduce_layer_group(values, answers, first_k, controls, live, intervals)
 
+
+class RayGroups:
+    """Groups of layers reduced as Ray tasks (`analyze_run(..., ray=ADDRESS)`, `attentropy report --ray`): the run
+    and its contrasts go into the object store once; each task reads its group from the run directory (a shared file
+    system across machines) and returns its reductions, in order."""
+
+    def __init__(self, address: str | None, run, answers: AnalysedAnswers, live: list[TokenContrast]):
+        from .parallel import _ray
+
+        ray = _ray()
+        if not ray.is_initialized():
+            ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+        self.ray, self.task = ray, ray.remote(reduce_group)
+        self.run, self.answers, self.live = ray.put(run), ray.put(answers), ray.put(live)
+
+    def map(self, stat: str, groups: list, first_k: int, controls: TokenControls, intervals: Intervals) -> list:
+        return self.ray.get([self.task.remote(self.run, stat, group, self.answers, first_k, controls, self.live,
+                                              intervals) for group in groups])
+
+
+def reduce_stat(run, stat: str, answers: AnalysedAnswers, groups: list, first_k: int, controls: TokenControls,
+                live: list[TokenContrast], intervals: Intervals, workers: int = 1, ray: RayGroups | None = None
+                ) -> tuple[dict[str, LevelValues], np.ndarray | None]:
+    """`reduce_group` of a statistic over all of the run's layers, one group of `groups` at a time
+    (`Run.layer_groups`; a logit statistic at once), `workers` groups at once on threads (reading and numpy's work
+    release the GIL) or as tasks on `ray`, joined in order; and its per-token mean over heads of every layer
+    [n_tokens, n_layers] for a statistic in LAYER_MEAN_STATS (else None)."""
     todo = [None] if stat in LOGIT_STATS else groups
-    if workers > 1 and len(todo) > 1:
+    if ray is not None and len(todo) > 1:
+        reduced = ray.map(stat, todo, first_k, controls, intervals)
+    elif workers > 1 and len(todo) > 1:
         with ThreadPoolExecutor(min(workers, len(todo))) as pool:
-            reduced = list(pool.map(reduce_group, todo))
+            reduced = list(pool.map(lambda g: reduce_group(run, stat, g, answers, first_k, controls, live, intervals),
+                                    todo))
     else:
-        reduced = [reduce_group(group) for group in todo]
+        reduced = [reduce_group(run, stat, g, answers, first_k, controls, live, intervals) for g in todo]
     parts = [levels for levels, _ in reduced]
     per_layer = [layer_mean for _, layer_mean in reduced if layer_mean is not None]
     return join_layer_groups(parts), (np.concatenate(per_layer, axis=1) if per_layer and stat in LAYER_MEAN_STATS
@@ -465,14 +491,15 @@ def compare_answer_lengths(live: list[AnswerContrast], lengths: pd.Series, layer
 
 def analyze_run(run, *, interval: str = "clustered", n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
                 first_k: int = FIRST_K, stats: tuple[str, ...] | None = None, read_bytes: int = READ_BYTES,
-                workers: int | None = None) -> Analysis:
+                workers: int | None = None, ray: str | None = None) -> Analysis:
     """The three contrasts of the study on a graded run (`attentropy grade` first): answer-level contrasts for
     every statistic per layer x head and per layer (mean over heads) under each aggregation, and, for math,
     the critic's wrong moment vs nearby tokens and after vs before it (token level, position-matched).
     Attention statistics are read in groups of layers of about `read_bytes` (`Run.layer_groups`): memory holds the
     run's tokens table, one group's values and the per-answer reductions, whatever the number of layers; the
     results are those of reading everything at once; `workers` groups at once (default: one per core this process
-    may use), each holding its values. Intervals: `interval` (`stats.INTERVAL_METHODS`; `n_boot`
+    may use), each holding its values; with `ray` (an address, "" for a local cluster or RAY_ADDRESS's) as Ray
+    tasks instead, the same tables. Intervals: `interval` (`stats.INTERVAL_METHODS`; `n_boot`
     and `seed` for the bootstrap).
     An ungraded run (free prompts, or a benchmark run not graded yet) gets everything that needs no labels: its
     answers form one group, `ungraded`, with profiles and per-token values, and no contrasts (`graded` False).
@@ -494,6 +521,7 @@ def analyze_run(run, *, interval: str = "clustered", n_boot: int = 1000, seed: i
                      if any(stat in CONTROLLED_STATS for stat in stats) else NO_TOKEN_CONTROLS)
     groups = [None] if all(stat in LOGIT_STATS for stat in stats) else run.layer_groups(read_bytes)
 
+    ray_groups = RayGroups(ray, run, answers, live_token) if ray is not None else None
     tables, profile_tables = [], []
     layer_means: dict[str, np.ndarray] = {}
     answer_means: dict[str, np.ndarray] = {}
@@ -501,7 +529,7 @@ def analyze_run(run, *, interval: str = "clustered", n_boot: int = 1000, seed: i
         stat_intervals = replace(intervals, seed=seed + s)
         levels, layer_mean = reduce_stat(run, stat, answers, groups, first_k,
                                          token_control if stat in CONTROLLED_STATS else NO_TOKEN_CONTROLS, live_token,
-                                         stat_intervals, workers or threads())
+                                         stat_intervals, workers or threads(), ray_groups)
         if layer_mean is not None:
             layer_means[stat] = layer_mean
         answer_means[stat] = levels["token" if "token" in levels else "layer"].aggregates["mean"]

@@ -27,14 +27,15 @@ VIEWER_STATS = ("entropy", "varentropy", "entropy_norm", *LOGIT_STATS, "confiden
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, interval: str = "clustered",
-                 n_boot: int = 1000, seed: int = 0, workers: int | None = None, probe: str | Path | None = None,
-                 skip_damaged: bool = False, progress: bool = True) -> Path:
+                 n_boot: int = 1000, seed: int = 0, workers: int | None = None, ray: str | None = None,
+                 probe: str | Path | None = None, skip_damaged: bool = False, progress: bool = True) -> Path:
     """Analyse each graded run and write `out`/report.html and `out`/figures/. `out` defaults to the run
     directory itself for one run, and to the runs' common parent directory for several. `probe`: an instrument
     directory (`attentropy fit`), whose evaluation becomes the report's Instrument section; the token viewer then
     colours tokens by its confidences (out of fold for the runs it was fitted on). `interval`: the contrasts'
     interval method (`stats.INTERVAL_METHODS`; `n_boot`, `seed`: the bootstrap's); `workers`: groups of layers
-    analysed at once (default: one per core)."""
+    analysed at once (default: one per core), or `ray` (an address; "": a local cluster) to spread them over a Ray
+    cluster."""
     run_dirs = [Path(d) for d in run_dirs]
     parent = Path(os.path.commonpath([d.resolve() for d in run_dirs]))
     # a run's name: its directory's name, or with several runs its path below their common parent
@@ -45,7 +46,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, i
         if progress:
             print(f"[report] analysing {run_dir}")
         run = load_run(run_dir, skip_damaged=skip_damaged)
-        a = analyze_run(run, interval=interval, n_boot=n_boot, seed=seed, workers=workers)
+        a = analyze_run(run, interval=interval, n_boot=n_boot, seed=seed, workers=workers, ray=ray)
         a.name = name
         if probe is not None:
             attach_out_of_fold_confidence(a, probe, run)
