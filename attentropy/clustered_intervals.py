@@ -189,13 +189,13 @@ def cohens_d_se(values: np.ndarray, positive: np.ndarray, clusters: np.ndarray |
 
 def auroc_interval(theta: np.ndarray, se: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
     """Wald interval of an AUROC on the logit scale: logit(theta) +- z se / (theta (1 - theta)), mapped back;
-    [theta, theta] where theta is 0 or 1."""
+    [theta, theta] where theta is 0 or 1 (every pair ordered: the variance is 0), NaN where the variance is."""
     z = sps.norm.ppf(0.5 + level / 2)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         logit = np.log(theta / (1 - theta))
         half = z * se / (theta * (1 - theta))
         lo, hi = 1 / (1 + np.exp(-(logit - half))), 1 / (1 + np.exp(-(logit + half)))
-    edge = (theta <= 0) | (theta >= 1) | ~np.isfinite(half)
+    edge = ((theta <= 0) | (theta >= 1)) & np.isfinite(se)
     return np.where(edge, theta, lo), np.where(edge, theta, hi)
 
 

@@ -130,3 +130,12 @@ def test_cohens_d_standard_error_matches_the_textbook_formula_for_normal_samples
     se = ci.cohens_d_se(x, positive)
     textbook = np.sqrt(1 / n1 + 1 / n0 + 0.5 ** 2 / (2 * (n1 + n0)))
     assert abs(se.mean() / textbook - 1) < 0.03
+
+
+def test_interval_edges():
+    lo, hi = ci.auroc_interval(np.array([1.0, 0.0, 0.5, 0.7]), np.array([0.0, 0.0, np.nan, 0.05]))
+    assert lo[:2].tolist() == [1.0, 0.0] and hi[:2].tolist() == [1.0, 0.0]
+    assert np.isnan(lo[2]) and np.isnan(hi[2])
+    # logit scale: asymmetric about 0.7, longer towards 0.5, inside (0, 1)
+    assert 0 < lo[3] < 0.7 < hi[3] < 1 and 0.7 - lo[3] > hi[3] - 0.7
+    assert np.isclose(ci.wald_interval(np.array([0.3]), np.array([0.1]))[0][0], 0.3 - 1.959964 * 0.1)
