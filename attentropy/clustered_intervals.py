@@ -40,7 +40,7 @@ from scipy import sparse
 from scipy import stats as sps
 
 LEVEL = 0.95
-CHUNK_ELEMENTS = 1 << 22  # values x cells handled at once per thread (each array of a chunk: 32 MB at float64)
+CHUNK_ELEMENTS = 1 << 21  # values x cells handled at once per thread (each array of a chunk: 16 MB at float64)
 REFERENCE = ("Obuchowski (1997), Biometrics 53:567-578: the nonparametric variance of the AUROC for clustered data "
              "(DeLong's, with questions as clusters), logit-scale Wald intervals; Cohen's d: the cluster-robust "
              "delta-method variance")
