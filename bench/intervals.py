@@ -54,6 +54,8 @@ def compare(boot, clus, tolerance: float, names: tuple[str, str] = ("bootstrap",
     """Print the agreement of two comparisons tables (`names`: what they are); return its summary."""
     import numpy as np
 
+    from attentropy.contrasts import MIN_QUESTIONS_TO_CONCLUDE
+
     both = boot.merge(clus, on=KEYS, suffixes=("_boot", "_clus"), validate="one_to_one")
     if len(both) != len(boot) or len(both) != len(clus):
         raise SystemExit(f"the two reports hold different cells ({len(boot)} and {len(clus)}, {len(both)} shared)")
@@ -72,6 +74,10 @@ def compare(boot, clus, tolerance: float, names: tuple[str, str] = ("bootstrap",
         within = diff <= tolerance
         print(f"  {name} bounds: {int(within.sum())} of {len(both)} cells within ±{tolerance} ({within.mean():.1%}); "
               f"largest difference {diff.max():.4f}, median {diff.median():.4f}")
+        conclusive = np.minimum(both.n_positive_boot, both.n_negative_boot) >= MIN_QUESTIONS_TO_CONCLUDE
+        print(f"    of the cells whose groups hold {MIN_QUESTIONS_TO_CONCLUDE} questions or more (the report concludes "
+              f"from these): {int(within[conclusive].sum())} of {int(conclusive.sum())} "
+              f"({within[conclusive].mean():.1%}), largest difference {diff[conclusive].max():.4f}")
         table = both.assign(within=within).groupby(["contrast", "control"], sort=False).agg(
             cells=("within", "size"), within=("within", "mean"), largest=(f"{name}_diff", "max"),
             n_positive=("n_positive_boot", "min"), n_negative=("n_negative_boot", "min"))
@@ -91,7 +97,9 @@ def compare(boot, clus, tolerance: float, names: tuple[str, str] = ("bootstrap",
         for _, r in flips.head(20).iterrows():
             print(f"      {cell(r)}: {names[0]} [{r[lo + '_boot']:.4f}, {r[hi + '_boot']:.4f}], {names[1]} "
                   f"[{r[lo + '_clus']:.4f}, {r[hi + '_clus']:.4f}], q {r.q_boot:.3g}")
-        summary[name] = {"within": float(within.mean()), "largest": float(diff.max()), "flips": len(flips)}
+        summary[name] = {"within": float(within.mean()), "largest": float(diff.max()), "flips": len(flips),
+                         "within_conclusive": float(within[conclusive].mean()),
+                         "largest_conclusive": float(diff[conclusive].max())}
     return summary
 
 
