@@ -115,10 +115,10 @@ def interval_sentence(intervals: Intervals) -> str:
                 "all its tokens; within each group for answer contrasts); profiles likewise.")
     return ("95 %, with <b>questions</b> as independent clusters and no resampling: the AUROC's from the "
             "nonparametric variance for clustered data (Obuchowski NA, <i>Nonparametric analysis of clustered ROC "
-            "curve data</i>, Biometrics 53:567–578, 1997; DeLong et al. 1988 where each question is one unit), a Wald "
-            "interval on the logit scale; Cohen's d's from the cluster-robust delta-method variance; profiles: mean "
-            "± 1.96 standard errors over answers. <code>attentropy report --interval bootstrap</code> gives the "
-            "percentile bootstrap of resampled questions instead.")
+            "curve data</i>, Biometrics 53:567–578, 1997; DeLong et al., Biometrics 44:837–845, 1988, where each "
+            "question is one unit), a Wald interval on the logit scale; Cohen's d's from the cluster-robust "
+            "delta-method variance; profiles: mean ± 1.96 standard errors over answers. <code>attentropy report "
+            "--interval bootstrap</code> gives the percentile bootstrap of resampled questions instead.")
 
 
 def _fmt_cell(row) -> str:
