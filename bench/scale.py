@@ -135,7 +135,8 @@ def step(name: str, path: Path) -> dict:
 
 
 def measured(argv: list[str]) -> dict:
-    """Run a child process; its result (JSON on its last stdout line, if any), time and peak RSS (wait4)."""
+    """Run a child process; its result (JSON on its last stdout line, if any), wall time, CPU time (user + system:
+    the work done, which other load on the machine does not inflate) and peak RSS (wait4)."""
     started = time.perf_counter()
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     out = child.stdout.read()
@@ -145,7 +146,8 @@ def measured(argv: list[str]) -> dict:
         raise SystemExit(f"{' '.join(map(str, argv))} failed with exit code {child.returncode}")
     lines = out.strip().splitlines()
     result = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
-    return {"wall_seconds": time.perf_counter() - started, "peak_rss_gb": usage.ru_maxrss / 2 ** 20, **result}
+    return {"wall_seconds": time.perf_counter() - started, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "peak_rss_gb": usage.ru_maxrss / 2 ** 20, **result}
 
 
 def main() -> None:
@@ -197,7 +199,7 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     print(f"\n90B text shape: {len(LAYERS)} recorded layers of {N_LAYERS}, {N_HEADS} heads, float16; report: "
           f"clustered intervals (the default); previous: --interval bootstrap --n-boot {args.previous_n_boot}")
-    print(f"{'answers':>8} {'tokens':>9} {'step':>10} {'seconds':>9} {'µs/token':>9} {'peak RSS':>9}")
+    print(f"{'answers':>8} {'tokens':>9} {'step':>10} {'seconds':>9} {'µs/token':>9} {'peak RSS':>9} {'CPU s':>8}")
     for row in rows:
         if "write_s" in row:
             print(f"{row['answers']:>8} {row['tokens']:>9} {'write':>10} {row['write_s']:>9.1f} "
@@ -219,7 +221,7 @@ def main() -> None:
                     speedup = s / row["report"]["wall_seconds"] if "report" in row else None
                     extra = f"   (the whole command): the default report is {speedup:.1f}x faster" if speedup else ""
                 print(f"{row['answers']:>8} {row['tokens']:>9} {name:>10} {s:>9.1f} {1e6 * s / row['tokens']:>9.1f} "
-                      f"{r['peak_rss_gb']:>7.2f} GB{extra}")
+                      f"{r['peak_rss_gb']:>7.2f} GB {r['cpu_seconds']:>8.1f}{extra}")
 
 
 if __name__ == "__main__":
