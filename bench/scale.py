@@ -134,6 +134,13 @@ def step(name: str, path: Path) -> dict:
     raise ValueError(name)
 
 
+def stored_tokens(path: Path) -> int:
+    """The tokens of a run directory, from its tokens parts' Parquet metadata (no `load_run`)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in (path / "tokens").glob("*.parquet"))
+
+
 def measured(argv: list[str]) -> dict:
     """Run a child process; its result (JSON on its last stdout line, if any), wall time, CPU time (user + system:
     the work done, which other load on the machine does not inflate) and peak RSS (wait4)."""
@@ -191,7 +198,7 @@ def main() -> None:
             previous_sizes = args.previous_sizes.split(",") if args.previous_sizes else args.sizes.split(",")
             if "previous" in steps and float(fraction) in map(float, previous_sizes):
                 row["previous"] = measured(report + ["--interval", "bootstrap", "--n-boot", str(args.previous_n_boot)])
-            row.setdefault("tokens", row.get("load", {}).get("tokens"))
+            row.setdefault("tokens", row.get("load", {}).get("tokens") or stored_tokens(path))
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
