@@ -60,8 +60,8 @@ def _grade(args) -> int:
 def _report(args) -> None:
     from .report import write_report
 
-    path = write_report(args.dirs, args.out, n_boot=args.n_boot, probe=args.probe, skip_damaged=args.skip_damaged,
-                        progress=not args.quiet)
+    path = write_report(args.dirs, args.out, interval=args.interval, n_boot=args.n_boot, workers=args.workers,
+                        ray=args.ray, probe=args.probe, skip_damaged=args.skip_damaged, progress=not args.quiet)
     print(f"report: {path.resolve()}")
 
 
@@ -196,7 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("dirs", nargs="+", metavar="DIR", help="graded run directories (several: side by side)")
     report.add_argument("--out", help="where report.html and figures/ go (default: DIR for one run, the runs' "
                                       "common parent for several)")
-    report.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates per interval")
+    report.add_argument("--interval", choices=["clustered", "bootstrap"], default="clustered",
+                        help="the contrasts' 95 %% intervals: clustered (default; Obuchowski's clustered-data AUROC "
+                             "variance with questions as clusters, no resampling) or bootstrap (percentile, "
+                             "resampling questions; slow on large runs)")
+    report.add_argument("--n-boot", type=int, default=1000, help="--interval bootstrap: replicates per interval")
+    report.add_argument("--workers", type=int, help="groups of layers analysed at once, on threads (default: one "
+                                                      "per core; each holds one group's values, ~256 MB)")
+    report.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                        help="spread the groups of layers over Ray (pip install 'attentropy[ray]'): a local cluster, "
+                             "the one RAY_ADDRESS names, or ADDRESS; the run directory must be on a file system every "
+                             "node reads")
     report.add_argument("--probe", help="an instrument (`attentropy fit`): adds the Instrument section")
     report.add_argument("--quiet", action="store_true")
     report.add_argument("--skip-damaged", action="store_true",
