@@ -172,6 +172,8 @@ def leave_one_out(a: Answers, rows: np.ndarray, *, by: str = "kind", detectors: 
         test = rows[held == left_out]
         if min((y[train] == 1).sum(), (y[train] == 0).sum()) < 2 * INNER_FOLDS:
             continue
+        if min((y[test] == 1).sum(), (y[test] == 0).sum()) < MIN_PER_CLASS_HELD_OUT:
+            continue  # too small to measure on: reported as such by held_out_mean_rows, nothing fitted for it
         for name, d in detectors.items():
             if progress:
                 progress(f"leave out {left_out}: {name}")
@@ -190,15 +192,15 @@ def held_out_mean_rows(task: str, by: str, predictions: pd.DataFrame, answers: p
     rows, per_kind, point = [], [], []
     for left_out in np.unique(held):
         m = (held == left_out) & (y >= 0)
-        if predictions.loc[answers.index[m]].isna().all().all():
-            continue
         n_pos, n_neg = int((y[m] == 1).sum()), int((y[m] == 0).sum())
         if min(n_pos, n_neg) < MIN_PER_CLASS_HELD_OUT:
             rows.append(_row(task, f"leave_one_{by}_out_too_small", left_out, "", "", "auroc", np.nan,
                              n_pos=n_pos, n_neg=n_neg))
             continue
+        conf = predictions.reindex(answers.index[m])
+        if conf.isna().all().all():
+            continue
         weights = stats.group_counts(groups[m], n_boot, seed)
-        conf = predictions.loc[answers.index[m]]
         per_kind.append({meth: confidence_metrics.weighted_auroc_rows(conf[meth].to_numpy(float), y[m] == 1, weights)
                          for meth in conf})
         point.append({meth: confidence_metrics.weighted_auroc_rows(conf[meth].to_numpy(float), y[m] == 1,
@@ -401,9 +403,9 @@ def evaluate(a: Answers, task: str, *, n_boot: int = 1000, seed: int = 0, progre
     for source in np.unique(answers.source.to_numpy()):
         out += held_out_rows("source", loso, source)
     for by, predictions in (("kind", loko), ("source", loso)):
-        if len(predictions):
-            out += held_out_mean_rows(task, by, predictions.loc[rows[lab]], answers[lab], roles, n_boot=n_boot,
-                                      seed=seed)
+        if len(predictions) or by == "kind":
+            out += held_out_mean_rows(task, by, predictions.reindex(rows[lab]), answers[lab], roles,
+                                      n_boot=n_boot, seed=seed)
     if len(np.unique(kinds)) > 1:
         out += stratified_rows(task, cv.answer[lab], y[lab], kinds[lab], groups[lab], roles, n_boot=n_boot,
                                seed=seed)
