@@ -150,3 +150,5 @@ def test_difficulty_keeps_the_kinds_of_those_steps():
         make_arith(3, kinds=["add", "nope"])
     with pytest.raises(ValueError, match="8 problems per kind"):
         make_arith(9 * len(KINDS), split="train")
+    with pytest.raises(DataError, match="kind conversion .* fewer than 708 distinct problems"):
+        make_arith(700, kinds=["conversion"])  # 9 units x 4 things x 8 amounts x 2 directions: 576
