@@ -179,7 +179,7 @@ def test_shared_prefix_batching_generates_what_each_prompt_generates_alone(embed
 
     monkeypatch.setattr(growing_layer_class(), "spare", 5)  # the cache's buffers grow several times
     model, tokenizer, _ = embedded
-    questions = make_arith(3, difficulty=1)
+    questions = make_arith(3, kinds=["add"])  # one kind: its exemplars are the shared prefix
     prompts = [prompt_ids(tokenizer, q, shots=2) for q in questions]
     assert common_prefix_len(prompts) > 200  # system prompt + 2 exemplars + the protocol's opening words
     store = PrefixStore()
