@@ -316,15 +316,16 @@ class Kind:
 KINDS = {k.name: k for k in [
     Kind("add", "items, then some more", (1,), _add),
     Kind("sub", "items, then some given away", (1,), _sub),
-    Kind("mul", "items, then twice or three times as many", (1,), _mul),
-    Kind("div", "items split equally into bags", (1,), _div),
+    Kind("mul", "items, then 3-6 times as many", (1,), _mul),
+    Kind("div", "items split equally into 3-8 bags", (1,), _div),
     Kind("rate", "an amount per hour or day: in a time, or the time for an amount", (1,), _rate),
-    Kind("percent", "a percentage of a whole", (1,), _percent),
+    Kind("percent", "10, 20, 25, 50 or 75 % of a whole", (1,), _percent),
     Kind("conversion", "a length, duration or weight in another unit", (1,), _conversion),
     Kind("comparison", "how many more: one quantity k times another", (2,), _comparison),
     Kind("duration", "minutes in hours and minutes, or between clock times", (2,), _duration),
     Kind("date", "the day of the next month some days after a date", (2,), _date),
-    Kind("several_steps", "items changed several times (today's chains)", (3, 2, 4), _several),
+    # 2 steps by default: at 3 the embedded model is right on 2 of 30 (at 2: 6 of 30)
+    Kind("several_steps", "items changed several times (today's chains)", (2, 3, 4), _several),
 ]}
 
 _STATED_WORDS = {w: i for i, w in enumerate(
