@@ -354,7 +354,7 @@ def variants(difficulty: int | str | None = None, kinds: list[str] | None = None
     range."""
     unknown = sorted(set(kinds or []) - set(KINDS))
     if unknown or kinds is not None and not kinds:
-        raise DataError(f"unknown arith kind(s) {', '.join(unknown) or '(none given)'}; the kinds are "
+        raise DataError(f"unknown arith kind(s) {', '.join(unknown) or '(none given)'}; known kinds: "
                         f"{', '.join(KINDS)}")
     chosen = [k for k in KINDS.values() if kinds is None or k.name in kinds]  # in the suite's order
     if difficulty is None:

@@ -12,6 +12,13 @@ from .instrument import InstrumentError
 from .model import ALIASES, DEFAULT_MODEL, ModelLoadError
 
 
+def _kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    if not kinds:
+        raise argparse.ArgumentTypeError("expected one kind or several separated by commas")
+    return kinds
+
+
 def _run(args) -> None:
     import torch
 
@@ -28,7 +35,8 @@ def _run(args) -> None:
         attn_dtype=args.attn_dtype, probe=args.probe, hidden_layers=args.hidden_layers,
         hidden_token_layers=args.hidden_token_layers, raw=args.raw, batching=args.batching,
         max_batch_tokens=args.max_batch_tokens, ray=args.ray, workers=args.workers,
-        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, progress=not args.quiet)
+        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, kinds=args.kinds,
+        progress=not args.quiet)
     print(format_summary(summary))
 
 
@@ -132,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--temperature", type=float, default=1.0)
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int, default=0, help="suite generation and sampling seed")
+    run.add_argument("--kinds", type=_kinds, metavar="A,B,..", help="facts / arith: only the questions of these "
+                     "kinds, taken in turn (an unknown kind is an error listing the known ones); facts default: "
+                     "the kinds the README's facts section keeps")
     run.add_argument("--difficulty", type=parse_difficulty,
                      help="arith: calculation steps per problem, 1-4, or a range such as 1-3 (problems cycle through "
                      "the kinds' step counts in it; default: every kind at its own)")

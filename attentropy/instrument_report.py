@@ -227,15 +227,17 @@ def instrument_findings(rows, summary: dict) -> list[str]:
         lines.append(f"Within the kinds with at least {MIN_PER_CLASS} correct and {MIN_PER_CLASS} incorrect "
                      f"answers the instrument is above every logit, kind and length baseline in {sum(wins)} of "
                      f"{len(wins)}.")
-    loko = rows.query("evaluation == 'leave_one_kind_out' and metric == 'auroc'")
-    if loko.subset.nunique():
-        means = loko.groupby("method").value.mean()
-        free = training_free(means.index)
-        free_best = means[free].idxmax()
-        worse = means[PRIMARY] < means[free_best]
-        lines.append(f"On a question kind left out of fitting (mean over {loko.subset.nunique()} kinds) the "
-                     f"instrument's AUROC is {means[PRIMARY]:.3f} against {means[free_best]:.3f} for the best "
-                     f"training-free score, {free_best}" + (
+    for by in ("kind", "source"):
+        held = rows[rows.evaluation == f"leave_one_{by}_out_mean"].set_index(["metric", "method"])
+        if not len(held):
+            continue
+        means = held.loc["auroc"]
+        free_best = means.loc[training_free(means.index)].value.idxmax()
+        gain = held.loc[("auroc_gain_of_instrument", free_best)]
+        worse = gain.value < 0
+        lines.append(f"On a question {by} left out of fitting ({means.subset.iloc[0]}) the instrument's mean AUROC "
+                     f"is {cell(means.loc[PRIMARY])} against {cell(means.loc[free_best])} for the best training-free "
+                     f"score, {free_best} (instrument − it {cell(gain)})" + (
                          ": <b>on a new kind of question the training-free score is the better one; fit the "
                          "instrument on the kinds of questions it will score</b>." if worse else "."))
     lines += [f"Shuffled-label control (must be at chance): {cell(auc.loc[m])}."

@@ -31,7 +31,8 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
                   attn_dtype: str = "float32", probe: str | Path | None = None, hidden_layers: str | None = None,
                   hidden_token_layers: str | None = None, raw: bool = False, batching: str = "continuous",
                   max_batch_tokens: int | None = None, ray: str | None = None, workers: int = 2,
-                  gpus_per_worker: float = 0, cpus_per_worker: float = 1, progress: bool = True) -> dict:
+                  gpus_per_worker: float = 0, cpus_per_worker: float = 1, kinds: tuple[str, ...] | None = None,
+                  progress: bool = True) -> dict:
     """Generate and capture every question not yet in `out`; return a summary of the whole run directory.
     `probe`: an instrument directory; every new batch is scored as it is generated (DIR/confidence/).
     `hidden_layers`, `hidden_token_layers`: hidden states kept (`hidden_spec`); default: `auto` and none for a new
@@ -47,7 +48,7 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
         raise ValueError("--save-attention with --sample needs --batching static (continuous batching seeds each "
                          "question's sampling, static batches each batch's)")
     questions = load_questions(benchmark, data, offset=offset, limit=limit, seed=seed, difficulty=difficulty,
-                               raw=raw)
+                               raw=raw, kinds=kinds)
     kind = protocol_kind(benchmark)
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[kind]
     protocol = {"kind": kind, "chat_template": not raw, "max_new_tokens": max_new_tokens,
@@ -66,6 +67,12 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
     data_info = {"path": str(Path(data).resolve()), "sha256": _file_sha256(data)} if data else {"path": None}
     if benchmark in ("facts", "arith"):
         data_info.update(generated=True, seed=seed, **({"difficulty": difficulty} if benchmark == "arith" else {}))
+        if kinds is not None:
+            data_info["kinds"] = list(kinds)
+    if benchmark == "facts":  # the suite's content: a run resumed after the suite changed is refused
+        from .facts import suite_fingerprint
+
+        data_info["suite"] = suite_fingerprint(seed, kinds)
 
     out.mkdir(parents=True, exist_ok=True)
     with writer_lock(out, f"attentropy run --benchmark {benchmark}"):  # one writer per run directory

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from attentropy.data import (DataError, fewshot_exemplars, gsm8k_final_answer, load_questions, make_facts, read_gsm8k,
-                             read_simpleqa)
+from attentropy.data import DataError, fewshot_exemplars, gsm8k_final_answer, load_questions, read_gsm8k, read_simpleqa
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -103,16 +102,6 @@ def test_gsm8k_from_hub_offline_says_how_to_pass_a_file(monkeypatch):
         load_questions("gsm8k")
 
 
-def test_facts_suite_is_deterministic_by_seed_and_well_formed():
-    a, b, c = make_facts(60, seed=0), make_facts(60, seed=0), make_facts(60, seed=1)
-    assert [(q.question, q.target) for q in a] == [(q.question, q.target) for q in b]
-    assert [q.question for q in a] != [q.question for q in c]
-    assert len({q.question for q in a}) == 60
-    kinds = {q.metadata["kind"] for q in a}
-    assert kinds == {"country_capital", "state_capital", "element_name", "atomic_number", "city_country"}
-    for q in a:
-        assert q.metadata["topic"] and q.metadata["answer_type"] and q.target
-    assert make_facts(10, seed=0) == a[:10]  # prefixes agree, so --limit only truncates
 
 
 def test_fewshot_exemplars_are_the_first_train_rows():
