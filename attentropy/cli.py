@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from .data import ARITH_DEFAULT_DIFFICULTY, DataError, parse_difficulty
+from .arith import parse_difficulty
+from .data import DataError
 from .instrument import InstrumentError
 from .model import ALIASES, DEFAULT_MODEL, ModelLoadError
 
@@ -142,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--kinds", type=_kinds, metavar="A,B,..", help="facts / arith: only the questions of these "
                      "kinds, taken in turn (an unknown kind is an error listing the known ones); facts default: "
                      "the kinds the README's facts section keeps")
-    run.add_argument("--difficulty", type=parse_difficulty, default=ARITH_DEFAULT_DIFFICULTY,
-                     help="arith: steps per problem, 1-4, or a range such as 1-3 (problems cycle through it)")
+    run.add_argument("--difficulty", type=parse_difficulty,
+                     help="arith: calculation steps per problem, 1-4, or a range such as 1-3 (problems cycle through "
+                     "the kinds' step counts in it; default: every kind at its own)")
     run.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     run.add_argument("--device-map", help="e.g. 'auto' to spread a large model over several GPUs")

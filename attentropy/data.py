@@ -8,13 +8,14 @@ import ast
 import csv
 import functools
 import json
-import random
 import re
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from platformdirs import user_cache_dir
+
+from . import arith
+from .question import DataError, Question
 
 SIMPLEQA_URL = "https://openaipublic.blob.core.windows.net/simple-evals/simple_qa_test_set.csv"
 GSM8K_HUB_ID = "openai/gsm8k"
@@ -49,21 +50,6 @@ def question_kind(benchmark: str, metadata: dict) -> str:
     if benchmark == "arith":
         return f"{metadata.get('steps', '?')} steps"
     return benchmark
-
-
-class DataError(ValueError):
-    """A benchmark file that does not have the published format."""
-
-
-@dataclass
-class Question:
-    id: str  # stable: "<benchmark>-<row index, 5 digits>"
-    benchmark: str
-    question: str
-    target: str  # the short gold answer (GSM8K: the number after ####)
-    reference: str = ""  # GSM8K-style full reference solution; empty for factual benchmarks
-    aliases: list[str] = field(default_factory=list)  # other accepted spellings of `target`
-    metadata: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- published formats
@@ -232,109 +218,22 @@ def make_facts(n: int = 200, seed: int = 0, kinds=None) -> list[Question]:
             for i, f in enumerate(facts)]
 
 
-# ---------------------------------------------------------------- offline suite: arith
-
-_PEOPLE = [("Maria", "she"), ("James", "he"), ("Aisha", "she"), ("Tom", "he"), ("Lena", "she"), ("Ravi", "he"),
-           ("Sofia", "she"), ("Omar", "he"), ("Mei", "she"), ("Lucas", "he"), ("Nora", "she"), ("Ben", "he")]
-_ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "books", "stamps", "shells", "cards", "eggs"]
-
-
-def _arith_problem(rng: random.Random, steps: int) -> tuple[str, str, int]:
-    """One word problem with `steps` operations; returns (question, GSM8K-format solution, answer)."""
-    name, pronoun = rng.choice(_PEOPLE)
-    item = rng.choice(_ITEMS)
-    value = rng.randint(3, 15)
-    sentences = [f"{name} has {value} {item}."]
-    lines = []
-    ops = ["add", "sub", "mul", "div"]
-    for _ in range(steps):
-        op = rng.choice(ops)
-        if op == "div":
-            divisors = [d for d in (2, 3, 4, 5) if value % d == 0 and value // d >= 2]
-            op = op if divisors else "add"
-        if op == "sub" and value < 4:
-            op = "add"
-        if op == "mul" and value > 12:
-            op = "sub"
-        if op == "add":
-            n = rng.randint(2, 9)
-            new = value + n
-            sentences.append(f"{pronoun.capitalize()} gets {n} more {item}.")
-            lines.append(f"After getting {n} more, {name} has {value} + {n} = <<{value}+{n}={new}>>{new} {item}.")
-        elif op == "sub":
-            n = rng.randint(1, min(9, value - 2))
-            new = value - n
-            sentences.append(f"{pronoun.capitalize()} gives {n} {item} to a friend.")
-            lines.append(f"After giving away {n}, {name} has {value} - {n} = <<{value}-{n}={new}>>{new} {item}.")
-        elif op == "mul":
-            n = rng.choice([2, 3])
-            word = {2: "twice", 3: "three times", 4: "four times"}[n]
-            new = value * n
-            sentences.append(f"Then the number of {item} {pronoun} has becomes {word} as large.")
-            lines.append(f"{word.capitalize()} as many is {value} * {n} = <<{value}*{n}={new}>>{new} {item}.")
-        else:
-            n = rng.choice(divisors)
-            new = value // n
-            sentences.append(f"{pronoun.capitalize()} splits the {item} equally into {n} bags and keeps one bag.")
-            lines.append(f"One of {n} equal bags holds {value} / {n} = <<{value}/{n}={new}>>{new} {item}.")
-        value = new
-    sentences.append(f"How many {item} does {name} have now?")
-    lines.append(f"#### {value}")
-    return " ".join(sentences), "\n".join(lines), value
-
-
-ARITH_DEFAULT_DIFFICULTY = 1  # one step: what the embedded model answers about half correctly (bench/RESULTS.md)
-
-
-def parse_difficulty(difficulty: int | str) -> int | str:
-    """`--difficulty`: a number of steps (1-4) or a range "lo-hi" (problems cycle through its step counts); returns
-    the int, or the range as "lo-hi"."""
-    text = str(difficulty).strip()
-    match = re.fullmatch(r"([1-4])(?:-([1-4]))?", text)
-    if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
-        raise DataError(f"arith difficulty must be 1 to 4 steps or a range such as 1-3, got {difficulty!r}")
-    lo, hi = int(match.group(1)), int(match.group(2) or match.group(1))
-    return lo if lo == hi else f"{lo}-{hi}"
-
-
-def make_arith(n: int = 100, seed: int = 0, difficulty: int | str = ARITH_DEFAULT_DIFFICULTY,
-               split: str = "test") -> list[Question]:
-    """`n` grade-school word problems of `difficulty` steps (1-4), or of each step count of a range "lo-hi" in turn
-    (problem i has lo + i mod (hi - lo + 1) steps), with GSM8K-format references. The `train` split (the few-shot
-    exemplars) is drawn from a random stream disjoint from `test`'s; each problem's exemplars have its step count
-    (exemplars mixing step counts lower the embedded model's accuracy on one-step problems to a few percent)."""
-    difficulty = parse_difficulty(difficulty)
-    lo, hi = (difficulty, difficulty) if isinstance(difficulty, int) else map(int, difficulty.split("-"))
-    rng = random.Random(f"arith-{seed}-{difficulty}" if split == "test" else f"arith-{split}-{seed}-{difficulty}")
-    out = []
-    for i in range(n):
-        steps = lo + i % (hi - lo + 1)
-        question, solution, answer = _arith_problem(rng, steps)
-        metadata = {"steps": steps, "seed": seed}
-        out.append(Question(f"arith-{i:05d}" if split == "test" else f"arith-{split}-{i:05d}", "arith", question,
-                            str(answer), reference=solution, metadata=metadata))
-    return out
-
-
 # ---------------------------------------------------------------- entry point
 
 SUITE_SIZE = {"facts": 200, "arith": 100}
 
 
 def load_questions(benchmark: str, data: str | Path | None = None, *, offset: int = 0, limit: int | None = None,
-                   seed: int = 0, difficulty: int | str = ARITH_DEFAULT_DIFFICULTY, raw: bool = False,
+                   seed: int = 0, difficulty: int | str | None = None, raw: bool = False,
                    kinds: tuple[str, ...] | None = None) -> list[Question]:
     """The questions of `benchmark` (simpleqa, gsm8k, facts, arith, prompts), rows [offset, offset+limit).
-    `raw`: prompts only, plain continuation without the chat template. `kinds`: the offline suites only, the
-    questions of these kinds (`question_kind`); an unknown kind is an error listing the known ones."""
+    `difficulty`: arith's numbers of steps (None: every kind at its own). `raw`: prompts only, plain continuation
+    without the chat template. `kinds`: the offline suites only, the questions of these kinds (`question_kind`;
+    arith's keep their ids in the whole suite); an unknown kind is an error listing the known ones."""
     if raw and benchmark != FREE:
         raise DataError(f"--raw applies to --benchmark {FREE} only")
     if kinds is not None and benchmark not in ("facts", "arith"):
         raise DataError(f"--kinds applies to the offline suites facts and arith only, not {benchmark!r}")
-    if benchmark == "arith" and kinds is not None:
-        questions = _arith_of_kinds(offset + (SUITE_SIZE["arith"] if limit is None else limit), seed, difficulty,
-                                    kinds)
-        return questions[offset:None if limit is None else offset + limit]
     if benchmark == FREE:
         if not data:
             raise DataError(f"--benchmark {FREE} needs --data FILE (one prompt per line, or JSONL)")
@@ -347,44 +246,24 @@ def load_questions(benchmark: str, data: str | Path | None = None, *, offset: in
         if data:
             raise DataError(f"--data does not apply to the generated suite '{benchmark}'")
         size = SUITE_SIZE[benchmark] if limit is None else offset + limit
-        questions = make_facts(size, seed, kinds) if benchmark == "facts" else make_arith(size, seed, difficulty)
+        questions = (make_facts(size, seed, kinds) if benchmark == "facts"
+                     else arith.make_arith(size, seed, difficulty, kinds=kinds))
     else:
         raise DataError(f"unknown benchmark {benchmark!r}; expected one of simpleqa, gsm8k, facts, arith, {FREE}")
     end = None if limit is None else offset + limit
     return questions[offset:end]
 
 
-def _arith_of_kinds(n: int, seed: int, difficulty: int | str, kinds: tuple[str, ...]) -> list[Question]:
-    """The first `n` arith problems of `kinds`, keeping their ids in the whole suite (the suite cycles through its
-    kinds, so a few times `n` problems hold them)."""
-    known = sorted({question_kind("arith", q.metadata) for q in make_arith(400, seed, difficulty)})
-    unknown = [k for k in kinds if k not in known]
-    if unknown or not kinds:
-        raise DataError(f"unknown arith kind(s) {', '.join(unknown) or '(none given)'}; known kinds (difficulty "
-                        f"{difficulty}): {', '.join(known)}")
-    size = max(n, 1) * 4
-    while True:
-        chosen = [q for q in make_arith(size, seed, difficulty) if question_kind("arith", q.metadata) in kinds]
-        if len(chosen) >= n or size > 400 * max(n, 1):
-            return chosen[:n]
-        size *= 2
-
-
 def fewshot_exemplars(question: Question | None = None) -> list[Question]:
     """The 8 chain-of-thought exemplars of a math question, from its benchmark's train split: for GSM8K the
     first 8 rows of GSM8K train (MIT, shipped in the package); for arith 8 problems of the suite's train split
-    at the question's number of steps."""
+    of the question's kind and number of steps (`arith.exemplars`)."""
     if question is not None and question.benchmark == "arith":
         meta = question.metadata
-        return _arith_exemplars(meta.get("seed", 0), meta.get("steps", ARITH_DEFAULT_DIFFICULTY))
+        return arith.exemplars(meta.get("seed", 0), meta.get("kind"), meta.get("steps"))
     return _gsm8k_exemplars()
 
 
 @functools.cache
 def _gsm8k_exemplars() -> list[Question]:  # read once, not once per prompt
     return read_gsm8k(Path(__file__).with_name("gsm8k_fewshot.jsonl"), benchmark="gsm8k-train")
-
-
-@functools.cache
-def _arith_exemplars(seed: int, difficulty: int | str) -> list[Question]:
-    return make_arith(8, seed=seed, difficulty=difficulty, split="train")

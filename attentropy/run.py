@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .data import ARITH_DEFAULT_DIFFICULTY, load_questions, protocol_kind
+from .data import load_questions, protocol_kind
 from .model import DEFAULT_MODEL, load_model
 from .prompts import MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS
 from .store import done_question_ids, load_run, read_config, scan_parts, set_aside, write_json, writer_lock
@@ -26,7 +26,7 @@ def _file_sha256(path) -> str:
 def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL, data: str | None = None,
                   limit: int | None = None, offset: int = 0, batch_size: int = 16, max_new_tokens: int | None = None,
                   shots: int = MATH_SHOTS, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                  seed: int = 0, difficulty: int | str = ARITH_DEFAULT_DIFFICULTY, dtype: str = "auto",
+                  seed: int = 0, difficulty: int | str | None = None, dtype: str = "auto",
                   device: str = "auto", device_map: str | None = None, save_attention: tuple[str, ...] = (),
                   attn_dtype: str = "float32", probe: str | Path | None = None, hidden_layers: str | None = None,
                   hidden_token_layers: str | None = None, raw: bool = False, batching: str = "continuous",
@@ -56,7 +56,7 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
     if do_sample:  # how the seed is used (`answers_in_batches`)
         protocol["sampling"]["seeded"] = "per question" if batching == "continuous" else "per static batch"
     if kind == "math":
-        exemplars = ("arith train split (same seed and difficulty)" if benchmark == "arith"
+        exemplars = ("arith train split (same seed, kind and steps)" if benchmark == "arith"
                      else "first rows of GSM8K train (attentropy/gsm8k_fewshot.jsonl)")
         protocol.update(shots=shots, user_template=MATH_USER_TEMPLATE, exemplars=exemplars)
     elif kind == "factual":

@@ -15,6 +15,7 @@ from conftest import assert_matches_eager, assert_matches_eager_mllama
 
 import attentropy.continuous as continuous_module
 import attentropy.generate as generate_module
+from attentropy.arith import make_arith
 from attentropy.continuous import generate_continuous
 from attentropy.data import Question, load_questions
 from attentropy.generate import PrefixStore, generate
@@ -68,7 +69,7 @@ def test_continuous_batching_equals_static_across_compactions(embedded, monkeypa
 
 def test_continuous_batching_with_the_8_shot_prefix_equals_static_and_eager(embedded):
     model, tokenizer, _ = embedded
-    questions = load_questions("arith", limit=5)
+    questions = make_arith(5, kinds=["rate"])  # one kind: one exemplar set, the 8-shot prefix shared
     continuous = list(generate_continuous(model, tokenizer, questions, batch_size=2, max_new_tokens=24,
                                           hidden=HIDDEN))
     assert_same(static_batches(model, tokenizer, questions, 2, 24), continuous)

@@ -15,7 +15,8 @@ from attentropy import load_run
 from attentropy.capture import Capture
 from attentropy.cli import main
 from attentropy.critic import locate_text, parse_critic_reply
-from attentropy.data import Question, make_arith
+from attentropy.arith import make_arith
+from attentropy.data import Question
 from attentropy.generate import Generation
 from attentropy.grade import grade_run
 from attentropy.gsm8k import extract_final_number, normalize_number
