@@ -15,20 +15,14 @@ from attentropy.hidden_states import HiddenSpec
 from attentropy.layout import common_prefix_len
 from attentropy.model import load_model
 from attentropy.prompts import prompt_ids
+from conftest import eager_forward
 
 SEQS = [([1, 5, 9, 11, 3], [7, 8, 20, 21, 2]), ([1, 4], [30, 31, 32]), ([1, 6, 6, 6, 6, 6, 6, 6], [40])]
 
 
 def eager_prompt_log_diag(model, prompt, completion):
     """[L, H]: sum over positions 0 .. len(prompt) - 2 of ln(attention on the own position), from eager attention."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = model(torch.tensor([prompt + completion[:-1]]), output_attentions=True)
-    finally:
-        model.set_attn_implementation(previous)
-    att = torch.stack(out.attentions, 1)[0].double()  # [L, H, T, T]
+    att = torch.stack(eager_forward(model, prompt + completion[:-1]).attentions, 1)[0].double()  # [L, H, T, T]
     diag = torch.diagonal(att, dim1=-2, dim2=-1)[..., : len(prompt) - 1]  # [L, H, P - 1]
     return diag.log().sum(-1).numpy()
 
