@@ -58,11 +58,12 @@ def test_continuous_batching_equals_static_across_compactions(embedded, monkeypa
     monkeypatch.setattr(continuous_module, "_compact",
                         lambda *args, **kwargs: (compactions.append(args[4:6]), compact(*args, **kwargs))[1])
     questions = load_questions("facts", limit=30)
-    continuous = list(generate_continuous(model, tokenizer, questions, batch_size=3, max_new_tokens=10,
+    # 16 new tokens: enough for several answers of the suite's first questions to stop early, at different lengths
+    continuous = list(generate_continuous(model, tokenizer, questions, batch_size=3, max_new_tokens=16,
                                           hidden=HIDDEN))
     assert compactions, "the cache was never compacted: the test does not exercise it"
     assert [g.question.id for g in continuous] != [q.id for q in questions]  # answers end out of order
-    static = static_batches(model, tokenizer, questions, 3, 10)
+    static = static_batches(model, tokenizer, questions, 3, 16)
     assert {g.finish_reason for g in static} == {"stop", "length"}
     assert_same(static, continuous)
 
