@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from attentropy.detectors.anchored import fit_anchored, stable_order, within_kind_auroc
+from attentropy.detectors.anchored import ANCHORS, fit_anchored, fit_anchored_model, stable_order, within_kind_auroc
+from attentropy.probe import sigmoid
 from attentropy.evaluation import MIN_PER_CLASS_HELD_OUT, held_out_mean_rows
 
 
@@ -61,6 +62,21 @@ def test_a_signal_stable_across_kinds_is_used_and_holds_on_a_new_kind():
     assert fitted.detail["k"] > 0 and 0 in fitted.detail["columns"]
     anchor = X[0][test][:, ["mean_logprob", "logit_entropy", "rauq"].index(fitted.detail["anchor"])]
     assert roc_auc_score(y[test], fitted.confidence(tuple(x[test] for x in X))) > roc_auc_score(y[test], anchor)
+
+
+def test_answers_of_a_one_class_kind_get_an_out_of_kind_decision_on_the_models_scale():
+    X, y = _kinds_data(6, signal=2.0)
+    X = tuple(np.r_[x, x[:40]] for x in X[:2]) + (np.r_[X[2], np.repeat("all_correct", 40)],)
+    y = np.r_[y, np.ones(40, int)]
+    fitted = fit_anchored(X, y)
+    assert fitted.detail["k"] > 0
+    rest = X[2] == "all_correct"
+    # the chosen candidate fitted on the kinds with both classes decides them, calibrated like the held-out kinds
+    outer = fit_anchored_model(X[0][~rest], X[1][~rest, :-4], y[~rest], X[2][~rest],
+                               ANCHORS.index(fitted.detail["anchor"]), fitted.detail["k"], fitted.detail["C"])
+    a, b = fitted.detail["model"].calibration
+    expected = sigmoid(a * outer.decision(X[0][rest], X[1][rest, :-4]) + b)
+    np.testing.assert_allclose(fitted.train_confidence[rest], expected, rtol=1e-6)
 
 
 def test_held_out_mean_is_the_mean_over_kinds_large_enough():

@@ -152,7 +152,6 @@ def fit_anchored(X, y: np.ndarray, groups=None, seed: int = 0) -> Fitted:
     candidates = [(0, CS[-1])] + [(k, C) for k in KS if k for C in CS]
     if len(usable) < MIN_KINDS:  # too few kinds to tell what transfers: the anchor alone
         chosen, detail = (0, CS[-1]), {"chosen_by": f"{len(usable)} training kinds with both classes: anchor alone"}
-        held_decision = anchors[:, anchor]
     else:
         per_kind = np.full((len(candidates), len(usable)), np.nan)
         held = np.zeros((len(candidates), len(y)))
@@ -170,8 +169,10 @@ def fit_anchored(X, y: np.ndarray, groups=None, seed: int = 0) -> Fitted:
         chosen = candidates[simplest]
         detail = {"chosen_by": "leave one training kind out", "inner_gain": float(mean_gain[simplest])}
         held_decision = held[simplest]
-        in_usable = np.isin(kinds, usable)
-        held_decision = np.where(in_usable, held_decision, anchors[:, anchor])
+        rest = ~np.isin(kinds, usable)  # kinds of one class: decided by the chosen candidate fitted without them
+        if rest.any() and chosen[0]:
+            outer = fit_anchored_model(anchors[~rest], attention[~rest], y[~rest], kinds[~rest], anchor, *chosen)
+            held_decision[rest] = outer.decision(anchors[rest], attention[rest])
     model = fit_anchored_model(anchors, attention, y, kinds, anchor, *chosen)
     model.calibration = platt(held_decision, y) if chosen[0] else platt(model.decision(anchors, attention), y)
     detail.update(anchor=ANCHORS[anchor], k=int(chosen[0]), C=float(chosen[1]), columns=model.columns.tolist(),
