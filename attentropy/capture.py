@@ -14,6 +14,7 @@ Two ways to fill the same rows, tested to agree:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,9 +22,11 @@ import torch
 
 from .attention import recorded_layers, recording
 from .hidden_states import HiddenRecorder, HiddenSpec
+from .kv_cache import growing_cache
 from .layout import PromptCache, positions, prompt_layout
 from .recorder import Recorder
 from .schema import TOKEN_STATS
+from .windows import layer_windows
 
 
 @dataclass
@@ -88,15 +91,16 @@ def recorded_captures(recorder: Recorder, model, prompts: list[list[int]], compl
 def fill_prompt_cache(model, prompts: list[list[int]], pad_id: int = 0) -> PromptCache:
     """Keys/values of the prompts (left padded) from one plain forward; used when capture gets no cache from
     generation."""
-    from transformers import DynamicCache
-
     input_ids, attention_mask = prompt_layout(prompts, pad_id)
-    cache = DynamicCache(config=model.config.get_text_config())
-    if input_ids.shape[1] > 1:
-        model.get_decoder()(input_ids=input_ids[:, :-1].to(model.device),
-                            attention_mask=attention_mask[:, :-1].to(model.device),
-                            position_ids=positions(attention_mask[:, :-1]).to(model.device), cache=cache,
-                            use_cache=True)
+    # sliding-window layers: attentropy's masks, whose windows padding does not shorten (`attention.window_mask`)
+    windowed = any(layer_windows(model.config, recorded_layers(model)))
+    cache = growing_cache(model)
+    with recording(model, None) if windowed else nullcontext():
+        if input_ids.shape[1] > 1:
+            model.get_decoder()(input_ids=input_ids[:, :-1].to(model.device),
+                                attention_mask=attention_mask[:, :-1].to(model.device),
+                                position_ids=positions(attention_mask[:, :-1]).to(model.device), cache=cache,
+                                use_cache=True)
     return PromptCache(input_ids, attention_mask, cache)
 
 

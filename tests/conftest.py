@@ -84,6 +84,15 @@ def tokenizer(embedded):
     return embedded[1]
 
 
+class IdsTokenizer:
+    """Prompts given as ids (`metadata["ids"]`), answers decoded as ids: what generation needs of a tokenizer."""
+
+    pad_token_id, eos_token_id = 0, 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
 def eager_reference(model, prompt, completion):
     """Every statistic recomputed from `output_attentions` of an eager forward over the unpadded sequence."""
     previous = model.config._attn_implementation
