@@ -191,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--out", help="where report.html and figures/ go (default: DIR for one run, the runs' "
                                       "common parent for several)")
     report.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates per interval")
-    report.add_argument("--probe", help="an instrument (`attentropy fit`): adds the Instrument section")
+    report.add_argument("--probe", action="append", help="an instrument (`attentropy fit`): adds the Instrument "
+                        "section; repeated, one per model of runs of several models (the Replication section "
+                        "then compares them)")
     report.add_argument("--quiet", action="store_true")
     report.add_argument("--skip-damaged", action="store_true",
                        help="read the intact batches of a run with damaged ones (which are named)")
