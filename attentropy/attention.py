@@ -143,10 +143,10 @@ def window_mask(mask: torch.Tensor, n_keys: int, window: int) -> torch.Tensor:
     key, windowed = _WINDOWED
     if key is not None and key[0] is mask and key[1:] == (n_keys, window):
         return windowed
-    mask = mask[..., :n_keys]
-    visible = mask == 0  # the mask function writes 0 on visible keys, the dtype's minimum elsewhere
+    cut = mask[..., :n_keys]
+    visible = cut == 0  # the mask function writes 0 on visible keys, the dtype's minimum elsewhere
     from_end = visible.flip(-1).cumsum(-1).flip(-1)  # visible keys from each key to the row's last
-    windowed = mask.masked_fill(from_end > window, torch.finfo(mask.dtype).min)
+    windowed = cut.masked_fill(from_end > window, torch.finfo(cut.dtype).min)
     _WINDOWED = ((mask, n_keys, window), windowed)
     return windowed
 

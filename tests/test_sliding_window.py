@@ -212,3 +212,14 @@ def test_a_run_records_the_windows_and_normalises_by_the_attended_keys(tmp_path,
     k, t = keys[rows][:, :, None].astype(np.float64), grade_free.tokens.pos.to_numpy()[rows][:, None, None]
     ratio = (prompt / (k - t)) / (prompt / (k - t) + np.where(t > 0, (1 - prompt) / np.maximum(t, 1), 0))
     np.testing.assert_allclose(lookback_ratios(grade_free)[0], ratio.mean(0).reshape(-1), rtol=1e-9)
+
+
+def test_the_local_layers_of_one_forward_share_one_window_mask():
+    from attentropy import attention
+
+    mask = torch.zeros(1, 1, 1, 10)
+    mask[..., :2] = torch.finfo(mask.dtype).min  # two masked columns (padding) before 8 visible keys
+    first = attention.window_mask(mask, 10, 3)
+    assert (first[0, 0, 0] == 0).nonzero().squeeze(-1).tolist() == [7, 8, 9]
+    assert attention.window_mask(mask, 10, 3) is first  # the same mask again: computed once
+    assert attention.window_mask(mask.clone(), 10, 3) is not first
