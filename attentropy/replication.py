@@ -14,7 +14,8 @@ import pandas as pd
 
 from .contrasts import Analysis, contrasts_of
 from .html_blocks import figure, html_table
-from .stats import benjamini_hochberg, compare_answers
+from .data import question_kind
+from .stats import benjamini_hochberg, compare_answers, compare_answers_stratified
 
 # the answer-level statistics compared across models: answer means (attention: over every layer and head, a
 # quantity every model has) and their names
@@ -38,30 +39,45 @@ def by_benchmark(analyses: list[Analysis]) -> dict[str, dict[str, Analysis]]:
     return {b: runs for b, runs in out.items() if len(runs) > 1}
 
 
+def answer_kinds(a: Analysis) -> np.ndarray:
+    """The question kind of each analysed answer (facts' kind, arith's steps)."""
+    kinds = {q: question_kind(b, m) for q, b, m in zip(a.samples.question_id, a.samples.benchmark, a.samples.metadata)}
+    return a.answers.question_id.map(kinds).to_numpy()
+
+
 def replication_rows(analyses: list[Analysis], n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """One row per (benchmark, contrast, statistic, model): AUROC of the answer means (> 0.5: the positive group,
-    e.g. incorrect, higher) with a 95 % interval from resampled questions, Cohen's d, the Mann-Whitney p, and q
-    (Benjamini-Hochberg over the rows of that model); then per (benchmark, contrast, statistic): `direction`
-    (the models' AUROCs on the same side of 0.5), `significance` (q < ALPHA on every model, on some, on none) and
-    `replicates` (the same direction and significant on every model)."""
+    """One row per (benchmark, contrast, statistic, control, model): AUROC of the answer means (> 0.5: the positive
+    group, e.g. incorrect, higher) with a 95 % interval from resampled questions, Cohen's d, p, and q
+    (Benjamini-Hochberg over the rows of that model). Control `none`: all pairs of answers; `within kind`: pairs
+    of one question kind only (`compare_answers_stratified`; the models' mixes of kinds among correct and incorrect
+    answers differ). Then per (benchmark, contrast, statistic, control): `direction` (the models' AUROCs on the
+    same side of 0.5), `significance` (q < ALPHA on every model, on some, on none) and `replicates` (the same
+    direction and significant on every model)."""
     rows = []
     for benchmark, runs in by_benchmark(analyses).items():
         for key, title, pos_labels, neg_labels in contrasts_of(benchmark):
             for stat, stat_name in HEADLINE:
-                for model, a in runs.items():
-                    if stat not in a.answers:
-                        continue
-                    label = a.answers.label.to_numpy()
-                    positive, negative = np.isin(label, pos_labels), np.isin(label, neg_labels)
-                    row = dict(benchmark=benchmark, contrast=key, title=title, stat=stat, stat_name=stat_name,
-                               model=model, n_positive=int(positive.sum()), n_negative=int(negative.sum()))
-                    if min(positive.sum(), negative.sum()) >= MIN_ANSWERS:
+                for control in ("none", "within kind"):
+                    for model, a in runs.items():
+                        if stat not in a.answers:
+                            continue
+                        label = a.answers.label.to_numpy()
+                        positive, negative = np.isin(label, pos_labels), np.isin(label, neg_labels)
+                        row = dict(benchmark=benchmark, contrast=key, title=title, stat=stat, stat_name=stat_name,
+                                   control=control, model=model, n_positive=int(positive.sum()),
+                                   n_negative=int(negative.sum()))
                         sel = positive | negative
-                        c = compare_answers(a.answers[stat].to_numpy(float)[sel], positive[sel], n_boot=n_boot,
-                                            seed=seed)
-                        row.update(auroc=float(c.auroc), auroc_lo=float(c.auroc_ci[0]), auroc_hi=float(c.auroc_ci[1]),
-                                   cohens_d=float(c.cohens_d), p=float(c.p))
-                    rows.append(row)
+                        if min(positive.sum(), negative.sum()) >= MIN_ANSWERS:
+                            values = a.answers[stat].to_numpy(float)[sel]
+                            try:
+                                c = (compare_answers(values, positive[sel], n_boot=n_boot, seed=seed)
+                                     if control == "none" else compare_answers_stratified(
+                                         values, positive[sel], answer_kinds(a)[sel], n_boot=n_boot, seed=seed))
+                                row.update(auroc=float(c.auroc), auroc_lo=float(c.auroc_ci[0]),
+                                           auroc_hi=float(c.auroc_ci[1]), cohens_d=float(c.cohens_d), p=float(c.p))
+                            except ValueError:  # no kind holds both groups
+                                pass
+                        rows.append(row)
     table = pd.DataFrame(rows)
     if not len(table) or "p" not in table:
         return table
@@ -69,8 +85,9 @@ def replication_rows(analyses: list[Analysis], n_boot: int = 1000, seed: int = 0
     for model, idx in table[table.p.notna()].groupby("model").groups.items():
         table.loc[idx, "q"] = benjamini_hochberg(table.loc[idx, "p"].to_numpy())
     table["significant"] = table.q < ALPHA
-    verdicts = table.groupby(["benchmark", "contrast", "stat"], sort=False).apply(_verdict, include_groups=False)
-    return table.join(verdicts, on=["benchmark", "contrast", "stat"])
+    keys = ["benchmark", "contrast", "stat", "control"]
+    verdicts = table.groupby(keys, sort=False).apply(_verdict, include_groups=False)
+    return table.join(verdicts, on=keys)
 
 
 def _verdict(group: pd.DataFrame) -> pd.Series:
@@ -176,7 +193,8 @@ def replication_section(analyses: list[Analysis], probes: list[Path], out: Path,
     table.to_csv(out / "replication.csv", index=False)
     models = list(dict.fromkeys(table.model)) if len(table) else []
     rows = []
-    for (benchmark, key, stat), g in table.groupby(["benchmark", "contrast", "stat"], sort=False):
+    for (benchmark, key, stat, control), g in table.groupby(["benchmark", "contrast", "stat", "control"],
+                                                          sort=False):
         cells = []
         for model in models:
             r = g[g.model == model]
@@ -189,15 +207,18 @@ def replication_section(analyses: list[Analysis], probes: list[Path], out: Path,
             cells.append(f"{mark}{r.auroc:.3f}{'</b>' if mark else ''} [{r.auroc_lo:.3f}, {r.auroc_hi:.3f}] "
                          f"q={r.q:.2g} ({r.n_positive} / {r.n_negative})")
         first = g.iloc[0]
-        rows.append([esc(benchmark), esc(first.title), esc(first.stat_name), *cells, esc(first.direction),
+        rows.append([esc(benchmark), esc(first.title), esc(first.stat_name), esc(control), *cells,
+                     esc(first.direction),
                      esc(first.significance), esc(first.replicates)])
     parts = ["<h2 id=replication>Replication across models</h2>",
              "<p>Each contrast of the study on every model, on the answer means of a statistic (attention: mean over "
-             "all layers and heads, so models of any depth compare). AUROC &gt; 0.5: the first group (e.g. incorrect) "
-             "higher; 95 % intervals resample questions; q: Benjamini-Hochberg over this table's rows of the model; "
+             "all layers and heads, so models of any depth compare), on all pairs of answers and within question "
+             "kinds (pairs of one kind only: the models' mixes of kinds differ). AUROC &gt; 0.5: the first group "
+             "(e.g. incorrect) higher; 95 % intervals resample questions; q: Benjamini-Hochberg over this table's "
+             "rows of the model; "
              f"bold: q &lt; {ALPHA}; (n positive / n negative). A finding replicates when its direction is the same "
              "and it is significant on every model.</p>",
-             html_table(["benchmark", "contrast", "statistic", *[esc(m) for m in models], "direction",
+             html_table(["benchmark", "contrast", "statistic", "pairs", *[esc(m) for m in models], "direction",
                          "significant on", "replicates"], rows)]
     for path in relative_depth_profiles(analyses, out):
         parts.append(figure(path, "attention entropy / ln K per layer, correct (dashed) and incorrect (solid) "

@@ -31,7 +31,8 @@ def two_models(tmp_path_factory):
 def test_replication_rows_compare_each_contrast_on_both_models(two_models):
     analyses = [analyze_run(load_run(two_models / m / "facts"), n_boot=50) for m in ("a", "b")]
     table = replication_rows(analyses, n_boot=50)
-    entropy = table[(table.contrast == "incorrect_vs_correct") & (table.stat == "attn_entropy")]
+    entropy = table[(table.contrast == "incorrect_vs_correct") & (table.stat == "attn_entropy")
+                    & (table.control == "none")]
     assert sorted(entropy.model) == ["model-a", "model-b"]
     assert (entropy.auroc > 0.8).all() and (entropy.auroc_lo > 0.5).all() and entropy.significant.all()
     assert set(entropy.replicates) == {"yes"} and set(entropy.direction) == {"same"}
@@ -39,7 +40,8 @@ def test_replication_rows_compare_each_contrast_on_both_models(two_models):
     small = table[table.contrast == "incorrect_vs_not_attempted"]
     assert set(small.replicates) == {"yes", "not comparable (too few answers)"} - {"yes"} or \
         (small.n_negative >= 3).all()
-    assert (table.groupby(["contrast", "stat"]).model.nunique() == 2).all()
+    assert (table.groupby(["contrast", "stat", "control"]).model.nunique() == 2).all()
+    assert set(table.control) == {"none", "within kind"}
 
 
 def test_report_of_two_models_has_the_replication_section(two_models):
