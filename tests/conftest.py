@@ -93,16 +93,21 @@ class IdsTokenizer:
         return " ".join(map(str, ids))
 
 
-def eager_reference(model, prompt, completion):
-    """Every statistic recomputed from `output_attentions` of an eager forward over the unpadded sequence."""
+def eager_forward(model, ids: list[int]):
+    """The output of an eager forward over `ids` with `output_attentions` (attentions: [1, H, T, T] per layer)."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            out = model(torch.tensor([prompt + completion[:-1]]), output_attentions=True)
+            return model(torch.tensor([ids]), output_attentions=True)
     finally:
         model.set_attn_implementation(previous)
+
+
+def eager_reference(model, prompt, completion):
+    """Every statistic recomputed from `output_attentions` of an eager forward over the unpadded sequence."""
     first, n = len(prompt) - 1, len(completion)
+    out = eager_forward(model, prompt + completion[:-1])
     att = torch.stack(out.attentions, 1)[0].float()  # [L, H, T, T]
     rows = att[:, :, first:first + n].permute(2, 0, 1, 3)  # [n, L, H, K]
     h, v = entropy_varentropy(rows.log())
@@ -119,6 +124,21 @@ def eager_reference(model, prompt, completion):
     token = {"logprob": logp.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1), "logit_entropy": lh,
              "logit_varentropy": lv}
     return stats, token
+
+
+def eager_prompt_log_diag(model, prompt, completion):
+    """[L, H]: sum over positions 0 .. len(prompt) - 2 of ln(attention on the own position), from eager attention."""
+    att = torch.stack(eager_forward(model, prompt + completion[:-1]).attentions, 1)[0].double()  # [L, H, T, T]
+    diag = torch.diagonal(att, dim1=-2, dim2=-1)[..., : len(prompt) - 1]  # [L, H, P - 1]
+    return diag.log().sum(-1).numpy()
+
+
+def assert_prompt_diagonal_matches_eager(model, prompts, completions, captures, atol_per_row=2e-5):
+    for p, c, r in zip(prompts, completions, captures):
+        assert r.prompt_diag_rows == len(p) - 1
+        expected = eager_prompt_log_diag(model, p, c)
+        assert r.prompt_log_diag.shape == expected.shape and r.prompt_log_diag.dtype == np.float64
+        np.testing.assert_allclose(r.prompt_log_diag, expected, atol=atol_per_row * len(p), rtol=1e-5)
 
 
 def assert_matches_eager(model, prompts, completions, results, atol=1e-4):

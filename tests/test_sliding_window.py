@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import IdsTokenizer, assert_matches_eager
+from conftest import IdsTokenizer, assert_matches_eager, assert_prompt_diagonal_matches_eager
 
 import attentropy.continuous as continuous_module
 import attentropy.generate as generate_module
@@ -83,6 +83,8 @@ def test_teacher_forced_capture_of_a_padded_batch_equals_eager(tiny_gemma3):
     results = capture(tiny_gemma3, prompts, completions)  # left padded: padding must not shorten any window
     assert_matches_eager(tiny_gemma3, prompts, completions, results)
     assert_within_the_window(tiny_gemma3, results)
+    # LLM-Check's prompt rows: a local layer's own-token attention is normalised over its window too
+    assert_prompt_diagonal_matches_eager(tiny_gemma3, prompts, completions, results)
 
 
 def test_static_and_continuous_generation_equal_eager(tiny_gemma3, ids_prompts, monkeypatch):
@@ -109,6 +111,9 @@ def test_static_and_continuous_generation_equal_eager(tiny_gemma3, ids_prompts, 
     assert_matches_eager(tiny_gemma3, [g.prompt_ids for g in static], [g.completion_ids for g in static],
                          [g.capture for g in static])
     assert_within_the_window(tiny_gemma3, [g.capture for g in static])
+    for gens in (static, list(continuous.values())):  # the shared prefix's rows (prefilled once) included
+        assert_prompt_diagonal_matches_eager(tiny_gemma3, [g.prompt_ids for g in gens],
+                                             [g.completion_ids for g in gens], [g.capture for g in gens])
 
 
 def test_transformers_own_sliding_mask_would_count_padding(tiny_gemma3, ids_prompts, monkeypatch):
