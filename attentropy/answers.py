@@ -14,6 +14,7 @@ import pandas as pd
 
 from .data import FREE, MATH, protocol_kind, question_kind
 from .schema import ATTN_STATS
+from .windows import attended_keys, run_windows
 
 # the normalised attention statistics every feature is made of
 ATTN_FEATURES = ("entropy_norm", "varentropy_norm", "sink_mass", "prompt_mass", "diag_mass", "prev_mass")
@@ -43,6 +44,7 @@ class Answers:
     hidden_layers: list[int] = field(default_factory=list)  # their output_hidden_states indices
     hidden_tokens: np.ndarray | None = None  # [n_tokens, L_t, d] float16
     hidden_token_layers: list[int] = field(default_factory=list)
+    windows: list = field(default_factory=list)  # per layer, its sliding window or None (empty: full attention)
     # LLM-Check's prompt part (`store.Run.prompt_diagonal`): per answer the sum over its prompt's rows but the last of
     # ln(attention on the own token) [n_answers, L, H] float64, and their number [n_answers]; None: not recorded
     prompt_log_diag: np.ndarray | None = None
@@ -54,6 +56,12 @@ class Answers:
         if key not in self._memo:
             self._memo[key] = compute(self)
         return self._memo[key]
+
+    @property
+    def keys(self) -> np.ndarray:
+        """[n_tokens, L] keys each layer's row attends to (`windows.attended_keys`): ln of them is its maximal
+        entropy."""
+        return attended_keys(self.tokens.n_keys.to_numpy(), self.windows or [None] * len(self.layers))
 
     @property
     def answer_of_token(self) -> np.ndarray:
@@ -70,7 +78,7 @@ class Answers:
         return Answers(answers, tokens, {k: v[token_rows] for k, v in self.attn.items()}, self.layers, self.n_heads,
                        {k: v[answer_rows] for k, v in self.hidden.items()}, self.hidden_layers,
                        None if self.hidden_tokens is None else self.hidden_tokens[token_rows],
-                       self.hidden_token_layers,
+                       self.hidden_token_layers, self.windows,
                        None if self.prompt_log_diag is None else self.prompt_log_diag[answer_rows],
                        None if self.prompt_diag_rows is None else self.prompt_diag_rows[answer_rows])
 
@@ -94,11 +102,12 @@ def _normal(text: str) -> str:
     return " ".join(str(text).lower().split())
 
 
-def normalised_attention(stat_arrays: dict[str, np.ndarray], n_keys: np.ndarray) -> dict[str, np.ndarray]:
-    """ATTN_FEATURES from the stored statistics: entropy / ln K and varentropy / (ln K)^2 (the maximal entropy of K
+def normalised_attention(stat_arrays: dict[str, np.ndarray], keys: np.ndarray) -> dict[str, np.ndarray]:
+    """ATTN_FEATURES from the stored statistics: entropy / ln K and varentropy / (ln K)^2, K the keys each layer's
+    row attends to (`keys` [n_tokens, L]: the visible keys, at most a sliding window; the maximal entropy of K
     keys is ln K and the maximal varentropy grows like (ln K)^2, so raw values rise with position), masses as
     they are."""
-    log_k = np.log(np.maximum(np.asarray(n_keys, np.float32), 2.0))[:, None, None]
+    log_k = np.log(np.maximum(np.asarray(keys, np.float32), 2.0))[:, :, None]
     out = {"entropy_norm": stat_arrays["entropy"] / log_k, "varentropy_norm": stat_arrays["varentropy"] / log_k ** 2}
     out.update({k: stat_arrays[k] for k in ("sink_mass", "prompt_mass", "diag_mass", "prev_mass")})
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
@@ -125,7 +134,7 @@ def load_answers(run_dirs: list[str | Path], *, require_labels: bool = True, ski
         infos.append(run_info(run))
         stat_arrays = {s: run.attn(s) for s in ATTN_STATS}
         part = _answers_of(run.samples, run.tokens, stat_arrays, run.layers, run.n_heads, str(run.path),
-                           hidden_of(run), run.prompt_diagonal)
+                           hidden_of(run), run_windows(run.config), run.prompt_diagonal)
         part.answers["run_fingerprint"] = infos[-1]["fingerprint"]
         parts.append(part)
     if not parts:
@@ -173,9 +182,11 @@ def hidden_of(run) -> dict:
 
 
 def _answers_of(samples: pd.DataFrame, tokens: pd.DataFrame, stat_arrays: dict[str, np.ndarray], layers, n_heads,
-                run_name: str, hidden: dict | None = None, prompt_diagonal: tuple | None = None) -> Answers:
+                run_name: str, hidden: dict | None = None, windows: list | None = None,
+                prompt_diagonal: tuple | None = None) -> Answers:
     """Answers of one run (rows in the order of its tokens; `hidden`: `hidden_of`'s fields, `prompt_diagonal`:
-    `Run.prompt_diagonal`, aligned with `samples` and `tokens`)."""
+    `Run.prompt_diagonal`, aligned with `samples` and `tokens`; `windows`: the layers' sliding windows,
+    `windows.run_windows`)."""
     benchmark = samples.benchmark.iloc[0] if len(samples) else ""
     order = pd.Index(tokens.question_id.unique())
     sample_rows = pd.Index(samples.question_id).get_indexer(order)
@@ -213,8 +224,9 @@ def _answers_of(samples: pd.DataFrame, tokens: pd.DataFrame, stat_arrays: dict[s
         hidden["hidden"] = {k: v[sample_rows] for k, v in hidden["hidden"].items()}
     if prompt_diagonal is not None:
         hidden.update(prompt_log_diag=prompt_diagonal[0][sample_rows], prompt_diag_rows=prompt_diagonal[1][sample_rows])
-    return Answers(answers, tok, normalised_attention(stat_arrays, tok.n_keys.to_numpy()), list(layers), n_heads,
-                   **hidden)
+    windows = list(windows or [None] * len(layers))
+    return Answers(answers, tok, normalised_attention(stat_arrays, attended_keys(tok.n_keys.to_numpy(), windows)),
+                   list(layers), n_heads, **hidden, windows=windows)
 
 
 def concat_answers(parts: list[Answers]) -> Answers:
@@ -225,7 +237,7 @@ def concat_answers(parts: list[Answers]) -> Answers:
     tokens = pd.concat([p.tokens.assign(answer=p.tokens.answer + o) for p, o in zip(parts, offsets)],
                        ignore_index=True)
     attn = {k: np.concatenate([p.attn[k] for p in parts]) for k in ATTN_FEATURES}
-    out = Answers(answers, tokens, attn, parts[0].layers, parts[0].n_heads)
+    out = Answers(answers, tokens, attn, parts[0].layers, parts[0].n_heads, windows=parts[0].windows)
     # hidden states only where every run kept the same ones
     if all(p.hidden and p.hidden_layers == parts[0].hidden_layers for p in parts):
         out.hidden = {k: np.concatenate([p.hidden[k] for p in parts]) for k in parts[0].hidden}
@@ -239,9 +251,11 @@ def concat_answers(parts: list[Answers]) -> Answers:
     return out
 
 
-def answers_from_generations(generations, layers: list[int], n_heads: int, attn_dtype: str = "float32") -> Answers:
+def answers_from_generations(generations, layers: list[int], n_heads: int, attn_dtype: str = "float32",
+                             windows: list | None = None) -> Answers:
     """Unlabelled answers of freshly generated (recorded) generations: what `attentropy run --probe` scores. The
-    statistics are rounded to the run's storage type first, so live scores equal scores of the stored run."""
+    statistics are rounded to the run's storage type first, so live scores equal scores of the stored run.
+    `windows`: the layers' sliding windows (`windows.layer_windows`; None: full attention)."""
     rows = []
     for g in generations:
         c = g.capture
@@ -259,7 +273,7 @@ def answers_from_generations(generations, layers: list[int], n_heads: int, attn_
     if all(g.capture.prompt_log_diag is not None for g in generations):
         diagonal = (np.stack([g.capture.prompt_log_diag for g in generations]),
                     np.array([g.capture.prompt_diag_rows for g in generations]))
-    return _answers_of(samples, tokens, stat_arrays, layers, n_heads, "live", prompt_diagonal=diagonal)
+    return _answers_of(samples, tokens, stat_arrays, layers, n_heads, "live", windows=windows, prompt_diagonal=diagonal)
 
 
 def model_identity(config: dict, layers: list[int], n_heads: int) -> dict:

@@ -1,7 +1,8 @@
 """The recording attention: an attention function registered with transformers (`attentropy_attention`, with its
 mask function) that returns the usual output and hands each recorded query row's probabilities to the active
 recorder (`recording`), which reduces them to their statistics; and the layers it records (`recorded_layers`).
-The attention matrices are never kept."""
+The attention matrices are never kept. A sliding-window layer attends to the last `window` tokens of the row's own
+sequence (`window_mask`), counted over its visible keys, so padding and masked columns never shorten the window."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from .windows import UnsupportedAttention, layer_windows
+
 ATTN_IMPLEMENTATION = "attentropy"
 
 _RECORDER = None  # the active `recorder.Recorder`, set by `recording`
 _PROMPT_DIAGONAL = None  # the active `recorder.PromptDiagonal`, set by `recording`
+_WINDOWED: tuple = (None, None)  # ((mask, keys, window), its window mask): the layers of one forward share a mask
 
 
 def key_rows(key: torch.Tensor) -> torch.Tensor:
@@ -48,12 +52,25 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
     query [B, Hq, Q, D]; key, value [B, Hkv, K, D] (cache included, the Q new tokens last); attention_mask
     [B, 1, Q, K] additive float. Without an active Recorder, or for non-causal (cross) attention, it is plain
     sdpa. Recorded rows are computed explicitly, scores, softmax and statistics in float32 (`_product`: on CUDA
-    from half-precision operands with float32 accumulation); other rows use sdpa."""
+    from half-precision operands with float32 accumulation); other rows use sdpa. `sliding_window` (a local layer's,
+    passed by transformers): the mask (`causal_mask`: every visible key) is cut to each row's last
+    `sliding_window` visible keys (`window_mask`)."""
     rec = _RECORDER
+    window = kwargs.pop("sliding_window", None)
+    for unsupported in ("softcap", "s_aux"):  # never recorded wrongly: soft-capped scores, attention sinks
+        if kwargs.get(unsupported) is not None:
+            raise UnsupportedAttention(f"{type(module).__name__} passes {unsupported}={kwargs[unsupported]!r}, which "
+                                       "attentropy's attention does not compute")
     if _PROMPT_DIAGONAL is not None and getattr(module, "is_causal", False) and not module.training:
-        _PROMPT_DIAGONAL.record(module.layer_idx, query, key, attention_mask, scaling)  # reads q, k; changes nothing
+        diagonal_mask = attention_mask  # a local layer's rows attend to its window only
+        if window is not None and attention_mask is not None:
+            diagonal_mask = window_mask(attention_mask, key.shape[-2], window)
+        _PROMPT_DIAGONAL.record(module.layer_idx, query, key, diagonal_mask, scaling)  # reads q, k; changes nothing
     if rec is None or not getattr(module, "is_causal", False) or module.training:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        if window is not None and attention_mask is not None:
+            attention_mask = window_mask(attention_mask, key.shape[-2], window)
 
         return sdpa_attention_forward(module, query, key_rows(key), value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
@@ -68,7 +85,9 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
     if shared is not None and first > 0:
         raise RuntimeError("a shared prefix is supported for recorded rows only (decode steps)")
     n_k = n_shared + n_own  # keys: the shared prefix's, then the cache's
-    if attention_mask.shape[-1] != n_k:
+    if window is not None:
+        attention_mask = window_mask(attention_mask, n_k, window)
+    elif attention_mask.shape[-1] != n_k:
         attention_mask = attention_mask[..., :n_k]
     outputs = []
     if first > 0:
@@ -120,21 +139,51 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
     return (output if n_q == 1 else output.contiguous()), None
 
 
+def window_mask(mask: torch.Tensor, n_keys: int, window: int) -> torch.Tensor:
+    """The additive mask [B, 1, Q, K] of a sliding-window layer, from the mask of every visible key (`causal_mask`)
+    cut to its first `n_keys` keys: each row keeps its last `window` visible keys (its own token and the window - 1
+    tokens before it in its own sequence), the others masked. transformers' own sliding mask counts cache columns,
+    so left padding or the masked columns of continuous batching would shorten a row's window; on an unpadded
+    sequence the two are the same. Kept for the next call: the local layers of one forward share their mask."""
+    global _WINDOWED
+    key, windowed = _WINDOWED
+    if key is not None and key[0] is mask and key[1:] == (n_keys, window):
+        return windowed
+    cut = mask[..., :n_keys]
+    visible = cut == 0  # the mask function writes 0 on visible keys, the dtype's minimum elsewhere
+    from_end = visible.flip(-1).cumsum(-1).flip(-1)  # visible keys from each key to the row's last
+    windowed = cut.masked_fill(from_end > window, torch.finfo(cut.dtype).min)
+    _WINDOWED = ((mask, n_keys, window), windowed)
+    return windowed
+
+
+def causal_mask(*args, local_size: int | None = None, mask_function=None, **kwargs):
+    """transformers' eager mask; for a sliding-window layer (`local_size`), the causal mask of every visible key:
+    the attention cuts it to the layer's window itself (`window_mask`)."""
+    from transformers.masking_utils import causal_mask_function, eager_mask
+
+    if local_size is not None:
+        mask_function = causal_mask_function
+    return eager_mask(*args, mask_function=mask_function, **kwargs)
+
+
 def register() -> None:
     """Register the attention function and its mask function under one name. Without a mask function of the
     same name transformers would build no causal mask for it."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, attentropy_attention)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, causal_mask)
 
 
 @contextmanager
 def recording(model, recorder, prompt_diagonal=None):
-    """Run `model` with the attentropy attention implementation, feeding `recorder` (None: no statistics) and
-    `prompt_diagonal` (a `recorder.PromptDiagonal`: the prompt rows' log own-token attention, LLM-Check's)."""
+    """Run `model` with the attentropy attention implementation, feeding `recorder` (None: the same attention and
+    masks, no statistics) and `prompt_diagonal` (a `recorder.PromptDiagonal`: the prompt rows' log own-token
+    attention, LLM-Check's). A model whose attention it cannot record exactly is refused (`layer_windows`)."""
     global _RECORDER, _PROMPT_DIAGONAL
+    layer_windows(model.config, recorded_layers(model))
     register()
     # (nested: a prefill inside a decode loop)
     previous, outer, outer_diagonal = model.config._attn_implementation, _RECORDER, _PROMPT_DIAGONAL

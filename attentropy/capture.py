@@ -21,6 +21,7 @@ import torch
 
 from .attention import recorded_layers, recording
 from .hidden_states import HiddenRecorder, HiddenSpec
+from .kv_cache import growing_cache
 from .layout import PromptCache, positions, prompt_layout
 from .recorder import PromptDiagonal, Recorder
 from .schema import TOKEN_STATS
@@ -94,11 +95,10 @@ def recorded_captures(recorder: Recorder, model, prompts: list[list[int]], compl
 @torch.no_grad()
 def fill_prompt_cache(model, prompts: list[list[int]], pad_id: int = 0) -> PromptCache:
     """Keys/values of the prompts (left padded) from one forward, and their `PromptDiagonal` (every row of the forward:
-    the prompts without their last tokens); used when capture gets no cache from generation."""
-    from transformers import DynamicCache
-
+    the prompts without their last tokens); used when capture gets no cache from generation. Sliding-window layers
+    get attentropy's masks, whose windows padding does not shorten (`attention.window_mask`)."""
     input_ids, attention_mask = prompt_layout(prompts, pad_id)
-    cache = DynamicCache(config=model.config.get_text_config())
+    cache = growing_cache(model)
     diagonal = PromptDiagonal(attention_mask[:, :-1], last_row=True)
     if input_ids.shape[1] > 1:
         with recording(model, None, prompt_diagonal=diagonal):

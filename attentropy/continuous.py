@@ -13,11 +13,11 @@ from .capture import Capture
 from .data import Question
 from .generate import Generation, PrefixStore, add_prefix_diagonal
 from .hidden_states import HiddenSpec, hook_hidden_states
-from .kv_cache import (append_masked_columns, growing_cache, growing_layer_class, holds_keys, new_keys_values,
-                       prefixed_cache, shared_keys_values)
+from .kv_cache import (append_masked_columns, growing_cache, holds_keys, new_keys_values, prefixed_cache,
+                       shared_keys_values)
 from .layout import common_prefix_len, positions, prompt_layout
 from .packed_linears import packed_linears
-from .prompts import MATH_SHOTS, prompt_ids, stop_token_ids
+from .prompts import MATH_SHOTS, answer_end, answer_text, prompt_ids, stop_strings, stop_token_ids
 from .recorder import PromptDiagonal, Recorder
 from .sampling import Sampling
 
@@ -33,6 +33,7 @@ class _Slot:
     question: Question
     prompt: list[int]
     completion: list[int]
+    stop_strings: tuple[str, ...]  # texts that end the answer besides the stop tokens (`prompts.stop_strings`)
     first_step: int  # the decode step that feeds completion token 0 (its row predicts token 1)
     first_row: tuple  # completion token 0's statistics from the prompt's own prefill: (attn [L, H, S], token [3])
     hidden: dict  # hidden states: first [n, d], sum [n, d] float64, rows [[n, d] float16]
@@ -95,10 +96,8 @@ class ContinuousBatch:
 
         # the rows' cache holds their own columns, `room` masked ones to start with; the shared prefix is held once.
         # Only self-attention layers: a cross-attention layer's cache stays empty (Mllama runs it when it is not)
+        # (sliding-window layers too: each holds every key, the attention masks those outside a row's window)
         self.cache = cache = growing_cache(model)
-        if not all(isinstance(cache.layers[i], growing_layer_class()) for i in layers):
-            raise ValueError("continuous batching needs full-attention layers (this model has sliding-window or "
-                             "other cache layers); use --batching static")
         for i in layers:
             cache.layers[i].keys_by_dim = True
             cache.layers[i].shared = prefix_len
@@ -167,8 +166,8 @@ class ContinuousBatch:
         for i, (q, p) in enumerate(group):
             n_rest = len(p) - prefix_len
             h = self.slot_hidden.prefill_row(i) if self.slot_hidden is not None else {}
-            slot = _Slot(q, p, [tokens[i]], -1, (attn[:, i], token_stats[:, i]), h, generators[i],
-                         (diagonal_sums[i], int(diagonal_rows[i])))
+            slot = _Slot(q, p, [tokens[i]], stop_strings(self.tokenizer, q), -1, (attn[:, i], token_stats[:, i]), h,
+                         generators[i], (diagonal_sums[i], int(diagonal_rows[i])))
             self.ready.append((slot, [None if kv is None else (kv[0][i, :, kv[0].shape[-2] - n_rest:].clone(),
                                                                kv[1][i, :, kv[1].shape[-2] - n_rest:].clone())
                                       for kv in new_keys_values(one)]))
@@ -183,8 +182,8 @@ class ContinuousBatch:
         slot, keys_values = self.ready.pop(0)
         n_rest = len(slot.prompt) - prefix_len
         slot.first_step = self.step_index
-        if slot.completion[0] in self.stop_set or self.max_new_tokens == 1:
-            return _finish(slot, [], [], self.tokenizer, self.stop_set)
+        if self.ended(slot) or self.max_new_tokens == 1:
+            return _finish(slot, [], [], self.tokenizer, self.ended(slot))
         # the prompt's keys/values into row b, right-aligned at the end of the cache; the row's older keys masked
         own = width - prefix_len  # the row's own columns in the cache
         for layer, kv in zip(self.cache.layers, keys_values):
@@ -220,10 +219,11 @@ class ContinuousBatch:
                 self.slot_hidden.add_step(b, slot)
             token = int(drawn[b])
             slot.completion.append(token)
-            if token in self.stop_set or len(slot.completion) == self.max_new_tokens:
+            stopped = self.ended(slot)
+            if stopped or len(slot.completion) == self.max_new_tokens:
                 rows = [(slot.first_step + t - 1) % self.max_new_tokens for t in range(1, len(slot.completion))]
                 yield _finish(slot, recorder.attn_buffer[:, b, :, rows].cpu(),
-                              recorder.token_stats[:, b, rows].cpu(), self.tokenizer, self.stop_set)
+                              recorder.token_stats[:, b, rows].cpu(), self.tokenizer, stopped)
                 slots[b] = None
                 self.inputs[b, 0] = self.pad
                 mask[b, self.prefix_len:] = 0
@@ -232,6 +232,10 @@ class ContinuousBatch:
                 self.inputs[b, 0] = token
                 self.position[b, 0] += 1
         self.step_index += 1
+
+    def ended(self, slot: _Slot) -> bool:
+        """Whether the answer's last token ends it: a stop token, or the end of a stop string."""
+        return slot.completion[-1] in self.stop_set or answer_end(self.tokenizer, slot.completion, slot.stop_strings)
 
     def compact(self) -> None:
         """When too many of the rows' columns are dead (masked in every row), move each row's live columns
@@ -286,10 +290,11 @@ def _compact(cache, mask: torch.Tensor, recorder, prefix_len: int, width: int, n
     return new_mask
 
 
-def _finish(slot: _Slot, attn_rows: torch.Tensor, token_rows: torch.Tensor, tokenizer, stops: set[int]
+def _finish(slot: _Slot, attn_rows: torch.Tensor, token_rows: torch.Tensor, tokenizer, stopped: bool
             ) -> Generation:
     """The ended answer of a row as a Generation with its Capture: completion token 0's statistics from its
-    prefill, the others' from the decode steps (`attn_rows` [L, H, n-1, S], `token_rows` [3, n-1])."""
+    prefill, the others' from the decode steps (`attn_rows` [L, H, n-1, S], `token_rows` [3, n-1]); `stopped`:
+    it ended at a stop token or string (else at the new-token bound)."""
     first_attn, first_token = slot.first_row
     n = len(slot.completion)
     attn = first_attn[None] if n == 1 else torch.cat([first_attn[None], attn_rows.permute(2, 0, 1, 3)])
@@ -306,9 +311,8 @@ def _finish(slot: _Slot, attn_rows: torch.Tensor, token_rows: torch.Tensor, toke
     capture = Capture(attn=attn.numpy(), logprob=token[0].numpy(), logit_entropy=token[1].numpy(),
                       logit_varentropy=token[2].numpy(), n_keys=np.arange(len(slot.prompt), len(slot.prompt) + n),
                       prompt_log_diag=slot.prompt_diagonal[0], prompt_diag_rows=slot.prompt_diagonal[1], **hidden)
-    stopped = slot.completion[-1] in stops
     return Generation(slot.question, slot.prompt, slot.completion,
-                      tokenizer.decode(slot.completion, skip_special_tokens=True), "stop" if stopped else "length",
+                      answer_text(tokenizer, slot.completion, slot.stop_strings), "stop" if stopped else "length",
                       capture)
 
 

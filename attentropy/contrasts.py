@@ -19,6 +19,7 @@ from .contrast_controls import (PositionFit, answer_strata, has_digit, length_bi
 from .stats import (WINDOW, Comparison, Intervals, answer_aggregates, benjamini_hochberg, compare_answers,
                     compare_answers_stratified, compare_tokens, position_matched, resample_counts)
 from .store import READ_BYTES
+from .windows import attended_keys, run_windows
 
 AGGREGATIONS = ("mean", "max", "first_k")
 FIRST_K = 8  # tokens of the `first_k` aggregation
@@ -87,13 +88,16 @@ CONTROLLED_STATS = ("entropy", "varentropy", "entropy_norm", *LOGIT_STATS)  # th
 
 def token_values(run, stat: str, layers: list[int] | None = None) -> np.ndarray:
     """Per-token values of a statistic: attention stats [n_tokens, len(layers), H] (default: all recorded layers);
-    `entropy_norm` = entropy / ln n_keys (the fraction of the maximal entropy, which removes the growth with
-    position); logit stats [n_tokens]."""
+    `entropy_norm` = entropy / ln K, K the keys the layer's row attends to (the visible keys, at most a sliding
+    window: `windows.attended_keys`; the fraction of the maximal entropy, which removes the growth with position);
+    logit stats [n_tokens]."""
     if stat in LOGIT_STATS:
         return run.tokens[stat].to_numpy(np.float64)
     if stat == "entropy_norm":
-        log_keys = np.log(np.maximum(run.tokens["n_keys"].to_numpy(np.float64), 2.0))
-        return run.attn("entropy", layers) / log_keys[:, None, None].astype(np.float32)
+        layers = list(run.layers) if layers is None else [int(layer) for layer in layers]
+        windows = dict(zip(run.layers, run_windows(run.config)))
+        keys = attended_keys(run.tokens["n_keys"].to_numpy(), [windows.get(layer) for layer in layers])
+        return run.attn("entropy", layers) / np.log(np.maximum(keys, 2.0))[:, :, None].astype(np.float32)
     return run.attn(stat, layers)
 
 

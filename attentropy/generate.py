@@ -16,7 +16,7 @@ from .hidden_states import HiddenSpec
 from .kv_cache import growing_cache, growing_layer_class
 from .layout import PromptCache, common_prefix_len, prompt_layout
 from .packed_linears import packed_linears
-from .prompts import MATH_SHOTS, prompt_ids, stop_token_ids
+from .prompts import MATH_SHOTS, answer_end, answer_text, prompt_ids, stop_strings, stop_token_ids
 from .attention import recorded_layers, recording
 from .recorder import PromptDiagonal, recording_generation
 
@@ -26,8 +26,8 @@ class Generation:
     question: Question
     prompt_ids: list[int]
     completion_ids: list[int]  # generated tokens up to and including the end-of-turn token, if one came
-    completion: str  # decoded completion without special tokens
-    finish_reason: str  # "stop" (end of turn) or "length" (max_new_tokens reached)
+    completion: str  # decoded completion without special tokens (base protocol: cut before its stop string)
+    finish_reason: str  # "stop" (end of turn, or a stop string) or "length" (max_new_tokens reached)
     capture: Capture | None = None  # the completion tokens' statistics, when generated with record=True
 
 
@@ -81,6 +81,20 @@ def suppress_stops(stops: list[int], prompt_width: int, min_new_tokens: int):
     return SuppressStops()
 
 
+def stop_at_strings(tokenizer, strings: list[tuple[str, ...]], prompt_width: int):
+    """A stopping criterion: row b is done once its answer's last token completes one of `strings[b]`
+    (`prompts.answer_end`; the base protocol's blank line or next "Q:")."""
+    from transformers import StoppingCriteria
+
+    class StopAtStrings(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+            new = input_ids[:, prompt_width:].tolist()
+            return torch.tensor([answer_end(tokenizer, row, s) for row, s in zip(new, strings)],
+                                device=input_ids.device)
+
+    return StopAtStrings()
+
+
 @torch.no_grad()
 def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_SHOTS, max_new_tokens: int = 128,
              min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
@@ -94,10 +108,11 @@ def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_S
     steps themselves (`Generation.capture`; `save_maps`: batch indices whose full attention rows are kept;
     `hidden`: the hidden states of the same rows).
     Returns the generations and the prompts' keys/values, for a later teacher-forced `capture`."""
-    from transformers import LogitsProcessorList
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
     prompts = [prompt_ids(tokenizer, q, shots) for q in questions]
     stops = stop_token_ids(model, tokenizer)
+    strings = [stop_strings(tokenizer, q) for q in questions]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     prefix_len = common_prefix_len(prompts)
     input_ids, attention_mask = prompt_layout(prompts, pad, prefix_len)
@@ -117,6 +132,7 @@ def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_S
     if do_sample:
         torch.manual_seed(seed)
     processors = [suppress_stops(stops, input_ids.shape[1], min_new_tokens)] if min_new_tokens else []
+    criteria = [stop_at_strings(tokenizer, strings, input_ids.shape[1])] if any(strings) else []
     # the prompt rows after the shared prefix, but the last (completion token 0's row), during the prefill
     diagonal = PromptDiagonal(attention_mask, last_row=False) if record else None
     recording_context = (recording_generation(model, attention_mask, max_new_tokens, save_maps, hidden, stops,
@@ -124,14 +140,15 @@ def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_S
     with recording_context as recorder, packed_linears(model, len(questions)):
         out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
                              cache=cache, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                             logits_processor=LogitsProcessorList(processors), pad_token_id=pad, top_k=None,
+                             logits_processor=LogitsProcessorList(processors),
+                             stopping_criteria=StoppingCriteriaList(criteria), pad_token_id=pad, top_k=None,
                              return_dict_in_generate=True, **sampling)
     width = input_ids.shape[1]
     generations = []
-    for q, p, row in zip(questions, prompts, out.sequences[:, width:].tolist()):
-        end = next((i for i, t in enumerate(row) if t in stops), None)
+    for q, p, row, s in zip(questions, prompts, out.sequences[:, width:].tolist(), strings):
+        end = next((i for i, t in enumerate(row) if t in stops or answer_end(tokenizer, row[:i + 1], s)), None)
         completion = row if end is None else row[: end + 1]
-        generations.append(Generation(q, p, completion, tokenizer.decode(completion, skip_special_tokens=True),
+        generations.append(Generation(q, p, completion, answer_text(tokenizer, completion, s),
                                       "length" if end is None else "stop"))
     prompt_diagonal = None
     if record:

@@ -182,11 +182,14 @@ def _grade_run(run_dir: Path, *, judge, critic, base_url, api_key_env, timeout, 
 
 
 def _tokenizer_source(run) -> str:
-    """Where the run's tokenizer lives: the embedded model's cache directory, or the model's hub id / path."""
-    from .model import EMBEDDED_ALIAS, embedded_model_dir
+    """Where the run's tokenizer lives: an alias's cache directory (the embedded model, Gemma 3), or the model's
+    hub id / path."""
+    from .model import EMBEDDED_ALIAS, GEMMA_ALIAS, embedded_model_dir, gemma_model_dir
 
     name = run.config["model"]["name"]
-    return str(embedded_model_dir()[0]) if name == EMBEDDED_ALIAS else run.config["model"]["source"]
+    if name in (EMBEDDED_ALIAS, GEMMA_ALIAS):
+        return str((embedded_model_dir() if name == EMBEDDED_ALIAS else gemma_model_dir())[0])
+    return run.config["model"]["source"]
 
 
 def format_metrics(m: dict) -> str:

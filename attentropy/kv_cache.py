@@ -8,15 +8,24 @@ import functools
 
 import torch
 
+from .windows import UnsupportedAttention
+
 
 def growing_cache(model):
-    """A transformers DynamicCache whose full-attention layers append in place (`GrowingLayer`)."""
+    """A transformers DynamicCache whose attention layers append in place (`GrowingLayer`). A sliding-window layer
+    keeps every key too (transformers' keeps only its window): all layers share one key axis, on which the
+    recorder's key indices are defined, and the attention masks the keys outside the window
+    (`attention.window_mask`). Any other cache layer is refused, naming its type."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     growing_layer = growing_layer_class()
     cache = DynamicCache(config=model.config.get_text_config())
-    cache.layers = [growing_layer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    for i, layer in enumerate(cache.layers):
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            raise UnsupportedAttention(f"cache layer {i} of {type(model).__name__} is a {type(layer).__name__}: "
+                                       "attentropy handles full-attention and sliding-window key/value caches only")
+    cache.layers = [growing_layer() for _ in cache.layers]
     return cache
 
 

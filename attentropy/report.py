@@ -19,6 +19,7 @@ from .grade import GSM8K_LABELS, SIMPLEQA_LABELS
 from .stats import WINDOW, Intervals
 from .html_blocks import figure, html_table, side_by_side
 from .instrument_report import attach_out_of_fold_confidence, instrument_section
+from .replication import replication_section
 from .store import load_run
 
 MAX_VIEWER_ANSWERS = 300  # per run; the viewer embeds per-token, per-layer values
@@ -28,14 +29,16 @@ VIEWER_STATS = ("entropy", "varentropy", "entropy_norm", *LOGIT_STATS, "confiden
 
 def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, interval: str = "clustered",
                  n_boot: int = 1000, seed: int = 0, workers: int | None = None, ray: str | None = None,
-                 probe: str | Path | None = None, skip_damaged: bool = False, progress: bool = True) -> Path:
+                 probe: str | Path | list | None = None, skip_damaged: bool = False, progress: bool = True) -> Path:
     """Analyse each graded run and write `out`/report.html and `out`/figures/. `out` defaults to the run
     directory itself for one run, and to the runs' common parent directory for several. `probe`: an instrument
-    directory (`attentropy fit`), whose evaluation becomes the report's Instrument section; the token viewer then
-    colours tokens by its confidences (out of fold for the runs it was fitted on). `interval`: the contrasts'
+    directory (`attentropy fit`), or one per model, whose evaluation becomes the report's Instrument section; the
+    token viewer then colours tokens by its confidences (out of fold for the runs it was fitted on). Runs of
+    several models add the Replication section (`replication.replication_section`). `interval`: the contrasts'
     interval method (`stats.INTERVAL_METHODS`; `n_boot`, `seed`: the bootstrap's); `workers`: groups of layers
     analysed at once (default: one per core), or `ray` (an address; "": a local cluster) to spread them over a Ray
     cluster."""
+    probes = [] if probe is None else [Path(probe)] if isinstance(probe, (str, Path)) else [Path(p) for p in probe]
     run_dirs = [Path(d) for d in run_dirs]
     parent = Path(os.path.commonpath([d.resolve() for d in run_dirs]))
     # a run's name: its directory's name, or with several runs its path below their common parent
@@ -48,8 +51,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, i
         run = load_run(run_dir, skip_damaged=skip_damaged)
         a = analyze_run(run, interval=interval, n_boot=n_boot, seed=seed, workers=workers, ray=ray)
         a.name = name
-        if probe is not None:
-            attach_out_of_fold_confidence(a, probe, run)
+        for p in probes:  # (only the instrument fitted on this run has its out-of-fold confidences)
+            attach_out_of_fold_confidence(a, p, run)
         fig_dir = out / "figures" / (name if len(run_dirs) > 1 else "")
         fig_dir.mkdir(parents=True, exist_ok=True)
         a.comparisons.to_parquet(fig_dir / "comparisons.parquet", index=False)
@@ -58,13 +61,14 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, i
         figures.append(_draw(a, fig_dir))
     out.mkdir(parents=True, exist_ok=True)
     instrument = ""
-    if probe is not None:
+    for i, p in enumerate(probes):
         if progress:
-            print(f"[report] the instrument {probe}")
-        instrument = instrument_section(Path(probe), out / "figures" / "instrument")
+            print(f"[report] the instrument {p}")
+        instrument += instrument_section(p, out / "figures" / ("instrument" if len(probes) == 1 else f"instrument{i}"))
+    replication = replication_section(analyses, probes, out / "figures" / "replication", n_boot=n_boot, seed=seed)
     path = out / "report.html"
     tmp = path.with_name("report.html.tmp")
-    tmp.write_text(_html(analyses, figures, instrument), encoding="utf-8")
+    tmp.write_text(_html(analyses, figures, replication + instrument), encoding="utf-8")
     os.replace(tmp, path)
     return path
 
@@ -354,7 +358,8 @@ def _html(analyses: list[Analysis], figures: list[dict], instrument: str = "") -
     parts.append(
         "<h2>How to read this</h2><ul>"
         "<li>Entropy H = −Σ p ln p in nats, varentropy V = Σ p (ln p + H)² in nats², of each attention row (per layer "
-        "and query head) and of the next-token distribution. K = visible keys; H ≤ ln K.</li>"
+        "and query head) and of the next-token distribution. K = the keys the layer attends to (the visible keys, "
+        "at most its sliding window); H ≤ ln K.</li>"
         "<li>AUROC: probability that a random member of the first group has the higher value (0.5: no difference). "
         f"Cohen's d: difference of means over the pooled SD. Intervals: {interval_sentence(analyses[0].intervals)} "
         "p: Mann-Whitney U on one aggregate per answer (answer contrasts; van Elteren's stratified test under the "

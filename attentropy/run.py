@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from .data import load_questions, protocol_kind
 from .model import DEFAULT_MODEL, load_model
-from .prompts import MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS
+from .prompts import BASE, MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS, run_protocol
 from .store import done_question_ids, load_run, read_config, scan_parts, set_aside, write_json, writer_lock
 from .worker import Settings, generate_into, model_config
 
@@ -32,12 +32,14 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
                   hidden_token_layers: str | None = None, raw: bool = False, batching: str = "continuous",
                   max_batch_tokens: int | None = None, ray: str | None = None, workers: int = 2,
                   gpus_per_worker: float = 0, cpus_per_worker: float = 1, kinds: tuple[str, ...] | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, protocol: str = "auto") -> dict:
     """Generate and capture every question not yet in `out`; return a summary of the whole run directory.
     `probe`: an instrument directory; every new batch is scored as it is generated (DIR/confidence/).
     `hidden_layers`, `hidden_token_layers`: hidden states kept (`hidden_spec`); default: `auto` and none for a new
     run, the run's own for a resumed one. `raw`: free prompts (`benchmark="prompts"`) continued as plain text,
     without the chat template; a prompt's own `max_new_tokens` bounds its answer (batches hold one bound each).
+    `protocol`: chat (the chat template), base (plain-text few-shot Q/A, `prompts.base_prompt`) or auto (base
+    where the model has no chat template); recorded in config.json's protocol (format "base").
     `batching`: continuous (rows refilled as answers end) or static (`answers_in_batches`);
     `max_batch_tokens`: continuous batching decodes fewer rows where the key/value columns held (the shared prefix
     once, plus rows x a row's own columns) would exceed it.
@@ -51,6 +53,7 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
                                raw=raw, kinds=kinds)
     kind = protocol_kind(benchmark)
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[kind]
+    requested_protocol = protocol
     protocol = {"kind": kind, "chat_template": not raw, "max_new_tokens": max_new_tokens,
                 "sampling": {"do_sample": do_sample, "temperature": temperature, "top_p": top_p, "seed": seed}}
     if do_sample:  # how the seed is used (`answers_in_batches`)
@@ -109,6 +112,9 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
                 else:
                     mdl, tok, info = load_model(model, dtype=dtype, device=device, device_map=device_map)
                     config = model_config(mdl, info, **described)
+                if not raw:
+                    config["protocol"].update(run_protocol(requested_protocol, config["runtime"]["chat_template"],
+                                                           kind))
                 if previous is not None:
                     for key in IDENTITY_KEYS:
                         if previous.get(key) != config.get(key):
@@ -119,6 +125,9 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
                     write_json(config_path, config)
             if probe:
                 _live_instrument(probe, out, config)  # checked and stamped here; each writer loads it
+            if config["protocol"].get("format") == BASE:  # (`prompts.protocol_of` reads it from each question)
+                for q in todo:
+                    q.metadata["protocol"] = BASE
 
             started = time.perf_counter()
             bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"{benchmark}", unit="q",

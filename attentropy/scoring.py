@@ -26,6 +26,7 @@ def score_run(instrument: Instrument, run_dir: str | Path, skip_damaged: bool = 
 
     from .schema import ATTN_STATS
     from .store import load_run, write_confidence, write_json
+    from .windows import run_windows
 
     run = load_run(run_dir, skip_damaged=skip_damaged)
     instrument.check(model_identity(run.config, run.layers, run.n_heads), f"the run {run_dir}")
@@ -37,7 +38,7 @@ def score_run(instrument: Instrument, run_dir: str | Path, skip_damaged: bool = 
         return pd.DataFrame(columns=["question_id", "pos", "confidence", "prefix_confidence"])
     tokens = run.tokens.drop(columns=[c for c in ("confidence", "prefix_confidence") if c in run.tokens])
     a = _answers_of(run.samples, tokens, {s: run.attn(s) for s in ATTN_STATS}, run.layers, run.n_heads,
-                    str(run.path))
+                    str(run.path), windows=run_windows(run.config))
     scores = instrument.score(a)
     (Path(run_dir) / "confidence").mkdir(exist_ok=True)
     start = 0
@@ -66,6 +67,7 @@ def score_answer(instrument: Instrument, model, tokenizer, info, question, *, an
     from .data import protocol_kind
     from .generate import Generation, generate
     from .prompts import MAX_NEW_TOKENS, prompt_ids, stop_token_ids
+    from .windows import layer_windows
 
     layers = recorded_layers(model)
     n_heads = model.config.get_text_config().num_attention_heads
@@ -79,7 +81,7 @@ def score_answer(instrument: Instrument, model, tokenizer, info, question, *, an
         completion = tokenizer.encode(answer, add_special_tokens=False) + stop_token_ids(model, tokenizer)[:1]
         gen = Generation(question, prompt, completion, answer, "given",
                          capture(model, [prompt], [completion])[0])
-    a = answers_from_generations([gen], layers, n_heads)
+    a = answers_from_generations([gen], layers, n_heads, windows=layer_windows(model.config, layers))
     return instrument.score(a), [tokenizer.decode([t]) for t in gen.completion_ids], gen.completion
 
 

@@ -23,6 +23,7 @@ from .provenance import git_commit, package_versions
 from .sampling import Sampling
 from .schema import ATTN_STATS, TOKEN_STATS
 from .store import PROMPT_DIAGONAL, append_batch
+from .windows import layer_windows, run_windows
 
 PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "gguf", "numpy", "pandas", "pyarrow")
 
@@ -65,7 +66,10 @@ def model_config(mdl, info, *, benchmark: str, data_info: dict, protocol: dict, 
         "runtime": {"device": info.device, **info.extra, "torch_threads": torch.get_num_threads(),
                     "batching": batching, "batch_size": batch_size, "python": platform.python_version()},
         "benchmark": benchmark, "data": data_info, "protocol": protocol,
-        "capture": {"layers": recorded_layers(mdl), "n_heads": text_config.num_attention_heads,
+        "capture": {"layers": recorded_layers(mdl), "windows": layer_windows(mdl.config, recorded_layers(mdl)),
+                    "attended_keys": "layer i's row attends to min(n_keys, windows[i]) keys (null: n_keys); "
+                                     "its maximal entropy is ln of them",
+                    "n_heads": text_config.num_attention_heads,
                     "n_kv_heads": getattr(text_config, "num_key_value_heads", text_config.num_attention_heads),
                     "attn_stats": list(ATTN_STATS), "token_stats": list(TOKEN_STATS), "attn_dtype": attn_dtype,
                     "row_convention": "completion token t <- query row len(prompt)-1+t", "units": "nats"},
@@ -107,7 +111,8 @@ def generate_into(out: Path, mdl, tok, todo: list[Question], settings: Settings,
         scores = None
         if instrument is not None:
             scores = instrument.score(answers_from_generations(gens, config["capture"]["layers"],
-                                                               config["capture"]["n_heads"], settings.attn_dtype))
+                                                               config["capture"]["n_heads"], settings.attn_dtype,
+                                                               run_windows(config)))
         append_batch(out, gens, tok, attn_dtype=settings.attn_dtype, confidence=scores, writer=writer)
         n_tokens = sum(len(g.completion_ids) for g in gens)
         new_tokens += n_tokens

@@ -84,6 +84,15 @@ def tokenizer(embedded):
     return embedded[1]
 
 
+class IdsTokenizer:
+    """Prompts given as ids (`metadata["ids"]`), answers decoded as ids: what generation needs of a tokenizer."""
+
+    pad_token_id, eos_token_id = 0, 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
 def eager_forward(model, ids: list[int]):
     """The output of an eager forward over `ids` with `output_attentions` (attentions: [1, H, T, T] per layer)."""
     previous = model.config._attn_implementation
@@ -115,6 +124,21 @@ def eager_reference(model, prompt, completion):
     token = {"logprob": logp.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1), "logit_entropy": lh,
              "logit_varentropy": lv}
     return stats, token
+
+
+def eager_prompt_log_diag(model, prompt, completion):
+    """[L, H]: sum over positions 0 .. len(prompt) - 2 of ln(attention on the own position), from eager attention."""
+    att = torch.stack(eager_forward(model, prompt + completion[:-1]).attentions, 1)[0].double()  # [L, H, T, T]
+    diag = torch.diagonal(att, dim1=-2, dim2=-1)[..., : len(prompt) - 1]  # [L, H, P - 1]
+    return diag.log().sum(-1).numpy()
+
+
+def assert_prompt_diagonal_matches_eager(model, prompts, completions, captures, atol_per_row=2e-5):
+    for p, c, r in zip(prompts, completions, captures):
+        assert r.prompt_diag_rows == len(p) - 1
+        expected = eager_prompt_log_diag(model, p, c)
+        assert r.prompt_log_diag.shape == expected.shape and r.prompt_log_diag.dtype == np.float64
+        np.testing.assert_allclose(r.prompt_log_diag, expected, atol=atol_per_row * len(p), rtol=1e-5)
 
 
 def assert_matches_eager(model, prompts, completions, results, atol=1e-4):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from conftest import assert_matches_eager, assert_matches_eager_mllama
+from conftest import IdsTokenizer, assert_matches_eager, assert_matches_eager_mllama
 
 import attentropy.continuous as continuous_module
 import attentropy.generate as generate_module
@@ -115,15 +115,6 @@ def test_max_batch_tokens_bounds_the_prefix_and_rows_times_their_columns(embedde
                 assert rows == {2} and max(prefix + r * (c - prefix) for r, c in shapes) <= bound, shapes
     finally:
         hook.remove()
-
-
-class IdsTokenizer:
-    """Prompts given as ids (`metadata["ids"]`), answers decoded as ids: what generation needs of a tokenizer."""
-
-    pad_token_id, eos_token_id = 0, 2
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
 
 
 def test_continuous_batching_on_mllama_leaves_cross_attention_layers_out(tiny_mllama, monkeypatch):

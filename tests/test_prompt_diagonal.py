@@ -5,7 +5,6 @@ generation (shared prefix and left padding) and in continuous batching (shared p
 each prompt prefilled in groups); the prefix's rows count for every answer that shares it."""
 
 import numpy as np
-import torch
 
 from attentropy.capture import capture
 from attentropy.continuous import generate_continuous
@@ -15,24 +14,9 @@ from attentropy.hidden_states import HiddenSpec
 from attentropy.layout import common_prefix_len
 from attentropy.model import load_model
 from attentropy.prompts import prompt_ids
-from conftest import eager_forward
+from conftest import assert_prompt_diagonal_matches_eager
 
 SEQS = [([1, 5, 9, 11, 3], [7, 8, 20, 21, 2]), ([1, 4], [30, 31, 32]), ([1, 6, 6, 6, 6, 6, 6, 6], [40])]
-
-
-def eager_prompt_log_diag(model, prompt, completion):
-    """[L, H]: sum over positions 0 .. len(prompt) - 2 of ln(attention on the own position), from eager attention."""
-    att = torch.stack(eager_forward(model, prompt + completion[:-1]).attentions, 1)[0].double()  # [L, H, T, T]
-    diag = torch.diagonal(att, dim1=-2, dim2=-1)[..., : len(prompt) - 1]  # [L, H, P - 1]
-    return diag.log().sum(-1).numpy()
-
-
-def assert_prompt_diagonal_matches_eager(model, prompts, completions, captures, atol_per_row=2e-5):
-    for p, c, r in zip(prompts, completions, captures):
-        assert r.prompt_diag_rows == len(p) - 1
-        expected = eager_prompt_log_diag(model, p, c)
-        assert r.prompt_log_diag.shape == expected.shape and r.prompt_log_diag.dtype == np.float64
-        np.testing.assert_allclose(r.prompt_log_diag, expected, atol=atol_per_row * len(p), rtol=1e-5)
 
 
 def test_capture_records_the_prompt_rows_log_diagonal(tiny_llama):

@@ -16,7 +16,7 @@ from .fitting import probe_fitter
 
 def shannon_entropy(a) -> np.ndarray:
     """[n_tokens, L, H]: each head's attention entropy in nats (the stored entropy / ln K, times ln K)."""
-    return a.attn["entropy_norm"] * np.log(np.maximum(a.tokens.n_keys.to_numpy(), 2))[:, None, None]
+    return a.attn["entropy_norm"] * np.log(np.maximum(a.keys, 2))[:, :, None]
 
 
 def entropy_over_answer(a) -> np.ndarray:

@@ -12,12 +12,14 @@ from .fitting import probe_fitter
 
 def lookback_ratios(a) -> np.ndarray:
     """[n_answers, L * H]: Lookback Lens' ratio per head, averaged over the answer: mean attention per prompt key /
-    (that + mean attention per generated key). Completion token t sees K - t prompt keys and t generated ones (its
-    first token sees only the prompt: ratio 1)."""
+    (that + mean attention per generated key). Completion token t's row in a layer attending to K keys sees the t
+    generated ones and K - t prompt keys (its first token sees only the prompt: ratio 1); a sliding window holds
+    at most K of them, the generated ones first."""
     prompt = a.attn["prompt_mass"].reshape(len(a.tokens), -1).astype(np.float64)
-    n_keys, pos = a.tokens.n_keys.to_numpy(np.float64), a.tokens.pos.to_numpy(np.float64)
-    per_prompt_key = prompt / (n_keys - pos)[:, None]
-    per_generated_key = np.where(pos[:, None] > 0, (1 - prompt) / np.maximum(pos, 1)[:, None], 0.0)
+    keys = np.repeat(a.keys, a.n_heads, axis=1).astype(np.float64)  # [n, L * H]
+    generated = np.minimum(a.tokens.pos.to_numpy(np.float64)[:, None], keys)
+    per_prompt_key = np.where(keys > generated, prompt / np.maximum(keys - generated, 1), 0.0)
+    per_generated_key = np.where(generated > 0, (1 - prompt) / np.maximum(generated, 1), 0.0)
     ratio = per_prompt_key / np.maximum(per_prompt_key + per_generated_key, 1e-12)
     return segment_means(ratio, a.answers.start.to_numpy(), a.answers.n_tokens.to_numpy())
 
