@@ -378,11 +378,11 @@ def abstention_thresholds(probe: str | Path) -> dict[str, float]:
         return {}
     predictions = pd.read_parquet(path)
     out = {}
+    column = f"confidence:{PRIMARY}"  # the instrument's out-of-fold answer confidence (`evaluation.evaluate`)
     for task, rows in predictions.groupby("task"):
-        if PRIMARY in rows and "label" in rows:
-            usable = rows[PRIMARY].notna()
-            out[task] = choose_threshold(rows[PRIMARY][usable].to_numpy(float),
-                                         rows["label"][usable].astype(str).to_numpy())
+        if column in rows and rows[column].notna().any():
+            usable = rows[rows[column].notna()]
+            out[task] = choose_threshold(usable[column].to_numpy(float), usable.label.astype(str).to_numpy())
     return out
 
 

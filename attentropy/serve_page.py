@@ -7,7 +7,7 @@ import html
 import json
 
 PAGE = """<!doctype html>
-<html lang=en><head><meta charset=utf-8><title>attentropy serve: __MODEL__</title>
+<html lang=en><head><meta charset=utf-8><link rel=icon href="data:,"><title>attentropy serve: __MODEL__</title>
 <style>
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; }
 textarea { width: 100%; font: inherit; padding: 6px; box-sizing: border-box; }

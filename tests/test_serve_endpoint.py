@@ -316,3 +316,21 @@ def test_the_page_streams_an_answer_coloured_by_confidence(server, client, brows
     assert "answer confidence 0." in summary and "flagged" in summary
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
+
+
+def test_the_abstention_threshold_is_the_one_fitted_with_the_probe(tmp_path):
+    import pandas as pd
+
+    from attentropy.selective import choose_threshold
+    from attentropy.serve import abstention_thresholds
+
+    rng = np.random.default_rng(0)
+    labels = rng.choice(["correct", "incorrect", "not_attempted"], 60)
+    confidence = np.clip(rng.normal(0.5, 0.2, 60) + 0.3 * (labels == "correct"), 0, 1)
+    pd.DataFrame({"task": ["factual"] * 40 + ["math"] * 20, "label": labels,
+                  "confidence:instrument": confidence}).to_parquet(tmp_path / "predictions.parquet")
+    thresholds = abstention_thresholds(tmp_path)
+    assert thresholds == {"factual": choose_threshold(confidence[:40], labels[:40]),
+                          "math": choose_threshold(confidence[40:], labels[40:])}
+    assert 0 < thresholds["factual"] < 1
+    assert abstention_thresholds(tmp_path / "nothing") == {}
