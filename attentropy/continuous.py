@@ -227,8 +227,9 @@ class ContinuousBatch:
         slot = self.slots[b]
         rows = [(slot.first_step + t - 1) % self.max_new_tokens for t in range(1, len(slot.completion))]
         recorder = self.recorder
-        done = _finish(slot, recorder.attn_buffer[:, b, :, rows].cpu(), recorder.token_stats[:, b, rows].cpu(),
-                       self.tokenizer, self.stop_set)
+        attn_rows, token_rows = ((recorder.attn_buffer[:, b, :, rows].cpu(), recorder.token_stats[:, b, rows].cpu())
+                                 if rows else (None, None))  # (ended at its first token: no decode step's rows)
+        done = _finish(slot, attn_rows, token_rows, self.tokenizer, self.stop_set)
         self.slots[b] = None
         self.inputs[b, 0] = self.pad
         self.mask[b, self.prefix_len:] = 0

@@ -162,6 +162,8 @@ def test_completions_sampling_stop_and_the_instrument_not_applying(server, clien
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model=server[1], prompt="Once upon a time", max_tokens=6, stream=True))
     assert streamed == choice.text
+    one = client.completions.create(model=server[1], prompt="Once upon a time", max_tokens=1).choices[0]
+    assert len(one.logprobs.tokens) == 1 and one.finish_reason == "length"
     # a system turn: the instrument was not fitted on such chats
     reply = client.chat.completions.create(model=server[1], max_tokens=4, messages=[
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
@@ -334,3 +336,41 @@ def test_the_abstention_threshold_is_the_one_fitted_with_the_probe(tmp_path):
                           "math": choose_threshold(confidence[40:], labels[40:])}
     assert 0 < thresholds["factual"] < 1
     assert abstention_thresholds(tmp_path / "nothing") == {}
+
+
+def test_live_confidences_are_the_instrument_s_scores_of_the_finished_answer(tiny):
+    """The batch driver alone: tokens scored as they are drawn equal `Instrument.score` of the answer's capture;
+    the very first request may end at its first token."""
+    from attentropy.answers import answers_from_generations
+    from attentropy.prompts import prompt_ids
+    from attentropy.sampling import Sampling
+    from attentropy.serving_batch import BatchDriver, Request
+
+    model, tokenizer, _, instrument, _ = tiny
+    driver = BatchDriver(model, tokenizer, instrument, rows=2, max_tokens=16, max_batch_tokens=2000)
+    driver.start()
+    ends, done = {}, threading.Semaphore(0)
+
+    def emit_for(i):
+        def emit(event):
+            if event["type"] in ("end", "error"):
+                ends[i] = event
+                done.release()
+        return emit
+    try:
+        for i, (text, max_tokens) in enumerate([("Hi", 1), ("What is 2 + 2?", 9), ("Name a river.", 12)]):
+            question = Question(f"r{i}", "facts", text, "")
+            driver.submit(Request(question, prompt_ids(tokenizer, question), max_tokens, Sampling(), None, [], 0,
+                                  "factual", emit_for(i)))
+        for _ in range(3):
+            assert done.acquire(timeout=300)
+    finally:
+        driver.stop()
+    assert [len(ends[i]["generation"].completion_ids) for i in range(3)] == [1, 9, 12]
+    for i in range(3):
+        generation = ends[i]["generation"]
+        scores = instrument.score(answers_from_generations([generation], instrument.identity["layers"],
+                                                           instrument.identity["n_heads"]))
+        live = np.array(ends[i]["confidences"])
+        np.testing.assert_allclose(live[:, 0], scores.confidence, rtol=1e-12)
+        np.testing.assert_allclose(live[:, 1], scores.prefix_confidence, rtol=1e-12)
