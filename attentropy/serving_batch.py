@@ -83,8 +83,8 @@ class ServingBatch(ContinuousBatch):
     def admit(self, request: Request) -> bool:
         """Put a request into the batch's queue if a row and the column budget allow it now."""
         busy = sum(slot is not None for slot in self.slots) + len(self.ready) + len(self.todo)
-        if busy >= self.batch_size or self.reserved() + len(request.prompt) + request.max_tokens > \
-                self.max_batch_tokens and self.rows:
+        over_budget = self.rows and self.reserved() + len(request.prompt) + request.max_tokens > self.max_batch_tokens
+        if busy >= self.batch_size or over_budget:  # (alone in the batch, a request is never over the budget)
             return False
         self.todo.insert(0, (request.question, request.prompt))  # `start` takes them from the end
         self.rows[request.question.id] = _Row(request, None, answer=AnswerSoFar(request.task))
