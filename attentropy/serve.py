@@ -51,18 +51,37 @@ class Served:
     policy: str = "flag"
 
 
+def math_protocol(messages: list[dict]) -> bool:
+    """Whether a chat is the math protocol exactly (`prompts.chat_messages` of a GSM8K question, or of an arith
+    problem of 1-4 steps with seed 0: 8 worked exemplars as earlier turns, then the problem in the template)."""
+    from .prompts import MATH_USER_TEMPLATE, chat_messages
+
+    before, _, after = MATH_USER_TEMPLATE.partition("{question}")
+    last = messages[-1]["content"]
+    if len(messages) < 3 or not (last.startswith(before) and last.endswith(after)):
+        return False
+    problem = last[len(before):len(last) - len(after)]
+    candidates = [Question("q", "gsm8k", problem, "")] + [
+        Question("q", "arith", problem, "", metadata={"steps": steps, "seed": 0}) for steps in range(1, 5)]
+    return any(chat_messages(q) == messages for q in candidates)
+
+
 def protocol_of(served: Served, messages: list[dict]) -> tuple[str | None, str | None]:
     """(task, reason): which of the instrument's answer models applies to a chat, or why none does. The
     instrument was fitted on answers to prompts built one way (`prompts.chat_messages`): a factual question is a
-    chat of one user turn; anything else (a system turn, several turns) is not what it was fitted on."""
+    chat of one user turn, a math problem the 8-shot chat of `math_protocol`; anything else (a system turn, other
+    turns) is not what it was fitted on."""
     if served.instrument is None:
         return None, "no instrument loaded"
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        if "factual" in served.instrument.answer_models:
-            return "factual", None
-        return None, "the instrument has no answer model for factual questions (one user turn)"
-    return None, ("the instrument was fitted on chats of one user turn (factual questions); this chat has "
-                  f"{len(messages)} messages" + (" with a system turn" if messages[0]["role"] == "system" else ""))
+    task = ("factual" if len(messages) == 1 and messages[0]["role"] == "user"
+            else "math" if math_protocol(messages) else None)
+    if task is None:
+        return None, ("the instrument was fitted on chats of one user turn (factual questions) or the 8-shot math "
+                      f"protocol; this chat has {len(messages)} messages"
+                      + (" with a system turn" if messages[0]["role"] == "system" else ""))
+    if task not in served.instrument.answer_models:
+        return None, f"the instrument has no answer model for {task} questions"
+    return task, None
 
 
 def create_app(served: Served, limits: Limits = Limits(), record=None):

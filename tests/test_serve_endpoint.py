@@ -374,3 +374,20 @@ def test_live_confidences_are_the_instrument_s_scores_of_the_finished_answer(tin
         live = np.array(ends[i]["confidences"])
         np.testing.assert_allclose(live[:, 0], scores.confidence, rtol=1e-12)
         np.testing.assert_allclose(live[:, 1], scores.prefix_confidence, rtol=1e-12)
+
+
+def test_which_requests_the_instrument_applies_to(tiny):
+    from attentropy.prompts import chat_messages
+    from attentropy.serve import Served, protocol_of
+
+    served = Served(None, None, "m", tiny[3], "probe", {})
+    gsm8k = chat_messages(Question("q", "gsm8k", "Tom has 3 apples and buys 4. How many has he?", ""))
+    arith = chat_messages(Question("q", "arith", "Ann has 2 pens.", "", metadata={"steps": 2, "seed": 0}))
+    assert protocol_of(served, [{"role": "user", "content": "What is the capital of Peru?"}]) == ("factual", None)
+    assert protocol_of(served, gsm8k) == ("math", None) and protocol_of(served, arith) == ("math", None)
+    for other in (gsm8k[1:], gsm8k[:-2] + gsm8k[-1:], [{"role": "system", "content": "Be brief."}, gsm8k[-1]],
+                  gsm8k[:-1] + [{"role": "user", "content": gsm8k[-1]["content"] + " Please."}]):
+        task, reason = protocol_of(served, other)
+        assert task is None and "protocol" in reason
+    served.instrument = None
+    assert protocol_of(served, gsm8k) == (None, "no instrument loaded")
