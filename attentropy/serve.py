@@ -108,7 +108,6 @@ def create_app(served: Served, limits: Limits = Limits(), record=None):
             record.close()
 
     app = FastAPI(title="attentropy serve", lifespan=lifespan)
-    app.state.driver = driver
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
@@ -174,6 +173,9 @@ def create_app(served: Served, limits: Limits = Limits(), record=None):
         if len(prompt) + max_tokens > limits.max_batch_tokens:
             raise ApiError(400, f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) tokens exceed the batch's "
                            f"{limits.max_batch_tokens}", param="max_tokens", code="context_length_exceeded")
+        if driver.waiting.qsize() >= limits.max_waiting:  # (checked before a stream's 200 is sent)
+            raise ApiError(429, f"{limits.max_waiting} requests are already waiting; retry later",
+                           kind="rate_limit_error", code="too_many_requests")
         temperature = 0.0 if r.temperature is None else r.temperature
         top_p = 1.0 if r.top_p is None else r.top_p
         sampled = temperature > 0 and top_p > 0
@@ -182,9 +184,6 @@ def create_app(served: Served, limits: Limits = Limits(), record=None):
 
     async def events_of(request: Request, http: HttpRequest):
         """The driver's events for one request, as they come; the request is cancelled when its client goes."""
-        if driver.waiting.qsize() >= limits.max_waiting:
-            raise ApiError(429, f"{limits.max_waiting} requests are already waiting; retry later",
-                           kind="rate_limit_error", code="too_many_requests")
         loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
         request.emit = lambda event: loop.call_soon_threadsafe(inbox.put_nowait, event)
         driver.submit(request)
