@@ -173,7 +173,7 @@ def create_app(served: Served, limits: Limits = Limits(), record=None):
         if len(prompt) + max_tokens > limits.max_batch_tokens:
             raise ApiError(400, f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) tokens exceed the batch's "
                            f"{limits.max_batch_tokens}", param="max_tokens", code="context_length_exceeded")
-        if driver.waiting.qsize() >= limits.max_waiting:  # (checked before a stream's 200 is sent)
+        if driver.load()["waiting"] >= limits.max_waiting:  # (checked before a stream's 200 is sent)
             raise ApiError(429, f"{limits.max_waiting} requests are already waiting; retry later",
                            kind="rate_limit_error", code="too_many_requests")
         temperature = 0.0 if r.temperature is None else r.temperature
