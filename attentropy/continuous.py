@@ -277,6 +277,8 @@ def _compact(cache, mask: torch.Tensor, recorder, prefix_len: int, width: int, n
     for b in range(mask.shape[0]):
         if b not in lives:
             new_mask[b, -1] = 1  # an idle row: one visible column, so its (unused) attention row is defined
+            if not prefix_len:  # and its sink there: its last answer's first token may lie past the new width
+                recorder.sink_key[b] = new_width - 1
             continue
         new_mask[b, new_width - lives[b]:] = mask[b, width - lives[b]:]
     recorder.shift_rows(lives, shift, sink=not prefix_len)
