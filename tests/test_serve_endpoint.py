@@ -391,3 +391,37 @@ def test_which_requests_the_instrument_applies_to(tiny):
         assert task is None and "protocol" in reason
     served.instrument = None
     assert protocol_of(served, gsm8k) == (None, "no instrument loaded")
+
+
+def test_the_cache_shrinks_under_an_idle_row_whose_long_prompt_ended(tiny):
+    """A long prompt grows the rows' columns; when its answer ends and the cache is compacted below where its first
+    token was, the idle row must not point there (an index error once, found under load)."""
+    from attentropy.prompts import prompt_ids
+    from attentropy.sampling import Sampling
+    from attentropy.serving_batch import BatchDriver, Request
+
+    model, tokenizer, _, instrument, _ = tiny
+    driver = BatchDriver(model, tokenizer, instrument, rows=2, max_tokens=40, max_batch_tokens=2000)
+    events, done = {}, threading.Semaphore(0)
+
+    def emit_for(i):
+        def emit(event):
+            if event["type"] in ("end", "error"):
+                events[i] = event
+                done.release()
+        return emit
+    long_question = Question("long", "facts", "word " * 180, "")
+    short_question = Question("short", "facts", "Hi", "")
+    assert len(prompt_ids(tokenizer, long_question)) > 150
+    driver.submit(Request(long_question, prompt_ids(tokenizer, long_question), 2, Sampling(), None, [], 0, None,
+                          emit_for(0)))
+    driver.submit(Request(short_question, prompt_ids(tokenizer, short_question), 40, Sampling(), None, [], 0, None,
+                          emit_for(1)))
+    driver.start()
+    try:
+        for _ in range(2):
+            assert done.acquire(timeout=300)
+    finally:
+        driver.stop()
+    assert [events[i]["type"] for i in range(2)] == ["end", "end"], events
+    assert len(events[1]["generation"].completion_ids) == 40
