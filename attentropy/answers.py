@@ -43,6 +43,10 @@ class Answers:
     hidden_layers: list[int] = field(default_factory=list)  # their output_hidden_states indices
     hidden_tokens: np.ndarray | None = None  # [n_tokens, L_t, d] float16
     hidden_token_layers: list[int] = field(default_factory=list)
+    # LLM-Check's prompt part (`store.Run.prompt_diagonal`): per answer the sum over its prompt's rows but the last of
+    # ln(attention on the own token) [n_answers, L, H] float64, and their number [n_answers]; None: not recorded
+    prompt_log_diag: np.ndarray | None = None
+    prompt_diag_rows: np.ndarray | None = None
     _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # features computed once
 
     def memo(self, key: str, compute):
@@ -66,7 +70,9 @@ class Answers:
         return Answers(answers, tokens, {k: v[token_rows] for k, v in self.attn.items()}, self.layers, self.n_heads,
                        {k: v[answer_rows] for k, v in self.hidden.items()}, self.hidden_layers,
                        None if self.hidden_tokens is None else self.hidden_tokens[token_rows],
-                       self.hidden_token_layers)
+                       self.hidden_token_layers,
+                       None if self.prompt_log_diag is None else self.prompt_log_diag[answer_rows],
+                       None if self.prompt_diag_rows is None else self.prompt_diag_rows[answer_rows])
 
 
 def _task(benchmark: str) -> str:
@@ -119,7 +125,7 @@ def load_answers(run_dirs: list[str | Path], *, require_labels: bool = True, ski
         infos.append(run_info(run))
         stat_arrays = {s: run.attn(s) for s in ATTN_STATS}
         part = _answers_of(run.samples, run.tokens, stat_arrays, run.layers, run.n_heads, str(run.path),
-                           hidden_of(run))
+                           hidden_of(run), run.prompt_diagonal)
         part.answers["run_fingerprint"] = infos[-1]["fingerprint"]
         parts.append(part)
     if not parts:
@@ -167,9 +173,9 @@ def hidden_of(run) -> dict:
 
 
 def _answers_of(samples: pd.DataFrame, tokens: pd.DataFrame, stat_arrays: dict[str, np.ndarray], layers, n_heads,
-                run_name: str, hidden: dict | None = None) -> Answers:
-    """Answers of one run (rows in the order of its tokens; `hidden`: `hidden_of`'s fields, aligned with
-    `samples` and `tokens`)."""
+                run_name: str, hidden: dict | None = None, prompt_diagonal: tuple | None = None) -> Answers:
+    """Answers of one run (rows in the order of its tokens; `hidden`: `hidden_of`'s fields, `prompt_diagonal`:
+    `Run.prompt_diagonal`, aligned with `samples` and `tokens`)."""
     benchmark = samples.benchmark.iloc[0] if len(samples) else ""
     order = pd.Index(tokens.question_id.unique())
     sample_rows = pd.Index(samples.question_id).get_indexer(order)
@@ -205,6 +211,8 @@ def _answers_of(samples: pd.DataFrame, tokens: pd.DataFrame, stat_arrays: dict[s
     hidden = dict(hidden or {})
     if "hidden" in hidden:
         hidden["hidden"] = {k: v[sample_rows] for k, v in hidden["hidden"].items()}
+    if prompt_diagonal is not None:
+        hidden.update(prompt_log_diag=prompt_diagonal[0][sample_rows], prompt_diag_rows=prompt_diagonal[1][sample_rows])
     return Answers(answers, tok, normalised_attention(stat_arrays, tok.n_keys.to_numpy()), list(layers), n_heads,
                    **hidden)
 
@@ -225,6 +233,9 @@ def concat_answers(parts: list[Answers]) -> Answers:
     if all(p.hidden_tokens is not None and p.hidden_token_layers == parts[0].hidden_token_layers for p in parts):
         out.hidden_tokens = np.concatenate([p.hidden_tokens for p in parts])
         out.hidden_token_layers = parts[0].hidden_token_layers
+    if all(p.prompt_log_diag is not None for p in parts):  # LLM-Check's prompt part only where every run has it
+        out.prompt_log_diag = np.concatenate([p.prompt_log_diag for p in parts])
+        out.prompt_diag_rows = np.concatenate([p.prompt_diag_rows for p in parts])
     return out
 
 
@@ -244,7 +255,11 @@ def answers_from_generations(generations, layers: list[int], n_heads: int, attn_
                             "question": [g.question.question for g in generations],
                             "metadata": [g.question.metadata for g in generations]})
     stat_arrays = {s: attn[..., i] for i, s in enumerate(ATTN_STATS)}
-    return _answers_of(samples, tokens, stat_arrays, layers, n_heads, "live")
+    diagonal = None
+    if all(g.capture.prompt_log_diag is not None for g in generations):
+        diagonal = (np.stack([g.capture.prompt_log_diag for g in generations]),
+                    np.array([g.capture.prompt_diag_rows for g in generations]))
+    return _answers_of(samples, tokens, stat_arrays, layers, n_heads, "live", prompt_diagonal=diagonal)
 
 
 def model_identity(config: dict, layers: list[int], n_heads: int) -> dict:

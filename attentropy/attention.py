@@ -13,6 +13,7 @@ import torch.nn.functional as F
 ATTN_IMPLEMENTATION = "attentropy"
 
 _RECORDER = None  # the active `recorder.Recorder`, set by `recording`
+_PROMPT_DIAGONAL = None  # the active `recorder.PromptDiagonal`, set by `recording`
 
 
 def key_rows(key: torch.Tensor) -> torch.Tensor:
@@ -49,6 +50,8 @@ def attentropy_attention(module, query, key, value, attention_mask, scaling, dro
     sdpa. Recorded rows are computed explicitly, scores, softmax and statistics in float32 (`_product`: on CUDA
     from half-precision operands with float32 accumulation); other rows use sdpa."""
     rec = _RECORDER
+    if _PROMPT_DIAGONAL is not None and getattr(module, "is_causal", False) and not module.training:
+        _PROMPT_DIAGONAL.record(module.layer_idx, query, key, attention_mask, scaling)  # reads q, k; changes nothing
     if rec is None or not getattr(module, "is_causal", False) or module.training:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -128,18 +131,41 @@ def register() -> None:
 
 
 @contextmanager
-def recording(model, recorder):
-    """Run `model` with the attentropy attention implementation, feeding `recorder`."""
-    global _RECORDER
+def recording(model, recorder, prompt_diagonal=None):
+    """Run `model` with the attentropy attention implementation, feeding `recorder` (None: no statistics) and
+    `prompt_diagonal` (a `recorder.PromptDiagonal`: the prompt rows' log own-token attention, LLM-Check's)."""
+    global _RECORDER, _PROMPT_DIAGONAL
     register()
-    previous, outer = model.config._attn_implementation, _RECORDER  # (nested: a prefill inside a decode loop)
+    # (nested: a prefill inside a decode loop)
+    previous, outer, outer_diagonal = model.config._attn_implementation, _RECORDER, _PROMPT_DIAGONAL
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    _RECORDER = recorder
+    _RECORDER, _PROMPT_DIAGONAL = recorder, prompt_diagonal
     try:
         yield recorder
     finally:
-        _RECORDER = outer
+        _RECORDER, _PROMPT_DIAGONAL = outer, outer_diagonal
         model.set_attn_implementation(previous)
+
+
+def log_own_attention(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor, scaling: float,
+                      own: int, chunk_bytes: int = 16 << 20) -> torch.Tensor:
+    """[B, Hq, Q] float32: ln of each query row's attention on its own token (key own + i for row i), the log-softmax
+    at the diagonal, s_ii - logsumexp_j s_ij, exact where the attention itself underflows to 0. query [B, Hq, Q, D];
+    key [B, Hkv, K, D]; attention_mask [B, 1, Q, >=K] additive. Scores in float32, `chunk_bytes` of them at a time;
+    the keys of the query heads that share them (GQA) are read once."""
+    batch, n_heads, n_q, head_dim = query.shape
+    n_kv, n_k = key.shape[1], key.shape[2]
+    groups = n_heads // n_kv
+    key_t = _float32(key).transpose(2, 3)  # [B, Hkv, D, K]
+    out, chunk_rows = [], max(1, chunk_bytes // (4 * batch * n_heads * n_k))
+    for start in range(0, n_q, chunk_rows):
+        stop = min(start + chunk_rows, n_q)
+        q = _float32(query[:, :, start:stop]).reshape(batch, n_kv, groups * (stop - start), head_dim)
+        scores = torch.matmul(q, key_t).view(batch, n_heads, stop - start, n_k)
+        scores = torch.add(attention_mask[:, :, start:stop, :n_k], scores, alpha=scaling)
+        rows = torch.arange(stop - start, device=scores.device)
+        out.append(scores[:, :, rows, own + start + rows] - torch.logsumexp(scores, dim=-1))
+    return torch.cat(out, dim=-1)
 
 
 def recorded_layers(model) -> list[int]:

@@ -22,7 +22,7 @@ import torch
 from .attention import recorded_layers, recording
 from .hidden_states import HiddenRecorder, HiddenSpec
 from .layout import PromptCache, positions, prompt_layout
-from .recorder import Recorder
+from .recorder import PromptDiagonal, Recorder
 from .schema import TOKEN_STATS
 
 
@@ -39,12 +39,17 @@ class Capture:
     hidden_last_prompt: np.ndarray | None = None  # [len(HiddenSpec.layers), d] float32: row of completion token 0
     hidden_mean: np.ndarray | None = None  # [len(HiddenSpec.layers), d] float32: mean over the completion's rows
     hidden_tokens: np.ndarray | None = None  # [n_tokens, len(HiddenSpec.token_layers), d] float16: every row
+    # LLM-Check's prompt part (`recorder.PromptDiagonal`): per layer and head, the sum over the prompt's rows but its
+    # last (which is completion token 0's row) of ln(attention on the row's own token), and the rows summed
+    prompt_log_diag: np.ndarray | None = None  # [n_layers, n_heads] float64
+    prompt_diag_rows: int | None = None  # len(prompt) - 1
 
 
-def recorded_captures(recorder: Recorder, model, prompts: list[list[int]], completions: list[list[int]]
-                      ) -> list[Capture]:
+def recorded_captures(recorder: Recorder, model, prompts: list[list[int]], completions: list[list[int]],
+                      prompt_diagonal: tuple[np.ndarray, np.ndarray] | None = None) -> list[Capture]:
     """Each sequence's `Capture` from what `recorder` holds (its rows, token statistics, maps and hidden states):
-    sequence b's prompt is `prompts[b]`, its completion `completions[b]`."""
+    sequence b's prompt is `prompts[b]`, its completion `completions[b]`; `prompt_diagonal`: the prompts'
+    (`PromptDiagonal.result`: sums [B, L, H], rows [B])."""
     layers = recorded_layers(model)
     if recorder.attn_buffer is not None:
         found = recorder.attn_layers
@@ -76,28 +81,32 @@ def recorded_captures(recorder: Recorder, model, prompts: list[list[int]], compl
                     full[:, row:row + x.shape[1], :k] = x[:, :, :k]
                     row += x.shape[1]
                 maps[layer] = full[:, :n][:, :, keys].numpy()
-        hidden = recorder.hidden.results(b, n) if recorder.hidden is not None else {}
+        extra = recorder.hidden.results(b, n) if recorder.hidden is not None else {}
+        if prompt_diagonal is not None:
+            extra.update(prompt_log_diag=prompt_diagonal[0][b], prompt_diag_rows=int(prompt_diagonal[1][b]))
         results.append(Capture(attn=attn[b, :n].numpy(), logprob=token["logprob"][b, :n].numpy(),
                                logit_entropy=token["logit_entropy"][b, :n].numpy(),
                                logit_varentropy=token["logit_varentropy"][b, :n].numpy(),
-                               n_keys=np.arange(len(p), len(p) + n), attention_map=maps, **hidden))
+                               n_keys=np.arange(len(p), len(p) + n), attention_map=maps, **extra))
     return results
 
 
 @torch.no_grad()
 def fill_prompt_cache(model, prompts: list[list[int]], pad_id: int = 0) -> PromptCache:
-    """Keys/values of the prompts (left padded) from one plain forward; used when capture gets no cache from
-    generation."""
+    """Keys/values of the prompts (left padded) from one forward, and their `PromptDiagonal` (every row of the forward:
+    the prompts without their last tokens); used when capture gets no cache from generation."""
     from transformers import DynamicCache
 
     input_ids, attention_mask = prompt_layout(prompts, pad_id)
     cache = DynamicCache(config=model.config.get_text_config())
+    diagonal = PromptDiagonal(attention_mask[:, :-1], last_row=True)
     if input_ids.shape[1] > 1:
-        model.get_decoder()(input_ids=input_ids[:, :-1].to(model.device),
-                            attention_mask=attention_mask[:, :-1].to(model.device),
-                            position_ids=positions(attention_mask[:, :-1]).to(model.device), cache=cache,
-                            use_cache=True)
-    return PromptCache(input_ids, attention_mask, cache)
+        with recording(model, None, prompt_diagonal=diagonal):
+            model.get_decoder()(input_ids=input_ids[:, :-1].to(model.device),
+                                attention_mask=attention_mask[:, :-1].to(model.device),
+                                position_ids=positions(attention_mask[:, :-1]).to(model.device), cache=cache,
+                                use_cache=True)
+    return PromptCache(input_ids, attention_mask, cache, diagonal.result(recorded_layers(model)))
 
 
 @torch.no_grad()
@@ -145,4 +154,4 @@ def capture(model, prompts: list[list[int]], completions: list[list[int]], *, pr
     for lo in range(0, n_q, rows):
         logp = torch.log_softmax(lm_head(last[:, lo:lo + rows]).float(), dim=-1)  # [B, r, V]
         rec.record_logits(logp, lo, targets[:, lo:lo + rows].to(device))
-    return recorded_captures(rec, model, prompts, completions)
+    return recorded_captures(rec, model, prompts, completions, prompt_cache.prompt_diagonal)

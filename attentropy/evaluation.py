@@ -23,6 +23,7 @@ PREFIX_LENGTHS = (1, 2, 4, 8, 16, 32)
 NEGATIVES_PER_POSITIVE = 20
 MIN_PER_CLASS = 2  # answers of each class for a metric to be computed at all
 MIN_PER_CLASS_TO_CONCLUDE = 20  # per class, as the within-kind criterion; smaller subsets are flagged
+MIN_PER_CLASS_HELD_OUT = 10  # per class, for a held-out kind or source to enter the mean over held-out ones
 
 
 def answer_detectors(a: Answers) -> dict[str, Detector]:
@@ -137,7 +138,7 @@ def cross_validate(a: Answers, rows: np.ndarray, *, detectors: dict[str, Detecto
             if "C" in fitted.detail:
                 details["C"].setdefault(name, []).append(fitted.detail["C"])
             if name in prefix:
-                prefix[name][token_fold == k] = fitted.confidence(prefix_feats[name][token_fold == k])
+                prefix[name][token_fold == k] = fitted.confidence(take(prefix_feats[name], token_fold == k))
         if has_tokens:
             usable = np.flatnonzero((token_fold != k) & (target >= 0))
             train_t = usable[sample_negatives(1 - target[usable], NEGATIVES_PER_POSITIVE, seed + k)]
@@ -171,6 +172,8 @@ def leave_one_out(a: Answers, rows: np.ndarray, *, by: str = "kind", detectors: 
         test = rows[held == left_out]
         if min((y[train] == 1).sum(), (y[train] == 0).sum()) < 2 * INNER_FOLDS:
             continue
+        if min((y[test] == 1).sum(), (y[test] == 0).sum()) < MIN_PER_CLASS_HELD_OUT:
+            continue  # too small to measure on: reported as such by held_out_mean_rows, nothing fitted for it
         for name, d in detectors.items():
             if progress:
                 progress(f"leave out {left_out}: {name}")
@@ -179,13 +182,56 @@ def leave_one_out(a: Answers, rows: np.ndarray, *, by: str = "kind", detectors: 
     return out
 
 
+def held_out_mean_rows(task: str, by: str, predictions: pd.DataFrame, answers: pd.DataFrame, roles: dict, *,
+                       n_boot: int, seed: int) -> list[dict]:
+    """The mean AUROC over held-out kinds (or sources) of every method, with an interval that resamples both the
+    held-out kinds and the questions within each (a two-level bootstrap: a new collection of kinds, each with its
+    questions redrawn), and the paired difference instrument - method on the same resamples. Kinds with fewer than
+    MIN_PER_CLASS_HELD_OUT answers of a class are too small to enter the mean: one row each says so."""
+    y, held, groups = answers.y.to_numpy(), answers[by].to_numpy(), answers.group.to_numpy()
+    rows, per_kind, point = [], [], []
+    for left_out in np.unique(held):
+        m = (held == left_out) & (y >= 0)
+        n_pos, n_neg = int((y[m] == 1).sum()), int((y[m] == 0).sum())
+        if min(n_pos, n_neg) < MIN_PER_CLASS_HELD_OUT:
+            rows.append(_row(task, f"leave_one_{by}_out_too_small", left_out, "", "", "auroc", np.nan,
+                             n_pos=n_pos, n_neg=n_neg))
+            continue
+        conf = predictions.reindex(answers.index[m])
+        if conf.isna().all().all():
+            continue
+        weights = stats.group_counts(groups[m], n_boot, seed)
+        per_kind.append({meth: confidence_metrics.weighted_auroc_rows(conf[meth].to_numpy(float), y[m] == 1, weights)
+                         for meth in conf})
+        point.append({meth: confidence_metrics.weighted_auroc_rows(conf[meth].to_numpy(float), y[m] == 1,
+                                                                     np.ones((1, m.sum())))[0] for meth in conf})
+    if len(per_kind) < 2:
+        return rows
+    drawn = np.random.default_rng(seed + 1).integers(0, len(per_kind), (n_boot, len(per_kind)))  # kinds resampled
+    boot = {meth: np.stack([k[meth] for k in per_kind], axis=1)[np.arange(n_boot)[:, None], drawn].mean(1)
+            for meth in predictions}
+    value = {meth: float(np.mean([p[meth] for p in point])) for meth in predictions}
+    subset = f"mean over {len(per_kind)} {by}s"
+    for meth in predictions:
+        lo, hi = np.nanpercentile(boot[meth], [2.5, 97.5])
+        rows.append(_row(task, f"leave_one_{by}_out_mean", subset, meth, roles[meth], "auroc", value[meth], lo, hi,
+                         len(per_kind), 0))
+    if PRIMARY in predictions:
+        for meth in predictions:
+            if meth != PRIMARY:
+                lo, hi = np.nanpercentile(boot[PRIMARY] - boot[meth], [2.5, 97.5])
+                rows.append(_row(task, f"leave_one_{by}_out_mean", subset, meth, roles[meth],
+                                 "auroc_gain_of_instrument", value[PRIMARY] - value[meth], lo, hi, len(per_kind), 0))
+    return rows
+
+
 def transfer_rows(train: Answers, test: Answers, name: str, *, n_boot: int, seed: int) -> list[dict]:
     """Every answer detector fitted on all of `train` (per task) and scored on the answers of another run
     (hidden-state detectors only where both kept the same layers)."""
     rows = []
-    detectors = answer_detectors(train)
+    detectors = {m: d for m, d in answer_detectors(train).items() if d.available(test)}
     if not test.hidden or test.hidden_layers != train.hidden_layers:
-        detectors = {m: d for m, d in detectors.items() if not d.needs}
+        detectors = {m: d for m, d in detectors.items() if not {"hidden", "embeddings", "hidden_tokens"} & set(d.needs)}
     roles = _roles(detectors)
     kinds = kinds_of(train)
     for task in sorted(set(test.answers.task) & set(train.answers.task)):
@@ -356,6 +402,10 @@ def evaluate(a: Answers, task: str, *, n_boot: int = 1000, seed: int = 0, progre
         out += held_out_rows("kind", loko, kind)
     for source in np.unique(answers.source.to_numpy()):
         out += held_out_rows("source", loso, source)
+    for by, predictions in (("kind", loko), ("source", loso)):
+        if len(predictions) or by == "kind":
+            out += held_out_mean_rows(task, by, predictions.reindex(rows[lab]), answers[lab], roles,
+                                      n_boot=n_boot, seed=seed)
     if len(np.unique(kinds)) > 1:
         out += stratified_rows(task, cv.answer[lab], y[lab], kinds[lab], groups[lab], roles, n_boot=n_boot,
                                seed=seed)

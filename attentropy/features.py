@@ -13,7 +13,7 @@ def segment_means(values: np.ndarray, starts: np.ndarray, counts: np.ndarray) ->
     return np.add.reduceat(values, starts, axis=0) / counts[:, None] if len(starts) else values[:0]
 
 
-def _prefix_means(values: np.ndarray, a: Answers) -> np.ndarray:
+def prefix_means(values: np.ndarray, a: Answers) -> np.ndarray:
     """[n_tokens, C]: the mean of each column over the answer's tokens up to and including this one."""
     csum = np.cumsum(values, axis=0, dtype=np.float64)
     first = a.answers.start.to_numpy()[a.answer_of_token]
@@ -62,7 +62,7 @@ def _pooled(a: Answers, level: str) -> np.ndarray:
         means = segment_means(np.concatenate([attn, logit], axis=1), starts, counts)
         lp_min = np.minimum.reduceat(logit[:, 0], starts) if len(starts) else logit[:0, 0]
     else:
-        means = _prefix_means(np.concatenate([attn, logit], axis=1), a)
+        means = prefix_means(np.concatenate([attn, logit], axis=1), a)
         lp_min = _prefix_min(logit[:, 0], a)
     return np.concatenate([means[:, :-3], means[:, -3:-2], lp_min[:, None], means[:, -2:]], axis=1)
 

@@ -17,7 +17,8 @@ from .kv_cache import growing_cache, growing_layer_class
 from .layout import PromptCache, common_prefix_len, prompt_layout
 from .packed_linears import packed_linears
 from .prompts import MATH_SHOTS, prompt_ids, stop_token_ids
-from .recorder import recording_generation
+from .attention import recorded_layers, recording
+from .recorder import PromptDiagonal, recording_generation
 
 
 @dataclass
@@ -37,6 +38,7 @@ class PrefixStore:
 
     ids: tuple[int, ...] = ()
     cache: object = None
+    _diagonal: tuple | None = None  # `diagonal`'s result for `ids`
 
     def get(self, model, ids: list[int], copy: bool = True):
         """A fresh batch-1 copy of the cache of `ids` (computed on first use or when the prefix changes); with
@@ -44,8 +46,23 @@ class PrefixStore:
         if tuple(ids) != self.ids:
             self.cache = growing_cache(model)
             model.get_decoder()(input_ids=torch.tensor([ids], device=model.device), cache=self.cache, use_cache=True)
-            self.ids = tuple(ids)
+            self.ids, self._diagonal = tuple(ids), None
         return copy_module.deepcopy(self.cache) if copy else self.cache
+
+    def diagonal(self, model) -> tuple:
+        """The prefix's `PromptDiagonal` result (sums [1, L, H], rows [1]; all its rows count: a prompt's last token
+        is never in the shared prefix), once per prefix, from a forward of its own (the cache's stays as it is)."""
+        if self._diagonal is None:
+            diagonal = PromptDiagonal(torch.ones(1, len(self.ids), dtype=torch.long), last_row=True)
+            with recording(model, None, prompt_diagonal=diagonal):
+                model.get_decoder()(input_ids=torch.tensor([self.ids], device=model.device), use_cache=False)
+            self._diagonal = diagonal.result(recorded_layers(model))
+        return self._diagonal
+
+
+def add_prefix_diagonal(rest: tuple, prefix: tuple | None) -> tuple:
+    """The prompts' `PromptDiagonal` results: their rows after a shared prefix (`rest`), plus the prefix's rows."""
+    return rest if prefix is None else (rest[0] + prefix[0], rest[1] + prefix[1])
 
 
 def suppress_stops(stops: list[int], prompt_width: int, min_new_tokens: int):
@@ -84,11 +101,14 @@ def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_S
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     prefix_len = common_prefix_len(prompts)
     input_ids, attention_mask = prompt_layout(prompts, pad, prefix_len)
+    prefix_store = prefix_store or PrefixStore()
     if prefix_len:
-        cache = (prefix_store or PrefixStore()).get(model, prompts[0][:prefix_len])
+        cache = prefix_store.get(model, prompts[0][:prefix_len])
         cache.batch_repeat_interleave(len(prompts))
     else:
         cache = growing_cache(model)
+    # the prefix's rows of LLM-Check's prompt part, computed before any hook that a forward would feed is installed
+    prefix_diagonal = prefix_store.diagonal(model) if prefix_len and record else None
     if record:  # keys laid out for the recording attention
         for layer in cache.layers:
             if isinstance(layer, growing_layer_class()):
@@ -97,9 +117,11 @@ def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_S
     if do_sample:
         torch.manual_seed(seed)
     processors = [suppress_stops(stops, input_ids.shape[1], min_new_tokens)] if min_new_tokens else []
-    recording = (recording_generation(model, attention_mask, max_new_tokens, save_maps, hidden, stops) if record
-                 else nullcontext())
-    with recording as recorder, packed_linears(model, len(questions)):
+    # the prompt rows after the shared prefix, but the last (completion token 0's row), during the prefill
+    diagonal = PromptDiagonal(attention_mask, last_row=False) if record else None
+    recording_context = (recording_generation(model, attention_mask, max_new_tokens, save_maps, hidden, stops,
+                                              diagonal) if record else nullcontext())
+    with recording_context as recorder, packed_linears(model, len(questions)):
         out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
                              cache=cache, max_new_tokens=max_new_tokens, eos_token_id=stops,
                              logits_processor=LogitsProcessorList(processors), pad_token_id=pad, top_k=None,
@@ -111,11 +133,14 @@ def generate(model, tokenizer, questions: list[Question], *, shots: int = MATH_S
         completion = row if end is None else row[: end + 1]
         generations.append(Generation(q, p, completion, tokenizer.decode(completion, skip_special_tokens=True),
                                       "length" if end is None else "stop"))
+    prompt_diagonal = None
     if record:
         recorder.record_drawn(out.sequences[:, -1:])
-        captures = recorded_captures(recorder, model, prompts, [g.completion_ids for g in generations])
+        prompt_diagonal = add_prefix_diagonal(diagonal.result(recorded_layers(model)), prefix_diagonal)
+        captures = recorded_captures(recorder, model, prompts, [g.completion_ids for g in generations],
+                                     prompt_diagonal)
         for g, c in zip(generations, captures):
             g.capture = c
     cache = out.cache
     cache.crop(-(cache.get_seq_length() - (width - 1)))  # keep the prompts' keys/values, minus each last token
-    return generations, PromptCache(input_ids, attention_mask, cache)
+    return generations, PromptCache(input_ids, attention_mask, cache, prompt_diagonal)

@@ -33,11 +33,14 @@ from .data import protocol_kind
 from .detectors import PRIMARY, of_family, training_free
 from .evaluation import (NEGATIVES_PER_POSITIVE, OUTER_FOLDS, answer_detectors, evaluate, headlines,
                          interval_text as cell, sample_negatives, token_detectors, transfer_rows)
-from .features import answer_features, feature_names, prefix_features, token_features
+from .detectors.anchored import ANCHORS as ANCHOR_NAMES, anchored_prefix_inputs
+from .detectors.fitting import take
+from .detectors.instrument import INSTRUMENT, RoutedModel
+from .features import feature_names, token_features
 from .probe import CS, INNER_FOLDS, LinearProbe, fit_probe
 from .scoring import score_answer, score_run  # noqa: F401  (the README's Python API: attentropy.instrument)
 
-FORMAT = "attentropy-instrument/1"
+FORMAT = "attentropy-instrument/2"  # /2: answer models routed by kind (dense probe, anchored model)
 
 
 @dataclass
@@ -45,7 +48,7 @@ class Instrument:
     """Fitted answer models (one per task) and the token model, for one model's recorded layer x head layout."""
 
     identity: dict  # model_identity(): the model and layout it belongs to
-    answer_models: dict[str, LinearProbe]  # task -> probe on features.answer_features
+    answer_models: dict[str, RoutedModel]  # task -> the dense probe for kinds seen in fitting, else the anchored
     token_model: LinearProbe | None  # probe on features.token_features: P(not the wrong moment)
     meta: dict = field(default_factory=dict)  # training runs, features, versions, evaluation summary
 
@@ -59,17 +62,21 @@ class Instrument:
 
     def score(self, a: Answers) -> pd.DataFrame:
         """Per token of `a`: `prefix_confidence` (the answer model of the answer's task on the tokens so far; at
-        the last token: the answer confidence) and `confidence` (the token model; NaN without one)."""
+        the last token: the answer confidence), `in_kind` (whether the answer's question kind is one the instrument
+        was fitted on: scored by the dense probe; else by the anchored model, built to transfer) and `confidence`
+        (the token model; NaN without one)."""
         out = pd.DataFrame({"question_id": a.answers.question_id.to_numpy()[a.answer_of_token],
-                            "pos": a.tokens.pos.to_numpy(), "confidence": np.nan, "prefix_confidence": np.nan})
+                            "pos": a.tokens.pos.to_numpy(), "confidence": np.nan, "prefix_confidence": np.nan,
+                            "in_kind": False})
         if not len(out):
             return out
         tasks = a.answers.task.to_numpy()[a.answer_of_token]
-        prefix = prefix_features(a)
+        prefix = anchored_prefix_inputs(a)
         for task, model in self.answer_models.items():
             rows = tasks == task
             if rows.any():
-                out.loc[rows, "prefix_confidence"] = model.confidence(prefix[rows])
+                out.loc[rows, "prefix_confidence"] = model.confidence(take(prefix, rows))
+                out.loc[rows, "in_kind"] = model.in_kind(prefix[2][rows])
         if self.token_model is not None:
             out["confidence"] = self.token_model.confidence(token_features(a))
         return out
@@ -115,7 +122,7 @@ def load_instrument(path: str | Path) -> Instrument:
     try:
         with np.load(path / "arrays.npz", allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-        answer_models = {task: LinearProbe.from_arrays(arrays, f"answer.{task}") for task in meta["answer_models"]}
+        answer_models = {task: RoutedModel.from_arrays(arrays, f"answer.{task}") for task in meta["answer_models"]}
         token_model = LinearProbe.from_arrays(arrays, "token") if meta["token_model"] else None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise InstrumentError(f"{path / 'arrays.npz'} is damaged ({type(e).__name__}: {e}); {refit}") from None
@@ -127,15 +134,15 @@ def load_instrument(path: str | Path) -> Instrument:
     return Instrument(identity, answer_models, token_model, meta)
 
 
-def fit_final(a: Answers, seed: int = 0) -> tuple[dict[str, LinearProbe], LinearProbe | None]:
+def fit_final(a: Answers, seed: int = 0) -> tuple[dict[str, RoutedModel], LinearProbe | None]:
     """The instrument's models fitted on all labelled answers (and wrong-moment tokens) of `a`."""
     y, groups = a.answers.y.to_numpy(), a.answers.group.to_numpy()
     answer_models = {}
-    features = answer_features(a)
+    features = INSTRUMENT.inputs(a, [])
     for task in sorted(a.answers.task.unique()):
         rows = np.flatnonzero((a.answers.task.to_numpy() == task) & (y >= 0))
         if min((y[rows] == 1).sum(), (y[rows] == 0).sum()) >= 2:
-            answer_models[task] = fit_probe(features[rows], y[rows], groups[rows], seed=seed)[0]
+            answer_models[task] = INSTRUMENT.fit(take(features, rows), y[rows], groups[rows], seed=seed).detail["model"]
     target = a.tokens.target.to_numpy()
     token_model = None
     if (target == 1).sum() >= 2:
@@ -231,6 +238,10 @@ def fit_instrument(run_dirs: list[str | Path], out: str | Path, *, transfer: lis
                          "attention": list(ATTN_FEATURES), "normalisation": "entropy / ln K, varentropy / (ln K)^2",
                          "aggregation": "answer: mean over its tokens (log-prob also its minimum); prefix: the same "
                                         "over the tokens so far; token: the token's own row"},
+            "answer_model_details": {task: {"kinds": m.kinds, "anchored": {
+                "anchor": ANCHOR_NAMES[m.anchored.anchor], "correction": [feature_names(layers, n_heads)[c]
+                                                                          for c in m.anchored.columns]}}
+                for task, m in answer_models.items()},
             "targets": {"answer": "P(correct); trained on correct vs incorrect answers",
                         "token": "P(not the critic's wrong moment); trained on tokens of correct answers and of "
                                  "incorrect answers with a located wrong moment"},
@@ -270,12 +281,13 @@ def format_evaluation(probe_dir: str | Path) -> str:
             lines.append(f"    against the best of {h['pool']}: {h['best']} {cell(h['auroc'])}; instrument - it: "
                          f"{cell(h['gain'])}, {h['verdict'].split(' (')[0]}")
         for held_out in ("kind", "source"):
-            out_of = rows[(rows.evaluation == f"leave_one_{held_out}_out") & (rows.metric == "auroc")]
+            out_of = rows[(rows.evaluation == f"leave_one_{held_out}_out_mean")].set_index(["metric", "method"])
             if len(out_of):
-                means = out_of.groupby("method").value.mean()
-                free = means[training_free(means.index)]
-                lines.append(f"    leave one {held_out} out (mean over {out_of.subset.nunique()} {held_out}s): "
-                             f"instrument {means[PRIMARY]:.3f}, best training-free {free.idxmax()} {free.max():.3f}")
+                means = out_of.loc["auroc"]
+                free = means.loc[training_free(means.index)].value.idxmax()
+                lines.append(f"    leave one {held_out} out ({means.subset.iloc[0]}): instrument "
+                             f"{cell(means.loc[PRIMARY])}, best training-free {free} {cell(means.loc[free])}, "
+                             f"instrument - it {cell(out_of.loc[('auroc_gain_of_instrument', free)])}")
         sel = rows.query("evaluation == 'selective' and metric == 'f_score'").set_index("method")
         if len(sel):
             others = sel.drop(index=["answer_everything", PRIMARY], errors="ignore")

@@ -78,19 +78,26 @@ def instrument_section(probe: Path, fig_dir: Path) -> str:
                      "computation under other names, or the same gold answer of a kind).</p>")
         parts.append("<ul>" + "".join(f"<li>{line}</li>" for line in instrument_findings(rows, summary)) + "</ul>")
         ind = rows[rows.evaluation == "in_distribution"]
+        held = {by: rows[(rows.evaluation == f"leave_one_{by}_out_mean") & (rows.metric == "auroc")]
+                .set_index("method") for by in ("kind", "source")}
         table = []
         order = [m for m in roles if m in set(ind.method)]
         for m in order:
             r = ind[ind.method == m].set_index("metric")
             gain = r.loc["auroc_gain_of_instrument"] if "auroc_gain_of_instrument" in r.index else None
             table.append([f"<b title='{esc(descriptions[m])}'>{esc(m)}</b>", esc(roles[m]), cell(r.loc["auroc"]),
-                          "—" if gain is None else cell(gain), f"{r.loc['auprc', 'value']:.3f}",
-                          f"{r.loc['prr', 'value']:.3f}", f"{r.loc['brier', 'value']:.3f}",
-                          f"{r.loc['ece', 'value']:.3f}"])
-        parts.append("<p>In distribution, out of fold (AUPRC: finding the incorrect answers; PRR: "
-                     "prediction-rejection ratio as lm-polygraph defines it):</p>" + html_table(
-                         ["method", "role", "AUROC [95 % CI]", "Δ AUROC of the instrument", "AUPRC", "PRR",
-                          "Brier", "ECE"], table, highlight=0))
+                          "—" if gain is None else cell(gain),
+                          *[cell(h.loc[m]) if m in h.index else "—" for h in held.values()],
+                          f"{r.loc['auprc', 'value']:.3f}", f"{r.loc['prr', 'value']:.3f}",
+                          f"{r.loc['brier', 'value']:.3f}", f"{r.loc['ece', 'value']:.3f}"])
+        held_titles = [f"leave one {by} out ({h.subset.iloc[0]})" if len(h) else f"leave one {by} out"
+                       for by, h in held.items()]
+        parts.append("<p>Every method in distribution (out of fold) and on question kinds, or every kind of a data "
+                     "source, left out of fitting (AUROC, mean over the held-out ones; interval resampling them and "
+                     "their questions; AUPRC: finding the incorrect answers; PRR: prediction-rejection ratio as "
+                     "lm-polygraph defines it; both in distribution):</p>" + html_table(
+                         ["method", "role", "AUROC [95 % CI]", "Δ AUROC of the instrument", *held_titles, "AUPRC",
+                          "PRR", "Brier", "ECE"], table, highlight=0))
         kinds = rows[rows.evaluation.isin(["within_kind", "leave_one_kind_out"]) & (rows.metric == "auroc")]
         if kinds.subset.nunique() > 1:
             ktable = []
@@ -125,8 +132,9 @@ def instrument_section(probe: Path, fig_dir: Path) -> str:
                                         ("leave_one_kind_out", "AUROC on a kind left out of fitting")):
                 kr = kinds[kinds.evaluation == evaluation]
                 if len(kr):
-                    figs.append((caption, plots.auroc_bars(kr, ["instrument", best_logit, "kind_logit"], out,
-                                                           evaluation, f"{task}: {caption}")))
+                    shown_k = [m for m in ("instrument", "instrument_dense", best_logit, "kind_logit")
+                               if m in set(kr.method)]
+                    figs.append((caption, plots.auroc_bars(kr, shown_k, out, evaluation, f"{task}: {caption}")))
         prefix = rows[rows.evaluation == "prefix"]
         if len(prefix):
             figs.append(("prefix confidence: AUROC of the answer's correctness from its first k tokens",
@@ -227,15 +235,17 @@ def instrument_findings(rows, summary: dict) -> list[str]:
         lines.append(f"Within the kinds with at least {MIN_PER_CLASS} correct and {MIN_PER_CLASS} incorrect "
                      f"answers the instrument is above every logit, kind and length baseline in {sum(wins)} of "
                      f"{len(wins)}.")
-    loko = rows.query("evaluation == 'leave_one_kind_out' and metric == 'auroc'")
-    if loko.subset.nunique():
-        means = loko.groupby("method").value.mean()
-        free = training_free(means.index)
-        free_best = means[free].idxmax()
-        worse = means[PRIMARY] < means[free_best]
-        lines.append(f"On a question kind left out of fitting (mean over {loko.subset.nunique()} kinds) the "
-                     f"instrument's AUROC is {means[PRIMARY]:.3f} against {means[free_best]:.3f} for the best "
-                     f"training-free score, {free_best}" + (
+    for by in ("kind", "source"):
+        held = rows[rows.evaluation == f"leave_one_{by}_out_mean"].set_index(["metric", "method"])
+        if not len(held):
+            continue
+        means = held.loc["auroc"]
+        free_best = means.loc[training_free(means.index)].value.idxmax()
+        gain = held.loc[("auroc_gain_of_instrument", free_best)]
+        worse = gain.value < 0
+        lines.append(f"On a question {by} left out of fitting ({means.subset.iloc[0]}) the instrument's mean AUROC "
+                     f"is {cell(means.loc[PRIMARY])} against {cell(means.loc[free_best])} for the best training-free "
+                     f"score, {free_best} (instrument − it {cell(gain)})" + (
                          ": <b>on a new kind of question the training-free score is the better one; fit the "
                          "instrument on the kinds of questions it will score</b>." if worse else "."))
     lines += [f"Shuffled-label control (must be at chance): {cell(auc.loc[m])}."

@@ -16,6 +16,8 @@ class PromptCache:
     input_ids: torch.Tensor  # [B, W]
     attention_mask: torch.Tensor  # [B, W], 0 on padding
     cache: object  # transformers Cache holding keys/values of input_ids[:, :W-1]
+    # the prompts' `PromptDiagonal.result` (sums [B, L, H], rows [B]), when their prefill recorded it
+    prompt_diagonal: tuple | None = None
 
 
 def common_prefix_len(prompts: list[list[int]]) -> int:

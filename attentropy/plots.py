@@ -35,6 +35,12 @@ def _save(fig, table: pd.DataFrame, out: Path, stem: str) -> Path:
     return path
 
 
+def _every(n: int, most: int = 32) -> np.ndarray:
+    """Tick positions 0..n-1, every one up to `most`, else evenly thinned (a 90B run has 80 layers x 64 heads, and
+    laying out thousands of tick labels was most of the time its report spent drawing)."""
+    return np.arange(0, n, -(-n // most))
+
+
 def _contrast(a: Analysis, key: str):
     return next(c for c in a.contrasts if c.key == key)
 
@@ -59,10 +65,10 @@ def effect_heatmaps(a: Analysis, contrast: str, aggregation: str, out: Path, ste
         ax.imshow(rgba, aspect="auto", interpolation="nearest")
         ax.set_title(f"{STAT_NAMES[stat]}\n{int(sig.to_numpy().sum())}/{sig.size} significant", fontsize=8)
         ax.set_xlabel("head")
-        ax.set_xticks(range(a.n_heads))
+        ax.set_xticks(_every(a.n_heads))
         ax.tick_params(labelsize=6)
     axes[0][0].set_ylabel("layer")
-    axes[0][0].set_yticks(range(len(a.layers)), a.layers)
+    axes[0][0].set_yticks(_every(len(a.layers)), np.asarray(a.layers)[_every(len(a.layers))])
     fig.colorbar(matplotlib.cm.ScalarMappable(norm, cmap), ax=axes[0].tolist(), shrink=0.8,
                  label=f"AUROC ({c.positive} higher → 1)")
     fig.suptitle(f"{a.name}: {c.title} — AUROC per layer × head, {aggregation} over answer tokens\n"
@@ -72,7 +78,7 @@ def effect_heatmaps(a: Analysis, contrast: str, aggregation: str, out: Path, ste
 
 
 def layer_effects(a: Analysis, contrast: str, out: Path, stem: str) -> Path:
-    """AUROC per layer (mean over heads) with 95 % question-bootstrap intervals, one line per aggregation."""
+    """AUROC per layer (mean over heads) with 95 % intervals (questions the unit), one line per aggregation."""
     c = _contrast(a, contrast)
     rows = a.comparisons.query("contrast == @contrast and level == 'layer' and stat in @PROFILE_STATS "
                                "and control == 'none'")
@@ -90,14 +96,15 @@ def layer_effects(a: Analysis, contrast: str, out: Path, stem: str) -> Path:
         ax.set_ylim(0, 1)
     axes[0][0].set_ylabel(f"AUROC ({c.positive} higher → 1)")
     axes[0][0].legend(fontsize=7, title="aggregation (circle: q < 0.05)", title_fontsize=7)
-    fig.suptitle(f"{a.name}: {c.title} — per layer (mean over heads), 95 % CI resampling questions\n"
+    fig.suptitle(f"{a.name}: {c.title} — per layer (mean over heads), 95 % CI ({a.intervals.method}, "
+                 "questions as the unit)\n"
                  f"n = {c.n_positive} {c.positive} vs {c.n_negative} {c.negative} questions", fontsize=9)
     return _save(fig, rows, out, stem)
 
 
 def layer_profiles(a: Analysis, out: Path, stem: str) -> Path:
     """Per-layer mean (over answers, of each answer's mean over its tokens and the heads) per label group, with
-    95 % bootstrap intervals over answers."""
+    95 % intervals over answers."""
     fig, axes = plt.subplots(1, len(PROFILE_STATS), figsize=(4.2 * len(PROFILE_STATS), 3.6), squeeze=False,
                              layout="constrained")
     for ax, stat in zip(axes[0], PROFILE_STATS):

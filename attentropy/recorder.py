@@ -1,14 +1,16 @@
 """The Recorder: it collects the statistics of the recorded query rows while a model runs with the recording
 attention (`attention.recording`), into buffers allocated once; `recording_generation` records during transformers'
-`generate`. `capture.recorded_captures` turns what it holds into each sequence's `Capture`."""
+`generate`. `capture.recorded_captures` turns what it holds into each sequence's `Capture`. `PromptDiagonal`
+collects the prompt rows' log own-token attention while prompts are prefilled (LLM-Check's prompt part)."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
-from .attention import recorded_layers, recording
+from .attention import log_own_attention, recorded_layers, recording
 from .entropy import entropy_varentropy
 from .hidden_states import HiddenRecorder, HiddenSpec
 from .schema import TOKEN_STATS
@@ -212,12 +214,57 @@ class Recorder:
         self._mass_keys = None
 
 
+class PromptDiagonal:
+    """LLM-Check's prompt part, collected while prompts are prefilled (`attention.recording(model, recorder,
+    prompt_diagonal=...)`): per sequence, layer and query head, the sum over the prompt's rows of ln(attention on
+    the row's own token), and the number of rows summed. The rows of a prompt's last token are the answer's first
+    (`Capture.attn`'s diag_mass), so a call's last query row is left out unless `last_row` (a prefill of a shared
+    prefix, or of prompts without their last token). Padding rows (0 in `layout_mask` [B, W], whose columns are the
+    key indices of the prefill) are left out."""
+
+    def __init__(self, layout_mask: torch.Tensor, last_row: bool, chunk_bytes: int = 16 << 20):
+        self.layout_mask = layout_mask
+        self.last_row = last_row
+        self.chunk_bytes = chunk_bytes
+        self.sums: dict[int, torch.Tensor] = {}  # layer -> [B, H] float64
+        self.rows: dict[int, torch.Tensor] = {}  # layer -> [B]
+
+    def record(self, layer: int, query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float) -> None:
+        """One layer's prefill call (the attention function's arguments); a decode step adds nothing."""
+        n_q, n_k = query.shape[2], key.shape[2]
+        n = n_q if self.last_row else n_q - 1
+        if n <= 0:  # (a prefill of one token a prompt: nothing to add, but the layer ran)
+            self.sums.setdefault(layer, torch.zeros(query.shape[:2], dtype=torch.float64, device=query.device))
+            self.rows.setdefault(layer, torch.zeros(query.shape[0], dtype=torch.long, device=query.device))
+            return
+        if attention_mask is None:
+            raise RuntimeError("attentropy attention got no mask; register the mask function with the implementation")
+        own = n_k - n_q  # key of query row 0
+        valid = self.layout_mask[:, own:own + n].bool().to(query.device)  # [B, n]
+        log_own = log_own_attention(query[:, :, :n], key, attention_mask[:, :, :n], scaling, own, self.chunk_bytes)
+        sums = torch.where(valid[:, None], log_own, 0.0).double().sum(-1)
+        self.sums[layer] = sums + self.sums[layer] if layer in self.sums else sums
+        self.rows[layer] = valid.sum(-1) + self.rows.get(layer, 0)
+
+    def result(self, layers: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(sums [B, len(layers), H] float64, rows [B] int64) of the given layers; rows are the same in every
+        layer (checked)."""
+        missing = [layer for layer in layers if layer not in self.sums]
+        if missing:
+            raise RuntimeError(f"no prompt rows recorded at layers {missing}")
+        rows = torch.stack([self.rows[layer].cpu() for layer in layers])
+        if not (rows == rows[0]).all():
+            raise RuntimeError("prompt rows recorded differ between layers")
+        return torch.stack([self.sums[layer].cpu() for layer in layers], 1).numpy(), rows[0].numpy().astype(np.int64)
+
+
 @contextmanager
 def recording_generation(model, layout_mask: torch.Tensor, max_new_tokens: int, save_maps: set[int] = frozenset(),
-                         hidden: HiddenSpec = HiddenSpec(), stops=()):
+                         hidden: HiddenSpec = HiddenSpec(), stops=(), prompt_diagonal: PromptDiagonal | None = None):
     """Record during `model.generate`: each call's last query row (the prefill's last prompt token, then one
     row per decode step), and the raw next-token distribution of each step (before any logits processor); with
-    `hidden`, the hidden states of the same rows (`stops`: the stop tokens that end an answer).
+    `hidden`, the hidden states of the same rows (`stops`: the stop tokens that end an answer); with
+    `prompt_diagonal`, the prefill's other rows' log own-token attention.
     After generation, call `recorder.record_drawn(sequences[:, -1:])`: the last drawn token is never fed back."""
     recorder = Recorder(layout_mask, all_rows=False, max_rows=max_new_tokens, save_maps=save_maps,
                         layers=recorded_layers(model))
@@ -237,7 +284,7 @@ def recording_generation(model, layout_mask: torch.Tensor, max_new_tokens: int, 
     hooks = [model.get_output_embeddings().register_forward_hook(on_logits),
              model.register_forward_pre_hook(on_forward, with_kwargs=True)]
     try:
-        with recording(model, recorder):
+        with recording(model, recorder, prompt_diagonal):
             yield recorder
     finally:
         for h in hooks:

@@ -16,7 +16,7 @@ from .contrasts import AGGREGATIONS, FIRST_K, LOGIT_STATS, MIN_QUESTIONS_TO_CONC
 from .contrast_controls import CONTROLS
 from .data import FACTUAL, FREE
 from .grade import GSM8K_LABELS, SIMPLEQA_LABELS
-from .stats import WINDOW
+from .stats import WINDOW, Intervals
 from .html_blocks import figure, html_table, side_by_side
 from .instrument_report import attach_out_of_fold_confidence, instrument_section
 from .store import load_run
@@ -26,13 +26,16 @@ PRIMARY = ("entropy", "mean")  # the pre-declared headline test; every other sta
 VIEWER_STATS = ("entropy", "varentropy", "entropy_norm", *LOGIT_STATS, "confidence", "prefix_confidence")
 
 
-def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, n_boot: int = 1000,
-                 seed: int = 0, probe: str | Path | None = None, skip_damaged: bool = False,
-                 progress: bool = True) -> Path:
+def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, interval: str = "clustered",
+                 n_boot: int = 1000, seed: int = 0, workers: int | None = None, ray: str | None = None,
+                 probe: str | Path | None = None, skip_damaged: bool = False, progress: bool = True) -> Path:
     """Analyse each graded run and write `out`/report.html and `out`/figures/. `out` defaults to the run
     directory itself for one run, and to the runs' common parent directory for several. `probe`: an instrument
     directory (`attentropy fit`), whose evaluation becomes the report's Instrument section; the token viewer then
-    colours tokens by its confidences (out of fold for the runs it was fitted on)."""
+    colours tokens by its confidences (out of fold for the runs it was fitted on). `interval`: the contrasts'
+    interval method (`stats.INTERVAL_METHODS`; `n_boot`, `seed`: the bootstrap's); `workers`: groups of layers
+    analysed at once (default: one per core), or `ray` (an address; "": a local cluster) to spread them over a Ray
+    cluster."""
     run_dirs = [Path(d) for d in run_dirs]
     parent = Path(os.path.commonpath([d.resolve() for d in run_dirs]))
     # a run's name: its directory's name, or with several runs its path below their common parent
@@ -43,7 +46,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, n
         if progress:
             print(f"[report] analysing {run_dir}")
         run = load_run(run_dir, skip_damaged=skip_damaged)
-        a = analyze_run(run, n_boot=n_boot, seed=seed)
+        a = analyze_run(run, interval=interval, n_boot=n_boot, seed=seed, workers=workers, ray=ray)
         a.name = name
         if probe is not None:
             attach_out_of_fold_confidence(a, probe, run)
@@ -104,6 +107,19 @@ def _draw(a: Analysis, fig_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------- text
+
+def interval_sentence(intervals: Intervals) -> str:
+    """How the report's intervals were computed, with the reference a reader can check."""
+    if intervals.method == "bootstrap":
+        return (f"95 % percentile bootstrap, {intervals.n_boot} resamples of the <b>questions</b> (a question brings "
+                "all its tokens; within each group for answer contrasts); profiles likewise.")
+    return ("95 %, with <b>questions</b> as independent clusters and no resampling: the AUROC's from the "
+            "nonparametric variance for clustered data (Obuchowski NA, <i>Nonparametric analysis of clustered ROC "
+            "curve data</i>, Biometrics 53:567–578, 1997; DeLong et al., Biometrics 44:837–845, 1988, where each "
+            "question is one unit), a Wald interval on the logit scale; Cohen's d's from the cluster-robust "
+            "delta-method variance; profiles: mean ± 1.96 standard errors over answers. <code>attentropy report "
+            "--interval bootstrap</code> gives the percentile bootstrap of resampled questions instead.")
+
 
 def _fmt_cell(row) -> str:
     layer, head = int(row["layer"]), int(row["head"])
@@ -246,7 +262,8 @@ def findings_section(analyses: list[Analysis]) -> str:
         "<h2 id=findings>Findings</h2><p>Effects significant at FDR 5 % (Benjamini-Hochberg over the layer × head "
         "cells) that stay significant under every control that applies: "
         + "; ".join(f"<b>{CONTROL_COLUMNS[k]}</b>: {CONTROLS[k]}" for k in controls)
-        + ". AUROCs with 95 % intervals from resampled questions; the cell shown is the strongest surviving one "
+        + ". AUROCs with 95 % intervals, questions the independent unit (how: <i>How to read this</i>); the cell "
+          "shown is the strongest surviving one "
           "(layer / head); n: questions per group.</p>"
         + ("<div class=findings>" + html_table(["run", "contrast", "statistic", "cells surviving", "layer / head",
                                               "raw AUROC", *[CONTROL_COLUMNS[k] for k in controls], "n"], survive)
@@ -287,6 +304,8 @@ def _config_rows(a: Analysis) -> list[tuple[str, str]]:
         ("labels (analysed)", ", ".join(f"{k} {v}" for k, v in labels.items())),
         ("excluded", ", ".join(f"{k} {v}" for k, v in a.excluded.items())),
         ("recorded layers × heads", f"{len(a.layers)} × {a.n_heads}"),
+        ("intervals", a.intervals.method + (f", {a.intervals.n_boot} resamples, seed {a.intervals.seed}"
+                                            if a.intervals.method == "bootstrap" else "")),
         ("attentropy", f"{cfg.get('attentropy_version')} (commit {str(cfg.get('git_commit'))[:10]})"),
     ]
 
@@ -337,10 +356,11 @@ def _html(analyses: list[Analysis], figures: list[dict], instrument: str = "") -
         "<li>Entropy H = −Σ p ln p in nats, varentropy V = Σ p (ln p + H)² in nats², of each attention row (per layer "
         "and query head) and of the next-token distribution. K = visible keys; H ≤ ln K.</li>"
         "<li>AUROC: probability that a random member of the first group has the higher value (0.5: no difference). "
-        "Cohen's d: difference of means over the pooled SD. Intervals: 95 % percentile bootstrap resampling "
-        "<b>questions</b> (a question brings all its tokens). p: Mann-Whitney U on one aggregate per answer "
-        "(answer contrasts) or Wilcoxon signed-rank on per-question differences (token contrasts); q: "
-        "Benjamini-Hochberg over all layer × head cells of one statistic and aggregation.</li>"
+        f"Cohen's d: difference of means over the pooled SD. Intervals: {interval_sentence(analyses[0].intervals)} "
+        "p: Mann-Whitney U on one aggregate per answer (answer contrasts; van Elteren's stratified test under the "
+        "stratified and length-matched controls) or Wilcoxon signed-rank on per-question differences (token "
+        "contrasts), whatever the interval method; q: Benjamini-Hochberg over all layer × head cells of one "
+        "statistic and aggregation.</li>"
         f"<li>Answer aggregation: mean over the answer's tokens, max, or mean of the first {FIRST_K}. The "
         "pre-declared primary test is attention entropy, mean aggregation; the other statistics and aggregations "
         "are exploratory and not corrected across each other.</li>"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .data import ARITH_DEFAULT_DIFFICULTY, load_questions, protocol_kind
+from .data import load_questions, protocol_kind
 from .model import DEFAULT_MODEL, load_model
 from .prompts import MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS
 from .store import done_question_ids, load_run, read_config, scan_parts, set_aside, write_json, writer_lock
@@ -26,12 +26,13 @@ def _file_sha256(path) -> str:
 def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL, data: str | None = None,
                   limit: int | None = None, offset: int = 0, batch_size: int = 16, max_new_tokens: int | None = None,
                   shots: int = MATH_SHOTS, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                  seed: int = 0, difficulty: int | str = ARITH_DEFAULT_DIFFICULTY, dtype: str = "auto",
+                  seed: int = 0, difficulty: int | str | None = None, dtype: str = "auto",
                   device: str = "auto", device_map: str | None = None, save_attention: tuple[str, ...] = (),
                   attn_dtype: str = "float32", probe: str | Path | None = None, hidden_layers: str | None = None,
                   hidden_token_layers: str | None = None, raw: bool = False, batching: str = "continuous",
                   max_batch_tokens: int | None = None, ray: str | None = None, workers: int = 2,
-                  gpus_per_worker: float = 0, cpus_per_worker: float = 1, progress: bool = True) -> dict:
+                  gpus_per_worker: float = 0, cpus_per_worker: float = 1, kinds: tuple[str, ...] | None = None,
+                  progress: bool = True) -> dict:
     """Generate and capture every question not yet in `out`; return a summary of the whole run directory.
     `probe`: an instrument directory; every new batch is scored as it is generated (DIR/confidence/).
     `hidden_layers`, `hidden_token_layers`: hidden states kept (`hidden_spec`); default: `auto` and none for a new
@@ -47,7 +48,7 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
         raise ValueError("--save-attention with --sample needs --batching static (continuous batching seeds each "
                          "question's sampling, static batches each batch's)")
     questions = load_questions(benchmark, data, offset=offset, limit=limit, seed=seed, difficulty=difficulty,
-                               raw=raw)
+                               raw=raw, kinds=kinds)
     kind = protocol_kind(benchmark)
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[kind]
     protocol = {"kind": kind, "chat_template": not raw, "max_new_tokens": max_new_tokens,
@@ -55,7 +56,7 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
     if do_sample:  # how the seed is used (`answers_in_batches`)
         protocol["sampling"]["seeded"] = "per question" if batching == "continuous" else "per static batch"
     if kind == "math":
-        exemplars = ("arith train split (same seed and difficulty)" if benchmark == "arith"
+        exemplars = ("arith train split (same seed, kind and steps)" if benchmark == "arith"
                      else "first rows of GSM8K train (attentropy/gsm8k_fewshot.jsonl)")
         protocol.update(shots=shots, user_template=MATH_USER_TEMPLATE, exemplars=exemplars)
     elif kind == "factual":
@@ -66,6 +67,12 @@ def run_benchmark(benchmark: str, out: str | Path, *, model: str = DEFAULT_MODEL
     data_info = {"path": str(Path(data).resolve()), "sha256": _file_sha256(data)} if data else {"path": None}
     if benchmark in ("facts", "arith"):
         data_info.update(generated=True, seed=seed, **({"difficulty": difficulty} if benchmark == "arith" else {}))
+        if kinds is not None:
+            data_info["kinds"] = list(kinds)
+    if benchmark == "facts":  # the suite's content: a run resumed after the suite changed is refused
+        from .facts import suite_fingerprint
+
+        data_info["suite"] = suite_fingerprint(seed, kinds)
 
     out.mkdir(parents=True, exist_ok=True)
     with writer_lock(out, f"attentropy run --benchmark {benchmark}"):  # one writer per run directory

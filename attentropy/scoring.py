@@ -121,10 +121,13 @@ def score_text(instrument: Instrument, model_name: str, question_text: str, *, a
     scores, texts, completion = score_answer(instrument, model, tokenizer, info, question, answer=answer,
                                              max_new_tokens=max_new_tokens)
     answer_confidence = float(scores.prefix_confidence.iloc[-1])
+    # a typed question's kind is not known: the anchored model, built for kinds not seen in fitting, scores it
+    answer_model = "dense probe" if scores.in_kind.iloc[-1] else "anchored model (question kind not seen in fitting)"
     restating = restates_question(texts, question_text)
     if as_json:
         return json.dumps({"question": question_text, "answer": completion, "benchmark": benchmark,
-                           "answer_confidence": answer_confidence, "probe": instrument.fingerprint,
+                           "answer_confidence": answer_confidence, "answer_model": answer_model,
+                           "probe": instrument.fingerprint,
                            "tokens": [{"token": t, "confidence": None if np.isnan(c) else float(c),
                                        "prefix_confidence": float(p), "restates_question": bool(r)}
                                       for t, c, p, r in zip(texts, scores.confidence, scores.prefix_confidence,
@@ -136,5 +139,6 @@ def score_text(instrument: Instrument, model_name: str, question_text: str, *, a
     legend = " ".join(_ansi(f" {v:.1f} ", v) for v in (0.0, 0.25, 0.5, 0.75, 1.0))
     what = ("token confidence: P(not where the answer goes wrong)" if shown == "confidence"
             else "prefix confidence: P(correct) from the tokens so far")
-    return (f"{question_text}\n{body}\n\nanswer confidence (P correct): {answer_confidence:.3f}\ncolours: {what}  "
+    return (f"{question_text}\n{body}\n\nanswer confidence (P correct): {answer_confidence:.3f} ({answer_model})\n"
+            f"colours: {what}  "
             f"{legend}  {_ansi(' grey ', float('nan'))}: restates the question or punctuation, not scored")

@@ -164,6 +164,8 @@ def gold_number(target: str) -> tuple[Decimal, Decimal] | None:
     if len(found) != 1:
         return None
     rest = _NUMERAL.sub(" ", cleaned)
+    if re.search(rf"\b{_MONTH}\b", rest):
+        return None  # a day of a month ("May 25"): a date without its year, not a quantity
     if re.search(r"[a-z]{4,}", re.sub(r"\b(thousand|million|billion|trillion)\b", " ", rest)) and not re.fullmatch(
             r"\s*[a-z]{1,3}\s*|\s*(meters|metres|kilometers|kilometres|miles|feet|years|people|km|kg|m|cm|mm|percent|"
             r"dollars|pounds|euros|points|goals|votes|seats|episodes|pages|copies|sq|square)\s*", rest):

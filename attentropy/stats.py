@@ -1,14 +1,17 @@
 """The statistics of a group comparison, per cell (e.g. every layer x head): effect sizes (AUROC, Cohen's d) with
-95 % bootstrap intervals that resample *questions*, p-values from per-question aggregates, Benjamini-Hochberg
-control of the false discovery rate over all cells tested together, and the per-question aggregates and
-position-matched control tokens they are computed on.
+95 % intervals that treat *questions* as the independent unit, p-values from per-question aggregates,
+Benjamini-Hochberg control of the false discovery rate over all cells tested together, and the per-question
+aggregates and position-matched control tokens they are computed on.
 
-Tokens of one answer are not independent: resampling tokens would give intervals far too narrow, and a test on
-tokens would count one long answer many times. So the unit is always the question.
+Tokens of one answer are not independent: intervals that treat tokens as independent would be far too narrow, and a
+test on tokens would count one long answer many times. So the unit is always the question.
 
-The bootstrap is written with weights: a resample of n items drawn with replacement is the same as giving item i
-the weight c_i = how often it was drawn (multinomial counts). Effect sizes of weighted samples are then weighted
-sums: one sort per cell, then 1,000 resamples cost a cumulative sum each instead of a sort each.
+Two interval methods (`INTERVAL_METHODS`): `clustered` (default), the analytic variances of `clustered_intervals.py`
+(Obuchowski's clustered-data AUROC variance, questions as clusters; delta method for Cohen's d), one sort per cell;
+and `bootstrap`, the percentile bootstrap resampling questions. The bootstrap is written with weights: a resample of
+n items drawn with replacement is the same as giving item i the weight c_i = how often it was drawn (multinomial
+counts). Effect sizes of weighted samples are then weighted sums: one sort per cell, then 1,000 resamples cost a
+cumulative sum each instead of a sort each. The p-values do not depend on the interval method.
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 from scipy import stats as sps
+
+from . import clustered_intervals
+
+INTERVAL_METHODS = {"clustered": clustered_intervals.REFERENCE,  # the interval methods; the first is the default
+                    "bootstrap": "95 % percentile bootstrap resampling questions (a question brings all its tokens)"}
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
@@ -135,22 +144,62 @@ def _percentile_ci(samples: np.ndarray, shape: tuple, level: float = 0.95) -> tu
     return lo.reshape(shape), hi.reshape(shape)
 
 
-def compare_answers(values: np.ndarray, positive: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
-                    alpha: float = 0.05) -> Comparison:
+@dataclass(frozen=True)
+class Intervals:
+    """How a comparison's intervals are computed: `method`, one of INTERVAL_METHODS; `n_boot` resamples drawn
+    from `seed` for the bootstrap."""
+
+    method: str = "clustered"
+    n_boot: int = 1000
+    seed: int = 0
+
+    def __post_init__(self):
+        check_interval(self.method)
+
+    def kwargs(self) -> dict:
+        """The keyword arguments of `compare_answers`, `compare_answers_stratified` and `compare_tokens`."""
+        return {"interval": self.method, "n_boot": self.n_boot, "seed": self.seed}
+
+
+def check_interval(interval: str) -> None:
+    if interval not in INTERVAL_METHODS:
+        raise ValueError(f"interval must be one of {', '.join(INTERVAL_METHODS)}, got {interval!r}")
+
+
+def _clustered_effects(values: np.ndarray, positive: np.ndarray, clusters: np.ndarray | None, cells: tuple
+                       ) -> tuple[np.ndarray, tuple, np.ndarray, tuple]:
+    """(AUROC, its interval, Cohen's d, its interval) of `values` [n, C] by `clustered_intervals`, in `cells`'
+    shape; `clusters` None: every unit its own cluster."""
+    auc, se = clustered_intervals.clustered_auroc(values, positive, clusters)
+    d = cohens_d(values[positive], values[~positive])
+    d_ci = clustered_intervals.wald_interval(d, clustered_intervals.cohens_d_se(values, positive, clusters))
+    auc_ci = clustered_intervals.auroc_interval(auc, se)
+    return (auc.reshape(cells), tuple(b.reshape(cells) for b in auc_ci), d.reshape(cells),
+            tuple(b.reshape(cells) for b in d_ci))
+
+
+def compare_answers(values: np.ndarray, positive: np.ndarray, *, interval: str = "clustered", n_boot: int = 1000,
+                    seed: int = 0, alpha: float = 0.05) -> Comparison:
     """Answer-level contrast: `values` [n_questions, *cells] holds one aggregate per question (e.g. the mean
     over its tokens), `positive` [n_questions] the group (e.g. incorrect). p: Mann-Whitney U, two-sided.
-    Intervals: percentile bootstrap, questions resampled with replacement within each group."""
+    Intervals (`interval`): DeLong's variance of the AUROC and the delta method's of d (clustered, each question
+    its own cluster), or the percentile bootstrap of `n_boot` resamples of the questions within each group."""
+    check_interval(interval)
     values = np.asarray(values, dtype=float)
     positive = np.asarray(positive, dtype=bool)
     cells = values.shape[1:]
-    pos, neg = values[positive].reshape(positive.sum(), -1), values[~positive].reshape((~positive).sum(), -1)
+    flat = values.reshape(len(values), -1)
+    pos, neg = flat[positive], flat[~positive]
     if len(pos) < 2 or len(neg) < 2:
         raise ValueError(f"each group needs at least 2 questions (got {len(pos)} and {len(neg)})")
+    p = sps.mannwhitneyu(pos, neg, axis=0, alternative="two-sided").pvalue.reshape(cells)
+    if interval == "clustered":
+        auc, auc_ci, d, d_ci = _clustered_effects(flat, positive, None, cells)
+        return Comparison(auc, auc_ci, d, d_ci, p, benjamini_hochberg(p), len(pos), len(neg), alpha)
     rng = np.random.default_rng(seed)
     w_pos, w_neg = resample_counts(rng, len(pos), n_boot), resample_counts(rng, len(neg), n_boot)
     boot_auc = weighted_auroc(pos, neg, w_pos, w_neg)
     boot_d = weighted_cohens_d(pos, neg, w_pos, w_neg)
-    p = sps.mannwhitneyu(pos, neg, axis=0, alternative="two-sided").pvalue.reshape(cells)
     return Comparison(auroc(pos, neg).reshape(cells), _percentile_ci(boot_auc, cells),
                       cohens_d(pos, neg).reshape(cells), _percentile_ci(boot_d, cells), p, benjamini_hochberg(p),
                       len(pos), len(neg), alpha)
@@ -176,12 +225,15 @@ def stratified_auroc(values: np.ndarray, positive: np.ndarray, strata: np.ndarra
         return total / pairs
 
 
-def compare_answers_stratified(values: np.ndarray, positive: np.ndarray, strata: np.ndarray, *, n_boot: int = 1000,
-                               seed: int = 0, alpha: float = 0.05) -> Comparison:
+def compare_answers_stratified(values: np.ndarray, positive: np.ndarray, strata: np.ndarray, *,
+                               interval: str = "clustered", n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+                               ) -> Comparison:
     """`compare_answers` with pairs formed inside strata only (e.g. question kind, answer-length bin), so that a
     difference between the strata cannot make the effect. AUROC: the pair-weighted mean of the per-stratum AUROCs
     (strata with both groups); Cohen's d: of the values minus their stratum's mean; p: van Elteren's stratified
-    rank-sum test (normal approximation); intervals: questions resampled within each group, as `compare_answers`."""
+    rank-sum test (normal approximation); intervals as `compare_answers` (clustered: the delta-method variance of the
+    stratified AUROC, `clustered_intervals.stratified_auroc`)."""
+    check_interval(interval)
     values = np.asarray(values, dtype=float)
     positive = np.asarray(positive, dtype=bool)
     strata = np.asarray(strata)
@@ -193,12 +245,6 @@ def compare_answers_stratified(values: np.ndarray, positive: np.ndarray, strata:
     if positive.sum() < 2 or (~positive).sum() < 2:
         raise ValueError(f"each group needs at least 2 questions in shared strata (got {positive.sum()} and "
                          f"{(~positive).sum()})")
-    rng = np.random.default_rng(seed)
-    pos_idx, neg_idx = np.flatnonzero(positive), np.flatnonzero(~positive)
-    w = np.zeros((n_boot, len(positive)))
-    w[:, pos_idx] = resample_counts(rng, len(pos_idx), n_boot)
-    w[:, neg_idx] = resample_counts(rng, len(neg_idx), n_boot)
-    auc = stratified_auroc(flat, positive, strata, np.r_[np.ones((1, len(positive))), w])  # [B+1, C]
     statistic = expected = variance = 0.0
     centred = np.empty_like(flat)
     for st in usable:
@@ -216,18 +262,33 @@ def compare_answers_stratified(values: np.ndarray, positive: np.ndarray, strata:
         z = (statistic - expected) / np.sqrt(variance)
     p = (2 * sps.norm.sf(np.abs(z))).reshape(cells)
     pos, neg = centred[positive], centred[~positive]
+    if interval == "clustered":
+        auc, se = clustered_intervals.stratified_auroc(flat, positive, strata)
+        d = cohens_d(pos, neg)
+        d_ci = clustered_intervals.wald_interval(d, clustered_intervals.cohens_d_se(centred, positive))
+        return Comparison(auc.reshape(cells), tuple(b.reshape(cells) for b in clustered_intervals.auroc_interval(
+            auc, se)), d.reshape(cells), tuple(b.reshape(cells) for b in d_ci), p, benjamini_hochberg(p),
+            int(positive.sum()), int((~positive).sum()), alpha)
+    rng = np.random.default_rng(seed)
+    pos_idx, neg_idx = np.flatnonzero(positive), np.flatnonzero(~positive)
+    w = np.zeros((n_boot, len(positive)))
+    w[:, pos_idx] = resample_counts(rng, len(pos_idx), n_boot)
+    w[:, neg_idx] = resample_counts(rng, len(neg_idx), n_boot)
+    auc = stratified_auroc(flat, positive, strata, np.r_[np.ones((1, len(positive))), w])  # [B+1, C]
     boot_d = weighted_cohens_d(pos, neg, w[:, positive], w[:, ~positive])
     return Comparison(auc[0].reshape(cells), _percentile_ci(auc[1:], cells), cohens_d(pos, neg).reshape(cells),
                       _percentile_ci(boot_d, cells), p, benjamini_hochberg(p), int(positive.sum()),
                       int((~positive).sum()), alpha)
 
 
-def compare_tokens(values: np.ndarray, positive: np.ndarray, question_ids: np.ndarray, *, n_boot: int = 500,
-                   seed: int = 0, alpha: float = 0.05) -> Comparison:
+def compare_tokens(values: np.ndarray, positive: np.ndarray, question_ids: np.ndarray, *,
+                   interval: str = "clustered", n_boot: int = 500, seed: int = 0, alpha: float = 0.05) -> Comparison:
     """Token-level contrast inside answers (e.g. the critic's wrong-moment tokens vs the other tokens of the same
-    incorrect solutions). Effect sizes compare tokens; intervals resample questions (each drawn question brings
-    all its tokens); p: Wilcoxon signed-rank over questions having both kinds of token, of the per-question
-    difference of means. n_positive / n_negative count those questions."""
+    incorrect solutions). Effect sizes compare tokens; intervals treat questions as clusters (`clustered`:
+    Obuchowski's variance; `bootstrap`: each drawn question brings all its tokens); p: Wilcoxon signed-rank over
+    questions having both kinds of token, of the per-question difference of means. n_positive / n_negative count
+    those questions."""
+    check_interval(interval)
     values = np.asarray(values, dtype=float)
     positive = np.asarray(positive, dtype=bool)
     cells = values.shape[1:]
@@ -249,6 +310,9 @@ def compare_tokens(values: np.ndarray, positive: np.ndarray, question_ids: np.nd
     tied = len(both) <= 13 and (bool((diffs == 0).any()) or _has_ties(np.abs(diffs)))
     method = "asymptotic" if tied else "auto"
     p = sps.wilcoxon(diffs, axis=0, zero_method="wilcox", method=method).pvalue.reshape(cells)
+    if interval == "clustered":
+        auc, auc_ci, d, d_ci = _clustered_effects(values, positive, question, cells)
+        return Comparison(auc, auc_ci, d, d_ci, p, benjamini_hochberg(p), len(both), len(both), alpha)
     counts = resample_counts(np.random.default_rng(seed), len(both), n_boot)  # [B, questions]
     pos, neg = values[positive], values[~positive]
     w_pos, w_neg = counts[:, question[positive]], counts[:, question[~positive]]  # a token weighs as its question
@@ -280,19 +344,21 @@ def answer_aggregates(values: np.ndarray, question_ids: np.ndarray, how: str = "
         raise ValueError(f"aggregation must be mean, max or first_k, got {how!r}")
     values = np.asarray(values)
     questions, first, index = np.unique(np.asarray(question_ids), return_index=True, return_inverse=True)
+    flat = values.reshape(len(values), -1)
     order = np.argsort(index, kind="stable")  # tokens grouped by question, answer order kept inside a group
     counts = np.bincount(index, minlength=len(questions))
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    grouped = values[order].reshape(len(values), -1)
-    if how == "first_k":
-        rank = np.arange(len(values)) - np.repeat(starts, counts)  # position of each token inside its answer
-        mask = rank < k
-        grouped, counts = grouped[mask], np.minimum(counts, k)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    if how == "max":
-        out = np.maximum.reduceat(grouped, starts, axis=0)
-    else:
-        out = np.add.reduceat(grouped, starts, axis=0) / counts[:, None]
+    if how == "max":  # one contiguous block per answer (numpy's reduceat along axis 0 is many times slower)
+        grouped = flat if (order == np.arange(len(order))).all() else flat[order]
+        out = np.stack([grouped[a:a + n].max(axis=0) for a, n in zip(starts, counts)])
+    else:  # sums by a sparse [questions, tokens] indicator matrix times the values, which stay where they are
+        rank = np.empty(len(order), np.int64)
+        rank[order] = np.arange(len(values)) - np.repeat(starts, counts)  # position of each token in its answer
+        used = rank < (k if how == "first_k" else len(values))
+        dtype = flat.dtype if flat.dtype.kind == "f" else np.float64
+        summing = sparse.csr_matrix((np.ones(int(used.sum()), dtype), (index[used], np.flatnonzero(used))),
+                                    shape=(len(questions), len(values)))
+        out = np.asarray(summing @ flat) / np.minimum(counts, k if how == "first_k" else len(values))[:, None]
     rows = np.argsort(first)  # the run's question order
     return questions[rows], out[rows].reshape(len(questions), *values.shape[1:])
 

@@ -5,7 +5,11 @@ Layout of DIR:
     grades.parquet               labels and the critic's wrong moment, one row per question (`attentropy grade`)
     metrics.json                 the benchmark's metrics (`attentropy grade`)
     llm_replies.jsonl            every judge / critic reply, keyed by (model, prompt)
-    samples/part-NNNNN.parquet   one row per question (written last: its presence commits the batch)
+    samples/part-NNNNN.parquet   one row per question (written last: its presence commits the batch); where
+                                 config.json's capture records `prompt_log_diag` (older runs lack it), LLM-Check's
+                                 prompt part: `prompt_log_diag`, per (layer x head) the sum over the prompt's rows
+                                 but its last of ln(attention on the row's own token), float64, and
+                                 `prompt_diag_rows`, their number (`Run.prompt_diagonal`)
     tokens/part-NNNNN.parquet    one row per completion token
     attn/part-NNNNN.parquet      one column per attention statistic and recorded layer, `<stat>_layer<i>` (i: the
                                  model's layer index), each row the heads' values, so that reading one layer
@@ -49,6 +53,7 @@ from .schema import ATTN_STATS
 if TYPE_CHECKING:  # a type only: reading a run imports no torch
     from .generate import Generation
 
+PROMPT_DIAGONAL = "prompt_log_diag"  # the key in config.json's capture of runs that record LLM-Check's prompt part
 READ_BYTES = 256 * 2 ** 20  # `Run.layer_groups`: an attention statistic read in groups of layers of about this size
 
 
@@ -106,7 +111,8 @@ def append_batch(run_dir: Path, generations: list[Generation], tokenizer, attn_d
         raise ValueError("append_batch needs generations with their capture (generate(..., record=True))")
     run_dir = Path(run_dir)
     part = next_part(run_dir, writer)
-    layers = read_config(run_dir)["capture"]["layers"]
+    capture_config = read_config(run_dir)["capture"]
+    layers = capture_config["layers"]
     token_rows = {k: [] for k in ("question_id", "pos", "token_id", "token", "logprob", "logit_entropy",
                                   "logit_varentropy", "n_keys")}
     for g, c in zip(generations, captures):
@@ -147,6 +153,13 @@ def append_batch(run_dir: Path, generations: list[Generation], tokenizer, attn_d
         "completion": [g.completion for g in generations],
         "finish_reason": [g.finish_reason for g in generations],
     })
+    if PROMPT_DIAGONAL in capture_config:  # LLM-Check's prompt part, one row per answer (its samples row)
+        if any(c.prompt_log_diag is None for c in captures):
+            raise ValueError(f"{run_dir}/config.json records {PROMPT_DIAGONAL}, but the captures hold none")
+        samples = samples.append_column("prompt_log_diag", _vectors(np.stack([c.prompt_log_diag for c in captures]),
+                                                                    np.float64))
+        samples = samples.append_column("prompt_diag_rows", pa.array([c.prompt_diag_rows for c in captures],
+                                                                     pa.int32()))
     for g, c in zip(generations, captures):
         if c.attention_map is not None:
             path = run_dir / "attention_maps" / f"{g.question.id}.npz"
@@ -192,6 +205,9 @@ class Run:
     parts: list[str] = field(repr=False, default_factory=list)  # the batches read (intact, committed)
     # part -> (answers kept, tokens kept) where a part holds duplicates of earlier answers (see `load_run`)
     kept_rows: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False, default_factory=dict)
+    # LLM-Check's prompt part, rows aligned with `samples`: (sums [n_answers, n_layers, n_heads] float64, rows
+    # [n_answers]); None where the run did not record it (runs written before it was)
+    prompt_diagonal: tuple[np.ndarray, np.ndarray] | None = field(repr=False, default=None)
 
     def _part_rows(self, kind: str, part: str, per: str, read) -> np.ndarray:
         """`read(path)`'s rows of one part of `kind` (a damaged file named), the rows of duplicate answers left
@@ -448,6 +464,8 @@ def load_run(path: str | Path, *, skip_damaged: bool = False, with_grades: bool 
                       f"{', '.join(sorted(kept_rows))}); keeping each question's first committed copy", stacklevel=2)
         samples, tokens = samples[~duplicated].reset_index(drop=True), tokens[token_keep].reset_index(drop=True)
     samples = samples.drop(columns="_part", errors="ignore")
+    prompt_diagonal = _prompt_diagonal(samples, config)
+    samples = samples.drop(columns=["prompt_log_diag", "prompt_diag_rows"], errors="ignore")
     if len(samples):
         samples["metadata"] = samples["metadata"].map(json.loads)
     grades_path = run_dir / "grades.parquet"
@@ -472,7 +490,16 @@ def load_run(path: str | Path, *, skip_damaged: bool = False, with_grades: bool 
         last = tokens.groupby("question_id", sort=False).prefix_confidence.last()  # the whole answer's prefix
         samples["answer_confidence"] = samples.question_id.map(last).astype(float)
     return Run(path=run_dir, config=config, samples=samples, tokens=tokens, layers=config["capture"]["layers"],
-               n_heads=config["capture"]["n_heads"], parts=parts, kept_rows=kept_rows)
+               n_heads=config["capture"]["n_heads"], parts=parts, kept_rows=kept_rows, prompt_diagonal=prompt_diagonal)
+
+
+def _prompt_diagonal(samples: pd.DataFrame, config: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """`Run.prompt_diagonal` from the samples' columns; None where the run did not record it."""
+    if PROMPT_DIAGONAL not in config["capture"] or "prompt_log_diag" not in samples or not len(samples):
+        return None
+    shape = (len(config["capture"]["layers"]), config["capture"]["n_heads"])
+    sums = np.stack([np.asarray(v, np.float64).reshape(shape) for v in samples["prompt_log_diag"]])
+    return sums, samples["prompt_diag_rows"].to_numpy(np.int64)
 
 
 # ---------------------------------------------------------------- one writer at a time

@@ -22,7 +22,7 @@ from .prompts import exemplar_group
 from .provenance import git_commit, package_versions
 from .sampling import Sampling
 from .schema import ATTN_STATS, TOKEN_STATS
-from .store import append_batch
+from .store import PROMPT_DIAGONAL, append_batch
 
 PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "gguf", "numpy", "pandas", "pyarrow")
 
@@ -71,6 +71,10 @@ def model_config(mdl, info, *, benchmark: str, data_info: dict, protocol: dict, 
                     "row_convention": "completion token t <- query row len(prompt)-1+t", "units": "nats"},
         "packages": package_versions(PACKAGES),
     }
+    if previous is None or PROMPT_DIAGONAL in previous.get("capture", {}):  # a resumed older run goes on without
+        config["capture"][PROMPT_DIAGONAL] = (
+            "per answer, layer and query head: the sum over the prompt's rows but its last (completion token 0's row) "
+            "of ln(attention on the row's own token), samples column prompt_log_diag; their number, prompt_diag_rows")
     if hidden:
         config["capture"]["hidden"] = {
             "layers": list(hidden.layers), "token_layers": list(hidden.token_layers),

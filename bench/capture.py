@@ -19,7 +19,10 @@ Generation is forced to exactly N new tokens (the stop tokens suppressed until t
 `attentropy.generate.suppress_stops`, in all three modes), so all modes produce the same token count.
 Optional mode `a_dynamic_cache` (--modes a_generate a_dynamic_cache): (a) with transformers' DynamicCache, which
 copies every layer's keys/values at each step, instead of attentropy's in-place GrowingLayer; it alternates with
-(a), and measures what the in-place cache gains.
+(a), and measures what the in-place cache gains. Optional mode `b_no_prompt_diagonal` (--modes b_attentropy
+b_no_prompt_diagonal): (b) without LLM-Check's prompt part (the prompt rows' log own-token attention, computed at
+prefill, and the shared prefix's own forward for it); it alternates with (b), and measures what recording the prompt
+part costs (most with few new tokens: --new-tokens 1 times little but prefills).
 
     .venv/bin/python bench/capture.py [--threads 2] [--new-tokens 256 1024] [--batch-sizes 1 16] [--repeats R]
 """
@@ -36,7 +39,8 @@ import tempfile
 import time
 
 MODES = ("a_generate", "b_attentropy", "c_naive")
-TIMED = ("a_generate", "b_attentropy", "a_dynamic_cache")  # alternate in one process, at the same batch size
+# alternate in one process, at the same batch size
+TIMED = ("a_generate", "b_attentropy", "a_dynamic_cache", "b_no_prompt_diagonal")
 
 
 def child(items: list[tuple[str, int]], new_tokens: int, threads: int, repeats: int) -> dict:
@@ -86,6 +90,28 @@ def run_once(mode, model, tokenizer, questions, batch, new_tokens) -> int:
             return run_once("a_generate", model, tokenizer, questions, batch, new_tokens)
         finally:
             attentropy.generate.growing_cache = in_place
+    if mode == "b_no_prompt_diagonal":
+        import numpy as np
+
+        import attentropy.generate
+
+        class NoPromptDiagonal:  # records nothing; its result: zeros of the right shape
+            def __init__(self, layout_mask, last_row, chunk_bytes=0):
+                self.batch = layout_mask.shape[0]
+
+            def record(self, *args):
+                pass
+
+            def result(self, layers):
+                heads = model.config.num_attention_heads
+                return np.zeros((self.batch, len(layers), heads)), np.zeros(self.batch, np.int64)
+
+        recording = attentropy.generate.PromptDiagonal
+        attentropy.generate.PromptDiagonal = NoPromptDiagonal
+        try:
+            return run_once("b_attentropy", model, tokenizer, questions, batch, new_tokens)
+        finally:
+            attentropy.generate.PromptDiagonal = recording
     if mode in ("a_generate", "b_attentropy"):
         gens = generate(model, tokenizer, questions, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                         prefix_store=PrefixStore(), record=mode == "b_attentropy")[0]  # as `attentropy run` does
@@ -201,6 +227,11 @@ def main() -> None:
                       f"time, fastest {dynamic['seconds'] / a['seconds']:.3f}"
                       f"{paired(('a_generate', batch, new_tokens), ('a_dynamic_cache', batch, new_tokens))}; "
                       f"peak RSS {dynamic['peak_rss_mb'] / a['peak_rss_mb']:.3f}")
+            without = results.get(("b_no_prompt_diagonal", batch, new_tokens))
+            if b and without:
+                print(f"  batch {batch:2d} new {new_tokens:4d}: (b) / (b) without the prompt rows' log-diagonal: "
+                      f"time, fastest {b['seconds'] / without['seconds']:.3f}"
+                      f"{paired(('b_no_prompt_diagonal', batch, new_tokens), ('b_attentropy', batch, new_tokens))}")
             if a and b:
                 working = (b['peak_rss_mb'] - b['rss_after_load_mb']) \
                     / max(1, a['peak_rss_mb'] - a['rss_after_load_mb'])

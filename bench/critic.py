@@ -17,7 +17,8 @@ import argparse
 import random
 import re
 
-from attentropy.data import make_arith, read_gsm8k
+from attentropy.arith import make_arith
+from attentropy.data import read_gsm8k
 from attentropy.gsm8k import normalize_number
 from attentropy.offline_critic import locate_error_offline, split_steps
 

@@ -41,13 +41,18 @@ def task_section(task: str, rows: pd.DataFrame, summary: dict) -> list[str]:
     for h in headlines(rows):
         out.append(f"- Against the best of {h['pool']}, {h['best']} {interval_text(h['auroc'])}: instrument "
                    f"{instrument}, Δ {interval_text(h['gain'])}, {h['verdict']}.")
-    out_of = {evaluation: rows[(rows.evaluation == evaluation) & (rows.metric == "auroc")].groupby("method").value
-              .mean() for evaluation in ("leave_one_kind_out", "leave_one_source_out")}
-    out += ["", "| method | role | AUROC (in distribution) | Δ instrument − method | leave one kind out (mean) | "
-                "leave one source out (mean) |", "|---|---|---|---|---|---|"]
+    out_of = {by: rows[(rows.evaluation == f"leave_one_{by}_out_mean") & (rows.metric == "auroc")].set_index("method")
+              for by in ("kind", "source")}
+    counts = {by: m.subset.iloc[0] if len(m) else "none" for by, m in out_of.items()}
+    out += ["", f"| method | role | AUROC (in distribution) | Δ instrument − method | leave one kind out "
+                f"({counts['kind']}) | leave one source out ({counts['source']}) |", "|---|---|---|---|---|---|"]
     for method, r in ind[ind.metric == "auroc"].set_index("method").iterrows():
-        held_out = " | ".join(f"{m[method]:.3f}" if method in m else "" for m in out_of.values())
+        held_out = " | ".join(interval_text(m.loc[method]) if method in m.index else "" for m in out_of.values())
         out.append(f"| {method} | {r.role} | {interval_text(r)} | {_gain(ind, method)} | {held_out} |")
+    small = rows[rows.evaluation.str.endswith("_too_small")]
+    if len(small):
+        out += ["", "Held out but too small to enter the means (fewer than 10 answers of a class): " + ", ".join(
+            f"{r.subset} ({r.n_positive} / {r.n_negative})" for r in small.itertuples()) + "."]
     selective = rows[rows.evaluation == "selective"]
     f = selective[selective.metric == "f_score"].set_index("method")
     if len(f):

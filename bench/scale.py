@@ -4,15 +4,20 @@ Writes synthetic graded GSM8K runs with the 90B text shape (100 layers of which 
 recorded, under their true indices; 64 heads; float16 statistics, as `--attn-dtype float16`) through the real
 writer (`store.append_batch`), with labels, a planted head and critic spans in the incorrect answers, at 1/4, 1/2
 and 1x the size (default 1x: GSM8K's 1,319 answers x ~200 tokens). Then, each in its own process so that its peak
-memory is its own: `load_run`, `attn` of one statistic at one layer and at all layers, `analyze_run`, and the
-command `attentropy report DIR`. Prints time and peak RSS per step and size, the time per token (linear growth:
-the same at every size), bytes per token on disk and the write rate.
+memory is its own: `load_run`, `attn` of one statistic at one layer and at all layers, `analyze_run`, the command
+`attentropy report DIR` at its default settings (clustered intervals), and the previous method's report beside it,
+`attentropy report DIR --interval bootstrap --n-boot N` (`previous`). Prints time and peak RSS per step and size, the
+time per token (linear growth: the same at every size), the report's speed-up over the previous method, bytes per
+token on disk and the write rate.
 
     .venv/bin/python bench/scale.py [--answers 1319] [--tokens 200] [--sizes 0.25,0.5,1] [--out DIR]
+        [--steps write,load,attn,report,previous] [--previous-n-boot 1000]
 
---out DIR keeps the runs (DIR/answers-N); without it they go to a temporary directory removed at the end (1x: about
-16 GB on disk). --steps chooses the steps (default write,load,attn,report; `analyze` times analyze_run alone, which
-the report includes); --n-boot is the report's (default 1000; the analysis time is proportional to it).
+--out DIR keeps the runs (DIR/answers-N; an existing one is reused unless `write` is a step); without it they go to
+a temporary directory removed at the end (1x: about 14 GB on disk). --steps chooses the steps (default
+write,load,attn,report,previous; `analyze` times analyze_run alone, which the report includes). --previous-n-boot:
+the bootstrap's replicates in `previous` (default 1000, the report's default; its time is proportional to it, hours at
+1x on 2 cores); --previous-sizes runs `previous` at some of the sizes only.
 """
 
 from __future__ import annotations
@@ -80,7 +85,8 @@ def write_run(path: Path, n_answers: int, mean_tokens: int, seed: int = 0) -> di
                 start = int(rng.integers(2, n - 5))
                 end = start + 3
                 attn[start:end, :, :, entropy] += 0.3
-            ids = np.where(rng.random(n) < DIGIT_SHARE, rng.integers(16, len(WORDS), n), rng.integers(0, 16, n)).tolist()
+            ids = np.where(rng.random(n) < DIGIT_SHARE, rng.integers(16, len(WORDS), n),
+                           rng.integers(0, 16, n)).tolist()
             q = Question(id=f"gsm8k-{i:05d}", benchmark="gsm8k", question=f"question {i}?", target=str(i))
             capture = Capture(attn=attn, logprob=-rng.exponential(1.0, n).astype(np.float32),
                               logit_entropy=rng.exponential(1.0, n).astype(np.float32),
@@ -99,7 +105,7 @@ def write_run(path: Path, n_answers: int, mean_tokens: int, seed: int = 0) -> di
     return {"tokens": n_tokens, "seconds": seconds, "bytes": size, "attn_bytes": attn_size}
 
 
-def step(name: str, path: Path, n_boot: int) -> dict:
+def step(name: str, path: Path) -> dict:
     """One measured step, run in a child process (`--step`)."""
     from attentropy import load_run
 
@@ -120,7 +126,7 @@ def step(name: str, path: Path, n_boot: int) -> dict:
     if name == "analyze":
         from attentropy.contrasts import analyze_run
 
-        a = analyze_run(load_run(path), n_boot=n_boot)
+        a = analyze_run(load_run(path))
         planted = a.comparisons.query("contrast == 'incorrect_vs_correct' and stat == 'entropy' and "
                                       "aggregation == 'mean' and level == 'head' and control == 'none'")
         best = planted.loc[planted.auroc.idxmax()]
@@ -128,8 +134,16 @@ def step(name: str, path: Path, n_boot: int) -> dict:
     raise ValueError(name)
 
 
+def stored_tokens(path: Path) -> int:
+    """The tokens of a run directory, from its tokens parts' Parquet metadata (no `load_run`)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in (path / "tokens").glob("*.parquet"))
+
+
 def measured(argv: list[str]) -> dict:
-    """Run a child process; its result (JSON on its last stdout line, if any), time and peak RSS (wait4)."""
+    """Run a child process; its result (JSON on its last stdout line, if any), wall time, CPU time (user + system:
+    the work done, which other load on the machine does not inflate) and peak RSS (wait4)."""
     started = time.perf_counter()
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     out = child.stdout.read()
@@ -139,7 +153,8 @@ def measured(argv: list[str]) -> dict:
         raise SystemExit(f"{' '.join(map(str, argv))} failed with exit code {child.returncode}")
     lines = out.strip().splitlines()
     result = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
-    return {"wall_seconds": time.perf_counter() - started, "peak_rss_gb": usage.ru_maxrss / 2 ** 20, **result}
+    return {"wall_seconds": time.perf_counter() - started, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "peak_rss_gb": usage.ru_maxrss / 2 ** 20, **result}
 
 
 def main() -> None:
@@ -148,13 +163,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200, help="mean tokens per answer")
     parser.add_argument("--sizes", default="0.25,0.5,1", help="fractions of --answers")
     parser.add_argument("--out", type=Path, help="keep the runs here (DIR/answers-N)")
-    parser.add_argument("--steps", default="write,load,attn,report",
-                        help="of write,load,attn,analyze,report (analyze: analyze_run alone, which report includes)")
-    parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--steps", default="write,load,attn,report,previous",
+                        help="of write,load,attn,analyze,report,previous (analyze: analyze_run alone, which report "
+                             "includes; previous: the report with --interval bootstrap)")
+    parser.add_argument("--previous-n-boot", type=int, default=1000, help="the bootstrap's replicates in previous")
+    parser.add_argument("--previous-sizes", help="run previous at these of --sizes only (default: all)")
     parser.add_argument("--step", nargs=2, metavar=("NAME", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.step:
-        print(json.dumps(step(args.step[0], Path(args.step[1]), args.n_boot)))
+        print(json.dumps(step(args.step[0], Path(args.step[1]))))
         return
     steps = args.steps.split(",")
     root = args.out or Path(tempfile.mkdtemp(prefix="attentropy-scale-"))
@@ -173,26 +190,29 @@ def main() -> None:
                            write_mb_s=w["bytes"] / w["seconds"] / 1e6, disk_gb=w["bytes"] / 1e9)
             for name in ("load", "attn", "analyze"):
                 if name in steps:
-                    r = measured(me + ["--n-boot", str(args.n_boot), "--step", name, str(path)])
+                    r = measured(me + ["--step", name, str(path)])
                     row[name] = r
+            report = [sys.executable, "-m", "attentropy.cli", "report", str(path), "--out", str(root / "report")]
             if "report" in steps:
-                row["report"] = measured([sys.executable, "-m", "attentropy.cli", "report", str(path),
-                                          "--n-boot", str(args.n_boot)])
-            row.setdefault("tokens", row.get("load", {}).get("tokens"))
+                row["report"] = measured(report)
+            previous_sizes = args.previous_sizes.split(",") if args.previous_sizes else args.sizes.split(",")
+            if "previous" in steps and float(fraction) in map(float, previous_sizes):
+                row["previous"] = measured(report + ["--interval", "bootstrap", "--n-boot", str(args.previous_n_boot)])
+            row.setdefault("tokens", row.get("load", {}).get("tokens") or stored_tokens(path))
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
         if args.out is None:
             shutil.rmtree(root, ignore_errors=True)
-    print(f"\n90B text shape: {len(LAYERS)} recorded layers of {N_LAYERS}, {N_HEADS} heads, float16; "
-          f"--n-boot {args.n_boot}")
-    print(f"{'answers':>8} {'tokens':>9} {'step':>10} {'seconds':>9} {'µs/token':>9} {'peak RSS':>9}")
+    print(f"\n90B text shape: {len(LAYERS)} recorded layers of {N_LAYERS}, {N_HEADS} heads, float16; report: "
+          f"clustered intervals (the default); previous: --interval bootstrap --n-boot {args.previous_n_boot}")
+    print(f"{'answers':>8} {'tokens':>9} {'step':>10} {'seconds':>9} {'µs/token':>9} {'peak RSS':>9} {'CPU s':>8}")
     for row in rows:
         if "write_s" in row:
             print(f"{row['answers']:>8} {row['tokens']:>9} {'write':>10} {row['write_s']:>9.1f} "
                   f"{1e6 * row['write_s'] / row['tokens']:>9.1f} {'':>9}   {row['bytes_per_token']:.0f} B/token "
                   f"(attn), {row['write_mb_s']:.0f} MB/s, {row['disk_gb']:.2f} GB")
-        for name in ("load", "attn", "analyze", "report"):
+        for name in ("load", "attn", "analyze", "report", "previous"):
             if name in row:
                 r = row[name]
                 s = r.get("seconds", r["wall_seconds"])
@@ -204,8 +224,11 @@ def main() -> None:
                     extra = f"   strongest cell (planted: layer {LAYERS[40]} head 7): {r['strongest_cell']}"
                 if name == "report":
                     extra = "   (the whole command, wall time)"
+                if name == "previous":
+                    speedup = s / row["report"]["wall_seconds"] if "report" in row else None
+                    extra = f"   (the whole command): the default report is {speedup:.1f}x faster" if speedup else ""
                 print(f"{row['answers']:>8} {row['tokens']:>9} {name:>10} {s:>9.1f} {1e6 * s / row['tokens']:>9.1f} "
-                      f"{r['peak_rss_gb']:>7.2f} GB{extra}")
+                      f"{r['peak_rss_gb']:>7.2f} GB {r['cpu_seconds']:>8.1f}{extra}")
 
 
 if __name__ == "__main__":

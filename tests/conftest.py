@@ -84,16 +84,21 @@ def tokenizer(embedded):
     return embedded[1]
 
 
-def eager_reference(model, prompt, completion):
-    """Every statistic recomputed from `output_attentions` of an eager forward over the unpadded sequence."""
+def eager_forward(model, ids: list[int]):
+    """The output of an eager forward over `ids` with `output_attentions` (attentions: [1, H, T, T] per layer)."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            out = model(torch.tensor([prompt + completion[:-1]]), output_attentions=True)
+            return model(torch.tensor([ids]), output_attentions=True)
     finally:
         model.set_attn_implementation(previous)
+
+
+def eager_reference(model, prompt, completion):
+    """Every statistic recomputed from `output_attentions` of an eager forward over the unpadded sequence."""
     first, n = len(prompt) - 1, len(completion)
+    out = eager_forward(model, prompt + completion[:-1])
     att = torch.stack(out.attentions, 1)[0].float()  # [L, H, T, T]
     rows = att[:, :, first:first + n].permute(2, 0, 1, 3)  # [n, L, H, K]
     h, v = entropy_varentropy(rows.log())

@@ -26,7 +26,8 @@ class CharTokenizer:
 def write_synthetic_run(path, *, benchmark="arith", labels=None, n_questions=60, n_layers=4, n_heads=3,
                         n_tokens=(12, 30), planted=None, shift=0.8, wrong_moment_shift=0.0, seed=0,
                         prompt_len=40, kinds=None, model="synthetic", hidden=None, hidden_shift=0.0, kind_shift=None,
-                        n_tokens_by_label=None, late_moment=False, entropy_of_position=None, sources=None) -> Path:
+                        n_tokens_by_label=None, late_moment=False, entropy_of_position=None, sources=None,
+                        prompt_diagonal=True) -> Path:
     """A graded run. `labels`: one per question (default: alternating correct / incorrect). `planted`: (layer
     index, head) whose attention entropy is raised by `shift` in every token of incorrect answers. Math runs get a
     3-token wrong-moment span in each incorrect answer, its entropy at every cell raised by `wrong_moment_shift`.
@@ -36,7 +37,8 @@ def write_synthetic_run(path, *, benchmark="arith", labels=None, n_questions=60,
     direction at the second kept index. Confounds: `kind_shift` {kind: entropy offset of every cell},
     `n_tokens_by_label` {label: (min, max) tokens}, `late_moment`: the wrong moment in the last third of the answer
     (entropy grows with position, as ln K). `entropy_of_position`: a function of the token positions of an
-    answer (0, 1, ...) that replaces 0.5 ln K in every cell's entropy (noise added as always)."""
+    answer (0, 1, ...) that replaces 0.5 ln K in every cell's entropy (noise added as always). `prompt_diagonal`:
+    the prompt rows' log own-token attention recorded (random sums); False: a run written before it was."""
     rng = np.random.default_rng(seed)
     path = Path(path)
     labels = list(labels) if labels is not None else ["incorrect" if i % 2 else "correct"
@@ -65,6 +67,11 @@ def write_synthetic_run(path, *, benchmark="arith", labels=None, n_questions=60,
         capture = Capture(attn=attn, logprob=-rng.exponential(1.0, n).astype(np.float32),
                           logit_entropy=rng.exponential(1.0, n).astype(np.float32),
                           logit_varentropy=rng.exponential(1.0, n).astype(np.float32), n_keys=n_keys)
+        if prompt_diagonal:
+            # its own random stream: the runs' other data stay those the tests were written against
+            capture.prompt_log_diag = -np.random.default_rng([seed, i, 7]).exponential(2.0, (n_layers, n_heads)) * (
+                prompt_len - 1)
+            capture.prompt_diag_rows = prompt_len - 1
         if hidden is not None:
             layers, width = hidden
             capture.hidden_last_prompt = rng.normal(0, 1, (len(layers), width)).astype(np.float32)
@@ -83,6 +90,7 @@ def write_synthetic_run(path, *, benchmark="arith", labels=None, n_questions=60,
         "model": {"name": model, "architecture": "none", "dtype": "float32", "revision": "0"},
         "protocol": {"kind": "math" if benchmark == "arith" else "factual", "max_new_tokens": n_tokens[1]},
         "capture": {"layers": list(range(n_layers)), "n_heads": n_heads,
+                    **({"prompt_log_diag": "synthetic"} if prompt_diagonal else {}),
                     **({"hidden": {"layers": list(hidden[0]), "token_layers": [], "size": hidden[1]}}
                        if hidden is not None else {})}})
     for lo in range(0, len(gens), 16):

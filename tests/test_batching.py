@@ -15,6 +15,7 @@ from conftest import assert_matches_eager, assert_matches_eager_mllama
 
 import attentropy.continuous as continuous_module
 import attentropy.generate as generate_module
+from attentropy.arith import make_arith
 from attentropy.continuous import generate_continuous
 from attentropy.data import Question, load_questions
 from attentropy.generate import PrefixStore, generate
@@ -57,18 +58,19 @@ def test_continuous_batching_equals_static_across_compactions(embedded, monkeypa
     monkeypatch.setattr(continuous_module, "_compact",
                         lambda *args, **kwargs: (compactions.append(args[4:6]), compact(*args, **kwargs))[1])
     questions = load_questions("facts", limit=30)
-    continuous = list(generate_continuous(model, tokenizer, questions, batch_size=3, max_new_tokens=10,
+    # 16 new tokens: enough for several answers of the suite's first questions to stop early, at different lengths
+    continuous = list(generate_continuous(model, tokenizer, questions, batch_size=3, max_new_tokens=16,
                                           hidden=HIDDEN))
     assert compactions, "the cache was never compacted: the test does not exercise it"
     assert [g.question.id for g in continuous] != [q.id for q in questions]  # answers end out of order
-    static = static_batches(model, tokenizer, questions, 3, 10)
+    static = static_batches(model, tokenizer, questions, 3, 16)
     assert {g.finish_reason for g in static} == {"stop", "length"}
     assert_same(static, continuous)
 
 
 def test_continuous_batching_with_the_8_shot_prefix_equals_static_and_eager(embedded):
     model, tokenizer, _ = embedded
-    questions = load_questions("arith", limit=5)
+    questions = make_arith(5, kinds=["rate"])  # one kind: one exemplar set, the 8-shot prefix shared
     continuous = list(generate_continuous(model, tokenizer, questions, batch_size=2, max_new_tokens=24,
                                           hidden=HIDDEN))
     assert_same(static_batches(model, tokenizer, questions, 2, 24), continuous)

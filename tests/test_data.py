@@ -1,14 +1,11 @@
 """Loaders of the published formats, their errors, and the offline suites."""
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 
-from attentropy.data import (DataError, fewshot_exemplars, gsm8k_final_answer, load_questions, make_arith,
-                             make_facts, parse_difficulty, read_gsm8k, read_simpleqa)
-from attentropy.prompts import exemplar_group
+from attentropy.data import DataError, fewshot_exemplars, gsm8k_final_answer, load_questions, read_gsm8k, read_simpleqa
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -105,45 +102,6 @@ def test_gsm8k_from_hub_offline_says_how_to_pass_a_file(monkeypatch):
         load_questions("gsm8k")
 
 
-def test_facts_suite_is_deterministic_by_seed_and_well_formed():
-    a, b, c = make_facts(60, seed=0), make_facts(60, seed=0), make_facts(60, seed=1)
-    assert [(q.question, q.target) for q in a] == [(q.question, q.target) for q in b]
-    assert [q.question for q in a] != [q.question for q in c]
-    assert len({q.question for q in a}) == 60
-    kinds = {q.metadata["kind"] for q in a}
-    assert kinds == {"country_capital", "state_capital", "element_name", "atomic_number", "city_country"}
-    for q in a:
-        assert q.metadata["topic"] and q.metadata["answer_type"] and q.target
-    assert make_facts(10, seed=0) == a[:10]  # prefixes agree, so --limit only truncates
-
-
-def test_arith_suite_is_deterministic_and_its_references_are_correct():
-    for difficulty in (1, 2, 3, 4):
-        a = make_arith(30, seed=0, difficulty=difficulty)
-        assert a == make_arith(30, seed=0, difficulty=difficulty)
-        assert [q.question for q in a] != [q.question for q in make_arith(30, seed=1, difficulty=difficulty)]
-        for q in a:
-            annotations = re.findall(r"<<([^=]+)=([^>]+)>>", q.reference)
-            assert len(annotations) == difficulty
-            for expression, value in annotations:
-                assert eval(expression) == float(value)  # noqa: S307 - our own generated arithmetic
-            assert gsm8k_final_answer(q.reference) == q.target == annotations[-1][1]
-            assert int(q.target) > 0
-    with pytest.raises(ValueError, match="1 to 4"):
-        make_arith(1, difficulty=5)
-
-
-def test_an_arith_range_cycles_through_its_steps_with_exemplars_of_each():
-    mixed = make_arith(12, seed=0, difficulty="1-3")
-    assert [q.metadata["steps"] for q in mixed] == [1, 2, 3] * 4
-    for q in mixed:
-        assert len(re.findall(r"<<", q.reference)) == q.metadata["steps"]
-        assert {e.metadata["steps"] for e in fewshot_exemplars(q)} == {q.metadata["steps"]}
-    assert len({exemplar_group(q) for q in mixed}) == 3  # one shared prompt prefix per step count
-    assert make_arith(5, difficulty=2) == make_arith(5, difficulty="2")  # a one-step range is the number
-    for bad in ("0", "3-1", "1-5", "two"):
-        with pytest.raises(DataError, match="1 to 4 steps"):
-            parse_difficulty(bad)
 
 
 def test_fewshot_exemplars_are_the_first_train_rows():

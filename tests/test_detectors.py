@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from attentropy.answers import load_answers
-from attentropy.detectors import ANSWER_DETECTORS, TOKEN_DETECTORS, head_entropy, rauq
-from attentropy.detectors.llm_check import llm_check_scores
+from attentropy.detectors import ANSWER_DETECTORS, TOKEN_DETECTORS, head_entropy, llm_check, rauq
+from attentropy.evaluation import answer_detectors
 from attentropy.detectors.lookback_lens import lookback_ratios
 from attentropy.evaluation import kinds_of
 from synthetic import write_synthetic_run
@@ -35,8 +35,9 @@ def test_every_answer_detector_keeps_the_contract(answers, name):
     assert detector.available(answers)
     X = detector.inputs(answers, kinds_of(answers))
     parts = X if isinstance(X, tuple) else (X,)
-    for part in parts:  # one row per answer, finite
-        assert len(part) == len(answers.answers) and np.isfinite(part).all()
+    for part in parts:  # one row per answer, finite (or labels, as the kinds a detector routes by)
+        assert len(part) == len(answers.answers)
+        assert np.isfinite(part).all() if part.dtype.kind in "fiub" else part.dtype.kind in "UO"
     again = detector.inputs(answers, kinds_of(answers))
     for first, second in zip(parts, again if isinstance(again, tuple) else (again,)):
         np.testing.assert_array_equal(first, second)
@@ -51,9 +52,14 @@ def test_every_answer_detector_keeps_the_contract(answers, name):
     np.testing.assert_array_equal(refitted.confidence(take(np.arange(20, 30))), confidence)
     if detector.prefix_features is not None:  # the prefix form: one row per token, equal to the answer's at its end
         prefix = detector.prefix_features(answers)
-        assert len(prefix) == len(answers.tokens)
+        prefix_parts = prefix if isinstance(prefix, tuple) else (prefix,)
         last = answers.answers.start.to_numpy() + answers.answers.n_tokens.to_numpy() - 1
-        np.testing.assert_allclose(prefix[last], X, rtol=1e-5, atol=1e-6)
+        for whole, part in zip(parts, prefix_parts):
+            assert len(part) == len(answers.tokens)
+            if part.dtype.kind in "fiub":
+                np.testing.assert_allclose(part[last], whole, rtol=1e-4, atol=1e-5)
+            else:
+                np.testing.assert_array_equal(part[last], whole)
 
 
 @pytest.mark.parametrize("name", list(TOKEN_DETECTORS))
@@ -102,8 +108,51 @@ def test_published_baselines_by_hand(tmp_path):
         (prompt[t] / (n_keys[t] - pos[t])) / (prompt[t] / (n_keys[t] - pos[t]) + (1 - prompt[t]) / pos[t])
         for t in (1, 2)]
     np.testing.assert_allclose(ratio, np.mean(per, axis=0), rtol=1e-5)
-    # LLM-Check: per layer, sum over heads of the answer's mean log own-token attention
+    # LLM-Check's variant over the answer's rows: per layer, sum over heads of the mean log own-token attention
     diag = np.log(first.attn["diag_mass"].astype(float))
-    np.testing.assert_allclose(llm_check_scores(first)[0], diag.mean(axis=0).sum(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(llm_check.llm_check_answer_rows_scores(first)[0], diag.mean(axis=0).sum(axis=1),
+                               rtol=1e-5)
+
+
+def test_llm_check_by_hand_from_the_log_determinant(tmp_path):
+    """LLM-Check as the paper defines it: per layer, the sum over heads of log det(A_h) / N, A_h a head's causal
+    attention matrix over the sequence's N rows; LM-Polygraph's form: the mean over heads of log det(A_h) at the
+    middle layer. A 3-token prompt and a 2-token answer: rows 0, 1 are the prompt's (recorded at prefill), rows 2
+    (the prompt's last token) and 3 (the answer's first) predict the answer's tokens; the answer's last token's row
+    is never computed, so N = 4."""
+    _, a = planted_answers(tmp_path, n=2, n_tokens=(2, 3), prompt_len=3)
+    one = a.subset(np.array([0]))
+    n_layers, n_heads = len(one.layers), one.n_heads
+    rng = np.random.default_rng(3)
+    A = np.zeros((n_layers, n_heads, 4, 4))  # lower-triangular, rows summing to 1
+    for i in range(4):
+        A[:, :, i, :i + 1] = rng.dirichlet(np.ones(i + 1), size=(n_layers, n_heads))
+    A[0, 0] = [[1, 0, 0, 0], [.5, .5, 0, 0], [.2, .3, .5, 0], [.1, .2, .3, .4]]  # det = .5 * .5 * .4 = 0.1
+    # what the run holds: the prompt rows' summed log-diagonal (rows 0, 1) and the answer rows' own attention
+    one.prompt_log_diag = (np.log(A[..., 0, 0]) + np.log(A[..., 1, 1]))[None]
+    one.prompt_diag_rows = np.array([2])
+    one.attn["diag_mass"] = np.stack([A[..., 2, 2], A[..., 3, 3]]).astype(np.float32)
+    log_det = np.log(np.linalg.det(A))  # [L, H]
+    assert np.isclose(log_det[0, 0], np.log(0.1))
+    np.testing.assert_allclose(llm_check.llm_check_scores(one)[0], (log_det / 4).sum(axis=1), rtol=1e-6)
+    middle = one.layers.index(n_layers // 2)
+    np.testing.assert_allclose(llm_check.llm_check_polygraph_scores(one)[0, 0], log_det[middle].mean(), rtol=1e-6)
+
+
+def test_llm_check_over_the_whole_sequence_is_not_recorded_in_older_runs(tmp_path):
+    older = write_synthetic_run(tmp_path / "older", benchmark="facts", n_questions=6, prompt_diagonal=False)
+    a = load_answers([older])[0]
+    assert a.prompt_log_diag is None
+    detectors = answer_detectors(a)
+    assert "llm_check_answer_rows" in detectors  # the answer's rows are in every run
+    assert "llm_check" not in detectors and "llm_check_polygraph" not in detectors
+    with pytest.raises(ValueError, match="did not record"):
+        llm_check.llm_check_scores(a)
+    # a newer run stores it per answer, float64, as recorded; mixed with an older one, it is left out
+    newer = write_synthetic_run(tmp_path / "newer", benchmark="facts", n_questions=6)
+    b = load_answers([newer])[0]
+    assert b.prompt_log_diag.shape == (6, len(b.layers), b.n_heads) and b.prompt_log_diag.dtype == np.float64
+    assert (b.prompt_diag_rows == 39).all() and "llm_check" in answer_detectors(b)
+    assert load_answers([older, newer])[0].prompt_log_diag is None
 
 

@@ -7,7 +7,8 @@ import torch
 from conftest import assert_matches_eager
 
 from attentropy.capture import capture
-from attentropy.data import Question, make_arith, make_facts
+from attentropy.arith import make_arith
+from attentropy.data import Question, make_facts
 from attentropy.entropy import entropy_varentropy
 from attentropy.generate import generate
 from attentropy.model import ModelLoadError, load_model
@@ -35,7 +36,8 @@ def test_math_prompt_is_eight_shot_chat_ending_in_the_protocol_sentence():
     exemplars = [m["content"] for m in chat_messages(arith)[0:16:2]]
     tests = {q.question for q in make_arith(200, difficulty=2)}
     assert all(e.split("Problem: ")[1].split("\n")[0] not in tests for e in exemplars)  # the train split
-    assert all("the number of" in e or " has " in e for e in exemplars)
+    own = make_arith(8, split="train", kinds=[arith.metadata["kind"]], difficulty=arith.metadata["steps"])
+    assert [e.split("Problem: ")[1].split("\n")[0] for e in exemplars] == [x.question for x in own]  # its kind's
 
 
 def test_exemplar_answer_strips_calculator_annotations():
@@ -177,7 +179,7 @@ def test_shared_prefix_batching_generates_what_each_prompt_generates_alone(embed
 
     monkeypatch.setattr(growing_layer_class(), "spare", 5)  # the cache's buffers grow several times
     model, tokenizer, _ = embedded
-    questions = make_arith(3, difficulty=1)
+    questions = make_arith(3, kinds=["add"])  # one kind: its exemplars are the shared prefix
     prompts = [prompt_ids(tokenizer, q, shots=2) for q in questions]
     assert common_prefix_len(prompts) > 200  # system prompt + 2 exemplars + the protocol's opening words
     store = PrefixStore()

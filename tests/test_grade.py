@@ -14,8 +14,10 @@ import pytest
 from attentropy import load_run
 from attentropy.capture import Capture
 from attentropy.cli import main
+from attentropy.stats import Intervals
 from attentropy.critic import locate_text, parse_critic_reply
-from attentropy.data import Question, make_arith
+from attentropy.arith import make_arith
+from attentropy.data import Question
 from attentropy.generate import Generation
 from attentropy.grade import grade_run
 from attentropy.gsm8k import extract_final_number, normalize_number
@@ -269,7 +271,8 @@ def test_judge_through_openai_sdk_with_faults_retries_and_cache(tmp_path, tokeni
         # the report's run table: the judge, and how often the offline grader says the same
         agree = int((r.samples.offline_label == r.samples.judge_label).sum())
         shown = dict(_config_rows(SimpleNamespace(config={}, answers=r.samples, samples=r.samples, benchmark="facts",
-                                                  excluded={}, layers=[], n_heads=0)))["grader"]
+                                                  excluded={}, layers=[], n_heads=0,
+                                                  intervals=Intervals("clustered", 0, 0))))["grader"]
         assert shown == f"judge:judge-model; the offline grader agrees with the judge on {agree} of 4 ({agree / 4:.0%})"
         assert all(auth == "Bearer sk-secret-do-not-store" for auth, _ in server.requests)
         calls = len(server.requests)

@@ -15,6 +15,8 @@ from attentropy.answers import answers_from_generations, load_answers
 from attentropy.detectors import ANSWER_DETECTORS
 from attentropy.detectors.fitting import fit_fixed
 from attentropy.evaluation import cross_validate, evaluate, leave_one_out, outer_splits
+from attentropy.detectors.anchored import AnchoredModel
+from attentropy.detectors.instrument import RoutedModel
 from attentropy.features import feature_names
 from attentropy.probe import LinearProbe, inner_splits
 from attentropy.scoring import restates_question
@@ -38,7 +40,7 @@ def test_a_planted_head_is_found_and_ranked_first(tmp_path):
     assert roc_auc_score(y, cv.answer.instrument) > 0.9  # out of fold
     models, _ = ins.fit_final(a)
     names = feature_names(a.layers, a.n_heads)
-    assert names[int(np.argmax(np.abs(models["factual"].coef)))] == "entropy_norm[L2H1]"
+    assert names[int(np.argmax(np.abs(models["factual"].dense.coef)))] == "entropy_norm[L2H1]"
 
 
 def test_shuffled_labels_and_no_signal_give_chance(tmp_path):
@@ -143,7 +145,8 @@ def test_the_instrument_directory_round_trips(probe, capsys):
             "transfer", "token:type_matched_digits"} <= set(ev.evaluation)
     # every baseline on the same answers as the instrument, with its paired difference
     ind = ev[(ev.task == "factual") & (ev.evaluation == "in_distribution")]
-    stored = {name for name, d in ANSWER_DETECTORS.items() if not d.needs}  # the synthetic runs keep no hidden states
+    # the synthetic runs keep no hidden states (they record the prompt rows' log-diagonal)
+    stored = {name for name, d in ANSWER_DETECTORS.items() if set(d.needs) <= {"prompt_diagonal"}}
     assert set(ind.method) == stored
     assert ind.groupby("method").n_positive.nunique().max() == 1
     assert set(ind[ind.metric == "auroc_gain_of_instrument"].method) == stored - {"instrument"}
@@ -183,11 +186,16 @@ def random_instrument(model, info, seed=0) -> ins.Instrument:
     def probe(n):
         return LinearProbe(np.zeros(n), np.ones(n), rng.normal(0, 1, n) / np.sqrt(n), 0.1, (1.0, 0.0), 1.0)
 
+    def answer_model():  # kinds of the facts suite's first questions: some answers routed to each model
+        anchored = AnchoredModel(int(rng.integers(3)), np.array([0, 5]), np.zeros(3), np.ones(3), rng.normal(0, 1, 3),
+                                 0.1, (-0.5, 0.5), (1.0, 0.0))
+        return RoutedModel(probe(n_answer), anchored, ["country_capital", "element_name"])
+
     n_answer = len(feature_names(layers, heads))
     n_token = len(feature_names(layers, heads, "token"))
     identity = {"name": info.name, "source": info.source, "revision": info.revision,
                 "architecture": info.architecture, "layers": layers, "n_heads": heads}
-    return ins.Instrument(identity, {"factual": probe(n_answer), "math": probe(n_answer)}, probe(n_token),
+    return ins.Instrument(identity, {"factual": answer_model(), "math": answer_model()}, probe(n_token),
                           {"created": "test"})
 
 

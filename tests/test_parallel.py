@@ -112,3 +112,19 @@ def test_a_worker_killed_mid_run_loses_only_its_batch_in_flight(tmp_path, tiny_m
     assert "worker w01 died" in capfd.readouterr().out
     run_benchmark(out=tmp_path / "single", model=tiny_model_dir, **settings)
     assert_same_content(out, tmp_path / "single")
+
+
+def test_the_analysis_on_ray_gives_the_tables_of_one_process(tmp_path, cluster):
+    """`analyze_run(..., ray=...)` (`attentropy report --ray`): groups of layers reduced as Ray tasks, each reading
+    its group from the run directory, give the same tables as one process."""
+    import pandas as pd
+
+    from attentropy.contrasts import analyze_run
+    from synthetic import write_synthetic_run
+
+    run = load_run(write_synthetic_run(tmp_path / "run", n_layers=5, planted=(3, 1), wrong_moment_shift=1.0))
+    here = analyze_run(run, workers=1, read_bytes=1, stats=("entropy", "entropy_norm", "logprob"))
+    spread = analyze_run(run, ray="", read_bytes=1, stats=("entropy", "entropy_norm", "logprob"))
+    pd.testing.assert_frame_equal(here.comparisons, spread.comparisons)
+    pd.testing.assert_frame_equal(here.profiles, spread.profiles)
+    assert set(here.comparisons.control) >= {"none", "correct_baseline", "position_adjusted"}

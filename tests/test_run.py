@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import duckdb
 import numpy as np
@@ -205,14 +206,16 @@ def test_save_attention_stores_full_maps_of_chosen_questions(tmp_path, tiny_mode
         run.attention_map("facts-00000")
 
 
-def test_an_arith_range_runs_each_step_count_with_its_own_exemplars(tmp_path, tiny_model_dir):
-    """--difficulty 1-2: each step count's questions share their exemplars' prompt prefix and run together; the run
-    holds every question once, with the same answers as static batches (which batch the questions in order)."""
-    settings = {**RUN, "benchmark": "arith", "difficulty": "1-2", "limit": 6}
+def test_arith_runs_each_kind_with_its_own_exemplars(tmp_path, tiny_model_dir):
+    """--difficulty 1-2: each kind's (and number of steps') questions share their exemplars' prompt prefix and run
+    together; the run holds every question once, with the same answers as static batches (which batch the
+    questions in order)."""
+    settings = {**RUN, "benchmark": "arith", "difficulty": "1-2", "limit": 14}  # 11 kinds of 1 or 2 steps
     run_benchmark(out=tmp_path / "continuous", model=tiny_model_dir, **settings)
     run_benchmark(out=tmp_path / "static", model=tiny_model_dir, **{**settings, "batching": "static"})
     continuous, static = load_run(tmp_path / "continuous"), load_run(tmp_path / "static")
-    assert sorted(continuous.samples.question_id) == [f"arith-{i:05d}" for i in range(6)]
-    assert sorted(s["steps"] for s in continuous.samples.metadata) == [1, 1, 1, 2, 2, 2]
+    assert sorted(continuous.samples.question_id) == [f"arith-{i:05d}" for i in range(14)]
+    kinds = Counter((s["kind"], s["steps"]) for s in continuous.samples.metadata)
+    assert len(kinds) == 11 and {s for _, s in kinds} == {1, 2} and sorted(kinds.values()) == [1] * 8 + [2] * 3
     by_id = continuous.samples.set_index("question_id").completion
     assert static.samples.set_index("question_id").completion.loc[by_id.index].tolist() == by_id.tolist()

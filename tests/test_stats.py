@@ -32,7 +32,7 @@ def planted(n=120, layers=4, heads=6, shift=1.0, seed=0):
 
 def test_planted_head_is_found_and_nothing_else():
     values, labels = planted()
-    c = compare_answers(values, labels, n_boot=200)
+    c = compare_answers(values, labels)
     assert c.significant[2, 3] and c.significant.sum() == 1
     assert c.auroc[2, 3] > 0.7 and c.auroc_ci[0][2, 3] > 0.5 and c.cohens_d_ci[0][2, 3] > 0
     table = c.table({"layer": np.arange(4)[:, None].repeat(6, 1), "head": np.arange(6)[None].repeat(4, 0)})
@@ -44,14 +44,16 @@ def test_shuffled_labels_give_no_discoveries():
     discoveries = 0
     for seed in range(20):
         shuffled = np.random.default_rng(seed).permutation(labels)
-        discoveries += compare_answers(values[:, [0, 1, 3]], shuffled, n_boot=10).significant.any()
+        discoveries += compare_answers(values[:, [0, 1, 3]], shuffled).significant.any()
     assert discoveries <= 3  # BH at 5%: under the null, P(any discovery) <= 0.05
 
 
-def test_question_bootstrap_covers_where_a_token_bootstrap_is_falsely_narrow():
+@pytest.mark.parametrize("interval", ["clustered", "bootstrap"])
+def test_question_intervals_cover_where_a_token_bootstrap_is_falsely_narrow(interval):
     """Tokens of one answer share that answer's deviation. With no true difference, a 95 % interval from
-    resampling tokens (2,000 treated as independent) misses AUROC 0.5 far more often than 5 %; resampling the 20
-    questions keeps close to its nominal coverage. Coverage over 40 simulated studies."""
+    resampling tokens (2,000 treated as independent) misses AUROC 0.5 far more often than 5 %; intervals with the 20
+    questions as the unit (clustered, or resampled) keep close to their nominal coverage. Coverage over 40
+    simulated studies."""
     rng = np.random.default_rng(1)
     n_q, per_q = 20, 100
     question = np.repeat(np.arange(n_q), per_q)
@@ -60,7 +62,8 @@ def test_question_bootstrap_covers_where_a_token_bootstrap_is_falsely_narrow():
     for _ in range(40):
         effect = rng.normal(0, 1, n_q)  # per-question difference with mean 0: no true effect
         values = rng.normal(0, 1, n_q)[question] + positive * effect[question] + rng.normal(0, 0.2, n_q * per_q)
-        c = compare_tokens(values[:, None], positive, question, n_boot=200, seed=int(rng.integers(1 << 30)))
+        c = compare_tokens(values[:, None], positive, question, interval=interval, n_boot=200,
+                           seed=int(rng.integers(1 << 30)))
         covered["questions"] += c.auroc_ci[0][0] <= 0.5 <= c.auroc_ci[1][0]
         naive = []
         for _ in range(200):
@@ -68,8 +71,8 @@ def test_question_bootstrap_covers_where_a_token_bootstrap_is_falsely_narrow():
             naive.append(auroc(values[rows][positive[rows]], values[rows][~positive[rows]]))
         lo, hi = np.percentile(naive, [2.5, 97.5])
         covered["tokens"] += lo <= 0.5 <= hi
-    # nominal 0.95; 40 studies give a binomial sd of ~0.034: question resampling stays within 4 sd of nominal,
-    # token resampling falls more than 5 sd below it (measured here: 0.925 and 0.60)
+    # nominal 0.95; 40 studies give a binomial sd of ~0.034: questions as the unit stay within 4 sd of nominal,
+    # token resampling falls more than 5 sd below it (measured here: 0.925 resampling questions and 0.60)
     assert covered["questions"] / 40 >= 0.95 - 4 * 0.034
     assert covered["tokens"] / 40 <= 0.95 - 5 * 0.034
 
@@ -87,16 +90,17 @@ def test_weighted_effect_sizes_equal_those_of_the_resampled_data():
         np.testing.assert_allclose(weighted_cohens_d(pos, neg, w_pos, w_neg)[b], cohens_d(p, n), atol=1e-9)
 
 
-def test_token_intervals_do_not_narrow_when_tokens_are_duplicated():
-    """Resampling questions: repeating every token of every answer adds no information, and the interval stays
+@pytest.mark.parametrize("interval", ["clustered", "bootstrap"])
+def test_token_intervals_do_not_narrow_when_tokens_are_duplicated(interval):
+    """Questions as the unit: repeating every token of every answer adds no information, and the interval stays
     exactly the same. A bootstrap over tokens would shrink it by about sqrt(2)."""
     rng = np.random.default_rng(3)
     question = np.repeat(np.arange(25), 30)
     positive = np.tile(np.arange(30) < 6, 25)
     values = rng.normal(size=(750, 2)) + rng.normal(size=25)[question][:, None]
-    once = compare_tokens(values, positive, question, n_boot=300, seed=4)
+    once = compare_tokens(values, positive, question, interval=interval, n_boot=300, seed=4)
     twice = compare_tokens(np.repeat(values, 2, axis=0), np.repeat(positive, 2), np.repeat(question, 2),
-                           n_boot=300, seed=4)
+                           interval=interval, n_boot=300, seed=4)
     np.testing.assert_allclose(twice.auroc_ci, once.auroc_ci, atol=1e-12)
     np.testing.assert_allclose(twice.auroc, once.auroc, atol=1e-12)
 
@@ -107,7 +111,7 @@ def test_token_contrast_finds_a_planted_wrong_moment_effect():
     positive = np.tile((np.arange(40) >= 15) & (np.arange(40) < 18), 30)
     values = rng.normal(size=(1200, 3)) + rng.normal(size=30)[question][:, None]
     values[positive, 1] += 1.5
-    c = compare_tokens(values, positive, question, n_boot=100)
+    c = compare_tokens(values, positive, question)
     assert c.significant.tolist() == [False, True, False] and c.n_positive == 30
 
 

@@ -23,7 +23,9 @@ class Detector:
     description: str
     features: Callable
     fit: Callable
-    needs: tuple[str, ...] = ()  # stored inputs beyond the statistics: "hidden", "embeddings", "hidden_tokens"
+    # stored inputs beyond the statistics: "hidden", "embeddings", "hidden_tokens", "prompt_diagonal" (the prompt
+    # rows' log own-token attention, LLM-Check's; runs written before it was recorded lack it)
+    needs: tuple[str, ...] = ()
     reads_kind: bool = False  # its features include the question kind
     out_of_kind: bool = True  # evaluated on kinds left out of fitting (not for kind readers and sanity checks)
     prefix_features: Callable | None = None  # the same model on the tokens so far: [n_tokens, F] (answer level)
@@ -36,5 +38,6 @@ class Detector:
     def available(self, answers) -> bool:
         """Whether the runs behind `answers` stored what this detector reads."""
         have = {"hidden": bool(answers.hidden), "embeddings": 0 in answers.hidden_layers,
-                "hidden_tokens": answers.hidden_tokens is not None}
+                "hidden_tokens": answers.hidden_tokens is not None,
+                "prompt_diagonal": answers.prompt_log_diag is not None}
         return all(have[need] for need in self.needs)

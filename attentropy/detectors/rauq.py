@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..features import segment_means
+from ..features import prefix_means, segment_means
 from .detector import Detector
 from .fitting import Fitted, fit_fixed
 
@@ -22,11 +22,10 @@ def rauq_layers(layers: list[int]) -> list[int]:
 RAUQ_ALPHA = 0.5  # the recurrence's weight of the token's own probability (the RAUQ paper's choice for instruct models)
 
 
-def rauq_features(a, alpha: float = RAUQ_ALPHA) -> np.ndarray:
-    """[n_answers, 2, L_mid, H]: per answer, layer of the middle third and head, the RAUQ uncertainty
-    -mean_i ln c_i with c_1 = p_1, c_i = alpha p_i + (1 - alpha) a_(i,i-1) c_(i-1) (p_i the token's probability,
-    a_(i,i-1) that head's attention to the previous token), and (second) the answer's summed attention to the
-    previous token over its tokens after the first (both generated), from which each layer's head is chosen."""
+def rauq_token_terms(a, alpha: float = RAUQ_ALPHA) -> tuple[np.ndarray, np.ndarray]:
+    """Per token, layer of the middle third and head [n_tokens, L_mid * H]: -ln c_i with c_1 = p_1,
+    c_i = alpha p_i + (1 - alpha) a_(i,i-1) c_(i-1) (p_i the token's probability, a_(i,i-1) that head's attention to
+    the previous token), and a_(i,i-1) where token i-1 was generated (else 0)."""
     mid = rauq_layers(a.layers)
     prev = a.attn["prev_mass"][:, mid].astype(np.float64)  # [n_tokens, L_mid, H]
     p = np.exp(a.tokens.logprob.to_numpy(np.float64))[:, None, None]
@@ -37,12 +36,30 @@ def rauq_features(a, alpha: float = RAUQ_ALPHA) -> np.ndarray:
         rows = np.flatnonzero(pos == t)
         c[rows] = p[rows] if t == 0 else alpha * p[rows] + (1 - alpha) * prev[rows] * c[rows - 1]
         log_c[rows] = np.log(np.maximum(c[rows], 1e-300))
-    starts, counts = a.answers.start.to_numpy(), a.answers.n_tokens.to_numpy()
     n_cells = prev.shape[1] * prev.shape[2]
-    uncertainty = -segment_means(log_c.reshape(len(prev), n_cells), starts, counts)
     inside = np.where(pos[:, None] > 0, prev.reshape(len(prev), n_cells), 0.0)  # a_(i,i-1) with i-1 generated
-    prev_sum = np.add.reduceat(inside, starts, axis=0) if len(starts) else prev[:0]
-    return np.stack([uncertainty, prev_sum], axis=1).reshape(len(starts), 2, *prev.shape[1:])
+    return -log_c.reshape(len(prev), n_cells), inside
+
+
+def rauq_features(a, alpha: float = RAUQ_ALPHA) -> np.ndarray:
+    """[n_answers, 2, L_mid, H]: per answer, layer of the middle third and head, the RAUQ uncertainty -mean_i ln c_i
+    (`rauq_token_terms`) and (second) the answer's summed attention to the previous token over its tokens after the
+    first (both generated), from which each layer's head is chosen."""
+    neg_log_c, inside = rauq_token_terms(a, alpha)
+    starts, counts = a.answers.start.to_numpy(), a.answers.n_tokens.to_numpy()
+    uncertainty = segment_means(neg_log_c, starts, counts)
+    prev_sum = np.add.reduceat(inside, starts, axis=0) if len(starts) else inside[:0]
+    shape = (len(rauq_layers(a.layers)), a.attn["prev_mass"].shape[2])
+    return np.stack([uncertainty, prev_sum], axis=1).reshape(len(starts), 2, *shape)
+
+
+def rauq_prefix_features(a, alpha: float = RAUQ_ALPHA) -> np.ndarray:
+    """[n_tokens, 2, L_mid, H]: `rauq_features` of each answer's tokens up to and including this one."""
+    neg_log_c, inside = rauq_token_terms(a, alpha)
+    counts = (a.tokens.pos.to_numpy() + 1)[:, None]
+    uncertainty, prev_sum = prefix_means(neg_log_c, a), prefix_means(inside, a) * counts
+    shape = (len(rauq_layers(a.layers)), a.attn["prev_mass"].shape[2])
+    return np.stack([uncertainty, prev_sum], axis=1).reshape(len(neg_log_c), 2, *shape)
 
 
 def rauq_uncertainty(feats: np.ndarray) -> np.ndarray:

@@ -1,0 +1,190 @@
+"""The instrument built to hold on question kinds it was not fitted on: a training-free anchor (mean log-prob, mean
+next-token entropy or RAUQ, whichever ranks answers best within the training kinds) plus a correction from a few
+attention statistics, shrunk toward zero, everything chosen by leave-one-kind-out inside the training kinds.
+
+Fitting, on training answers of kinds K_1..K_m:
+1. For each attention feature (6 statistics x layer x head, averaged over the answer) and each training kind, the
+   within-kind AUROC. A feature is *stable* when its effect has one sign in every training kind; stable features
+   are ranked by their smallest effect over the kinds (|AUROC - 0.5| in the kind where it is weakest).
+2. Candidates: the anchor alone, or the anchor plus the k best stable features for k in KS, each as a logistic
+   regression whose anchor column is left (almost) unpenalised and whose correction is L2-shrunk with strength C.
+3. Each candidate is scored by leave-one-kind-out inside the training kinds (steps 1-2 redone without the held-out
+   kind): the mean over held-out kinds of the within-kind AUROC. The chosen candidate is the simplest one within
+   one standard error of the best (Breiman's one-standard-error rule), so that where attention does not transfer
+   between the training kinds the instrument is the anchor.
+4. Applicability: the correction a new answer receives is clipped to the range it spans on the training answers; an
+   answer whose correction had to be clipped lies outside what the instrument was fitted on (`Fitted.detail`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..features import answer_features, answer_logit_statistics, prefix_features
+from ..probe import platt, sigmoid
+from .detector import Detector
+from .fitting import Fitted
+from .rauq import rauq_features, rauq_prefix_features, rauq_uncertainty
+
+ANCHORS = ("mean_logprob", "logit_entropy", "rauq")  # training-free, higher = more confident
+KS = (0, 2, 8, 32)  # attention features in the correction (0: the anchor alone)
+CS = (0.01, 0.1, 1.0)  # inverse L2 strength of the correction (features standardised)
+ANCHOR_WEIGHT = 100.0  # the anchor column is scaled up so its L2 penalty is negligible (it is never shrunk)
+MIN_KINDS = 3  # training kinds (each with both classes) needed to choose by leave-one-kind-out
+
+
+def anchored_inputs(a) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(anchors [n, 3]: mean log-prob, negated mean entropy, negated RAUQ uncertainty; `answer_features` [n, 6 L H + 4]
+    (the attention statistics per layer x head averaged over the answer, then the logit statistics; the correction
+    reads the attention columns); kinds [n]: each answer's question kind, read only to fit and to route)."""
+    logit = answer_logit_statistics(a)
+    anchors = np.column_stack([logit[:, 0], -logit[:, 2], -rauq_uncertainty(rauq_features(a))])
+    return anchors, answer_features(a), a.answers.kind.to_numpy().astype(str)
+
+
+def anchored_prefix_inputs(a) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`anchored_inputs` of each answer's tokens up to and including this one: [n_tokens, ...]."""
+    pooled = prefix_features(a)
+    anchors = np.column_stack([pooled[:, -4], -pooled[:, -2], -rauq_uncertainty(rauq_prefix_features(a))])
+    return anchors, pooled, a.answers.kind.to_numpy().astype(str)[a.answer_of_token]
+
+
+def within_kind_auroc(X: np.ndarray, y: np.ndarray, kinds: np.ndarray) -> np.ndarray:
+    """[n_kinds, F]: the AUROC of every column within each kind that has both classes (ties count one half)."""
+    from scipy.stats import rankdata
+
+    out = []
+    for kind in np.unique(kinds):
+        m = kinds == kind
+        n_pos, n_neg = int(y[m].sum()), int((1 - y[m]).sum())
+        if min(n_pos, n_neg) == 0:
+            continue
+        ranks = rankdata(X[m], axis=0)
+        out.append((ranks[y[m] == 1].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return np.array(out).reshape(len(out), X.shape[1])
+
+
+def stable_order(X: np.ndarray, y: np.ndarray, kinds: np.ndarray) -> np.ndarray:
+    """Columns whose within-kind effect has one sign in every kind, strongest weakest-kind effect first."""
+    effect = within_kind_auroc(X, y, kinds) - 0.5
+    same_sign = (np.all(effect > 0, axis=0) | np.all(effect < 0, axis=0))
+    weakest = np.abs(effect).min(axis=0)
+    order = np.argsort(-weakest, kind="stable")
+    return order[same_sign[order]]
+
+
+@dataclass
+class AnchoredModel:
+    """confidence = sigmoid(platt(anchor_coef * z_anchor + clip(correction . z_features) + intercept))."""
+
+    anchor: int  # column of ANCHORS
+    columns: np.ndarray  # attention features of the correction
+    mean: np.ndarray  # standardisation of [anchor, features]
+    scale: np.ndarray
+    coef: np.ndarray  # [1 + k]
+    intercept: float
+    correction_range: tuple[float, float]  # of the training answers' corrections
+    calibration: tuple[float, float] = (1.0, 0.0)
+
+    def parts(self, anchors: np.ndarray, attention: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        Z = (np.column_stack([anchors[:, self.anchor], attention[:, self.columns]]) - self.mean) / self.scale
+        return Z[:, 0] * self.coef[0] + self.intercept, Z[:, 1:] @ self.coef[1:]
+
+    def decision(self, anchors, attention, clip: bool = True) -> np.ndarray:
+        base, correction = self.parts(anchors, attention)
+        return base + (np.clip(correction, *self.correction_range) if clip else correction)
+
+    def outside(self, anchors, attention) -> np.ndarray:
+        """Whether each answer's correction lies outside the range of the training answers'."""
+        correction = self.parts(anchors, attention)[1]
+        return (correction < self.correction_range[0]) | (correction > self.correction_range[1])
+
+    def confidence(self, anchors, attention) -> np.ndarray:
+        return sigmoid(self.calibration[0] * self.decision(anchors, attention) + self.calibration[1])
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}.columns": self.columns, f"{prefix}.mean": self.mean, f"{prefix}.scale": self.scale,
+                f"{prefix}.coef": self.coef, f"{prefix}.scalars": np.array(
+                    [self.anchor, self.intercept, *self.correction_range, *self.calibration])}
+
+    @classmethod
+    def from_arrays(cls, arrays, prefix: str) -> "AnchoredModel":
+        anchor, intercept, lo, hi, a, b = arrays[f"{prefix}.scalars"]
+        return cls(int(anchor), arrays[f"{prefix}.columns"].astype(int), arrays[f"{prefix}.mean"],
+                   arrays[f"{prefix}.scale"], arrays[f"{prefix}.coef"], float(intercept), (float(lo), float(hi)),
+                   (float(a), float(b)))
+
+
+def fit_anchored_model(anchors, attention, y, kinds, anchor: int, k: int, C: float) -> AnchoredModel:
+    """The anchor plus the `k` most stable attention features of these kinds, the correction L2-shrunk by `C`."""
+    from sklearn.linear_model import LogisticRegression
+
+    columns = stable_order(attention, y, kinds)[:k]
+    X = np.column_stack([anchors[:, anchor], attention[:, columns]])
+    mean, scale = X.mean(0), X.std(0)
+    scale[scale < 1e-12] = 1.0
+    Z = (X - mean) / scale
+    Z[:, 0] *= ANCHOR_WEIGHT
+    model = LogisticRegression(C=C, max_iter=500).fit(Z, y)
+    coef = model.coef_[0].copy()
+    coef[0] *= ANCHOR_WEIGHT
+    fitted = AnchoredModel(anchor, columns, mean, scale, coef, float(model.intercept_[0]), (0.0, 0.0))
+    correction = fitted.parts(anchors, attention)[1]
+    fitted.correction_range = (float(correction.min()), float(correction.max())) if k else (0.0, 0.0)
+    return fitted
+
+
+def _mean_within_kind_auroc(score: np.ndarray, y: np.ndarray, kinds: np.ndarray) -> float:
+    auc = within_kind_auroc(score[:, None], y, kinds)
+    return float(auc.mean()) if len(auc) else np.nan
+
+
+def fit_anchored(X, y: np.ndarray, groups=None, seed: int = 0) -> Fitted:
+    """Choose the anchor, k and C by leave-one-kind-out inside the training kinds (one-standard-error rule), refit
+    on every training answer, calibrate by Platt on the held-out-kind decisions of the chosen candidate."""
+    anchors, pooled, kinds = X
+    attention = pooled[:, :-4]
+    y = np.asarray(y, int)
+    usable = [kd for kd in np.unique(kinds) if 0 < y[kinds == kd].sum() < (kinds == kd).sum()]
+    # the anchor: the training-free score that ranks answers best within the training kinds
+    anchor = int(np.argmax([_mean_within_kind_auroc(anchors[:, j], y, kinds) for j in range(anchors.shape[1])]))
+    candidates = [(0, CS[-1])] + [(k, C) for k in KS if k for C in CS]
+    if len(usable) < MIN_KINDS:  # too few kinds to tell what transfers: the anchor alone
+        chosen, detail = (0, CS[-1]), {"chosen_by": f"{len(usable)} training kinds with both classes: anchor alone"}
+        held_decision = anchors[:, anchor]
+    else:
+        per_kind = np.full((len(candidates), len(usable)), np.nan)
+        held = np.zeros((len(candidates), len(y)))
+        for j, kind in enumerate(usable):
+            train, test = kinds != kind, kinds == kind
+            for i, (k, C) in enumerate(candidates):
+                model = fit_anchored_model(anchors[train], attention[train], y[train], kinds[train], anchor, k, C)
+                held[i, test] = model.decision(anchors[test], attention[test])
+                per_kind[i, j] = _mean_within_kind_auroc(held[i, test], y[test], kinds[test])
+        gain = per_kind - per_kind[0]  # paired with the anchor alone, kind by kind
+        mean_gain = gain.mean(1)
+        best = int(np.argmax(mean_gain))
+        se = gain[best].std(ddof=1) / np.sqrt(len(usable)) if len(usable) > 1 else 0.0
+        simplest = next(i for i in range(len(candidates)) if mean_gain[i] >= mean_gain[best] - se)
+        chosen = candidates[simplest]
+        detail = {"chosen_by": "leave one training kind out", "inner_gain": float(mean_gain[simplest])}
+        held_decision = held[simplest]
+        in_usable = np.isin(kinds, usable)
+        held_decision = np.where(in_usable, held_decision, anchors[:, anchor])
+    model = fit_anchored_model(anchors, attention, y, kinds, anchor, *chosen)
+    model.calibration = platt(held_decision, y) if chosen[0] else platt(model.decision(anchors, attention), y)
+    detail.update(anchor=ANCHORS[anchor], k=int(chosen[0]), C=float(chosen[1]), columns=model.columns.tolist(),
+                  model=model)
+
+    def confidence(x):
+        return model.confidence(x[0], x[1])
+    honest = sigmoid(model.calibration[0] * held_decision + model.calibration[1]) if chosen[0] else None
+    return Fitted(confidence, model.confidence(anchors, attention) if honest is None else honest, detail)
+
+
+ANCHORED = Detector("instrument_anchored", "answer", "instrument", "attention",
+                    "a training-free anchor (mean log-prob, entropy or RAUQ, best within the training kinds) plus a "
+                    "shrunk correction from the attention statistics stable across kinds; anchor, features and "
+                    "shrinkage chosen by leave-one-kind-out inside the training kinds; correction clipped to its "
+                    "training range", anchored_inputs, fit_anchored, prefix_features=anchored_prefix_inputs)

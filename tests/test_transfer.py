@@ -1,0 +1,99 @@
+"""Transfer to question kinds left out of fitting: the mean over held-out kinds with its two-level interval, and the
+anchored instrument (a training-free anchor plus a correction chosen by leave-one-kind-out)."""
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+from attentropy.detectors.anchored import fit_anchored, stable_order, within_kind_auroc
+from attentropy.evaluation import MIN_PER_CLASS_HELD_OUT, held_out_mean_rows
+
+
+def test_within_kind_auroc_is_sklearns_per_kind():
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(90, 3)), rng.integers(0, 2, 90)
+    kinds = np.repeat(["a", "b", "c"], 30)
+    auc = within_kind_auroc(X, y, kinds)
+    for i, kind in enumerate("abc"):
+        m = kinds == kind
+        assert np.allclose(auc[i], [roc_auc_score(y[m], X[m, j]) for j in range(3)])
+
+
+def test_stable_features_keep_one_sign_in_every_kind():
+    y = np.tile([1, 1, 0, 0], 6)
+    kinds = np.repeat(["a", "b", "c"], 8)
+    steady = y + np.tile([0.1, 0.2, 0.1, 0.3], 6)  # higher for correct answers in every kind
+    flips = np.where(kinds == "b", -1, 1) * y  # reversed in kind b
+    weak = np.tile([1.0, 0.0, 0.5, 0.0], 6)  # AUROC 0.625 in every kind
+    X = np.column_stack([flips, weak, steady])
+    order = stable_order(X, y, kinds)
+    assert 0 not in order  # its effect changes sign between kinds
+    assert list(order) == [2, 1]  # the strongest effect in its weakest kind first
+
+
+def _kinds_data(n_kinds: int, signal: float, seed: int = 0):
+    """Answers of `n_kinds` kinds: an anchor that ranks answers weakly, one attention column whose within-kind signal
+    is `signal` standard deviations, 20 noise columns, and a kind offset on every column (the kinds differ)."""
+    rng = np.random.default_rng(seed)
+    kinds = np.repeat([f"k{i}" for i in range(n_kinds)], 80)
+    y = rng.integers(0, 2, len(kinds))
+    offset = rng.normal(scale=3.0, size=(n_kinds, 21))[np.unique(kinds, return_inverse=True)[1]]
+    attention = rng.normal(size=(len(kinds), 21)) + offset
+    attention[:, 0] += signal * y
+    anchors = np.column_stack([0.5 * y + rng.normal(size=len(y)) for _ in range(3)])
+    logit = rng.normal(size=(len(kinds), 4))  # the pooled features end in four logit statistics
+    return (anchors, np.column_stack([attention, logit]), kinds), y
+
+
+def test_too_few_kinds_leave_the_anchor_alone():
+    X, y = _kinds_data(2, signal=3.0)
+    fitted = fit_anchored(X, y)
+    assert fitted.detail["k"] == 0
+    anchor = X[0][:, ["mean_logprob", "logit_entropy", "rauq"].index(fitted.detail["anchor"])]
+    conf = fitted.confidence(X)
+    assert roc_auc_score(y, conf) == roc_auc_score(y, anchor)  # a monotone map of the anchor
+
+
+def test_a_signal_stable_across_kinds_is_used_and_holds_on_a_new_kind():
+    X, y = _kinds_data(6, signal=2.0)
+    train, test = X[2] != "k5", X[2] == "k5"
+    fitted = fit_anchored(tuple(x[train] for x in X), y[train])
+    assert fitted.detail["k"] > 0 and 0 in fitted.detail["columns"]
+    anchor = X[0][test][:, ["mean_logprob", "logit_entropy", "rauq"].index(fitted.detail["anchor"])]
+    assert roc_auc_score(y[test], fitted.confidence(tuple(x[test] for x in X))) > roc_auc_score(y[test], anchor)
+
+
+def test_held_out_mean_is_the_mean_over_kinds_large_enough():
+    rng = np.random.default_rng(1)
+    kinds = np.repeat(["a", "b", "c", "tiny"], [60, 60, 60, 30])
+    y = np.r_[rng.integers(0, 2, 180), np.r_[np.ones(25), np.zeros(MIN_PER_CLASS_HELD_OUT - 5)]].astype(int)
+    answers = pd.DataFrame({"y": y, "kind": kinds, "group": [f"q{i}" for i in range(len(y))]})
+    predictions = pd.DataFrame({"instrument": y + rng.normal(size=len(y)), "mean_logprob": rng.normal(size=len(y))})
+    rows = pd.DataFrame(held_out_mean_rows("factual", "kind", predictions, answers,
+                                           {"instrument": "instrument", "mean_logprob": "baseline"}, n_boot=200,
+                                           seed=0))
+    small = rows[rows.evaluation == "leave_one_kind_out_too_small"]
+    assert list(small.subset) == ["tiny"]
+    mean = rows[(rows.evaluation == "leave_one_kind_out_mean") & (rows.metric == "auroc")].set_index("method")
+    by_hand = np.mean([roc_auc_score(y[kinds == k], predictions.instrument[kinds == k]) for k in "abc"])
+    assert np.isclose(mean.loc["instrument", "value"], by_hand)
+    assert mean.loc["instrument", "lo"] < by_hand < mean.loc["instrument", "hi"]
+    gain = rows[rows.metric == "auroc_gain_of_instrument"].set_index("method").loc["mean_logprob"]
+    assert np.isclose(gain.value, by_hand - mean.loc["mean_logprob", "value"])
+
+
+def test_the_prefix_form_at_the_last_token_is_the_answer_form(tmp_path):
+    from attentropy.answers import load_answers
+    from attentropy.detectors.anchored import anchored_inputs, anchored_prefix_inputs
+    from synthetic import write_synthetic_run
+
+    path = write_synthetic_run(tmp_path / "facts", benchmark="facts", n_questions=12, planted=(1, 1),
+                               kinds=[["a", "b", "c"][i % 3] for i in range(12)])
+    a = load_answers([path])[0]
+    whole, prefix = anchored_inputs(a), anchored_prefix_inputs(a)
+    last = a.answers.start.to_numpy() + a.answers.n_tokens.to_numpy() - 1
+    assert np.allclose(prefix[0][last], whole[0], rtol=1e-4, atol=1e-5)
+    assert np.allclose(prefix[1][last], whole[1], rtol=1e-4, atol=1e-5)
+    assert (prefix[2][last] == whole[2]).all()
+    first = a.answers.start.to_numpy()
+    assert not np.allclose(prefix[0][first], whole[0])  # one token is not the whole answer
