@@ -15,7 +15,8 @@ from pathlib import Path
 
 from fastapi import Request as HttpRequest  # (at module level: FastAPI reads the handlers' annotations)
 
-from .data import Question
+from .data import Question, question_kind
+from .detectors.instrument import UNKNOWN_KIND
 from .openai_schema import (POLICIES, ApiError, ChatRequest, CompletionRequest, chat_logprob, completion_logprobs,
                             message_text, number, parse)
 from .sampling import Sampling
@@ -51,37 +52,46 @@ class Served:
     policy: str = "flag"
 
 
-def math_protocol(messages: list[dict]) -> bool:
-    """Whether a chat is the math protocol exactly (`prompts.chat_messages` of a GSM8K question, or of an arith
-    problem of 1-4 steps with seed 0: 8 worked exemplars as earlier turns, then the problem in the template)."""
+def math_question(messages: list[dict]) -> Question | None:
+    """The question whose math-protocol chat a chat is exactly (`prompts.chat_messages`: 8 worked exemplars as
+    earlier turns, then the problem in the template), or None: a GSM8K question, an arith problem of one kind at
+    one of its numbers of steps (the kind's own exemplars, as `attentropy run` asks arith), or of 1-4 steps without
+    a kind (the exemplars of every kind, as `attentropy score` asks a typed problem); seed 0."""
+    from .arith import KINDS
     from .prompts import MATH_USER_TEMPLATE, chat_messages
 
     before, _, after = MATH_USER_TEMPLATE.partition("{question}")
     last = messages[-1]["content"]
     if len(messages) < 3 or not (last.startswith(before) and last.endswith(after)):
-        return False
+        return None
     problem = last[len(before):len(last) - len(after)]
+    arith = ([{"kind": kind.name, "steps": steps} for kind in KINDS.values() for steps in kind.steps]
+             + [{"steps": steps} for steps in range(1, 5)])
     candidates = [Question("q", "gsm8k", problem, "")] + [
-        Question("q", "arith", problem, "", metadata={"steps": steps, "seed": 0}) for steps in range(1, 5)]
-    return any(chat_messages(q) == messages for q in candidates)
+        Question("q", "arith", problem, "", metadata={**meta, "seed": 0}) for meta in arith]
+    return next((q for q in candidates if chat_messages(q) == messages), None)
 
 
-def protocol_of(served: Served, messages: list[dict]) -> tuple[str | None, str | None]:
-    """(task, reason): which of the instrument's answer models applies to a chat, or why none does. The
-    instrument was fitted on answers to prompts built one way (`prompts.chat_messages`): a factual question is a
-    chat of one user turn, a math problem the 8-shot chat of `math_protocol`; anything else (a system turn, other
-    turns) is not what it was fitted on."""
+def protocol_of(served: Served, messages: list[dict]) -> tuple[str | None, str, str | None]:
+    """(task, kind, reason): which of the instrument's answer models applies to a chat, the question kind that
+    routes it, or why none applies. The instrument was fitted on answers to prompts built one way
+    (`prompts.chat_messages`): a factual question is a chat of one user turn (its kind not known: UNKNOWN_KIND, so
+    the anchored model scores it), a math problem the 8-shot chat of `math_question` (its kind that of the question
+    whose exemplars it holds); anything else (a system turn, other turns) is not what it was fitted on."""
     if served.instrument is None:
-        return None, "no instrument loaded"
-    task = ("factual" if len(messages) == 1 and messages[0]["role"] == "user"
-            else "math" if math_protocol(messages) else None)
+        return None, UNKNOWN_KIND, "no instrument loaded"
+    task, kind = None, UNKNOWN_KIND
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        task = "factual"
+    elif (math := math_question(messages)) is not None:
+        task, kind = "math", question_kind(math.benchmark, math.metadata)
     if task is None:
-        return None, ("the instrument was fitted on chats of one user turn (factual questions) or the 8-shot math "
-                      f"protocol; this chat has {len(messages)} messages"
-                      + (" with a system turn" if messages[0]["role"] == "system" else ""))
+        return None, kind, ("the instrument was fitted on chats of one user turn (factual questions) or the 8-shot "
+                            f"math protocol; this chat has {len(messages)} messages"
+                            + (" with a system turn" if messages[0]["role"] == "system" else ""))
     if task not in served.instrument.answer_models:
-        return None, f"the instrument has no answer model for {task} questions"
-    return task, None
+        return None, kind, f"the instrument has no answer model for {task} questions"
+    return task, kind, None
 
 
 def create_app(served: Served, limits: Limits = Limits(), record=None):
@@ -160,7 +170,7 @@ def create_app(served: Served, limits: Limits = Limits(), record=None):
         return policy, r.stop or []
 
     def make_request(rid: str, question: Question, prompt: list[int], r, max_tokens: int | None, stops,
-                     top_logprobs: int, task: str | None, emit) -> Request:
+                     top_logprobs: int, task: str | None, emit, kind: str = UNKNOWN_KIND) -> Request:
         if len(prompt) > limits.max_prompt_tokens or len(prompt) >= context:
             bound = min(limits.max_prompt_tokens, context - 1)
             raise ApiError(400, f"the prompt has {len(prompt)} tokens, more than the {bound} this server takes "
@@ -180,7 +190,7 @@ def create_app(served: Served, limits: Limits = Limits(), record=None):
         top_p = 1.0 if r.top_p is None else r.top_p
         sampled = temperature > 0 and top_p > 0
         sampling = Sampling(True, temperature, top_p) if sampled else Sampling()
-        return Request(question, prompt, max_tokens, sampling, r.seed, stops, top_logprobs, task, emit)
+        return Request(question, prompt, max_tokens, sampling, r.seed, stops, top_logprobs, task, emit, kind)
 
     async def events_of(request: Request, http: HttpRequest):
         """The driver's events for one request, as they come; the request is cancelled when its client goes."""
@@ -201,13 +211,14 @@ def create_app(served: Served, limits: Limits = Limits(), record=None):
         finally:  # the client went away (or the answer ended): its row is freed at the next step
             request.cancelled.set()
 
-    def extension(task, reason, policy, answer_confidence, abstained, original) -> dict:
-        """The `attentropy` field of a choice (README: "attentropy serve")."""
+    def extension(task, reason, policy, answer_confidence, abstained, original, in_kind=None) -> dict:
+        """The `attentropy` field of a choice (README: "attentropy serve"); `in_kind`: the end event's."""
         threshold = served.thresholds.get(task) if task else None
         below = None if threshold is None or answer_confidence is None else answer_confidence < threshold
         return {"applies": task is not None, "task": task, "reason": reason, "probe": served.probe and
                 served.instrument.fingerprint, "answer_confidence": answer_confidence, "threshold": threshold,
-                "policy": policy, "flagged": bool(below), "abstained": abstained, "original_content": original}
+                "policy": policy, "flagged": bool(below), "abstained": abstained, "original_content": original,
+                "in_kind": in_kind if task else None}
 
     def final_answer(end: dict, task, policy) -> tuple[str, float | None, bool, str | None]:
         """(content, answer confidence, abstained, original content) of an answer that ended."""
@@ -238,7 +249,7 @@ def create_app(served: Served, limits: Limits = Limits(), record=None):
         if messages[-1]["role"] == "assistant":
             raise ApiError(400, "the last message must not be the assistant's (continuing an answer is not "
                            "supported)", param="messages")
-        task, reason = protocol_of(served, messages)
+        task, kind, reason = protocol_of(served, messages)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         user = messages[-1]["content"]
         system = next((m["content"] for m in messages if m["role"] == "system"), None)
@@ -247,7 +258,7 @@ def create_app(served: Served, limits: Limits = Limits(), record=None):
         prompt = list(served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                            return_dict=False))
         request = make_request(rid, question, prompt, r, r.max_completion_tokens or r.max_tokens, stops,
-                               r.top_logprobs or 0, task, None)
+                               r.top_logprobs or 0, task, None, kind)
         created, started = int(time.time()), time.perf_counter()
         head = {"id": rid, "created": created, "model": served.name, "system_fingerprint": served.probe and
                 served.instrument.fingerprint}
@@ -267,7 +278,7 @@ def create_app(served: Served, limits: Limits = Limits(), record=None):
             return {**head, "object": "chat.completion", "choices": [{
                 "index": 0, "message": {"role": "assistant", "content": content}, "logprobs": {"content": entries},
                 "finish_reason": end["finish_reason"],
-                "attentropy": extension(task, reason, policy, answer_confidence, abstained, original)}],
+                "attentropy": extension(task, reason, policy, answer_confidence, abstained, original, end["in_kind"])}],
                 "usage": usage(prompt, end)}
 
         include_usage = bool((r.stream_options or {}).get("include_usage"))
@@ -297,7 +308,7 @@ def create_app(served: Served, limits: Limits = Limits(), record=None):
                 else:
                     content, answer_confidence, abstained, original = final_answer(event, task, policy)
                     log_end(rid, prompt, event, answer_confidence, started)
-                    ext = extension(task, reason, policy, answer_confidence, abstained, original)
+                    ext = extension(task, reason, policy, answer_confidence, abstained, original, event["in_kind"])
                     if hold:
                         yield chunk({"content": content}, held)
                     elif event["delta"]:

@@ -77,9 +77,10 @@ class ServedRun:
         """Queue one served answer (called from the batch's thread)."""
         meta = generation.question.metadata
         sampling = request.sampling
-        meta.update(served_content=text, finish_reason=finish_reason, task=request.task, max_tokens=request.max_tokens,
-                    stop=request.stop, sampling={"temperature": sampling.temperature if sampling.do_sample else 0.0,
-                                                 "top_p": sampling.top_p, "seed": request.seed})
+        meta.update(served_content=text, finish_reason=finish_reason, task=request.task, kind=request.kind,
+                    max_tokens=request.max_tokens, stop=request.stop,
+                    sampling={"temperature": sampling.temperature if sampling.do_sample else 0.0,
+                              "top_p": sampling.top_p, "seed": request.seed})
         if request.task and confidences:
             meta["answer_confidence"] = confidences[-1][1]
         self.inbox.put((generation, confidences))

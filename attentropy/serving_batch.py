@@ -16,6 +16,7 @@ import torch
 from .attention import recording
 from .continuous import ContinuousBatch, _compact, _live_columns
 from .data import Question
+from .detectors.instrument import UNKNOWN_KIND
 from .generate import Generation, PrefixStore
 from .hidden_states import HiddenSpec
 from .kv_cache import append_masked_columns
@@ -43,6 +44,7 @@ class Request:
     top_logprobs: int
     task: str | None  # the instrument's answer model for this request (None: it does not apply)
     emit: object  # callable(event dict), called from the driver's thread
+    kind: str = UNKNOWN_KIND  # the question kind that routes the answer model (known for the math protocol)
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.perf_counter)
 
@@ -87,7 +89,7 @@ class ServingBatch(ContinuousBatch):
         if busy >= self.batch_size or over_budget:  # (alone in the batch, a request is never over the budget)
             return False
         self.todo.insert(0, (request.question, request.prompt))  # `start` takes them from the end
-        self.rows[request.question.id] = _Row(request, None, answer=AnswerSoFar(request.task))
+        self.rows[request.question.id] = _Row(request, None, answer=AnswerSoFar(request.task, request.kind))
         return True
 
     def generator(self, question: Question, device) -> _Row:
@@ -131,7 +133,8 @@ class BatchDriver:
     """The thread that runs the model: it admits waiting requests at every step, decodes, and reports each
     request's tokens, its end or its error through the request's `emit`. Events (dicts): `token` (index, id,
     text, delta, logprob, top, confidence, prefix_confidence), `end` (finish_reason, delta, text, generation,
-    confidences: (token, prefix) per token, the end of turn's included),
+    confidences: (token, prefix) per token, the end of turn's included; in_kind: whether the dense probe scored the
+    answer, None where the instrument did not),
     `error` (message). `delta`: the text that the token (or the end) makes certain, stop strings held back."""
 
     def __init__(self, model, tokenizer, instrument, *, rows: int, max_tokens: int, max_batch_tokens: int,
@@ -283,6 +286,7 @@ class BatchDriver:
             return
         finish_reason = "stop" if generation.finish_reason == "stop" or row.stopped else "length"
         request.emit({"type": "end", "finish_reason": finish_reason, "delta": self._new_text(row, final=True),
-                      "text": row.text, "generation": generation, "confidences": row.answer.confidences})
+                      "text": row.text, "generation": generation, "confidences": row.answer.confidences,
+                      "in_kind": row.answer.in_kind})
         if self.on_answer is not None:
             self.on_answer(request, generation, row.answer.confidences, finish_reason, row.text)

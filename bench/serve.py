@@ -41,6 +41,8 @@ TOLERANCE = 1e-4  # decode-step statistics against teacher-forced ones: float32 
 def random_probe(out: Path) -> Path:
     """An instrument with random weights for the embedded model (no fitted one given)."""
     from attentropy.attention import recorded_layers
+    from attentropy.detectors.anchored import ANCHORS, AnchoredModel
+    from attentropy.detectors.instrument import RoutedModel
     from attentropy.features import feature_names
     from attentropy.instrument import Instrument
     from attentropy.model import load_model
@@ -52,10 +54,16 @@ def random_probe(out: Path) -> Path:
 
     def probe(n):
         return LinearProbe(np.zeros(n), np.ones(n), rng.normal(0, 1, n) / np.sqrt(n), 0.1, (1.0, 0.0), 1.0)
+
+    def answer_model(n):  # a typed question's kind is never seen in fitting: the anchored model (on RAUQ) scores it
+        anchored = AnchoredModel(ANCHORS.index("rauq"), np.array([0, 5]), np.zeros(3), np.ones(3),
+                                 rng.normal(0, 1, 3), 0.1, (-0.5, 0.5), (1.0, 0.0))
+        return RoutedModel(probe(n), anchored, ["country_capital"])
     identity = {"name": info.name, "source": info.source, "revision": info.revision,
                 "architecture": info.architecture, "layers": layers, "n_heads": heads}
     n = len(feature_names(layers, heads))
-    Instrument(identity, {"factual": probe(n), "math": probe(n)}, probe(len(feature_names(layers, heads, "token"))),
+    token_model = probe(len(feature_names(layers, heads, "token")))
+    Instrument(identity, {"factual": answer_model(n), "math": answer_model(n)}, token_model,
                {"created": "bench/serve.py: random weights"}).save(out)
     return out
 
@@ -227,6 +235,7 @@ def main() -> None:
     import pandas as pd
 
     from attentropy import load_run
+    from attentropy.detectors.instrument import UNKNOWN_KIND
     from attentropy.instrument import load_instrument
     from attentropy.model import load_model
     from attentropy.scoring import score_answer
@@ -239,7 +248,8 @@ def main() -> None:
     for r in ok:
         q = questions[r["i"]]
         same_answer += answers.get(q.id) == r["content"]
-        scores, texts, _ = score_answer(instrument, model, tokenizer, info, q, answer=r["content"])
+        # routed as the server routes a typed question (its kind unknown), not by the facts question's own kind
+        scores, texts, _ = score_answer(instrument, model, tokenizer, info, q, answer=r["content"], kind=UNKNOWN_KIND)
         served = pd.DataFrame(r["entries"], columns=["token", "confidence", "prefix_confidence"])
         if list(served.token) != texts[:len(served)]:
             retokenized += 1  # the answer's text tokenizes to other ids than were generated: not comparable

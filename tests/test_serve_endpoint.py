@@ -92,12 +92,14 @@ def client(server):
 
 
 def reference(tiny, question: str, max_tokens: int = MAX_TOKENS):
-    """`attentropy score`'s scores of the greedy answer to a one-turn chat: (scores, token texts, answer)."""
+    """`attentropy score`'s scores of the greedy answer to a one-turn chat, routed as the server routes a typed
+    question (its kind unknown): (scores, token texts, answer)."""
+    from attentropy.detectors.instrument import UNKNOWN_KIND
     from attentropy.scoring import score_answer
 
     model, tokenizer, info, instrument, _ = tiny
     return score_answer(instrument, model, tokenizer, info, Question("q", "facts", question, ""),
-                        max_new_tokens=max_tokens)
+                        max_new_tokens=max_tokens, kind=UNKNOWN_KIND)
 
 
 def test_chat_carries_the_scores_of_attentropy_score(server, client, tiny):
@@ -116,6 +118,7 @@ def test_chat_carries_the_scores_of_attentropy_score(server, client, tiny):
     assert all(e.logprob <= 0 for e in entries)
     ext = choice.model_extra["attentropy"]
     assert ext["applies"] and ext["task"] == "factual" and ext["threshold"] == 1.0
+    assert ext["in_kind"] is False and not scores.in_kind.any()  # a typed question: the anchored model
     assert ext["answer_confidence"] == pytest.approx(scores.prefix_confidence.iloc[-1], abs=1e-4)
     assert ext["flagged"] and not ext["abstained"]  # policy flag: the answer stays, marked
     assert reply.usage.completion_tokens == len(texts)
@@ -169,6 +172,7 @@ def test_completions_sampling_stop_and_the_instrument_not_applying(server, clien
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     ext = reply.choices[0].model_extra["attentropy"]
     assert not ext["applies"] and "system" in ext["reason"] and ext["answer_confidence"] is None
+    assert ext["in_kind"] is None
     assert all(e.model_extra["prefix_confidence"] is None and e.model_extra["confidence"] is None
                for e in reply.choices[0].logprobs.content)
     assert choice.logprobs.model_extra["confidences"] == [None] * 6
@@ -357,40 +361,91 @@ def test_live_confidences_are_the_instrument_s_scores_of_the_finished_answer(tin
                 ends[i] = event
                 done.release()
         return emit
+    # the second of a kind the instrument was fitted on (the dense probe scores it), the others of none
+    kinds = ["", "country_capital", ""]
     try:
-        for i, (text, max_tokens) in enumerate([("Hi", 1), ("What is 2 + 2?", 9), ("Name a river.", 12)]):
-            question = Question(f"r{i}", "facts", text, "")
+        for i, (text, max_tokens) in enumerate([("Hi", 1), ("What is the capital of Peru?", 9), ("Name a river.", 12)]):
+            question = Question(f"r{i}", "facts", text, "", metadata={"kind": kinds[i]})
             driver.submit(Request(question, prompt_ids(tokenizer, question), max_tokens, Sampling(), None, [], 0,
-                                  "factual", emit_for(i)))
+                                  "factual", emit_for(i), kinds[i]))
         for _ in range(3):
             assert done.acquire(timeout=300)
     finally:
         driver.stop()
     assert [len(ends[i]["generation"].completion_ids) for i in range(3)] == [1, 9, 12]
+    assert [ends[i]["in_kind"] for i in range(3)] == [False, True, False]
     for i in range(3):
         generation = ends[i]["generation"]
-        scores = instrument.score(answers_from_generations([generation], instrument.identity["layers"],
-                                                           instrument.identity["n_heads"]))
+        a = answers_from_generations([generation], instrument.identity["layers"], instrument.identity["n_heads"])
+        a.answers["kind"] = kinds[i]
+        scores = instrument.score(a)
+        assert scores.in_kind.iloc[-1] == ends[i]["in_kind"]
         live = np.array(ends[i]["confidences"])
         np.testing.assert_allclose(live[:, 0], scores.confidence, rtol=1e-12)
         np.testing.assert_allclose(live[:, 1], scores.prefix_confidence, rtol=1e-12)
 
 
+@pytest.mark.parametrize("anchor", ["mean_logprob", "logit_entropy", "rauq"])
+def test_live_prefix_confidence_is_the_routed_model_s_with_each_anchor(tiny, anchor):
+    """`LiveConfidence` fed the answers' recorded tokens one step at a time, interleaved as the batch feeds them:
+    its prefix confidence equals `Instrument.score`'s at every token, routed by kind (the dense probe for a kind
+    seen in fitting, else the anchored model on the anchor chosen here: its running state is what is tested)."""
+    import dataclasses
+
+    from attentropy.answers import answers_from_generations
+    from attentropy.detectors.anchored import ANCHORS
+    from attentropy.generate import generate
+    from attentropy.live_confidence import AnswerSoFar, LiveConfidence
+
+    model, tokenizer, _, fitted, _ = tiny
+    instrument = dataclasses.replace(fitted, answer_models={
+        task: dataclasses.replace(m, anchored=dataclasses.replace(m.anchored, anchor=ANCHORS.index(anchor)))
+        for task, m in fitted.answer_models.items()})
+    texts = ["What is the capital of Peru?", "Name a river.", "Which element has the symbol H?"]
+    kinds = ["country_capital", "", "airport_city"]  # seen in fitting, typed, not seen
+    lengths = [14, 5, 9]  # tokens fed of each answer (a prefix's scores do not depend on the tokens after it)
+    questions = [Question(f"q{i}", "facts", text, "") for i, text in enumerate(texts)]
+    generations = generate(model, tokenizer, questions, max_new_tokens=14, min_new_tokens=14, record=True)[0]
+    layers, heads = instrument.identity["layers"], instrument.identity["n_heads"]
+    live, answers = LiveConfidence(instrument), [AnswerSoFar("factual", kind) for kind in kinds]
+    for t in range(max(lengths)):
+        step = [i for i, n in enumerate(lengths) if t < n]
+        captures = [generations[i].capture for i in step]
+        stats = np.array([[c.logprob[t], c.logit_entropy[t], c.logit_varentropy[t]] for c in captures])
+        live.add([answers[i] for i in step], np.stack([c.attn[t] for c in captures]), stats,
+                 np.array([c.n_keys[t] for c in captures]))
+    for g, kind, n, answer in zip(generations, kinds, lengths, answers):
+        a = answers_from_generations([g], layers, heads)
+        a.answers["kind"] = kind
+        scores = instrument.score(a)[:n]
+        assert answer.in_kind == bool(scores.in_kind.iloc[-1]) == (kind == "country_capital")
+        np.testing.assert_allclose(np.array(answer.confidences)[:, 1], scores.prefix_confidence, rtol=1e-12)
+        np.testing.assert_allclose(np.array(answer.confidences)[:, 0], scores.confidence, rtol=1e-12)
+
+
 def test_which_requests_the_instrument_applies_to(tiny):
+    from attentropy.arith import make_arith
+    from attentropy.detectors.instrument import UNKNOWN_KIND
     from attentropy.prompts import chat_messages
     from attentropy.serve import Served, protocol_of
 
     served = Served(None, None, "m", tiny[3], "probe", {})
     gsm8k = chat_messages(Question("q", "gsm8k", "Tom has 3 apples and buys 4. How many has he?", ""))
     arith = chat_messages(Question("q", "arith", "Ann has 2 pens.", "", metadata={"steps": 2, "seed": 0}))
-    assert protocol_of(served, [{"role": "user", "content": "What is the capital of Peru?"}]) == ("factual", None)
-    assert protocol_of(served, gsm8k) == ("math", None) and protocol_of(served, arith) == ("math", None)
+    dated = make_arith(1, kinds=["date"])[0]  # an arith problem as `attentropy run` asks it: its kind's exemplars
+    assert dated.metadata["kind"] == "date"
+    # a typed question's kind is not known (the anchored model scores it); a math chat's is its exemplars'
+    assert protocol_of(served, [{"role": "user", "content": "What is the capital of Peru?"}]) == (
+        "factual", UNKNOWN_KIND, None)
+    assert protocol_of(served, gsm8k) == ("math", "gsm8k", None)
+    assert protocol_of(served, arith) == ("math", "2 steps", None)
+    assert protocol_of(served, chat_messages(dated)) == ("math", "date", None)
     for other in (gsm8k[1:], gsm8k[:-2] + gsm8k[-1:], [{"role": "system", "content": "Be brief."}, gsm8k[-1]],
                   gsm8k[:-1] + [{"role": "user", "content": gsm8k[-1]["content"] + " Please."}]):
-        task, reason = protocol_of(served, other)
+        task, _, reason = protocol_of(served, other)
         assert task is None and "protocol" in reason
     served.instrument = None
-    assert protocol_of(served, gsm8k) == (None, "no instrument loaded")
+    assert protocol_of(served, gsm8k) == (None, UNKNOWN_KIND, "no instrument loaded")
 
 
 def test_the_cache_shrinks_under_an_idle_row_whose_long_prompt_ended(tiny):
