@@ -107,6 +107,20 @@ def _trace(args) -> None:
         print(f"trace: {trace_page(out, args.stat).resolve()}")
 
 
+def _serve(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from .serve import Limits, serve
+
+    serve(args.model, args.probe, host=args.host, port=args.port, policy=args.policy, threshold=args.threshold,
+          record=args.record, dtype=args.dtype, device=args.device,
+          limits=Limits(rows=args.rows, max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                        max_batch_tokens=args.max_batch_tokens, max_waiting=args.max_waiting,
+                        max_body_bytes=args.max_body_bytes))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attentropy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -271,6 +285,32 @@ def main(argv: list[str] | None = None) -> int:
     trace.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     trace.add_argument("--quiet", action="store_true")
     trace.set_defaults(func=_trace)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible endpoint whose every token carries the instrument's "
+                                         "confidence (requests join one continuous batch)")
+    serve.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local directory, or alias (default: the "
+                                                              "embedded model); also the model id clients ask for")
+    serve.add_argument("--probe", help="the instrument (`attentropy fit --out PROBE`); refused if fitted on another "
+                                       "model. Without it, tokens are served unscored")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--policy", default="flag", choices=["flag", "abstain"],
+                       help="below the abstention threshold: flag the answer (default) or replace it by a refusal "
+                            "(the original kept in the response's attentropy field); a request may choose its own")
+    serve.add_argument("--threshold", type=float, help="abstention threshold on the answer confidence (default: the "
+                                                       "one fitted with the probe: best F-score out of fold)")
+    serve.add_argument("--record", metavar="DIR", help="append every served answer to this run directory")
+    serve.add_argument("--rows", type=int, default=16, help="answers decoded at once")
+    serve.add_argument("--max-tokens", type=int, default=512, help="bound on one answer's new tokens")
+    serve.add_argument("--max-prompt-tokens", type=int, default=4096, help="bound on one prompt")
+    serve.add_argument("--max-batch-tokens", type=int, default=65536,
+                       help="bound on prompt + max_tokens summed over the requests in the batch (more wait)")
+    serve.add_argument("--max-waiting", type=int, default=256, help="requests waiting for a row; more get 429")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="bound on a request body")
+    serve.add_argument("--dtype", default="auto")
+    serve.add_argument("--device", default="auto")
+    serve.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    serve.set_defaults(func=_serve)
 
     args = parser.parse_args(argv)
     try:

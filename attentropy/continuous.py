@@ -76,23 +76,24 @@ class ContinuousBatch:
     def __init__(self, model, tokenizer, questions: list[Question], *, batch_size: int, shots: int,
                  max_new_tokens: int, prefix_store: PrefixStore | None, hidden: HiddenSpec,
                  max_batch_tokens: int | None, sampling: Sampling):
+        # no questions: an empty batch of `batch_size` rows, no shared prefix, to which `serving_batch` admits
         self.model, self.tokenizer, self.max_new_tokens, self.sampling = model, tokenizer, max_new_tokens, sampling
         prompts = [prompt_ids(tokenizer, q, shots) for q in questions]
         stops = stop_token_ids(model, tokenizer)
         self.stop_set = set(stops)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-        self.prefix_len = prefix_len = common_prefix_len(prompts)
-        self.prefix = prompts[0][:prefix_len]
+        self.prefix_len = prefix_len = common_prefix_len(prompts) if prompts else 0
+        self.prefix = prompts[0][:prefix_len] if prompts else []
         self.store = prefix_store or PrefixStore()
         # columns between the prefix and the answers: any prompt fits
-        self.room = room = max(len(p) - prefix_len for p in prompts)
+        self.room = room = max((len(p) - prefix_len for p in prompts), default=0)
         self.device = model.device
         self.layers = layers = recorded_layers(model)
         self.decoder, self.lm_head = model.get_decoder(), model.get_output_embeddings()
         if max_batch_tokens:  # the prefix, then rows x the widest a row can need, with the dead columns it may keep
             widest = room + max_new_tokens
             batch_size = max(1, min(batch_size, (max_batch_tokens - prefix_len) // most_columns(widest)))
-        self.batch_size = batch_size = min(batch_size, len(questions))
+        self.batch_size = batch_size = min(batch_size, len(questions) or batch_size)
 
         # the rows' cache holds their own columns, `room` masked ones to start with; the shared prefix is held once.
         # Only self-attention layers: a cross-attention layer's cache stays empty (Mllama runs it when it is not)
@@ -159,8 +160,8 @@ class ContinuousBatch:
         diagonal_sums, diagonal_rows = add_prefix_diagonal(diagonal.result(self.layers), self.prefix_diagonal)
         logp = torch.log_softmax(self.lm_head(last).float(), dim=-1)  # [k, 1, V]
         rec.record_step_logits(logp)
-        generators = [self.sampling.generator(q.id, logp.device) for q, _ in group]  # the lm head's device
-        tokens = self.sampling.draw(logp[:, 0], generators)
+        generators = [self.generator(q, logp.device) for q, _ in group]  # the lm head's device
+        tokens = self.draw(logp[:, 0], generators)
         rec.record_drawn(tokens[:, None])
         attn, token_stats, tokens = rec.attn_buffer[:, :, :, 0].cpu(), rec.token_stats[:, :, 0].cpu(), tokens.tolist()
         for i, (q, p) in enumerate(group):
@@ -209,7 +210,7 @@ class ContinuousBatch:
         recorder.end_step()
         logp = torch.log_softmax(self.lm_head(last).float(), dim=-1)  # [B, 1, V]
         recorder.record_step_logits(logp)
-        drawn = self.sampling.draw(logp[:, 0], [None if slot is None else slot.generator for slot in slots])
+        drawn = self.draw(logp[:, 0], [None if slot is None else slot.generator for slot in slots])
         recorder.record_drawn(drawn[:, None])
         self.width += 1
         drawn = drawn.cpu()
@@ -219,15 +220,8 @@ class ContinuousBatch:
                 self.slot_hidden.add_step(b, slot)
             token = int(drawn[b])
             slot.completion.append(token)
-            stopped = self.ended(slot)
-            if stopped or len(slot.completion) == self.max_new_tokens:
-                rows = [(slot.first_step + t - 1) % self.max_new_tokens for t in range(1, len(slot.completion))]
-                yield _finish(slot, recorder.attn_buffer[:, b, :, rows].cpu(),
-                              recorder.token_stats[:, b, rows].cpu(), self.tokenizer, stopped)
-                slots[b] = None
-                self.inputs[b, 0] = self.pad
-                mask[b, self.prefix_len:] = 0
-                mask[b, -1] = 1  # an idle row attends to its own column only (its output is not used)
+            if self.ended(slot) or len(slot.completion) == self.max_new_tokens:
+                yield self.end_row(b)
             else:
                 self.inputs[b, 0] = token
                 self.position[b, 0] += 1
@@ -236,6 +230,28 @@ class ContinuousBatch:
     def ended(self, slot: _Slot) -> bool:
         """Whether the answer's last token ends it: a stop token, or the end of a stop string."""
         return slot.completion[-1] in self.stop_set or answer_end(self.tokenizer, slot.completion, slot.stop_strings)
+
+    def end_row(self, b: int) -> Generation:
+        """The answer of row b as it stands (its statistics from the ring buffer); the row is freed."""
+        slot = self.slots[b]
+        rows = [(slot.first_step + t - 1) % self.max_new_tokens for t in range(1, len(slot.completion))]
+        recorder = self.recorder
+        attn_rows, token_rows = ((recorder.attn_buffer[:, b, :, rows].cpu(), recorder.token_stats[:, b, rows].cpu())
+                                 if rows else (None, None))  # (ended at its first token: no decode step's rows)
+        done = _finish(slot, attn_rows, token_rows, self.tokenizer, self.ended(slot))
+        self.slots[b] = None
+        self.inputs[b, 0] = self.pad
+        self.mask[b, self.prefix_len:] = 0
+        self.mask[b, -1] = 1  # an idle row attends to its own column only (its output is not used)
+        return done
+
+    def generator(self, question: Question, device) -> torch.Generator | None:
+        """The random generator of a question's sampling (None: greedy)."""
+        return self.sampling.generator(question.id, device)
+
+    def draw(self, logp: torch.Tensor, generators: list) -> torch.Tensor:
+        """Tokens [k] from log-probabilities [k, V], row i with `generators[i]` (`generator`; None: idle)."""
+        return self.sampling.draw(logp, generators)
 
     def compact(self) -> None:
         """When too many of the rows' columns are dead (masked in every row), move each row's live columns
@@ -270,6 +286,8 @@ def _compact(cache, mask: torch.Tensor, recorder, prefix_len: int, width: int, n
     for b in range(mask.shape[0]):
         if b not in lives:
             new_mask[b, -1] = 1  # an idle row: one visible column, so its (unused) attention row is defined
+            if not prefix_len:  # and its sink there: its last answer's first token may lie past the new width
+                recorder.sink_key[b] = new_width - 1
             continue
         new_mask[b, new_width - lives[b]:] = mask[b, width - lives[b]:]
     recorder.shift_rows(lives, shift, sink=not prefix_len)

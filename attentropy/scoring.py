@@ -59,9 +59,11 @@ def probe_stamp(instrument: Instrument) -> dict:
 
 
 def score_answer(instrument: Instrument, model, tokenizer, info, question, *, answer: str | None = None,
-                 max_new_tokens: int | None = None) -> tuple[pd.DataFrame, list[str], str]:
+                 max_new_tokens: int | None = None, kind: str | None = None) -> tuple[pd.DataFrame, list[str], str]:
     """Scores of one question's answer: generated and recorded, or, given as text, tokenized once and read
-    through the teacher-forced capture. Returns (scores per token, the tokens' text, the answer)."""
+    through the teacher-forced capture. `kind`: the question kind the answer models route by (None: the
+    question's own; `attentropy serve` routes a typed question by UNKNOWN_KIND). Returns (scores per token, the
+    tokens' text, the answer)."""
     from .attention import recorded_layers
     from .capture import capture
     from .data import protocol_kind
@@ -82,6 +84,8 @@ def score_answer(instrument: Instrument, model, tokenizer, info, question, *, an
         gen = Generation(question, prompt, completion, answer, "given",
                          capture(model, [prompt], [completion])[0])
     a = answers_from_generations([gen], layers, n_heads, windows=layer_windows(model.config, layers))
+    if kind is not None:
+        a.answers["kind"] = kind
     return instrument.score(a), [tokenizer.decode([t]) for t in gen.completion_ids], gen.completion
 
 
