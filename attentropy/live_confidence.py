@@ -21,6 +21,7 @@ from .detectors.instrument import UNKNOWN_KIND
 from .detectors.rauq import RAUQ_ALPHA, rauq_layers, rauq_uncertainty
 from .instrument import Instrument
 from .schema import ATTN_STATS
+from .windows import attended_keys
 
 
 @dataclass
@@ -42,8 +43,10 @@ class AnswerSoFar:
 class LiveConfidence:
     """Scores new tokens of several answers at once (one decode step's rows) with the instrument."""
 
-    def __init__(self, instrument: Instrument):
+    def __init__(self, instrument: Instrument, windows: list[int | None] | None = None):
         self.instrument = instrument
+        # per recorded layer its sliding window (None: full attention), as `windows.layer_windows` gives them
+        self.windows = list(windows or [None] * len(instrument.identity["layers"]))
         self.rauq_layers = rauq_layers(instrument.identity["layers"])  # indices into the recorded layers
 
     def add(self, answers: list[AnswerSoFar], attn: np.ndarray, token_stats: np.ndarray, n_keys: np.ndarray
@@ -52,7 +55,7 @@ class LiveConfidence:
         varentropy) as recorded, `n_keys` [k] its visible keys. Returns (token confidence, prefix confidence) per
         answer (NaN where the instrument has no such model or does not apply to the answer) and remembers them."""
         stats = {s: attn[..., i].astype(np.float32) for i, s in enumerate(ATTN_STATS)}
-        normal = normalised_attention(stats, n_keys)  # ATTN_FEATURES -> [k, L, H] float32
+        normal = normalised_attention(stats, attended_keys(n_keys, self.windows))  # ATTN_FEATURES -> [k, L, H]
         logit = token_stats.astype(np.float32)
         per_token = np.concatenate([*(normal[f].mean(axis=2) for f in ATTN_FEATURES), logit], axis=1)
         rows = np.concatenate([*(normal[f].reshape(len(logit), -1) for f in ATTN_FEATURES), logit], axis=1)

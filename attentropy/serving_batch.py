@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .attention import recording
+from .attention import recorded_layers, recording
 from .continuous import ContinuousBatch, _compact, _live_columns
 from .data import Question
 from .detectors.instrument import UNKNOWN_KIND
@@ -23,6 +23,7 @@ from .kv_cache import append_masked_columns
 from .live_confidence import AnswerSoFar, LiveConfidence
 from .packed_linears import packed_linears
 from .sampling import Sampling
+from .windows import layer_windows
 
 log = logging.getLogger("attentropy.serve")
 
@@ -142,7 +143,8 @@ class BatchDriver:
         self.model, self.tokenizer = model, tokenizer
         self.batch = ServingBatch(model, tokenizer, rows=rows, max_tokens=max_tokens,
                                   max_batch_tokens=max_batch_tokens)
-        self.scorer = LiveConfidence(instrument) if instrument is not None else None
+        windows = layer_windows(model.config, recorded_layers(model))
+        self.scorer = LiveConfidence(instrument, windows) if instrument is not None else None
         self.on_answer = on_answer  # callable(request, generation, confidences, finish_reason): --record
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.pending: list[Request] = []  # taken from `waiting`, not yet admitted

@@ -423,6 +423,34 @@ def test_live_prefix_confidence_is_the_routed_model_s_with_each_anchor(tiny, anc
         np.testing.assert_allclose(np.array(answer.confidences)[:, 0], scores.confidence, rtol=1e-12)
 
 
+def test_live_confidence_normalises_by_each_layer_s_window(tiny):
+    """With sliding windows (keys attended by a local layer: at most its window), the live confidences are those of
+    `Instrument.score` on answers normalised by the same windows, and differ from full attention's."""
+    from attentropy.answers import answers_from_generations
+    from attentropy.generate import generate
+    from attentropy.live_confidence import AnswerSoFar, LiveConfidence
+
+    model, tokenizer, _, instrument, _ = tiny
+    g = generate(model, tokenizer, [Question("q0", "facts", "What is the capital of Peru?", "")], max_new_tokens=8,
+                 min_new_tokens=8, record=True)[0][0]
+    layers, heads = instrument.identity["layers"], instrument.identity["n_heads"]
+    windows = [4 if i % 2 else None for i in range(len(layers))]
+    c = g.capture
+    confidences = {}
+    for name, w in (("windowed", windows), ("full", None)):
+        live, answer = LiveConfidence(instrument, w), AnswerSoFar("factual", "")
+        for t in range(len(g.completion_ids)):
+            live.add([answer], c.attn[t][None], np.array([[c.logprob[t], c.logit_entropy[t], c.logit_varentropy[t]]]),
+                     c.n_keys[t:t + 1])
+        confidences[name] = np.array(answer.confidences)
+    a = answers_from_generations([g], layers, heads, windows=windows)
+    a.answers["kind"] = ""
+    scores = instrument.score(a)
+    np.testing.assert_allclose(confidences["windowed"][:, 1], scores.prefix_confidence, rtol=1e-12)
+    np.testing.assert_allclose(confidences["windowed"][:, 0], scores.confidence, rtol=1e-12)
+    assert not np.allclose(confidences["windowed"], confidences["full"])
+
+
 def test_which_requests_the_instrument_applies_to(tiny):
     from attentropy.arith import make_arith
     from attentropy.detectors.instrument import UNKNOWN_KIND
