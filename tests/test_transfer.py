@@ -79,6 +79,15 @@ def test_answers_of_a_one_class_kind_get_an_out_of_kind_decision_on_the_models_s
     np.testing.assert_allclose(fitted.train_confidence[rest], expected, rtol=1e-6)
 
 
+def test_a_fit_on_the_same_answers_is_reused_and_one_on_other_answers_is_not():
+    X, y = _kinds_data(4, signal=2.0, seed=3)
+    first = fit_anchored(X, y)
+    assert fit_anchored(tuple(np.copy(x) for x in X), y.copy()) is first  # the same inputs: the same fit
+    flipped = y.copy()
+    flipped[0] = 1 - flipped[0]
+    assert fit_anchored(X, flipped) is not first
+
+
 def test_held_out_mean_is_the_mean_over_kinds_large_enough():
     rng = np.random.default_rng(1)
     kinds = np.repeat(["a", "b", "c", "tiny"], [60, 60, 60, 30])
