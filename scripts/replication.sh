@@ -5,7 +5,8 @@
 # Gemma Terms of Use), each on facts and arith, graded, an instrument fitted per model, then one report of the four
 # runs with the Replication section.
 #   bash scripts/replication.sh [OUT]        (default OUT: runs; the report: OUT/replication/report.html)
-# Sizes: GEMMA_FACTS (default 495, as ./run.sh), GEMMA_ARITH (default 300), GEMMA_ARITH_TOKENS (default 256).
+# Sizes: GEMMA_FACTS (default 440, as ./run.sh), GEMMA_ARITH (default 220; the kinds of 1-2 steps), GEMMA_ARITH_TOKENS
+# (default 256).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -13,15 +14,14 @@ bash scripts/setup.sh
 out="${1:-runs}"
 threads="${ATTENTROPY_THREADS:-$(nproc)}"
 smol="$out/smollm2-135m" gemma="$out/gemma3-270m"
-.venv/bin/attentropy run --benchmark facts --limit 495 --out "$smol/facts" --threads "$threads"
-.venv/bin/attentropy run --benchmark arith --difficulty 1-2 --limit 300 --max-new-tokens 256 --out "$smol/arith" \
+.venv/bin/attentropy run --benchmark facts --limit 440 --out "$smol/facts" --threads "$threads"
+.venv/bin/attentropy run --benchmark arith --limit 220 --max-new-tokens 256 --out "$smol/arith" --threads "$threads"
+.venv/bin/attentropy run --model gemma3-270m --benchmark facts --limit "${GEMMA_FACTS:-440}" --out "$gemma/facts" \
   --threads "$threads"
-.venv/bin/attentropy run --model gemma3-270m --benchmark facts --limit "${GEMMA_FACTS:-495}" --out "$gemma/facts" \
-  --threads "$threads"
-.venv/bin/attentropy run --model gemma3-270m --benchmark arith --difficulty 1-2 --limit "${GEMMA_ARITH:-300}" \
+.venv/bin/attentropy run --model gemma3-270m --benchmark arith --difficulty 1-2 --limit "${GEMMA_ARITH:-220}" \
   --max-new-tokens "${GEMMA_ARITH_TOKENS:-256}" --out "$gemma/arith" --threads "$threads"
 .venv/bin/attentropy grade "$smol/facts" "$smol/arith" "$gemma/facts" "$gemma/arith"
 .venv/bin/attentropy fit "$smol/facts" "$smol/arith" --out "$smol/instrument"
 .venv/bin/attentropy fit "$gemma/facts" "$gemma/arith" --out "$gemma/instrument"
 .venv/bin/attentropy report "$smol/facts" "$smol/arith" "$gemma/facts" "$gemma/arith" --out "$out/replication" \
-  --probe "$smol/instrument" --probe "$gemma/instrument" --n-boot 500
+  --probe "$smol/instrument" --probe "$gemma/instrument"
