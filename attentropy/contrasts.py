@@ -111,7 +111,6 @@ def token_values(run, stat: str, layers: list[int] | None = None) -> np.ndarray:
     if stat in DERIVED:
         return run.attn(DERIVED[stat], layers) / log_keys(run, layers)[:, :, None]
     return run.attn(stat, layers)
-    return run.attn(stat, layers)
 
 
 def reads(stats: tuple[str, ...]) -> dict[str, list[str]]:
