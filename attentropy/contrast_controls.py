@@ -130,12 +130,23 @@ def wrong_moment_windows(tok: pd.DataFrame, incorrect: set, correct: set, kind: 
 
 
 def window_differences(values: np.ndarray, windows: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """[n_windows, *cells]: per (moment rows, window rows) of `wrong_moment_windows`, the mean of `values` over the
-    moment minus its mean over the window."""
-    out = np.zeros((len(windows), *values.shape[1:]))
-    for i, (first, second) in enumerate(windows):
-        out[i] = values[first].mean(axis=0) - values[second].mean(axis=0)
-    return out
+    """[n_windows, *cells] float64: per (moment rows, window rows) of `wrong_moment_windows`, the mean of `values`
+    over the moment minus its mean over the window, each mean summed in the values' precision in row order (as
+    numpy's mean over the rows of per-cell values; a 1-D array numpy sums pairwise) by one sparse product for all
+    the windows."""
+    if not windows:
+        return np.zeros((0, *values.shape[1:]))
+    flat = values.reshape(len(values), -1)
+
+    def means(rows: list[np.ndarray]) -> np.ndarray:
+        counts = np.array([len(r) for r in rows], np.int64)
+        members = sparse.csr_matrix((np.ones(int(counts.sum()), flat.dtype),
+                                     (np.repeat(np.arange(len(rows)), counts), np.concatenate(rows))),
+                                    shape=(len(rows), len(flat)))
+        return (members @ flat) / counts[:, None].astype(flat.dtype)
+
+    out = means([first for first, _ in windows]) - means([second for _, second in windows])
+    return out.astype(np.float64).reshape(len(windows), *values.shape[1:])
 
 
 def position_reference(tok: pd.DataFrame, template: np.ndarray) -> np.ndarray:

@@ -5,18 +5,22 @@
 
 from __future__ import annotations
 
+import math
+import queue
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from .clustered_intervals import threads, wald_interval
 from .contrast_controls import (PositionFit, answer_strata, has_digit, length_bins, position_effects, position_fit,
                                 position_reference, template_tokens, window_differences, wrong_moment_windows)
-from .stats import (WINDOW, Comparison, Intervals, answer_aggregates, benjamini_hochberg, compare_answers,
+from .stats import (WINDOW, AnswerGroups, Comparison, Intervals, benjamini_hochberg, compare_answers,
                     compare_answers_stratified, compare_tokens, position_matched, resample_counts)
 from .store import READ_BYTES
 from .windows import attended_keys, run_windows
@@ -86,19 +90,36 @@ def contrasts_of(benchmark: str) -> list[tuple[str, str, tuple[str, ...], tuple[
 CONTROLLED_STATS = ("entropy", "varentropy", "entropy_norm", *LOGIT_STATS)  # the statistics with controlled rows
 
 
+DERIVED = {"entropy_norm": "entropy"}  # a statistic computed from another's values: one read gives both
+
+
+def log_keys(run, layers: list[int] | None = None) -> np.ndarray:
+    """[n_tokens, len(layers)] float32: ln K (at least ln 2), K the keys the layer's row attends to (the visible
+    keys, at most a sliding window: `windows.attended_keys`); entropy / ln K is `entropy_norm`, the fraction of the
+    maximal entropy, which removes the growth with position."""
+    layers = list(run.layers) if layers is None else [int(layer) for layer in layers]
+    windows = dict(zip(run.layers, run_windows(run.config)))
+    keys = attended_keys(run.tokens["n_keys"].to_numpy(), [windows.get(layer) for layer in layers])
+    return np.log(np.maximum(keys, 2.0)).astype(np.float32)
+
+
 def token_values(run, stat: str, layers: list[int] | None = None) -> np.ndarray:
     """Per-token values of a statistic: attention stats [n_tokens, len(layers), H] (default: all recorded layers);
-    `entropy_norm` = entropy / ln K, K the keys the layer's row attends to (the visible keys, at most a sliding
-    window: `windows.attended_keys`; the fraction of the maximal entropy, which removes the growth with position);
-    logit stats [n_tokens]."""
+    `entropy_norm` = entropy / ln K (`log_keys`); logit stats [n_tokens]."""
     if stat in LOGIT_STATS:
         return run.tokens[stat].to_numpy(np.float64)
-    if stat == "entropy_norm":
-        layers = list(run.layers) if layers is None else [int(layer) for layer in layers]
-        windows = dict(zip(run.layers, run_windows(run.config)))
-        keys = attended_keys(run.tokens["n_keys"].to_numpy(), [windows.get(layer) for layer in layers])
-        return run.attn("entropy", layers) / np.log(np.maximum(keys, 2.0))[:, :, None].astype(np.float32)
+    if stat in DERIVED:
+        return run.attn(DERIVED[stat], layers) / log_keys(run, layers)[:, :, None]
     return run.attn(stat, layers)
+
+
+def reads(stats: tuple[str, ...]) -> dict[str, list[str]]:
+    """Statistic read -> the statistics of `stats` computed from its values, itself first (entropy -> entropy,
+    entropy_norm): each statistic is read once."""
+    out: dict[str, list[str]] = {}
+    for stat in sorted(stats, key=lambda s: s in DERIVED):
+        out.setdefault(DERIVED.get(stat, stat), []).append(stat)
+    return out
 
 
 def _join_along_layers(parts: list[np.ndarray]) -> np.ndarray:
@@ -143,8 +164,8 @@ class AnswerContrast(NamedTuple):
 
 
 class TokenContrast(NamedTuple):
-    """A token-level contrast: the rows of the analysed tokens it compares, which of them are in the positive group,
-    and their questions."""
+    """A token-level contrast: the rows of the analysed tokens it compares (of the questions with tokens of both
+    groups), which of them are in the positive group, and their questions (as their answers' rows in `kept`)."""
 
     contrast: Contrast
     rows: np.ndarray
@@ -161,20 +182,9 @@ class AnalysedAnswers:
     lengths: pd.Series  # tokens per analysed answer, aligned with `kept`
     token_rows: np.ndarray  # the rows of the run's tokens table that belong to analysed answers
     tokens: pd.DataFrame  # those rows, each with its answer's label
-    token_questions: np.ndarray  # the question of each row of `tokens`
+    token_answers: np.ndarray  # the answer of each row of `tokens`: its row in `kept`
     excluded: dict[str, int]  # answers left out, by reason
     graded: bool
-
-
-@dataclass
-class LevelValues:
-    """What the contrasts need of one statistic's per-token values at one level (`head`: every layer x head;
-    `layer`: the mean over heads; `token`: a logit statistic), for one group of layers or, joined, for all."""
-
-    aggregates: dict[str, np.ndarray]  # aggregation -> [analysed answers, *cells]
-    differences: dict[str, np.ndarray]  # token contrast -> [its correct-baseline windows, *cells]
-    token_comparisons: dict[str, Comparison]  # token contrast -> its comparison
-    adjusted_comparisons: dict[str, Comparison]  # token contrast -> its comparison under `position_adjusted`
 
 
 class TokenControls(NamedTuple):
@@ -186,6 +196,34 @@ class TokenControls(NamedTuple):
 
 
 NO_TOKEN_CONTROLS = TokenControls({}, None)
+
+
+class Design(NamedTuple):
+    """What `analyze_run` compares on a run, worked out once from its tokens and grades: the analysed answers, the
+    live answer-level contrasts and their controls' strata (`answer_controls`), the live token-level contrasts and
+    their controls, and each answer's tokens (for the aggregations, `first_k` included)."""
+
+    answers: AnalysedAnswers
+    answer_contrasts: list[AnswerContrast]
+    answer_controls: tuple[tuple[str, np.ndarray | None], ...]
+    token_contrasts: list[TokenContrast]
+    token_controls: TokenControls
+    answer_groups: AnswerGroups
+
+
+Key = tuple[str, str, str, str]  # (contrast, aggregation, level, control): one comparison of a statistic's cells
+LEVELS = ("head", "layer", "token")  # every layer x head; per layer, the mean over heads; a logit statistic
+CONTROL_ORDER = ("none", "stratified", "length_matched", "correct_baseline", "position_adjusted")
+
+
+class Reduced(NamedTuple):
+    """A statistic's comparisons on one group of layers (`compare_layer_group`) or, joined, on all of them
+    (`join_layer_groups`), with the answers' means of its per-layer values (profiles, the answers table)."""
+
+    comparisons: dict[Key, Comparison]
+    answer_means: np.ndarray  # [analysed answers, layers] mean over the answer's tokens of the mean over heads
+    # (a logit statistic: [analysed answers])
+    layer_mean: np.ndarray | None  # [analysed tokens, layers] mean over heads (None for a logit statistic)
 
 
 def analysed_answers(run) -> AnalysedAnswers:
@@ -203,8 +241,8 @@ def analysed_answers(run) -> AnalysedAnswers:
     token_rows = np.flatnonzero(tokens.question_id.isin(label_of.index).to_numpy())
     tok = tokens.iloc[token_rows].reset_index(drop=True)
     tok["label"] = tok.question_id.map(label_of).to_numpy()
-    return AnalysedAnswers(samples, kept, lengths[kept.index], token_rows, tok, tok.question_id.to_numpy(), excluded,
-                           graded)
+    token_answers = pd.Index(kept.question_id).get_indexer(tok.question_id)
+    return AnalysedAnswers(samples, kept, lengths[kept.index], token_rows, tok, token_answers, excluded, graded)
 
 
 def answer_contrasts(kept: pd.DataFrame, benchmark: str) -> list[AnswerContrast]:
@@ -231,6 +269,7 @@ def token_contrasts(kept: pd.DataFrame, tok: pd.DataFrame, window: int) -> list[
     after = (pos >= end) & (pos < end + window)
     # the wrong moment is mostly a number; its neighbours mostly words: compare numbers with numbers too
     numeric = has_digit(tok)
+    answer_of = pd.Index(kept.question_id).get_indexer(tok.question_id)  # the question as its answer's row in kept
     out = []
     for key, title, positive, negative, pos_name, neg_name in (
             ("wrong_moment", f"wrong-moment tokens vs tokens within {window} positions of it", in_error,
@@ -241,9 +280,10 @@ def token_contrasts(kept: pd.DataFrame, tok: pd.DataFrame, window: int) -> list[
              before, "after", "before")):
         rows = np.flatnonzero(positive | negative)
         qids = tok.question_id.to_numpy()[rows]
-        n_both = len(set(qids[positive[rows]]) & set(qids[negative[rows]]))
-        out.append(TokenContrast(Contrast(key, title, pos_name, neg_name, "token", n_both, n_both), rows,
-                                 positive[rows], qids))
+        both = list(set(qids[positive[rows]]) & set(qids[negative[rows]]))
+        rows = rows[np.isin(qids, both)]  # a question without tokens of both groups compares nothing
+        out.append(TokenContrast(Contrast(key, title, pos_name, neg_name, "token", len(both), len(both)), rows,
+                                 positive[rows], answer_of[rows]))
     return out
 
 
@@ -320,93 +360,6 @@ def position_adjusted_comparisons(values: np.ndarray, live: list[TokenContrast],
     return out
 
 
-def reduce_layer_group(values: np.ndarray, answers: AnalysedAnswers, first_k: int, controls: TokenControls,
-                       live: list[TokenContrast], intervals: Intervals
-                       ) -> tuple[dict[str, LevelValues], np.ndarray | None]:
-    """Everything the contrasts need of one group of layers' per-token `values` ([n_tokens, layers, H], or a logit
-    statistic's [n_tokens]), per level: the answers' aggregates, the wrong-moment differences of the correct-baseline
-    windows of `controls`, the token contrasts' comparisons, raw and position-adjusted (where `controls` has a
-    fit). Also the mean over heads [n_tokens, layers] (None for a logit statistic)."""
-    layer_mean = values.mean(axis=2) if values.ndim == 3 else None
-    variants = {"head": values, "layer": layer_mean} if values.ndim == 3 else {"token": values}
-    out = {}
-    for level, v in variants.items():
-        aggregates = {}
-        for how in AGGREGATIONS:
-            questions, agg = answer_aggregates(v, answers.token_questions, how, first_k)
-            aggregates[how] = agg[pd.Index(questions).get_indexer(answers.kept.question_id)]
-        differences = {key: window_differences(v, wins) for key, (wins, _) in controls.windows.items()}
-        token_comparisons = {t.contrast.key: compare_tokens(v[t.rows], t.positive, t.question_ids,
-                                                            **intervals.kwargs()) for t in live}
-        adjusted = ({} if controls.position is None else
-                    position_adjusted_comparisons(v, live, controls.position, intervals))
-        out[level] = LevelValues(aggregates, differences, token_comparisons, adjusted)
-    return out, layer_mean
-
-
-def join_layer_groups(parts: list[dict[str, LevelValues]]) -> dict[str, LevelValues]:
-    """The `reduce_layer_group` results of consecutive groups of layers as those of all the layers: values joined
-    along the layers, comparisons with the false discovery rate controlled over all their cells."""
-    def join(level: str, field: str, how) -> dict:
-        return {k: how([getattr(p[level], field)[k] for p in parts]) for k in getattr(parts[0][level], field)}
-
-    return {level: LevelValues(join(level, "aggregates", _join_along_layers),
-                               join(level, "differences", _join_along_layers),
-                               join(level, "token_comparisons", concat_comparisons),
-                               join(level, "adjusted_comparisons", concat_comparisons)) for level in parts[0]}
-
-
-def reduce_group(run, stat: str, group: list[int] | None, answers: AnalysedAnswers, first_k: int,
-                 controls: TokenControls, live: list[TokenContrast], intervals: Intervals
-                 ) -> tuple[dict[str, LevelValues], np.ndarray | None]:
-    """`reduce_layer_group` of one group of layers of a statistic (None: all, or a logit statistic), read here."""
-    values = token_values(run, stat, group)
-    if len(answers.token_rows) < len(values):  # (the rows are increasing: as many is all of them, no copy)
-        values = values[answers.token_rows]
-    return reduce_layer_group(values, answers, first_k, controls, live, intervals)
-
-
-class RayGroups:
-    """Groups of layers reduced as Ray tasks (`analyze_run(..., ray=ADDRESS)`, `attentropy report --ray`): the run
-    and its contrasts go into the object store once; each task reads its group from the run directory (a shared file
-    system across machines) and returns its reductions, in order."""
-
-    def __init__(self, address: str | None, run, answers: AnalysedAnswers, live: list[TokenContrast]):
-        from .parallel import _ray
-
-        ray = _ray()
-        if not ray.is_initialized():
-            ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
-        self.ray, self.task = ray, ray.remote(reduce_group)
-        self.run, self.answers, self.live = ray.put(run), ray.put(answers), ray.put(live)
-
-    def map(self, stat: str, groups: list, first_k: int, controls: TokenControls, intervals: Intervals) -> list:
-        return self.ray.get([self.task.remote(self.run, stat, group, self.answers, first_k, controls, self.live,
-                                              intervals) for group in groups])
-
-
-def reduce_stat(run, stat: str, answers: AnalysedAnswers, groups: list, first_k: int, controls: TokenControls,
-                live: list[TokenContrast], intervals: Intervals, workers: int = 1, ray: RayGroups | None = None
-                ) -> tuple[dict[str, LevelValues], np.ndarray | None]:
-    """`reduce_group` of a statistic over all of the run's layers, one group of `groups` at a time
-    (`Run.layer_groups`; a logit statistic at once), `workers` groups at once on threads (reading and numpy's work
-    release the GIL) or as tasks on `ray`, joined in order; and its per-token mean over heads of every layer
-    [n_tokens, n_layers] for a statistic in LAYER_MEAN_STATS (else None)."""
-    todo = [None] if stat in LOGIT_STATS else groups
-    if ray is not None and len(todo) > 1:
-        reduced = ray.map(stat, todo, first_k, controls, intervals)
-    elif workers > 1 and len(todo) > 1:
-        with ThreadPoolExecutor(min(workers, len(todo))) as pool:
-            reduced = list(pool.map(lambda g: reduce_group(run, stat, g, answers, first_k, controls, live, intervals),
-                                    todo))
-    else:
-        reduced = [reduce_group(run, stat, g, answers, first_k, controls, live, intervals) for g in todo]
-    parts = [levels for levels, _ in reduced]
-    per_layer = [layer_mean for _, layer_mean in reduced if layer_mean is not None]
-    return join_layer_groups(parts), (np.concatenate(per_layer, axis=1) if per_layer and stat in LAYER_MEAN_STATS
-                                      else None)
-
-
 def controlled_comparisons(agg: np.ndarray, sel: np.ndarray, positive: np.ndarray, controls: tuple,
                            intervals: Intervals) -> list[tuple[str, Comparison]]:
     """(control, comparison) of the answers `sel` under each of `answer_controls` that applies to them."""
@@ -422,47 +375,158 @@ def controlled_comparisons(agg: np.ndarray, sel: np.ndarray, positive: np.ndarra
     return out
 
 
-def compare_answer_contrasts(stat: str, levels: dict[str, LevelValues], live: list[AnswerContrast], controls: tuple,
-                       layers: list[int], intervals: Intervals) -> list[pd.DataFrame]:
-    """The answer-level contrasts of a statistic, per aggregation and level: raw, and controlled for the mean of a
-    statistic in CONTROLLED_STATS."""
-    tables = []
-    for how in AGGREGATIONS:
-        for level, lv in levels.items():
-            agg = lv.aggregates[how]
-            for a in live:
+def compare_layer_group(values: np.ndarray, stat: str, design: Design, intervals: Intervals) -> Reduced:
+    """Every comparison of one statistic on one group of layers' per-token `values` ([n_tokens, layers, H], or a
+    logit statistic's [n_tokens]), per level (`head`: each layer x head; `layer`: the mean over heads; `token`: a
+    logit statistic): the answer-level contrasts under each aggregation, raw and, for the mean of a statistic in
+    CONTROLLED_STATS, under `answer_controls`; the token-level contrasts raw and, for those statistics, against the
+    correct answers' pseudo-moments (`correct_baseline`, where each side has at least 2 answers) and with position
+    and type adjusted (`position_adjusted`, where the contrast keeps 2 questions). The false discovery rate is
+    controlled over all the layers' cells when the groups are joined (`join_layer_groups`)."""
+    layer_mean = values.mean(axis=2) if values.ndim == 3 else None
+    variants = {"head": values, "layer": layer_mean} if values.ndim == 3 else {"token": values}
+    controlled = stat in CONTROLLED_STATS
+    controls = design.token_controls if controlled else NO_TOKEN_CONTROLS
+    found = {}
+    for level, v in variants.items():
+        for how in AGGREGATIONS:
+            rows, agg = design.answer_groups.aggregate(v, how)
+            agg = agg[np.argsort(rows)]  # in the order of `kept`
+            if how == "mean" and level != "head":
+                answer_means = agg
+            for a in design.answer_contrasts:
                 sel = a.positive | a.negative
-                found = [("none", compare_answers(agg[sel], a.positive[sel], **intervals.kwargs()))]
-                if how == "mean" and stat in CONTROLLED_STATS:
-                    found += controlled_comparisons(agg, sel, a.positive, controls, intervals)
-                for control, c in found:
-                    tables.append(_cells_table(c, layers, contrast=a.contrast.key, stat=stat, aggregation=how,
-                                       level=level, control=control))
-    return tables
+                found[a.contrast.key, how, level, "none"] = compare_answers(agg[sel], a.positive[sel],
+                                                                            **intervals.kwargs())
+                if how == "mean" and controlled:
+                    for control, c in controlled_comparisons(agg, sel, a.positive, design.answer_controls, intervals):
+                        found[a.contrast.key, how, level, control] = c
+        for t in design.token_contrasts:
+            key = t.contrast.key
+            found[key, "tokens", level, "none"] = compare_tokens(v[t.rows], t.positive, t.question_ids,
+                                                                 **intervals.kwargs())
+            if key in controls.windows:
+                windows, is_incorrect = controls.windows[key]
+                if is_incorrect.sum() >= 2 and (~is_incorrect).sum() >= 2:
+                    found[key, "tokens", level, "correct_baseline"] = compare_answers(
+                        window_differences(v, windows), is_incorrect, **intervals.kwargs())
+        if controls.position is not None:
+            adjusted = position_adjusted_comparisons(v, design.token_contrasts, controls.position, intervals)
+            found.update({(key, "tokens", level, "position_adjusted"): c for key, c in adjusted.items()})
+    return Reduced(found, answer_means, layer_mean)
 
 
-def compare_token_contrasts(stat: str, levels: dict[str, LevelValues], live: list[TokenContrast],
-                            controls: TokenControls, layers: list[int], intervals: Intervals) -> list[pd.DataFrame]:
-    """The token-level contrasts of a statistic per level: raw, and for a statistic in CONTROLLED_STATS against
-    the correct answers' pseudo-moments (`correct_baseline`) where each side has at least 2 answers, and with
-    position and token type adjusted (`position_adjusted`) where the contrast keeps 2 questions."""
-    tables = []
-    for t in live:
-        key = t.contrast.key
-        for level, lv in levels.items():
-            tables.append(_cells_table(lv.token_comparisons[key], layers, contrast=key, stat=stat, aggregation="tokens",
-                               level=level, control="none"))
-            if stat not in CONTROLLED_STATS:
-                continue
-            is_incorrect = controls.windows[key][1]
-            if is_incorrect.sum() >= 2 and (~is_incorrect).sum() >= 2:
-                c = compare_answers(lv.differences[key], is_incorrect, **intervals.kwargs())
-                tables.append(_cells_table(c, layers, contrast=key, stat=stat, aggregation="tokens", level=level,
-                                   control="correct_baseline"))
-            if key in lv.adjusted_comparisons:
-                tables.append(_cells_table(lv.adjusted_comparisons[key], layers, contrast=key, stat=stat,
-                                           aggregation="tokens", level=level, control="position_adjusted"))
-    return tables
+def join_layer_groups(parts: list[Reduced]) -> Reduced:
+    """The `compare_layer_group` results of consecutive groups of layers as those of all the layers: comparisons
+    joined along the layers with the false discovery rate controlled over all their cells, values joined."""
+    return Reduced({key: concat_comparisons([p.comparisons[key] for p in parts]) for key in parts[0].comparisons},
+                   _join_along_layers([p.answer_means for p in parts]),
+                   None if parts[0].layer_mean is None else np.concatenate([p.layer_mean for p in parts], axis=1))
+
+
+class Scratch:
+    """Float32 arrays for the values of a group of layers, one per task running at once, each passed on to the next
+    task: a new array of a few hundred MB for every group had the kernel zero its pages every time (a tenth of a
+    report's CPU time at the quarter size of bench/scale.py)."""
+
+    def __init__(self, n: int, size: int):
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(n):
+            self.free.put(np.empty(size, np.float32))
+
+    @contextmanager
+    def array(self, shape: tuple[int, ...]):
+        flat = self.free.get()
+        try:
+            yield flat[:math.prod(shape)].reshape(shape)
+        finally:
+            self.free.put(flat)
+
+
+def reduce_group(run, read: str, stats: list[str], group: list[int] | None, design: Design,
+                 intervals: dict[str, Intervals], scratch: Scratch | None = None) -> dict[str, Reduced]:
+    """`compare_layer_group` of each of `stats` (the statistics computed from the statistic `read`, `reads`) on one
+    group of layers (None: all, or a logit statistic), read here once (into an array of `scratch` if given):
+    entropy / ln K is divided out of entropy's values in place, after entropy's comparisons."""
+    if read in LOGIT_STATS:
+        return _compare_stats(run.tokens[read].to_numpy(np.float64), run, None, stats, design, intervals)
+    shape = (len(run.tokens), len(run.layers if group is None else group), run.n_heads)
+    with scratch.array(shape) if scratch is not None else nullcontext() as out:
+        return _compare_stats(run.attn(read, group, out=out), run, group, stats, design, intervals)
+
+
+def _compare_stats(values: np.ndarray, run, group: list[int] | None, stats: list[str], design: Design,
+                   intervals: dict[str, Intervals]) -> dict[str, Reduced]:
+    rows = design.answers.token_rows
+    if len(rows) < len(values):  # (the rows are increasing: as many is all of them, no copy)
+        values = values[rows]
+    out = {}
+    for stat in stats:
+        if stat in DERIVED:
+            values /= log_keys(run, group)[rows][:, :, None]
+        out[stat] = compare_layer_group(values, stat, design, intervals[stat])
+    return out
+
+
+class RayGroups:
+    """Groups of layers reduced as Ray tasks (`analyze_run(..., ray=ADDRESS)`, `attentropy report --ray`): the run
+    and its design go into the object store once; each task reads its group from the run directory (a shared file
+    system across machines) and returns its comparisons, in order."""
+
+    def __init__(self, address: str | None, run, design: Design):
+        from .parallel import _ray
+
+        ray = _ray()
+        if not ray.is_initialized():
+            ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+        self.ray, self.task = ray, ray.remote(reduce_group)
+        self.run, self.design = ray.put(run), ray.put(design)
+
+    def map(self, todo: list[tuple[str, list[str], list[int] | None]], intervals: dict[str, Intervals]) -> list:
+        return self.ray.get([self.task.remote(self.run, read, stats, group, self.design, intervals)
+                             for read, stats, group in todo])
+
+
+def reduce_stats(run, stats: tuple[str, ...], groups: list, design: Design, intervals: dict[str, Intervals],
+                 workers: int = 1, ray: RayGroups | None = None) -> dict[str, Reduced]:
+    """Statistic -> its comparisons on all of the run's layers: `reduce_group` of every statistic read (`reads`)
+    and group of `groups` (`Run.layer_groups`; a logit statistic at once), `workers` at once on threads (reading and
+    numpy's work release the GIL), or as tasks on `ray`; joined in order."""
+    todo = [(read, derived, group) for read, derived in reads(stats).items()
+            for group in ([None] if read in LOGIT_STATS else groups)]
+    workers = min(workers, len(todo))
+    largest = max((len(run.layers if g is None else g) for read, _, g in todo if read not in LOGIT_STATS), default=0)
+    scratch = Scratch(workers, len(run.tokens) * largest * run.n_heads) if largest and ray is None else None
+    if ray is not None and len(todo) > 1:
+        results = ray.map(todo, intervals)
+    elif workers > 1:
+        # the groups run on threads; BLAS's own threads (the position fit's products) would only compete with them
+        with ThreadPoolExecutor(workers) as pool, threadpool_limits(1, user_api="blas"):
+            results = list(pool.map(lambda t: reduce_group(run, *t, design, intervals, scratch), todo))
+    else:
+        results = [reduce_group(run, *t, design, intervals, scratch) for t in todo]
+    parts: dict[str, list[Reduced]] = {}
+    for result in results:
+        for stat, reduced in result.items():
+            parts.setdefault(stat, []).append(reduced)
+    return {stat: join_layer_groups(parts[stat]) for stat in stats}
+
+
+def tables_of(stat: str, reduced: Reduced, design: Design, layers: list[int]) -> list[pd.DataFrame]:
+    """A statistic's comparisons as tables, in the report's order: the answer-level contrasts by aggregation, level,
+    contrast and control, then the token-level contrasts by contrast, level and control."""
+    answer_keys = [a.contrast.key for a in design.answer_contrasts]
+    token_keys = [t.contrast.key for t in design.token_contrasts]
+
+    def order(key: Key) -> tuple:
+        contrast, how, level, control = key
+        level, control = LEVELS.index(level), CONTROL_ORDER.index(control)
+        if how == "tokens":
+            return 1, token_keys.index(contrast), level, control
+        return 0, AGGREGATIONS.index(how), level, answer_keys.index(contrast), control
+
+    return [_cells_table(reduced.comparisons[key], layers, contrast=key[0], stat=stat, aggregation=key[1],
+                         level=key[2], control=key[3]) for key in sorted(reduced.comparisons, key=order)]
 
 
 def profiles(stat: str, means: np.ndarray, kept: pd.DataFrame, layers: list[int], intervals: Intervals
@@ -507,9 +571,10 @@ def analyze_run(run, *, interval: str = "clustered", n_boot: int = 1000, seed: i
     and `seed` for the bootstrap).
     An ungraded run (free prompts, or a benchmark run not graded yet) gets everything that needs no labels: its
     answers form one group, `ungraded`, with profiles and per-token values, and no contrasts (`graded` False).
-    Steps: `analysed_answers`, `build_contrasts`, `token_controls`, then per statistic `reduce_stat`
-    (`reduce_layer_group` per group of layers), `compare_answer_contrasts`, `compare_token_contrasts` and
-    `profiles`; last `compare_answer_lengths`."""
+    Steps: `analysed_answers`, `build_contrasts`, `token_controls` (the `Design`), then `reduce_stats`: each
+    statistic read once per group of layers (`reads`; entropy / ln K from entropy's values) and compared there
+    (`compare_layer_group`), the groups joined (`join_layer_groups`); per statistic `tables_of` and `profiles`;
+    last `compare_answer_lengths`."""
     from .schema import ATTN_STATS
 
     stats = tuple(stats or (*ATTN_STATS, "entropy_norm", *LOGIT_STATS))
@@ -520,28 +585,24 @@ def analyze_run(run, *, interval: str = "clustered", n_boot: int = 1000, seed: i
     by_answer, by_token = build_contrasts(answers, benchmark, window)
     live_answer = [a for a in by_answer if a.contrast.status != "not_computed"]
     live_token = [t for t in by_token if t.contrast.status != "not_computed"]
-    controls = answer_controls(answers, benchmark)
     token_control = (token_controls(answers, live_token, window)
                      if any(stat in CONTROLLED_STATS for stat in stats) else NO_TOKEN_CONTROLS)
+    design = Design(answers, live_answer, answer_controls(answers, benchmark), live_token, token_control,
+                    AnswerGroups(answers.token_answers, first_k))
     groups = [None] if all(stat in LOGIT_STATS for stat in stats) else run.layer_groups(read_bytes)
 
-    ray_groups = RayGroups(ray, run, answers, live_token) if ray is not None else None
+    ray_groups = RayGroups(ray, run, design) if ray is not None else None
+    reduced = reduce_stats(run, stats, groups, design, {stat: replace(intervals, seed=seed + s)
+                                                        for s, stat in enumerate(stats)}, workers or threads(),
+                           ray_groups)
     tables, profile_tables = [], []
-    layer_means: dict[str, np.ndarray] = {}
-    answer_means: dict[str, np.ndarray] = {}
-    for s, stat in enumerate(stats):
-        stat_intervals = replace(intervals, seed=seed + s)
-        levels, layer_mean = reduce_stat(run, stat, answers, groups, first_k,
-                                         token_control if stat in CONTROLLED_STATS else NO_TOKEN_CONTROLS, live_token,
-                                         stat_intervals, workers or threads(), ray_groups)
-        if layer_mean is not None:
-            layer_means[stat] = layer_mean
-        answer_means[stat] = levels["token" if "token" in levels else "layer"].aggregates["mean"]
-        tables += compare_answer_contrasts(stat, levels, live_answer, controls, layers, stat_intervals)
-        tables += compare_token_contrasts(stat, levels, live_token, token_control, layers, stat_intervals)
+    for stat in stats:
+        tables += tables_of(stat, reduced[stat], design, layers)
         if stat in PROFILE_STATS:
-            profile_tables += profiles(stat, answer_means[stat], answers.kept, layers, intervals)
+            profile_tables += profiles(stat, reduced[stat].answer_means, answers.kept, layers, intervals)
     tables += compare_answer_lengths(live_answer, answers.lengths, layers, intervals)
+    layer_means = {stat: r.layer_mean for stat, r in reduced.items() if stat in LAYER_MEAN_STATS}
+    answer_means = {stat: r.answer_means for stat, r in reduced.items()}
 
     columns = ["contrast", "stat", "aggregation", "level", "control", "layer", "head"]
     comparisons = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=columns)

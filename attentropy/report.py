@@ -223,7 +223,7 @@ def controlled_findings(a: Analysis) -> tuple[list[list[str]], list[list[str]]]:
                 kept &= set(by[k].index[by[k].significant])
             where = [html.escape(a.name), html.escape(c.title), plots.STAT_NAMES[stat]]
             if kept or not controls:
-                best = max(kept or hits, key=lambda cell: abs(raw.loc[cell, "auroc"] - 0.5))
+                best = _strongest(raw, kept or hits)
                 survive.append(where + [
                     f"{len(kept)} of {len(hits)}" if controls else f"{len(hits)} (no control applies)",
                     f"{best[0]} / {best[1]}", _fmt_auc(raw.loc[best]),
@@ -239,7 +239,12 @@ def controlled_findings(a: Analysis) -> tuple[list[list[str]], list[list[str]]]:
 
 
 def _strongest(raw, cells: set):
-    return max(cells, key=lambda cell: abs(raw.loc[cell, "auroc"] - 0.5)) if cells else None
+    """The cell of `cells` whose raw AUROC lies farthest from 0.5 (the first such in the set's order; None for no
+    cells), looked up at once: one `.loc` per cell took seconds on a run of 5,120 cells per statistic."""
+    if not cells:
+        return None
+    cells = list(cells)
+    return cells[int(np.argmax(np.abs(raw.auroc.loc[cells].to_numpy() - 0.5)))]
 
 
 def _cell_name(cell) -> str:

@@ -289,10 +289,8 @@ def compare_tokens(values: np.ndarray, positive: np.ndarray, question_ids: np.nd
     questions having both kinds of token, of the per-question difference of means. n_positive / n_negative count
     those questions."""
     check_interval(interval)
-    values = np.asarray(values, dtype=float)
     positive = np.asarray(positive, dtype=bool)
-    cells = values.shape[1:]
-    values = values.reshape(len(values), -1)
+    cells = np.shape(values)[1:]
     _, index = np.unique(np.asarray(question_ids), return_inverse=True)
     has_pos = np.bincount(index, weights=positive, minlength=index.max() + 1) > 0
     has_neg = np.bincount(index, weights=~positive, minlength=index.max() + 1) > 0
@@ -300,7 +298,8 @@ def compare_tokens(values: np.ndarray, positive: np.ndarray, question_ids: np.nd
     if len(both) < 2:
         raise ValueError(f"need at least 2 questions with tokens of both kinds (got {len(both)})")
     keep = np.isin(index, both)
-    values, positive = values[keep], positive[keep]
+    values = np.asarray(values if keep.all() else values[keep], dtype=float).reshape(int(keep.sum()), -1)
+    positive = positive[keep]
     question = np.searchsorted(both, index[keep])  # 0 .. len(both)-1
     diffs = _group_means(values[positive], question[positive], len(both)) \
         - _group_means(values[~positive], question[~positive], len(both))
@@ -330,37 +329,58 @@ def _has_ties(values: np.ndarray) -> bool:
 
 
 def _group_means(values: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
-    sums = np.zeros((n_groups, values.shape[1]))
-    np.add.at(sums, group, values)
-    return sums / np.bincount(group, minlength=n_groups)[:, None]
+    """[n_groups, C]: the mean of the rows of `values` [n, C] in each group (`group` [n] in 0..n_groups-1)."""
+    members = sparse.csr_matrix((np.ones(len(group)), (group, np.arange(len(group)))), shape=(n_groups, len(group)))
+    return (members @ values) / np.bincount(group, minlength=n_groups)[:, None]
+
+
+class AnswerGroups:
+    """The tokens of each answer (`question_ids` [n_tokens], tokens in answer order), worked out once to
+    `aggregate` many arrays of values of the same tokens (`analyze_run` aggregates every group of layers of every
+    statistic): questions keep the order of their first token."""
+
+    def __init__(self, question_ids: np.ndarray, k: int = 8):
+        self.k = k
+        self.questions, first, self.index = np.unique(np.asarray(question_ids), return_index=True,
+                                                      return_inverse=True)
+        order = np.argsort(self.index, kind="stable")  # tokens grouped by question, answer order kept in a group
+        self.order = None if (order == np.arange(len(order))).all() else order
+        self.counts = np.bincount(self.index, minlength=len(self.questions))
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+        self.rank = np.empty(len(order), np.int64)
+        self.rank[order] = np.arange(len(order)) - np.repeat(self.starts, self.counts)  # position in its answer
+        self.rows = np.argsort(first)  # the run's question order
+        self._summing: dict = {}  # (aggregation, dtype) -> [questions, tokens] indicator of the tokens summed
+
+    def aggregate(self, values: np.ndarray, how: str = "mean") -> tuple[np.ndarray, np.ndarray]:
+        """(questions, [n_questions, *cells]) of per-token `values` [n_tokens, *cells] aggregated per answer: `mean`
+        over its tokens, `max`, or `first_k` (mean of its first k tokens)."""
+        if how not in ("mean", "max", "first_k"):
+            raise ValueError(f"aggregation must be mean, max or first_k, got {how!r}")
+        values = np.asarray(values)
+        flat = values.reshape(len(values), -1)
+        if how == "max":  # one contiguous block per answer (numpy's reduceat along axis 0 is many times slower)
+            grouped = flat if self.order is None else flat[self.order]
+            out = np.stack([grouped[a:a + n].max(axis=0) for a, n in zip(self.starts, self.counts)])
+        else:  # sums by a sparse [questions, tokens] indicator matrix times the values, which stay where they are
+            limit = self.k if how == "first_k" else len(values)
+            dtype = flat.dtype if flat.dtype.kind == "f" else np.float64
+            summing = self._summing.get((how, dtype))
+            if summing is None:
+                used = self.rank < limit
+                summing = self._summing[how, dtype] = sparse.csr_matrix(
+                    (np.ones(int(used.sum()), dtype), (self.index[used], np.flatnonzero(used))),
+                    shape=(len(self.questions), len(values)))
+            out = np.asarray(summing @ flat) / np.minimum(self.counts, limit)[:, None]
+        return self.questions[self.rows], out[self.rows].reshape(len(self.questions), *values.shape[1:])
 
 
 def answer_aggregates(values: np.ndarray, question_ids: np.ndarray, how: str = "mean", k: int = 8
                       ) -> tuple[np.ndarray, np.ndarray]:
     """(questions, [n_questions, *cells]) of per-token `values` aggregated per answer: `mean` over its tokens,
     `max`, or `first_k` (mean of its first k tokens; tokens must be in answer order). Questions keep the order
-    of their first token."""
-    if how not in ("mean", "max", "first_k"):
-        raise ValueError(f"aggregation must be mean, max or first_k, got {how!r}")
-    values = np.asarray(values)
-    questions, first, index = np.unique(np.asarray(question_ids), return_index=True, return_inverse=True)
-    flat = values.reshape(len(values), -1)
-    order = np.argsort(index, kind="stable")  # tokens grouped by question, answer order kept inside a group
-    counts = np.bincount(index, minlength=len(questions))
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    if how == "max":  # one contiguous block per answer (numpy's reduceat along axis 0 is many times slower)
-        grouped = flat if (order == np.arange(len(order))).all() else flat[order]
-        out = np.stack([grouped[a:a + n].max(axis=0) for a, n in zip(starts, counts)])
-    else:  # sums by a sparse [questions, tokens] indicator matrix times the values, which stay where they are
-        rank = np.empty(len(order), np.int64)
-        rank[order] = np.arange(len(values)) - np.repeat(starts, counts)  # position of each token in its answer
-        used = rank < (k if how == "first_k" else len(values))
-        dtype = flat.dtype if flat.dtype.kind == "f" else np.float64
-        summing = sparse.csr_matrix((np.ones(int(used.sum()), dtype), (index[used], np.flatnonzero(used))),
-                                    shape=(len(questions), len(values)))
-        out = np.asarray(summing @ flat) / np.minimum(counts, k if how == "first_k" else len(values))[:, None]
-    rows = np.argsort(first)  # the run's question order
-    return questions[rows], out[rows].reshape(len(questions), *values.shape[1:])
+    of their first token. Many arrays of the same tokens: `AnswerGroups`."""
+    return AnswerGroups(question_ids, k).aggregate(values, how)
 
 
 WINDOW = 8  # positions either side of the wrong moment that count as "nearby"

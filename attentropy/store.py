@@ -55,6 +55,7 @@ if TYPE_CHECKING:  # a type only: reading a run imports no torch
 
 PROMPT_DIAGONAL = "prompt_log_diag"  # the key in config.json's capture of runs that record LLM-Check's prompt part
 READ_BYTES = 256 * 2 ** 20  # `Run.layer_groups`: an attention statistic read in groups of layers of about this size
+ATTN_FILES_OPEN = 256  # attn parts a `Run` keeps open (`Run._attn_file`; each holds its footer, ~3 MB for 80 layers)
 
 
 def _replace_atomically(tmp: Path, path: Path) -> None:
@@ -209,17 +210,35 @@ class Run:
     # [n_answers]); None where the run did not record it (runs written before it was)
     prompt_diagonal: tuple[np.ndarray, np.ndarray] | None = field(repr=False, default=None)
 
+    # attn parts kept open (`_attn_file`): path -> (ParquetFile, old layout, lock)
+    _attn_files: dict = field(repr=False, compare=False, default_factory=dict)
+    _attn_files_lock: threading.Lock = field(repr=False, compare=False, default_factory=threading.Lock)
+
+    def __getstate__(self) -> dict:  # sent to Ray tasks without open files, which each process opens again
+        return {**self.__dict__, "_attn_files": {}, "_attn_files_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _attn_files_lock=threading.Lock())
+
+    def _read(self, kind: str, part: str, read):
+        """`read(path)` of one part of `kind`, a damaged file named."""
+        path = self.path / kind / f"{part}.parquet"
+        try:
+            return read(path)
+        except (OSError, pa.ArrowException) as e:
+            raise RunDirectoryError(f"{path} is damaged ({e}); {REPAIR}") from None
+
+    def _kept(self, part: str, per: str) -> np.ndarray | None:
+        """Which rows of a part are kept (None: all), leaving out the rows of duplicate answers (`per`: answer or
+        token rows)."""
+        return self.kept_rows[part][0 if per == "answer" else 1] if part in self.kept_rows else None
+
     def _part_rows(self, kind: str, part: str, per: str, read) -> np.ndarray:
         """`read(path)`'s rows of one part of `kind` (a damaged file named), the rows of duplicate answers left
         out (`per`: answer or token rows)."""
-        path = self.path / kind / f"{part}.parquet"
-        try:
-            rows = read(path)
-        except (OSError, pa.ArrowException) as e:
-            raise RunDirectoryError(f"{path} is damaged ({e}); {REPAIR}") from None
-        if part in self.kept_rows:
-            rows = rows[self.kept_rows[part][0 if per == "answer" else 1]]
-        return rows
+        rows = self._read(kind, part, read)
+        keep = self._kept(part, per)
+        return rows if keep is None else rows[keep]
 
     def _column(self, kind: str, column: str, per: str) -> list[np.ndarray]:
         """One vector column of every part of `kind` (hidden, hidden_tokens), rows [n, vector] per part."""
@@ -228,9 +247,31 @@ class Run:
 
         return [self._part_rows(kind, part, per, read) for part in self.parts]
 
-    def attn(self, stat: str, layers: list[int] | None = None) -> np.ndarray:
+    @contextmanager
+    def _attn_file(self, path: Path):
+        """(An attn part open, whether it has the layout written before 0.2: one column per statistic), for one
+        reader at a time. The first ATTN_FILES_OPEN parts stay open, their footers parsed once: a report reads every
+        part once per statistic and group of layers, and parsing a footer of 480 columns cost about as much as
+        reading a group's values from it."""
+        with self._attn_files_lock:
+            entry = self._attn_files.get(path)
+        kept = entry is not None
+        if not kept:
+            f = pq.ParquetFile(path)
+            entry = (f, ATTN_STATS[0] in f.schema_arrow.names, threading.Lock())
+            with self._attn_files_lock:
+                if len(self._attn_files) < ATTN_FILES_OPEN:
+                    entry, kept = self._attn_files.setdefault(path, entry), True
+        f, whole, lock = entry
+        with lock:
+            yield f, whole
+        if not kept:
+            f.close()
+
+    def attn(self, stat: str, layers: list[int] | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """float32 array (n_tokens, len(layers), n_heads) of one attention statistic at the given layers (the
-        model's layer indices; default: all recorded); reads only those columns."""
+        model's layer indices; default: all recorded); reads only those columns, each part's straight into the
+        array, or into `out` (of that shape, e.g. a buffer reused from one read to the next)."""
         if stat not in ATTN_STATS:
             raise KeyError(f"unknown attention statistic {stat!r}; expected one of {', '.join(ATTN_STATS)}")
         wanted = list(self.layers) if layers is None else [int(layer) for layer in layers]
@@ -238,22 +279,23 @@ class Run:
         if missing:
             raise KeyError(f"layers {missing} were not recorded in {self.path} (recorded: {self.layers})")
 
-        def read(path: Path) -> np.ndarray:
-            f = pq.ParquetFile(path)
-            if stat in f.schema_arrow.names:  # written before 0.2: one (layer x head) vector per row
-                rows = _fixed_rows(f.read(columns=[stat])[stat])
-                return rows.reshape(len(rows), len(self.layers), self.n_heads)[
-                    :, [self.layers.index(layer) for layer in wanted]]
-            columns = [attn_column(stat, layer) for layer in wanted]
-            table = f.read(columns=columns)
-            return np.stack([_fixed_rows(table[c]) for c in columns], axis=1)
+        def read(path: Path) -> list[np.ndarray]:  # per wanted layer, its rows [n, n_heads] as stored
+            with self._attn_file(path) as (f, whole):
+                if whole:  # written before 0.2: one (layer x head) vector per row
+                    rows = _fixed_rows(f.read(columns=[stat])[stat]).reshape(-1, len(self.layers), self.n_heads)
+                    return [rows[:, self.layers.index(layer)] for layer in wanted]
+                columns = [attn_column(stat, layer) for layer in wanted]
+                table = f.read(columns=columns)
+            return [_fixed_rows(table[c]) for c in columns]
 
-        out = np.empty((len(self.tokens), len(wanted), self.n_heads), np.float32)
+        out = np.empty((len(self.tokens), len(wanted), self.n_heads), np.float32) if out is None else out
         at = 0
-        for part in self.parts:
-            rows = self._part_rows("attn", part, "token", read)
-            out[at:at + len(rows)] = rows
-            at += len(rows)
+        for part in self.parts if wanted else ():
+            by_layer, keep = self._read("attn", part, read), self._kept(part, "token")
+            n = len(by_layer[0]) if keep is None else int(keep.sum())
+            for i, rows in enumerate(by_layer):
+                out[at:at + n, i] = rows if keep is None else rows[keep]
+            at += n
         return out
 
     def layer_groups(self, read_bytes: int = READ_BYTES) -> list[list[int]]:
@@ -304,8 +346,8 @@ class Run:
 
 
 def _fixed_rows(column: pa.ChunkedArray) -> np.ndarray:
-    """A fixed-size-list column as a [rows, size] array."""
-    values = column.combine_chunks()
+    """A fixed-size-list column as a [rows, size] array; a column of one chunk (a part's) without a copy, read-only."""
+    values = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), -1)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from attentropy import load_run
-from attentropy.contrast_controls import position_effects, position_fit
+from attentropy.contrast_controls import position_effects, position_fit, window_differences
 from attentropy.contrasts import analyze_run
 from synthetic import write_synthetic_run
 
@@ -129,3 +129,18 @@ def test_the_position_fit_recovers_any_function_of_position_and_type_beside_answ
     for q in range(4):
         mine = residual[tok.question_id.to_numpy()[fitted] == q]
         assert np.allclose(mine, mine[0]), q
+
+
+def test_window_differences_are_those_of_each_windows_means():
+    """All the windows at once (one sparse product per side) give each window's numpy means in the values' own
+    precision: bit for bit for per-cell values (numpy sums rows in order, as the product does), within rounding for
+    a logit statistic's one value per token (numpy sums a 1-D array pairwise)."""
+    rng = np.random.default_rng(5)
+    windows = [(np.sort(rng.choice(200, rng.integers(1, 4), replace=False)),
+                np.sort(rng.choice(200, rng.integers(1, 17), replace=False))) for _ in range(40)]
+    for values in (rng.normal(size=(200, 3, 5)).astype(np.float32), rng.normal(size=200)):
+        by_hand = np.stack([values[a].mean(axis=0) - values[b].mean(axis=0) for a, b in windows]).astype(float)
+        if values.ndim > 1:
+            assert np.array_equal(window_differences(values, windows), by_hand)
+        np.testing.assert_allclose(window_differences(values, windows), by_hand, rtol=1e-12, atol=1e-15)
+    assert window_differences(np.zeros((5, 2)), []).shape == (0, 2)

@@ -2,6 +2,7 @@
 checked in a real headless Chromium (Debian's chromium + chromedriver, installed by scripts/setup.sh)."""
 
 import io
+import json
 import re
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from attentropy import load_run
 from attentropy.cli import main
 from attentropy.contrasts import analyze_run
+from attentropy.schema import ATTN_STATS
 from synthetic import write_synthetic_run
 
 
@@ -64,20 +66,72 @@ def test_wrong_moment_position_matched_and_normalised(tmp_path):
 
 def test_analysis_layer_by_layer_equals_the_analysis_of_everything_at_once(tmp_path, monkeypatch):
     """`read_bytes` small enough for one layer per read: the same tables (BH over all cells, not per layer), within
-    float32 rounding (means of float32 values summed in another order)."""
+    float32 rounding (means of float32 values summed in another order); every statistic read once per layer,
+    entropy / ln K from entropy's read."""
     run = load_run(write_synthetic_run(tmp_path / "run", n_layers=5, planted=(3, 1), wrong_moment_shift=1.0))
     whole = analyze_run(run, n_boot=50)
     reads = []
     real = type(run).attn
-    monkeypatch.setattr(type(run), "attn", lambda self, stat, layers=None: reads.append(layers) or
-                        real(self, stat, layers))
+    monkeypatch.setattr(type(run), "attn", lambda self, stat, layers=None, **kw: reads.append((stat, *layers)) or
+                        real(self, stat, layers, **kw))
     by_layer = analyze_run(run, n_boot=50, read_bytes=1)
-    assert reads and all(len(layers) == 1 for layers in reads)
+    assert sorted(reads) == sorted((stat, layer) for stat in ATTN_STATS for layer in run.layers)
     pd.testing.assert_frame_equal(whole.comparisons, by_layer.comparisons, rtol=1e-5, atol=1e-6)
     pd.testing.assert_frame_equal(whole.profiles, by_layer.profiles)
     for stat, v in whole.layer_means.items():
         assert np.array_equal(v, by_layer.layer_means[stat])
     assert set(whole.comparisons.control) >= {"none", "length_matched", "correct_baseline"}
+
+
+def test_each_statistic_read_once_and_compared_per_group_equals_the_whole_computation(tmp_path):
+    """The shortcuts of `reduce_stats` against the plain computation on all of a statistic's values at once
+    (`token_values`, every answer and layer): one read of entropy for entropy and entropy / ln K (divided in place,
+    after entropy's comparisons; here two layers of sliding windows), groups of one layer compared on two threads in
+    reused scratch arrays and joined with BH over all their cells, an unparsed answer's tokens left out."""
+    from attentropy.contrasts import (Design, analysed_answers, answer_controls, build_contrasts,
+                                      compare_layer_group, reduce_stats, token_controls, token_values)
+    from attentropy.stats import AnswerGroups, Intervals
+
+    labels = ["incorrect" if i % 3 == 0 else "correct" for i in range(44)] + ["unparsed"]
+    path = write_synthetic_run(tmp_path / "run", labels=labels, n_layers=4, planted=(2, 1), wrong_moment_shift=1.0)
+    config = json.loads((path / "config.json").read_text())
+    config["capture"]["windows"] = [None, 16, None, 8]
+    (path / "config.json").write_text(json.dumps(config))
+    run = load_run(path)
+    answers = analysed_answers(run)
+    by_answer, by_token = build_contrasts(answers, "arith", 8)
+    live = [t for t in by_token if t.contrast.status != "not_computed"]
+    assert live and len(answers.token_rows) < len(run.tokens)
+    design = Design(answers, [a for a in by_answer if a.contrast.status != "not_computed"],
+                    answer_controls(answers, "arith"), live, token_controls(answers, live, 8),
+                    AnswerGroups(answers.token_answers, 8))
+    stats = ("entropy", "entropy_norm", "varentropy", "logprob")
+    intervals = {stat: Intervals() for stat in stats}
+    reduced = reduce_stats(run, stats, [[layer] for layer in run.layers], design, intervals, workers=2)
+    for stat in stats:
+        whole = compare_layer_group(token_values(run, stat)[answers.token_rows], stat, design, intervals[stat])
+        assert list(reduced[stat].comparisons) == list(whole.comparisons)
+        for key, c in whole.comparisons.items():
+            r = reduced[stat].comparisons[key]
+            for name in ("auroc", "cohens_d", "p", "q"):
+                np.testing.assert_allclose(getattr(r, name), getattr(c, name), rtol=1e-9, atol=1e-12,
+                                           err_msg=f"{stat} {key} {name}")
+            for name in ("auroc_ci", "cohens_d_ci"):
+                np.testing.assert_allclose(getattr(r, name), getattr(c, name), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(reduced[stat].answer_means, whole.answer_means, rtol=1e-6)
+        if whole.layer_mean is not None:
+            assert np.array_equal(reduced[stat].layer_mean, whole.layer_mean)
+
+
+def test_scratch_arrays_are_lent_to_one_task_at_a_time_and_reused():
+    from attentropy.contrasts import Scratch
+
+    scratch = Scratch(2, 12)
+    with scratch.array((2, 3)) as a, scratch.array((3, 4)) as b:
+        assert a.shape == (2, 3) and b.shape == (3, 4) and not np.shares_memory(a, b)
+        a[:], b[:] = 1, 2
+    with scratch.array((12,)) as c:
+        assert np.shares_memory(c, a) or np.shares_memory(c, b)
 
 
 def test_small_groups_are_flagged_and_unparsed_answers_excluded(tmp_path):

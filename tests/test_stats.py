@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from attentropy.stats import (answer_aggregates, auroc, benjamini_hochberg, cohens_d, compare_answers,
+from attentropy.stats import (AnswerGroups, answer_aggregates, auroc, benjamini_hochberg, cohens_d, compare_answers,
                               compare_tokens, position_matched, weighted_auroc, weighted_cohens_d)
 
 
@@ -125,3 +125,19 @@ def test_answer_aggregates_and_position_matching():
     q = np.array(["x"] * 5 + ["y"] * 3)
     in_error = np.array([0, 0, 1, 0, 0, 0, 0, 0], bool)
     assert position_matched(q, pos, in_error, window=1).tolist() == [0, 1, 0, 1, 0, 0, 0, 0]
+
+
+def test_answer_groups_aggregate_many_arrays_as_answer_aggregates_each():
+    """The grouping worked out once and its summing matrices kept per aggregation and dtype: each array's aggregates
+    are those of `answer_aggregates` on it alone."""
+    rng = np.random.default_rng(6)
+    qid = np.repeat(np.array(["q3", "q1", "q2", "q0"]), [5, 9, 2, 12])
+    groups = AnswerGroups(qid, k=3)
+    for values in (rng.normal(size=(28, 2, 3)).astype(np.float32), rng.normal(size=28), rng.normal(size=(28, 4))):
+        for how in ("mean", "max", "first_k"):
+            questions, agg = groups.aggregate(values, how)
+            fresh_questions, fresh = answer_aggregates(values, qid, how, k=3)
+            assert questions.tolist() == ["q3", "q1", "q2", "q0"] == fresh_questions.tolist()
+            assert agg.dtype == fresh.dtype and np.array_equal(agg, fresh)
+            np.testing.assert_allclose(agg[1], {"mean": values[5:14].mean(axis=0), "max": values[5:14].max(axis=0),
+                                                "first_k": values[5:8].mean(axis=0)}[how], rtol=1e-6)

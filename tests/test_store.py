@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,6 +95,29 @@ def test_a_directory_with_duplicated_answers_loads_each_question_once(tmp_path):
     np.testing.assert_array_equal(run.hidden(), before.hidden())
     with pytest.warns(UserWarning, match="duplicates"):
         assert main(["report", str(path), "--n-boot", "20", "--quiet"]) == 0
+
+
+def test_attn_parts_are_opened_once_up_to_a_bound_and_read_into_a_given_array(tmp_path, monkeypatch):
+    """`Run.attn` keeps the first ATTN_FILES_OPEN attn parts open (each footer parsed once), opens the others for
+    each read, and fills `out` when given: the same values whichever way."""
+    from attentropy import store
+
+    path = write_synthetic_run(tmp_path / "run", n_questions=64)  # 4 parts
+    expected = load_run(path).attn("varentropy")
+    opened = []
+    real = store.pq.ParquetFile
+    monkeypatch.setattr(store.pq, "ParquetFile", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr(store, "ATTN_FILES_OPEN", 2)
+    run = load_run(path)
+    opened.clear()  # (load_run counts each part's rows)
+    for layers in ([0, 1], [2], [3]):
+        out = np.full((len(run.tokens), len(layers), run.n_heads), np.nan, np.float32)
+        assert run.attn("varentropy", layers, out=out) is out
+        np.testing.assert_array_equal(out, expected[:, layers])
+    attn_opens = [Path(p).name for p in opened if Path(p).parent.name == "attn"]
+    assert sorted(set(attn_opens)) == [f"part-{i:05d}.parquet" for i in range(4)]
+    assert [attn_opens.count(f"part-{i:05d}.parquet") for i in range(4)] == [1, 1, 3, 3]
+    assert len(run._attn_files) == 2
 
 
 def damage(path, how):
