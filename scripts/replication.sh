@@ -5,7 +5,7 @@
 # Gemma Terms of Use), each on facts and arith, graded, an instrument fitted per model, then one report of the four
 # runs with the Replication section.
 #   bash scripts/replication.sh [OUT]        (default OUT: runs; the report: OUT/replication/report.html)
-# Sizes: GEMMA_FACTS (default 440, as ./run.sh), GEMMA_ARITH (default 220; the kinds of 1-2 steps), GEMMA_ARITH_TOKENS
+# Sizes: GEMMA_FACTS (default 680, as ./run.sh), GEMMA_ARITH (default 440; the kinds of 1-2 steps), GEMMA_ARITH_TOKENS
 # (default 256).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,11 +14,11 @@ bash scripts/setup.sh
 out="${1:-runs}"
 threads="${ATTENTROPY_THREADS:-$(nproc)}"
 smol="$out/smollm2-135m" gemma="$out/gemma3-270m"
-.venv/bin/attentropy run --benchmark facts --limit 440 --out "$smol/facts" --threads "$threads"
-.venv/bin/attentropy run --benchmark arith --limit 220 --max-new-tokens 256 --out "$smol/arith" --threads "$threads"
-.venv/bin/attentropy run --model gemma3-270m --benchmark facts --limit "${GEMMA_FACTS:-440}" --out "$gemma/facts" \
+.venv/bin/attentropy run --benchmark facts --limit 680 --out "$smol/facts" --threads "$threads"
+.venv/bin/attentropy run --benchmark arith --limit 440 --max-new-tokens 256 --out "$smol/arith" --threads "$threads"
+.venv/bin/attentropy run --model gemma3-270m --benchmark facts --limit "${GEMMA_FACTS:-680}" --out "$gemma/facts" \
   --threads "$threads"
-.venv/bin/attentropy run --model gemma3-270m --benchmark arith --difficulty 1-2 --limit "${GEMMA_ARITH:-220}" \
+.venv/bin/attentropy run --model gemma3-270m --benchmark arith --difficulty 1-2 --limit "${GEMMA_ARITH:-440}" \
   --max-new-tokens "${GEMMA_ARITH_TOKENS:-256}" --out "$gemma/arith" --threads "$threads"
 .venv/bin/attentropy grade "$smol/facts" "$smol/arith" "$gemma/facts" "$gemma/arith"
 .venv/bin/attentropy fit "$smol/facts" "$smol/arith" --out "$smol/instrument"
