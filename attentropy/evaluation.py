@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,8 +60,10 @@ def outer_splits(a: Answers, rows: np.ndarray, n_splits: int = OUTER_FOLDS, seed
                               f"{pd.Series(labels).value_counts().to_dict()})")
     fold = np.empty(len(rows), int)
     splitter = StratifiedGroupKFold(n, shuffle=True, random_state=seed)
-    for i, (_, test) in enumerate(splitter.split(rows, strata, a.answers.group.to_numpy()[rows])):
-        fold[test] = i
+    with warnings.catch_warnings():  # a few not-attempted answers cannot be in every fold: expected, not a fault
+        warnings.filterwarnings("ignore", "The least populated class in y", UserWarning)
+        for i, (_, test) in enumerate(splitter.split(rows, strata, a.answers.group.to_numpy()[rows])):
+            fold[test] = i
     return fold
 
 
