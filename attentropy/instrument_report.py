@@ -192,6 +192,29 @@ def instrument_section(probe: Path, fig_dir: Path) -> str:
 
 
 
+def instrument_verdict(probes: list[Path]) -> str:
+    """The report's opening lines where instruments are given: per instrument (one per model) and task, its
+    verdict against the strongest baseline in distribution, then on a kind and a source of question left out of
+    fitting (the first lines of `instrument_findings`), so that a reader learns first whether attention adds
+    anything over the strongest baseline."""
+    import pandas as pd
+
+    from .instrument import load_instrument
+
+    items = []
+    for probe in probes:
+        inst = load_instrument(probe)
+        meta = inst.meta
+        ev = pd.read_csv(probe / "evaluation.csv")
+        model = f"{inst.identity['name']}, " if len(probes) > 1 else ""
+        for task, rows in ev.groupby("task", sort=False):
+            lines = instrument_findings(rows, meta["evaluation"]["summary"][task])
+            shown = [lines[0]] + [line for line in lines if "left out of fitting" in line]
+            items.append(f"<li><b>{html.escape(model + task)}</b>: " + " ".join(shown) + "</li>")
+    return ("<h2 id=verdict>The instrument in short</h2><p class=meta>From the Instrument section below: every "
+            "figure out of fold, Δ paired.</p><ul>" + "".join(items) + "</ul>") if items else ""
+
+
 def instrument_findings(rows, summary: dict) -> list[str]:
     """Plain sentences on one task's evaluation: in distribution against the strongest baseline and control,
     within and across question kinds, the shuffled-label control, selective answering."""
@@ -242,12 +265,13 @@ def instrument_findings(rows, summary: dict) -> list[str]:
         means = held.loc["auroc"]
         free_best = means.loc[training_free(means.index)].value.idxmax()
         gain = held.loc[("auroc_gain_of_instrument", free_best)]
-        worse = gain.value < 0
+        verdict = ("" if gain.value >= 0 else
+                   f": <b>on a new {by} of question the training-free score is the better one</b>" if gain.hi < 0 else
+                   f": <b>on a new {by} of question the instrument is no better than the training-free score</b>, "
+                   "which costs nothing")
         lines.append(f"On a question {by} left out of fitting ({means.subset.iloc[0]}) the instrument's mean AUROC "
                      f"is {cell(means.loc[PRIMARY])} against {cell(means.loc[free_best])} for the best training-free "
-                     f"score, {free_best} (instrument − it {cell(gain)})" + (
-                         ": <b>on a new kind of question the training-free score is the better one; fit the "
-                         "instrument on the kinds of questions it will score</b>." if worse else "."))
+                     f"score, {free_best} (instrument − it {cell(gain)}){verdict}.")
     lines += [f"Shuffled-label control (must be at chance): {cell(auc.loc[m])}."
               for m in of_family("sanity", auc.index)]
     sel = rows[rows.evaluation == "selective"]

@@ -18,7 +18,7 @@ from .data import FACTUAL, FREE
 from .grade import GSM8K_LABELS, SIMPLEQA_LABELS
 from .stats import WINDOW, Intervals
 from .html_blocks import figure, html_table, side_by_side
-from .instrument_report import attach_out_of_fold_confidence, instrument_section
+from .instrument_report import attach_out_of_fold_confidence, instrument_section, instrument_verdict
 from .replication import replication_section
 from .store import load_run
 
@@ -68,7 +68,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, i
     replication = replication_section(analyses, probes, out / "figures" / "replication", n_boot=n_boot, seed=seed)
     path = out / "report.html"
     tmp = path.with_name("report.html.tmp")
-    tmp.write_text(_html(analyses, figures, replication + instrument), encoding="utf-8")
+    tmp.write_text(_html(analyses, figures, replication + instrument, instrument_verdict(probes)), encoding="utf-8")
     os.replace(tmp, path)
     return path
 
@@ -350,12 +350,13 @@ def viewer_data(a: Analysis, max_answers: int = MAX_VIEWER_ANSWERS) -> dict:
 # ---------------------------------------------------------------- html
 
 
-def _html(analyses: list[Analysis], figures: list[dict], instrument: str = "") -> str:
+def _html(analyses: list[Analysis], figures: list[dict], instrument: str = "", verdict: str = "") -> str:
     esc = html.escape
     parts = [f"<h1>attentropy report</h1><p class=meta>{esc(', '.join(a.name for a in analyses))} · generated "
              f"{time.strftime('%Y-%m-%d %H:%M')} by attentropy {__version__}. Every figure's numbers are in "
              "<code>figures/</code> beside this file (PNG + CSV; all tests in "
              f"<code>comparisons.csv</code>/<code>.parquet</code>).</p>"]
+    parts.append(verdict)  # where instruments are given, whether attention adds anything comes first
     parts.append(findings_section(analyses))
     parts.append("<h2>Runs</h2>" + side_by_side([
         f"<h3>{esc(a.name)}</h3><table>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>"

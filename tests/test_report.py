@@ -195,6 +195,12 @@ def test_report_files_and_text(report):
     # the findings open with the verdict against the strongest baseline
     first_finding = section[section.index("<ul><li>", section.index("<h3>")) + 8:]
     assert first_finding.startswith(("<b>Attention adds nothing measurable", "<b>The instrument is above"))
+    # and so does the report: the instrument's verdict per task before everything else
+    verdict = html[html.index("<h2 id=verdict>"):html.index("<h2 id=findings>")]
+    assert html.index("<h2 id=verdict>") < html.index("<h2 id=findings>") < html.index("<h2 id=instrument>")
+    for task in ("factual", "math"):
+        item = verdict[verdict.index(f"<li><b>{task}</b>: ") + len(f"<li><b>{task}</b>: "):]
+        assert item.startswith(("<b>Attention adds nothing measurable", "<b>The instrument is above")), task
     for name in ("roc", "reliability", "coverage", "prefix"):
         assert (report / "figures" / "instrument" / "factual" / f"{name}.png").exists()
     assert (report / "figures" / "instrument" / "math" / "tokens.csv").exists()
