@@ -5,10 +5,8 @@
 
 from __future__ import annotations
 
-import math
-import queue
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -22,15 +20,14 @@ from .contrast_controls import (PositionFit, answer_strata, has_digit, length_bi
                                 position_reference, template_tokens, window_differences, wrong_moment_windows)
 from .stats import (WINDOW, AnswerGroups, Comparison, Intervals, benjamini_hochberg, compare_answers,
                     compare_answers_stratified, compare_tokens, position_matched, resample_counts)
+from .statistic_values import DERIVED, LOGIT_STATS, Scratch, log_keys, reads
 from .store import READ_BYTES
-from .windows import attended_keys, run_windows
 
 AGGREGATIONS = ("mean", "max", "first_k")
 FIRST_K = 8  # tokens of the `first_k` aggregation
 MIN_QUESTIONS_TO_CONCLUDE = 10  # questions per group below which the report says "too small to conclude"
 PROFILE_STATS = ("entropy", "varentropy", "entropy_norm")
 LAYER_MEAN_STATS = ("entropy", "varentropy", "entropy_norm")  # kept per token and layer for the figures and viewer
-LOGIT_STATS = ("logit_entropy", "logit_varentropy", "logprob")
 
 
 @dataclass
@@ -88,38 +85,6 @@ def contrasts_of(benchmark: str) -> list[tuple[str, str, tuple[str, ...], tuple[
 
 
 CONTROLLED_STATS = ("entropy", "varentropy", "entropy_norm", *LOGIT_STATS)  # the statistics with controlled rows
-
-
-DERIVED = {"entropy_norm": "entropy"}  # a statistic computed from another's values: one read gives both
-
-
-def log_keys(run, layers: list[int] | None = None) -> np.ndarray:
-    """[n_tokens, len(layers)] float32: ln K (at least ln 2), K the keys the layer's row attends to (the visible
-    keys, at most a sliding window: `windows.attended_keys`); entropy / ln K is `entropy_norm`, the fraction of the
-    maximal entropy, which removes the growth with position."""
-    layers = list(run.layers) if layers is None else [int(layer) for layer in layers]
-    windows = dict(zip(run.layers, run_windows(run.config)))
-    keys = attended_keys(run.tokens["n_keys"].to_numpy(), [windows.get(layer) for layer in layers])
-    return np.log(np.maximum(keys, 2.0)).astype(np.float32)
-
-
-def token_values(run, stat: str, layers: list[int] | None = None) -> np.ndarray:
-    """Per-token values of a statistic: attention stats [n_tokens, len(layers), H] (default: all recorded layers);
-    `entropy_norm` = entropy / ln K (`log_keys`); logit stats [n_tokens]."""
-    if stat in LOGIT_STATS:
-        return run.tokens[stat].to_numpy(np.float64)
-    if stat in DERIVED:
-        return run.attn(DERIVED[stat], layers) / log_keys(run, layers)[:, :, None]
-    return run.attn(stat, layers)
-
-
-def reads(stats: tuple[str, ...]) -> dict[str, list[str]]:
-    """Statistic read -> the statistics of `stats` computed from its values, itself first (entropy -> entropy,
-    entropy_norm): each statistic is read once."""
-    out: dict[str, list[str]] = {}
-    for stat in sorted(stats, key=lambda s: s in DERIVED):
-        out.setdefault(DERIVED.get(stat, stat), []).append(stat)
-    return out
 
 
 def _join_along_layers(parts: list[np.ndarray]) -> np.ndarray:
@@ -422,25 +387,6 @@ def join_layer_groups(parts: list[Reduced]) -> Reduced:
     return Reduced({key: concat_comparisons([p.comparisons[key] for p in parts]) for key in parts[0].comparisons},
                    _join_along_layers([p.answer_means for p in parts]),
                    None if parts[0].layer_mean is None else np.concatenate([p.layer_mean for p in parts], axis=1))
-
-
-class Scratch:
-    """Float32 arrays for the values of a group of layers, one per task running at once, each passed on to the next
-    task: a new array of a few hundred MB for every group had the kernel zero its pages every time (a tenth of a
-    report's CPU time at the quarter size of bench/scale.py)."""
-
-    def __init__(self, n: int, size: int):
-        self.free: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(n):
-            self.free.put(np.empty(size, np.float32))
-
-    @contextmanager
-    def array(self, shape: tuple[int, ...]):
-        flat = self.free.get()
-        try:
-            yield flat[:math.prod(shape)].reshape(shape)
-        finally:
-            self.free.put(flat)
 
 
 def reduce_group(run, read: str, stats: list[str], group: list[int] | None, design: Design,

@@ -70,9 +70,9 @@ def grade_run(run_dir: str | Path, *, judge: str | None = None, critic: str | No
     failure is counted in the metrics (`failed_calls`) and asked again on the next run; an endpoint that cannot be
     used at all stops the grading at its first call (EndpointError). Replies are bounded by `max_tokens`.
     `skip_damaged`: grade the intact batches of a run with damaged ones. One `grade` per run directory at a time
-    (DIR/grade.lock, as `store.writer_lock`): a second is refused, so the reply cache and the grades are written
+    (DIR/grade.lock, as `writer_lock.writer_lock`): a second is refused, so the reply cache and the grades are written
     by one process."""
-    from .store import writer_lock
+    from .writer_lock import writer_lock
 
     with writer_lock(run_dir, "attentropy grade", name="grade.lock"):
         return _grade_run(Path(run_dir), judge=judge, critic=critic, base_url=base_url, api_key_env=api_key_env,

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, plots
-from .contrasts import AGGREGATIONS, FIRST_K, LOGIT_STATS, MIN_QUESTIONS_TO_CONCLUDE, Analysis, analyze_run
+from .contrasts import AGGREGATIONS, FIRST_K, MIN_QUESTIONS_TO_CONCLUDE, Analysis, analyze_run
 from .contrast_controls import CONTROLS
 from .data import FACTUAL, FREE
 from .grade import GSM8K_LABELS, SIMPLEQA_LABELS
+from .statistic_values import LOGIT_STATS
 from .stats import WINDOW, Intervals
 from .html_blocks import figure, html_table, side_by_side
 from .instrument_report import attach_out_of_fold_confidence, instrument_section, instrument_verdict

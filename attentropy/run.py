@@ -12,7 +12,8 @@ from tqdm import tqdm
 from .data import load_questions, protocol_kind
 from .model import DEFAULT_MODEL, load_model
 from .prompts import BASE, MATH_SHOTS, MATH_USER_TEMPLATE, MAX_NEW_TOKENS, run_protocol
-from .store import done_question_ids, load_run, read_config, scan_parts, set_aside, write_json, writer_lock
+from .store import done_question_ids, load_run, read_config, scan_parts, set_aside, write_json
+from .writer_lock import writer_lock
 from .worker import Settings, generate_into, model_config
 
 # Settings that change what a stored token means: a rerun into the same directory must repeat them.

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from .run import IDENTITY_KEYS
-from .store import RunDirectoryError, append_batch, read_config, scan_parts, set_aside, write_json, writer_lock
+from .store import RunDirectoryError, append_batch, read_config, scan_parts, set_aside, write_json
+from .writer_lock import writer_lock
 from .worker import model_config
 
 log = logging.getLogger("attentropy.serve")

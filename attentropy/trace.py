@@ -120,7 +120,7 @@ def trace_page(out: str | Path, stat: str = "entropy") -> Path:
 def trace_text(out: str | Path, stat: str = "entropy", layer: int | None = None) -> str:
     """The traced answer with each token on a background by `stat` (attention statistics: mean over heads of
     `layer`, or over all layers), from low (dark) to high (bright) within the answer, and a legend."""
-    from .contrasts import LOGIT_STATS, token_values
+    from .statistic_values import LOGIT_STATS, token_values
     from .schema import ATTN_STATS
     from .store import load_run
 

@@ -19,7 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from attentropy.facts import DROPPED, KINDS, facts_pool
+from attentropy.facts import facts_pool
+from attentropy.facts_kinds import DROPPED, KINDS
 from attentropy.store import load_run
 
 LOW, HIGH = 0.15, 0.85  # the default suite keeps the kinds whose correct rate lies between these

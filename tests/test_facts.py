@@ -8,7 +8,8 @@ import pytest
 
 from attentropy import facts
 from attentropy.data import DataError, load_questions, make_facts, question_kind
-from attentropy.facts import DEFAULT_KINDS, DROPPED, KINDS, FactsError, facts_pool, ordered_facts
+from attentropy.facts import FactsError, facts_pool, ordered_facts
+from attentropy.facts_kinds import DEFAULT_KINDS, DROPPED, KINDS
 from attentropy.simpleqa import grade_simpleqa_offline, normalise
 
 # kinds whose source holds fewer than 60 questions (each a bound of the data, not a choice)

@@ -89,7 +89,8 @@ def test_each_statistic_read_once_and_compared_per_group_equals_the_whole_comput
     after entropy's comparisons; here two layers of sliding windows), groups of one layer compared on two threads in
     reused scratch arrays and joined with BH over all their cells, an unparsed answer's tokens left out."""
     from attentropy.contrasts import (Design, analysed_answers, answer_controls, build_contrasts,
-                                      compare_layer_group, reduce_stats, token_controls, token_values)
+                                      compare_layer_group, reduce_stats, token_controls)
+    from attentropy.statistic_values import token_values
     from attentropy.stats import AnswerGroups, Intervals
 
     labels = ["incorrect" if i % 3 == 0 else "correct" for i in range(44)] + ["unparsed"]
@@ -124,7 +125,7 @@ def test_each_statistic_read_once_and_compared_per_group_equals_the_whole_comput
 
 
 def test_scratch_arrays_are_lent_to_one_task_at_a_time_and_reused():
-    from attentropy.contrasts import Scratch
+    from attentropy.statistic_values import Scratch
 
     scratch = Scratch(2, 12)
     with scratch.array((2, 3)) as a, scratch.array((3, 4)) as b:

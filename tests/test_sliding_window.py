@@ -184,7 +184,7 @@ def test_a_run_records_the_windows_and_normalises_by_the_attended_keys(tmp_path,
     from transformers import Gemma3ForCausalLM
 
     from attentropy.answers import load_answers
-    from attentropy.contrasts import token_values
+    from attentropy.statistic_values import token_values
     from attentropy.detectors.head_entropy import shannon_entropy
     from attentropy.run import run_benchmark
     from attentropy.store import load_run

@@ -16,7 +16,8 @@ import pytest
 from attentropy import load_run
 from attentropy.cli import main
 from attentropy.run import run_benchmark
-from attentropy.store import LOCK_NAME, STALE_AFTER_S, RunDirectoryError, writer_lock
+from attentropy.store import RunDirectoryError
+from attentropy.writer_lock import LOCK_NAME, STALE_AFTER_S, writer_lock
 from synthetic import write_synthetic_run
 
 
