@@ -34,9 +34,11 @@ def attach_out_of_fold_confidence(a: Analysis, probe: str | Path, run) -> None:
 
 
 
-def instrument_section(probe: Path, fig_dir: Path) -> str:
+def instrument_section(probe: Path, fig_dir: Path) -> tuple[str, list[tuple[str, str, list[str]]]]:
     """The Instrument section: what was fitted, the metrics of every method on the same out-of-fold answers,
-    in and out of distribution, selective answering, prefix and token confidence, with figures."""
+    in and out of distribution, selective answering, prefix and token confidence, with figures. Also, per task,
+    (model, task, verdict lines) for `instrument_verdict`: against the strongest baseline, then out of kind and
+    source."""
     import pandas as pd
 
     from .instrument import load_instrument
@@ -66,6 +68,7 @@ def instrument_section(probe: Path, fig_dir: Path) -> str:
     roles = {m: d["role"] for m, d in meta["methods"].items()}
     descriptions = {m: d["description"] for m, d in meta["methods"].items()}
     descriptions.update({f"token:{m}": d["description"] for m, d in meta["token_methods"].items()})
+    verdicts = []
     for task, rows in ev.groupby("task", sort=False):
         summary = meta["evaluation"]["summary"][task]
         best_logit = summary["best_logit_baseline"]
@@ -76,7 +79,9 @@ def instrument_section(probe: Path, fig_dir: Path) -> str:
                      + f"; folds and intervals grouped by content: {summary.get('groups', '?')} groups, "
                      f"{summary.get('near_duplicates', '?')} answers share theirs with another question (the same "
                      "computation under other names, or the same gold answer of a kind).</p>")
-        parts.append("<ul>" + "".join(f"<li>{line}</li>" for line in instrument_findings(rows, summary)) + "</ul>")
+        findings = instrument_findings(rows, summary)
+        verdicts.append((str(inst.identity["name"]), task, [findings[0], *held_out_findings(rows)]))
+        parts.append("<ul>" + "".join(f"<li>{line}</li>" for line in findings) + "</ul>")
         ind = rows[rows.evaluation == "in_distribution"]
         held = {by: rows[(rows.evaluation == f"leave_one_{by}_out_mean") & (rows.metric == "auroc")]
                 .set_index("method") for by in ("kind", "source")}
@@ -188,29 +193,17 @@ def instrument_section(probe: Path, fig_dir: Path) -> str:
                 f"{task}: token confidence, wrong moment vs other tokens"), "token confidence by comparison")]))
         parts.append("<p class=meta>Methods: " + "; ".join(
             f"<b>{esc(m)}</b> ({esc(roles[m])}): {esc(descriptions[m])}" for m in roles) + ".</p>")
-    return "".join(parts)
+    return "".join(parts), verdicts
 
 
 
-def instrument_verdict(probes: list[Path]) -> str:
+def instrument_verdict(verdicts: list[tuple[str, str, list[str]]], name_models: bool = False) -> str:
     """The report's opening lines where instruments are given: per instrument (one per model) and task, its
     verdict against the strongest baseline in distribution, then on a kind and a source of question left out of
-    fitting (the first lines of `instrument_findings`), so that a reader learns first whether attention adds
-    anything over the strongest baseline."""
-    import pandas as pd
-
-    from .instrument import load_instrument
-
-    items = []
-    for probe in probes:
-        inst = load_instrument(probe)
-        meta = inst.meta
-        ev = pd.read_csv(probe / "evaluation.csv")
-        model = f"{inst.identity['name']}, " if len(probes) > 1 else ""
-        for task, rows in ev.groupby("task", sort=False):
-            lines = instrument_findings(rows, meta["evaluation"]["summary"][task])
-            shown = [lines[0]] + [line for line in lines if "left out of fitting" in line]
-            items.append(f"<li><b>{html.escape(model + task)}</b>: " + " ".join(shown) + "</li>")
+    fitting (`instrument_section`'s verdicts), so that a reader learns first whether attention adds anything over
+    the strongest baseline. `name_models`: each line names its model (one instrument per model)."""
+    items = [f"<li><b>{html.escape(f'{model}, {task}' if name_models else task)}</b>: " + " ".join(lines) + "</li>"
+             for model, task, lines in verdicts]
     return ("<h2 id=verdict>The instrument in short</h2><p class=meta>From the Instrument section below: every "
             "figure out of fold, Δ paired.</p><ul>" + "".join(items) + "</ul>") if items else ""
 
@@ -218,7 +211,7 @@ def instrument_verdict(probes: list[Path]) -> str:
 def instrument_findings(rows, summary: dict) -> list[str]:
     """Plain sentences on one task's evaluation: in distribution against the strongest baseline and control,
     within and across question kinds, the shuffled-label control, selective answering."""
-    from .detectors import PRIMARY, cheap, is_competitor, of_family, training_free
+    from .detectors import PRIMARY, cheap, is_competitor, of_family
     from .evaluation import MIN_PER_CLASS_TO_CONCLUDE as MIN_PER_CLASS
     from .evaluation import headlines
 
@@ -258,6 +251,27 @@ def instrument_findings(rows, summary: dict) -> list[str]:
         lines.append(f"Within the kinds with at least {MIN_PER_CLASS} correct and {MIN_PER_CLASS} incorrect "
                      f"answers the instrument is above every logit, kind and length baseline in {sum(wins)} of "
                      f"{len(wins)}.")
+    lines += held_out_findings(rows)
+    lines += [f"Shuffled-label control (must be at chance): {cell(auc.loc[m])}."
+              for m in of_family("sanity", auc.index)]
+    sel = rows[rows.evaluation == "selective"]
+    f = sel[sel.metric == "f_score"].set_index("method")
+    if PRIMARY in f.index:
+        gain = sel[sel.metric == "f_score_gain_of_instrument"].set_index("method")
+        rival = f.drop(index=["answer_everything", PRIMARY]).value.idxmax()
+        lines.append(f"Selective answering, F-score: answering everything {cell(f.loc['answer_everything'])}, "
+                     f"abstaining by the instrument {cell(f.loc[PRIMARY])} (gain {cell(gain.loc['answer_everything'])})"
+                     f", by the best other method, {rival}, {cell(f.loc[rival])} (instrument − it: "
+                     f"{cell(gain.loc[rival])}).")
+    return lines
+
+
+def held_out_findings(rows) -> list[str]:
+    """One task's sentences on a question kind and a question source left out of fitting: the instrument's mean
+    AUROC against the best training-free score's, with their paired difference."""
+    from .detectors import PRIMARY, training_free
+
+    lines = []
     for by in ("kind", "source"):
         held = rows[rows.evaluation == f"leave_one_{by}_out_mean"].set_index(["metric", "method"])
         if not len(held):
@@ -272,16 +286,4 @@ def instrument_findings(rows, summary: dict) -> list[str]:
         lines.append(f"On a question {by} left out of fitting ({means.subset.iloc[0]}) the instrument's mean AUROC "
                      f"is {cell(means.loc[PRIMARY])} against {cell(means.loc[free_best])} for the best training-free "
                      f"score, {free_best} (instrument − it {cell(gain)}){verdict}.")
-    lines += [f"Shuffled-label control (must be at chance): {cell(auc.loc[m])}."
-              for m in of_family("sanity", auc.index)]
-    sel = rows[rows.evaluation == "selective"]
-    f = sel[sel.metric == "f_score"].set_index("method")
-    if PRIMARY in f.index:
-        gain = sel[sel.metric == "f_score_gain_of_instrument"].set_index("method")
-        rival = f.drop(index=["answer_everything", PRIMARY]).value.idxmax()
-        lines.append(f"Selective answering, F-score: answering everything {cell(f.loc['answer_everything'])}, "
-                     f"abstaining by the instrument {cell(f.loc[PRIMARY])} (gain {cell(gain.loc['answer_everything'])})"
-                     f", by the best other method, {rival}, {cell(f.loc[rival])} (instrument − it: "
-                     f"{cell(gain.loc[rival])}).")
     return lines
-

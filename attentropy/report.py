@@ -61,15 +61,17 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None, *, i
         analyses.append(a)
         figures.append(_draw(a, fig_dir))
     out.mkdir(parents=True, exist_ok=True)
-    instrument = ""
+    instrument, verdicts = "", []
     for i, p in enumerate(probes):
         if progress:
             print(f"[report] the instrument {p}")
-        instrument += instrument_section(p, out / "figures" / ("instrument" if len(probes) == 1 else f"instrument{i}"))
+        section, verdict = instrument_section(p, out / "figures" / ("instrument" if len(probes) == 1
+                                                                    else f"instrument{i}"))
+        instrument, verdicts = instrument + section, verdicts + verdict
     replication = replication_section(analyses, probes, out / "figures" / "replication", n_boot=n_boot, seed=seed)
     path = out / "report.html"
     tmp = path.with_name("report.html.tmp")
-    tmp.write_text(_html(analyses, figures, replication + instrument, instrument_verdict(probes)), encoding="utf-8")
+    tmp.write_text(_html(analyses, figures, replication + instrument, instrument_verdict(verdicts, len(probes) > 1)), encoding="utf-8")
     os.replace(tmp, path)
     return path
 
