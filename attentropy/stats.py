@@ -375,14 +375,6 @@ class AnswerGroups:
         return self.questions[self.rows], out[self.rows].reshape(len(self.questions), *values.shape[1:])
 
 
-def answer_aggregates(values: np.ndarray, question_ids: np.ndarray, how: str = "mean", k: int = 8
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """(questions, [n_questions, *cells]) of per-token `values` aggregated per answer: `mean` over its tokens,
-    `max`, or `first_k` (mean of its first k tokens; tokens must be in answer order). Questions keep the order
-    of their first token. Many arrays of the same tokens: `AnswerGroups`."""
-    return AnswerGroups(question_ids, k).aggregate(values, how)
-
-
 WINDOW = 8  # positions either side of the wrong moment that count as "nearby"
 
 

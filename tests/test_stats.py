@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from attentropy.stats import (AnswerGroups, answer_aggregates, auroc, benjamini_hochberg, cohens_d, compare_answers,
+from attentropy.stats import (AnswerGroups, auroc, benjamini_hochberg, cohens_d, compare_answers,
                               compare_tokens, position_matched, weighted_auroc, weighted_cohens_d)
 
 
@@ -115,11 +115,11 @@ def test_token_contrast_finds_a_planted_wrong_moment_effect():
     assert c.significant.tolist() == [False, True, False] and c.n_positive == 30
 
 
-def test_answer_aggregates_and_position_matching():
+def test_answer_groups_aggregates_and_position_matching():
     qid = np.array(["b", "b", "b", "a", "a"])
     v = np.array([[1.0], [5.0], [3.0], [2.0], [4.0]])
     for how, expected in (("mean", [[3.0], [3.0]]), ("max", [[5.0], [4.0]]), ("first_k", [[3.0], [3.0]])):
-        questions, agg = answer_aggregates(v, qid, how, k=2)
+        questions, agg = AnswerGroups(qid, k=2).aggregate(v, how)
         assert questions.tolist() == ["b", "a"] and agg.tolist() == expected
     pos = np.array([0, 1, 2, 3, 4, 0, 1, 2])
     q = np.array(["x"] * 5 + ["y"] * 3)
@@ -127,16 +127,16 @@ def test_answer_aggregates_and_position_matching():
     assert position_matched(q, pos, in_error, window=1).tolist() == [0, 1, 0, 1, 0, 0, 0, 0]
 
 
-def test_answer_groups_aggregate_many_arrays_as_answer_aggregates_each():
+def test_answer_groups_aggregate_many_arrays_as_a_fresh_grouping_each():
     """The grouping worked out once and its summing matrices kept per aggregation and dtype: each array's aggregates
-    are those of `answer_aggregates` on it alone."""
+    are those of a fresh `AnswerGroups` on it alone."""
     rng = np.random.default_rng(6)
     qid = np.repeat(np.array(["q3", "q1", "q2", "q0"]), [5, 9, 2, 12])
     groups = AnswerGroups(qid, k=3)
     for values in (rng.normal(size=(28, 2, 3)).astype(np.float32), rng.normal(size=28), rng.normal(size=(28, 4))):
         for how in ("mean", "max", "first_k"):
             questions, agg = groups.aggregate(values, how)
-            fresh_questions, fresh = answer_aggregates(values, qid, how, k=3)
+            fresh_questions, fresh = AnswerGroups(qid, k=3).aggregate(values, how)
             assert questions.tolist() == ["q3", "q1", "q2", "q0"] == fresh_questions.tolist()
             assert agg.dtype == fresh.dtype and np.array_equal(agg, fresh)
             np.testing.assert_allclose(agg[1], {"mean": values[5:14].mean(axis=0), "max": values[5:14].max(axis=0),
