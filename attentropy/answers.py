@@ -14,10 +14,9 @@ import pandas as pd
 
 from .data import FREE, MATH, protocol_kind, question_kind
 from .schema import ATTN_STATS
+from .token_attention import ATTN_FEATURES, IN_MEMORY_BYTES, TokenAttention, concat_attention, normalised_attention
 from .windows import attended_keys, run_windows
 
-# the normalised attention statistics every feature is made of
-ATTN_FEATURES = ("entropy_norm", "varentropy_norm", "sink_mass", "prompt_mass", "diag_mass", "prev_mass")
 TOKEN_LOGIT = ("logprob", "logit_entropy", "logit_varentropy")
 
 
@@ -37,7 +36,7 @@ class Answers:
     #                        start; y: 1 correct, 0 incorrect, -1 neither (not attempted, unparsed, ungraded)
     tokens: pd.DataFrame  # answer (row of `answers`), pos, token, logprob, logit_entropy, logit_varentropy, n_keys,
     #                       target: 1 wrong moment, 0 not, -1 unknown (an incorrect answer without a located span)
-    attn: dict[str, np.ndarray]  # ATTN_FEATURES -> [n_tokens, L, H] float32
+    attn: TokenAttention  # ATTN_FEATURES -> [n_tokens, L, H] float32, held or read a group of layers at a time
     layers: list[int]
     n_heads: int
     hidden: dict[str, np.ndarray] = field(default_factory=dict)  # last_prompt, answer_mean -> [n_answers, L_h, d]
@@ -75,7 +74,7 @@ class Answers:
         answers["start"] = np.r_[0, np.cumsum(answers.n_tokens.to_numpy())[:-1]].astype(int)
         tokens = self.tokens.iloc[token_rows].reset_index(drop=True)
         tokens["answer"] = np.repeat(np.arange(len(answers)), answers.n_tokens.to_numpy())
-        return Answers(answers, tokens, {k: v[token_rows] for k, v in self.attn.items()}, self.layers, self.n_heads,
+        return Answers(answers, tokens, self.attn.take(token_rows), self.layers, self.n_heads,
                        {k: v[answer_rows] for k, v in self.hidden.items()}, self.hidden_layers,
                        None if self.hidden_tokens is None else self.hidden_tokens[token_rows],
                        self.hidden_token_layers, self.windows,
@@ -102,27 +101,19 @@ def _normal(text: str) -> str:
     return " ".join(str(text).lower().split())
 
 
-def normalised_attention(stat_arrays: dict[str, np.ndarray], keys: np.ndarray) -> dict[str, np.ndarray]:
-    """ATTN_FEATURES from the stored statistics: entropy / ln K and varentropy / (ln K)^2, K the keys each layer's
-    row attends to (`keys` [n_tokens, L]: the visible keys, at most a sliding window; the maximal entropy of K
-    keys is ln K and the maximal varentropy grows like (ln K)^2, so raw values rise with position), masses as
-    they are."""
-    log_k = np.log(np.maximum(np.asarray(keys, np.float32), 2.0))[:, :, None]
-    out = {"entropy_norm": stat_arrays["entropy"] / log_k, "varentropy_norm": stat_arrays["varentropy"] / log_k ** 2}
-    out.update({k: stat_arrays[k] for k in ("sink_mass", "prompt_mass", "diag_mass", "prev_mass")})
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
-
-
-def load_answers(run_dirs: list[str | Path], *, require_labels: bool = True, skip_damaged: bool = False
-                 ) -> tuple[Answers, list[dict], dict]:
+def load_answers(run_dirs: list[str | Path], *, require_labels: bool = True, skip_damaged: bool = False,
+                 in_memory_bytes: int = IN_MEMORY_BYTES) -> tuple[Answers, list[dict], dict]:
     """The answers of graded runs of one model, one description per run (path, fingerprint, benchmark, labels)
-    and the model's identity (`model_identity`). `skip_damaged`: read the intact batches of a damaged run."""
+    and the model's identity (`model_identity`). `skip_damaged`: read the intact batches of a damaged run. The
+    attention statistics are held when they take at most `in_memory_bytes`, else read from the runs a group of
+    layers at a time whenever a feature is computed (`TokenAttention`)."""
     from .store import load_run
 
     parts, infos = [], []
     model = None
-    for run_dir in run_dirs:
-        run = load_run(run_dir, skip_damaged=skip_damaged)
+    runs = [load_run(run_dir, skip_damaged=skip_damaged) for run_dir in run_dirs]
+    held = sum(attention_bytes(run) for run in runs) <= in_memory_bytes
+    for run in runs:
         if require_labels and "label" not in run.samples:
             raise InstrumentError(f"{run.path} has no labels: run `attentropy grade {run.path}` first")
         identity = model_identity(run.config, run.layers, run.n_heads)
@@ -132,9 +123,8 @@ def load_answers(run_dirs: list[str | Path], *, require_labels: bool = True, ski
             raise InstrumentError(f"{run.path} is a run of {identity}, not of {model} like the runs before it; an "
                                   "instrument belongs to one model")
         infos.append(run_info(run))
-        stat_arrays = {s: run.attn(s) for s in ATTN_STATS}
-        part = _answers_of(run.samples, run.tokens, stat_arrays, run.layers, run.n_heads, str(run.path),
-                           hidden_of(run), run_windows(run.config), run.prompt_diagonal)
+        part = _answers_of(run.samples, run.tokens, run_attention(run, held), run.layers, run.n_heads,
+                           str(run.path), hidden_of(run), run_windows(run.config), run.prompt_diagonal)
         part.answers["run_fingerprint"] = infos[-1]["fingerprint"]
         parts.append(part)
     if not parts:
@@ -143,6 +133,17 @@ def load_answers(run_dirs: list[str | Path], *, require_labels: bool = True, ski
     out.answers["group"] = content_groups(out.answers.question.to_numpy(), out.answers.pop("content").to_numpy(),
                                           out.answers.pop("gold").to_numpy())
     return out, infos, model
+
+
+def attention_bytes(run) -> int:
+    """Bytes of a run's attention features held in memory (float32)."""
+    return len(run.tokens) * len(run.layers) * run.n_heads * len(ATTN_FEATURES) * 4
+
+
+def run_attention(run, held: bool):
+    """What `_answers_of` makes a run's `TokenAttention` of: its stored statistics, or (`held` False) the run to read
+    them from."""
+    return {s: run.attn(s) for s in ATTN_STATS} if held else run
 
 
 def content_groups(questions: np.ndarray, contents: np.ndarray, golds: np.ndarray) -> np.ndarray:
@@ -181,10 +182,11 @@ def hidden_of(run) -> dict:
     return out
 
 
-def _answers_of(samples: pd.DataFrame, tokens: pd.DataFrame, stat_arrays: dict[str, np.ndarray], layers, n_heads,
-                run_name: str, hidden: dict | None = None, windows: list | None = None,
-                prompt_diagonal: tuple | None = None) -> Answers:
-    """Answers of one run (rows in the order of its tokens; `hidden`: `hidden_of`'s fields, `prompt_diagonal`:
+def _answers_of(samples: pd.DataFrame, tokens: pd.DataFrame, attention, layers, n_heads, run_name: str,
+                hidden: dict | None = None, windows: list | None = None, prompt_diagonal: tuple | None = None
+                ) -> Answers:
+    """Answers of one run (rows in the order of its tokens; `attention`: the stored statistics (name -> [n_tokens,
+    L, H]) or the run to read them from, `run_attention`; `hidden`: `hidden_of`'s fields, `prompt_diagonal`:
     `Run.prompt_diagonal`, aligned with `samples` and `tokens`; `windows`: the layers' sliding windows,
     `windows.run_windows`)."""
     benchmark = samples.benchmark.iloc[0] if len(samples) else ""
@@ -225,8 +227,10 @@ def _answers_of(samples: pd.DataFrame, tokens: pd.DataFrame, stat_arrays: dict[s
     if prompt_diagonal is not None:
         hidden.update(prompt_log_diag=prompt_diagonal[0][sample_rows], prompt_diag_rows=prompt_diagonal[1][sample_rows])
     windows = list(windows or [None] * len(layers))
-    return Answers(answers, tok, normalised_attention(stat_arrays, attended_keys(tok.n_keys.to_numpy(), windows)),
-                   list(layers), n_heads, **hidden, windows=windows)
+    keys = attended_keys(tok.n_keys.to_numpy(), windows)
+    attn = (TokenAttention(list(layers), n_heads, normalised_attention(attention, keys)) if isinstance(attention, dict)
+            else TokenAttention.read([attention], keys))
+    return Answers(answers, tok, attn, list(layers), n_heads, **hidden, windows=windows)
 
 
 def concat_answers(parts: list[Answers]) -> Answers:
@@ -236,8 +240,8 @@ def concat_answers(parts: list[Answers]) -> Answers:
                         ignore_index=True)
     tokens = pd.concat([p.tokens.assign(answer=p.tokens.answer + o) for p, o in zip(parts, offsets)],
                        ignore_index=True)
-    attn = {k: np.concatenate([p.attn[k] for p in parts]) for k in ATTN_FEATURES}
-    out = Answers(answers, tokens, attn, parts[0].layers, parts[0].n_heads, windows=parts[0].windows)
+    out = Answers(answers, tokens, concat_attention([p.attn for p in parts]), parts[0].layers, parts[0].n_heads,
+                  windows=parts[0].windows)
     # hidden states only where every run kept the same ones
     if all(p.hidden and p.hidden_layers == parts[0].hidden_layers for p in parts):
         out.hidden = {k: np.concatenate([p.hidden[k] for p in parts]) for k in parts[0].hidden}

@@ -118,13 +118,15 @@ SCORE_METRICS = {"auroc": weighted_auroc_rows, "auprc": weighted_average_precisi
 def score_metrics(confidence: np.ndarray, y: np.ndarray, boot_weights: np.ndarray,
                   metrics: tuple[str, ...] = tuple(SCORE_METRICS)) -> dict[str, tuple[float, float, float]]:
     """metric -> (value, 95 % lo, hi) of one confidence score; the intervals from `boot_weights` [B, n] (e.g.
-    `stats.group_counts`), the same rows for every score compared, so differences between scores can be paired."""
+    `stats.group_counts`), the same rows for every score compared, so differences between scores can be paired; or
+    a function that applies a function of weights [b, n] -> [b] to every replicate and returns [B]."""
     confidence, y = np.asarray(confidence, float), np.asarray(y, float)
     ones = np.ones((1, len(y)))
+    over_replicates = boot_weights if callable(boot_weights) else (lambda fn: fn(boot_weights))
     out = {}
     for name in metrics:
         fn = SCORE_METRICS[name]
         value = float(fn(confidence, y, ones)[0])
-        lo, hi = np.nanpercentile(fn(confidence, y, boot_weights), [2.5, 97.5])
+        lo, hi = np.nanpercentile(over_replicates(lambda w: fn(confidence, y, w)), [2.5, 97.5])
         out[name] = (value, float(lo), float(hi))
     return out

@@ -297,13 +297,18 @@ def discrimination_rows(task: str, evaluation: str, subset: str, confidences: pd
     n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
     if min(n_pos, n_neg) < MIN_PER_CLASS:
         return []
-    weights = stats.group_counts(groups, n_boot, seed)
+    counts, index = stats.group_draws(groups, n_boot, seed)
+    held = [counts[:, index]] if n_boot * len(index) * 8 <= stats.BOOT_BYTES else None  # else a block at a time
+
+    def over_replicates(fn):  # fn(weights [b, n]) -> [b], over every replicate
+        return np.concatenate([fn(w) for w in (held or stats.weight_blocks(counts, index))])
+
     rows, boot_auc = [], {}
     for method in confidences:
         conf = confidences[method].to_numpy(float)
-        for metric, (value, lo, hi) in confidence_metrics.score_metrics(conf, y, weights, metrics).items():
+        for metric, (value, lo, hi) in confidence_metrics.score_metrics(conf, y, over_replicates, metrics).items():
             rows.append(_row(task, evaluation, subset, method, roles[method], metric, value, lo, hi, n_pos, n_neg))
-        boot_auc[method] = confidence_metrics.weighted_auroc_rows(conf, y, weights)
+        boot_auc[method] = over_replicates(lambda w: confidence_metrics.weighted_auroc_rows(conf, y, w))
     if PRIMARY in boot_auc:
         point = {m: r["value"] for r in rows if r["metric"] == "auroc" for m in [r["method"]]}
         for method, boot in boot_auc.items():

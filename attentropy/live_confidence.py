@@ -91,7 +91,7 @@ def _next_token(a: AnswerSoFar, row: np.ndarray, p: float, prev_mass: np.ndarray
     """Add one token to an answer's running state: `row` its attention statistics per layer x head and logit
     statistics [6 * L * H + 3], `p` its probability, `prev_mass` [L_mid, H] the RAUQ layers' attention to the
     previous token. Returns the answer's prefix inputs at this token: the pooled features ([6 * L * H + 4] float32,
-    as `features.prefix_features`) and RAUQ's features ([2, L_mid, H], as `rauq.rauq_prefix_features`)."""
+    as `features.prefix_features`) and RAUQ's features ([2, L_mid, H], as `rauq.rauq_prefix_uncertainty` reads them)."""
     first = a.n == 0
     a.n += 1
     a.sums = row.astype(np.float64) if first else a.sums + row

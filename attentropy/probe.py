@@ -33,6 +33,9 @@ class LinearProbe:
     penalty: str = "l2"
 
     def decision(self, X: np.ndarray) -> np.ndarray:
+        if hasattr(X, "project"):  # features too large to hold (`features.PrefixFeatures`): read projected
+            weights = self.coef / self.scale
+            return X.project(weights)[:, 0] - self.mean @ weights + self.intercept
         return ((np.asarray(X, np.float64) - self.mean) / self.scale) @ self.coef + self.intercept
 
     def confidence(self, X: np.ndarray) -> np.ndarray:

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .answers import _answers_of, answers_from_generations, model_identity, run_info
+from .answers import _answers_of, answers_from_generations, attention_bytes, model_identity, run_attention, run_info
+from .token_attention import IN_MEMORY_BYTES
 from .data import MATH
 
 if TYPE_CHECKING:
@@ -24,7 +25,6 @@ def score_run(instrument: Instrument, run_dir: str | Path, skip_damaged: bool = 
     samples.answer_confidence). Returns the scores."""
     import pyarrow.parquet as pq
 
-    from .schema import ATTN_STATS
     from .store import load_run, write_confidence, write_json
     from .windows import run_windows
 
@@ -37,8 +37,8 @@ def score_run(instrument: Instrument, run_dir: str | Path, skip_damaged: bool = 
     if not len(run.tokens):
         return pd.DataFrame(columns=["question_id", "pos", "confidence", "prefix_confidence"])
     tokens = run.tokens.drop(columns=[c for c in ("confidence", "prefix_confidence") if c in run.tokens])
-    a = _answers_of(run.samples, tokens, {s: run.attn(s) for s in ATTN_STATS}, run.layers, run.n_heads,
-                    str(run.path), windows=run_windows(run.config))
+    a = _answers_of(run.samples, tokens, run_attention(run, attention_bytes(run) <= IN_MEMORY_BYTES), run.layers,
+                    run.n_heads, str(run.path), windows=run_windows(run.config))
     scores = instrument.score(a)
     (Path(run_dir) / "confidence").mkdir(exist_ok=True)
     start = 0

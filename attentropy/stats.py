@@ -102,12 +102,30 @@ def resample_counts(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray
     return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)
 
 
+def group_draws(groups: np.ndarray, n_boot: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(counts [n_boot, n_groups], index [n]): how often each group (question) is drawn per bootstrap replicate, and
+    each item's group; an item weighs as often as its group was drawn (`group_counts`)."""
+    _, index = np.unique(np.asarray(groups), return_inverse=True)
+    return resample_counts(np.random.default_rng(seed), index.max() + 1, n_boot), index
+
+
 def group_counts(groups: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
     """[n_boot, n] bootstrap weights that resample *groups* (questions): an item weighs as often as its group was
     drawn, so all answers (or tokens) of a question come and go together."""
-    _, index = np.unique(np.asarray(groups), return_inverse=True)
-    counts = resample_counts(np.random.default_rng(seed), index.max() + 1, n_boot)
+    counts, index = group_draws(groups, n_boot, seed)
     return counts[:, index]
+
+
+BOOT_BYTES = 256 * 2 ** 20  # `weight_blocks`: a block of replicates' weights takes about this much
+
+
+def weight_blocks(counts: np.ndarray, index: np.ndarray, max_bytes: int = BOOT_BYTES):
+    """`group_counts`' rows (from `group_draws`) a block of replicates at a time ([b, n], at most about `max_bytes`),
+    in order: for items too many to hold every replicate's weights (GSM8K's tokens on Llama 3.2 90B: 266k tokens x
+    1,000 replicates, 2 GB)."""
+    per = max(1, max_bytes // (8 * len(index)))
+    for start in range(0, len(counts), per):
+        yield counts[start:start + per][:, index]
 
 
 @dataclass

@@ -6,12 +6,14 @@ writer (`store.append_batch`), with labels, a planted head and critic spans in t
 and 1x the size (default 1x: GSM8K's 1,319 answers x ~200 tokens). Then, each in its own process so that its peak
 memory is its own: `load_run`, `attn` of one statistic at one layer and at all layers, `analyze_run`, the command
 `attentropy report DIR` at its default settings (clustered intervals), and the previous method's report beside it,
-`attentropy report DIR --interval bootstrap --n-boot N` (`previous`). Prints time and peak RSS per step and size, the
+`attentropy report DIR --interval bootstrap --n-boot N` (`previous`), and the instrument: `attentropy fit DIR` (every
+method evaluated and the instrument fitted, its features read a group of layers at a time) and `attentropy score
+--probe PROBE DIR` (`fit`, `score`; not among the default steps). Prints time and peak RSS per step and size, the
 time per token (linear growth: the same at every size), the report's speed-up over the previous method, bytes per
 token on disk and the write rate.
 
     .venv/bin/python bench/scale.py [--answers 1319] [--tokens 200] [--sizes 0.25,0.5,1] [--out DIR]
-        [--steps write,load,attn,report,previous] [--previous-n-boot 1000]
+        [--steps write,load,attn,report,previous,fit,score] [--previous-n-boot 1000] [--fit-n-boot 1000]
 
 --out DIR keeps the runs (DIR/answers-N; an existing one is reused unless `write` is a step); without it they go to
 a temporary directory removed at the end (1x: about 14 GB on disk). --steps chooses the steps (default
@@ -164,8 +166,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="0.25,0.5,1", help="fractions of --answers")
     parser.add_argument("--out", type=Path, help="keep the runs here (DIR/answers-N)")
     parser.add_argument("--steps", default="write,load,attn,report,previous",
-                        help="of write,load,attn,analyze,report,previous (analyze: analyze_run alone, which report "
-                             "includes; previous: the report with --interval bootstrap)")
+                        help="of write,load,attn,analyze,report,previous,fit,score (analyze: analyze_run alone, which "
+                             "report includes; previous: the report with --interval bootstrap; fit, score: the "
+                             "instrument)")
+    parser.add_argument("--fit-n-boot", type=int, default=1000, help="attentropy fit's --n-boot")
     parser.add_argument("--previous-n-boot", type=int, default=1000, help="the bootstrap's replicates in previous")
     parser.add_argument("--previous-sizes", help="run previous at these of --sizes only (default: all)")
     parser.add_argument("--step", nargs=2, metavar=("NAME", "DIR"), help=argparse.SUPPRESS)
@@ -198,6 +202,13 @@ def main() -> None:
             previous_sizes = args.previous_sizes.split(",") if args.previous_sizes else args.sizes.split(",")
             if "previous" in steps and float(fraction) in map(float, previous_sizes):
                 row["previous"] = measured(report + ["--interval", "bootstrap", "--n-boot", str(args.previous_n_boot)])
+            probe = root / f"instrument-{n}"
+            if "fit" in steps:
+                row["fit"] = measured([sys.executable, "-m", "attentropy.cli", "fit", str(path), "--out", str(probe),
+                                       "--force", "--n-boot", str(args.fit_n_boot)])
+            if "score" in steps:
+                row["score"] = measured([sys.executable, "-m", "attentropy.cli", "score", "--probe", str(probe),
+                                         str(path)])
             row.setdefault("tokens", row.get("load", {}).get("tokens") or stored_tokens(path))
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -212,7 +223,7 @@ def main() -> None:
             print(f"{row['answers']:>8} {row['tokens']:>9} {'write':>10} {row['write_s']:>9.1f} "
                   f"{1e6 * row['write_s'] / row['tokens']:>9.1f} {'':>9}   {row['bytes_per_token']:.0f} B/token "
                   f"(attn), {row['write_mb_s']:.0f} MB/s, {row['disk_gb']:.2f} GB")
-        for name in ("load", "attn", "analyze", "report", "previous"):
+        for name in ("load", "attn", "analyze", "report", "previous", "fit", "score"):
             if name in row:
                 r = row[name]
                 s = r.get("seconds", r["wall_seconds"])

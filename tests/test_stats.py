@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from attentropy import stats
 from attentropy.stats import (AnswerGroups, auroc, benjamini_hochberg, cohens_d, compare_answers,
                               compare_tokens, position_matched, weighted_auroc, weighted_cohens_d)
 
@@ -141,3 +142,13 @@ def test_answer_groups_aggregate_many_arrays_as_a_fresh_grouping_each():
             assert agg.dtype == fresh.dtype and np.array_equal(agg, fresh)
             np.testing.assert_allclose(agg[1], {"mean": values[5:14].mean(axis=0), "max": values[5:14].max(axis=0),
                                                 "first_k": values[5:8].mean(axis=0)}[how], rtol=1e-6)
+
+
+def test_bootstrap_weights_a_block_of_replicates_at_a_time_are_the_same_rows():
+    groups = np.repeat(np.arange(30), 7)[np.random.default_rng(1).permutation(210)]
+    whole = stats.group_counts(groups, 100, seed=3)
+    counts, index = stats.group_draws(groups, 100, seed=3)
+    blocks = list(stats.weight_blocks(counts, index, max_bytes=8 * 210 * 16))
+    assert [len(b) for b in blocks] == [16] * 6 + [4]
+    np.testing.assert_array_equal(np.concatenate(blocks), whole)
+    assert (whole.reshape(100, -1).sum(axis=1) == 210).all()  # each replicate draws 30 groups of 7

@@ -26,7 +26,7 @@ from ..features import answer_features, answer_logit_statistics, prefix_features
 from ..probe import platt, sigmoid
 from .detector import Detector
 from .fitting import Fitted
-from .rauq import rauq_features, rauq_prefix_features, rauq_uncertainty
+from .rauq import rauq_features, rauq_prefix_uncertainty, rauq_uncertainty
 
 ANCHORS = ("mean_logprob", "logit_entropy", "rauq")  # training-free, higher = more confident
 KS = (0, 2, 8, 32)  # attention features in the correction (0: the anchor alone)
@@ -45,10 +45,14 @@ def anchored_inputs(a) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def anchored_prefix_inputs(a) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`anchored_inputs` of each answer's tokens up to and including this one: [n_tokens, ...]."""
-    pooled = prefix_features(a)
-    anchors = np.column_stack([pooled[:, -4], -pooled[:, -2], -rauq_uncertainty(rauq_prefix_features(a))])
-    return anchors, pooled, a.answers.kind.to_numpy().astype(str)[a.answer_of_token]
+    """`anchored_inputs` of each answer's tokens up to and including this one: [n_tokens, ...] (the pooled features
+    an array, or `features.PrefixFeatures` when the answers' attention is read from the runs). Computed once."""
+    def compute(a):
+        pooled = prefix_features(a)
+        logit = pooled[:, [-4, -2]]
+        anchors = np.column_stack([logit[:, 0], -logit[:, 1], -rauq_prefix_uncertainty(a)])
+        return anchors, pooled, a.answers.kind.to_numpy().astype(str)[a.answer_of_token]
+    return a.memo("anchored_prefix_inputs", compute)
 
 
 def within_kind_auroc(X: np.ndarray, y: np.ndarray, kinds: np.ndarray) -> np.ndarray:
@@ -117,11 +121,12 @@ class AnchoredModel:
                    (float(a), float(b)))
 
 
-def fit_anchored_model(anchors, attention, y, kinds, anchor: int, k: int, C: float) -> AnchoredModel:
-    """The anchor plus the `k` most stable attention features of these kinds, the correction L2-shrunk by `C`."""
+def fit_anchored_model(anchors, attention, y, kinds, anchor: int, k: int, C: float, order=None) -> AnchoredModel:
+    """The anchor plus the `k` most stable attention features of these kinds (`order`: their `stable_order`, when
+    computed already), the correction L2-shrunk by `C`."""
     from sklearn.linear_model import LogisticRegression
 
-    columns = stable_order(attention, y, kinds)[:k]
+    columns = (stable_order(attention, y, kinds) if order is None else order)[:k]
     X = np.column_stack([anchors[:, anchor], attention[:, columns]])
     mean, scale = X.mean(0), X.std(0)
     scale[scale < 1e-12] = 1.0
@@ -179,8 +184,10 @@ def fit_anchored_on(X, y: np.ndarray) -> Fitted:
         held = np.zeros((len(candidates), len(y)))
         for j, kind in enumerate(usable):
             train, test = kinds != kind, kinds == kind
+            order = stable_order(attention[train], y[train], kinds[train])  # the same for every candidate
             for i, (k, C) in enumerate(candidates):
-                model = fit_anchored_model(anchors[train], attention[train], y[train], kinds[train], anchor, k, C)
+                model = fit_anchored_model(anchors[train], attention[train], y[train], kinds[train], anchor, k, C,
+                                           order)
                 held[i, test] = model.decision(anchors[test], attention[test])
                 per_kind[i, j] = _mean_within_kind_auroc(held[i, test], y[test], kinds[test])
         gain = per_kind - per_kind[0]  # paired with the anchor alone, kind by kind

@@ -19,16 +19,26 @@ def shannon_entropy(a) -> np.ndarray:
     return a.attn["entropy_norm"] * np.log(np.maximum(a.keys, 2))[:, :, None]
 
 
+def _per_head(a, reduce) -> np.ndarray:
+    """[n_answers, L * H]: `reduce(nats [n_tokens, l * H])` -> [n_answers, l * H] of each group of layers."""
+    keys, n_heads = a.keys, a.n_heads
+    out = np.empty((len(a.answers), len(a.layers), n_heads))
+    for positions, values in a.attn.groups("entropy_norm"):
+        nats = values * np.log(np.maximum(keys[:, positions], 2))[:, :, None]  # as `shannon_entropy`
+        out[:, positions] = reduce(nats.reshape(len(nats), -1)).reshape(len(out), len(positions), n_heads)
+    return out.reshape(len(out), -1)
+
+
 def entropy_over_answer(a) -> np.ndarray:
     """[n_answers, L * H]: each head's attention entropy averaged over the answer's tokens."""
-    per_token = shannon_entropy(a).reshape(len(a.tokens), -1).astype(np.float64)
-    return segment_means(per_token, a.answers.start.to_numpy(), a.answers.n_tokens.to_numpy())
+    starts, counts = a.answers.start.to_numpy(), a.answers.n_tokens.to_numpy()
+    return _per_head(a, lambda nats: segment_means(nats.astype(np.float64), starts, counts))
 
 
 def entropy_before_answer(a) -> np.ndarray:
     """[n_answers, L * H]: each head's attention entropy at the row that predicts the answer's first token."""
     first = a.answers.start.to_numpy()
-    return shannon_entropy(a)[first].reshape(len(first), -1)
+    return _per_head(a, lambda nats: nats[first])
 
 
 HEAD_ENTROPY = Detector("head_entropy", "answer", "baseline", "head_entropy",

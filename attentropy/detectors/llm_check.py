@@ -31,9 +31,11 @@ from .detector import Detector
 from .fitting import fit_best_column, fit_fixed
 
 
-def answer_log_diag(a) -> np.ndarray:
-    """[n_tokens, L, H] float64: ln of each answer row's attention on its own token (0 floored at 1e-30)."""
-    return np.log(np.maximum(a.attn["diag_mass"].astype(np.float64), 1e-30))
+def _log_diag_groups(a):
+    """(layer positions, [n_tokens, l, H] float64) per group of layers: ln of each answer row's attention on its own
+    token (0 floored at 1e-30)."""
+    for positions, values in a.attn.groups("diag_mass"):
+        yield positions, np.log(np.maximum(values.astype(np.float64), 1e-30))
 
 
 def whole_sequence_log_diag(a) -> tuple[np.ndarray, np.ndarray]:
@@ -44,8 +46,11 @@ def whole_sequence_log_diag(a) -> tuple[np.ndarray, np.ndarray]:
                          "these runs did not record (config.json's capture has no prompt_log_diag: runs written "
                          "before it was); rerun them, or use llm_check_answer_rows")
     starts, counts = a.answers.start.to_numpy(), a.answers.n_tokens.to_numpy()
-    answer_sums = np.add.reduceat(answer_log_diag(a), starts, axis=0) if len(starts) else a.prompt_log_diag[:0]
-    return a.prompt_log_diag + answer_sums, a.prompt_diag_rows + counts
+    sums = a.prompt_log_diag.copy()
+    if len(starts):
+        for positions, log_diag in _log_diag_groups(a):
+            sums[:, positions] += np.add.reduceat(log_diag, starts, axis=0)
+    return sums, a.prompt_diag_rows + counts
 
 
 def llm_check_scores(a) -> np.ndarray:
@@ -72,8 +77,11 @@ def llm_check_polygraph_scores(a) -> np.ndarray:
 def llm_check_answer_rows_scores(a) -> np.ndarray:
     """[n_answers, L]: the variant, per layer the sum over heads of the mean over the answer's rows only of
     ln(attention on the own token)."""
-    log_diag = answer_log_diag(a).sum(axis=2)  # [n_tokens, L]
-    return segment_means(log_diag, a.answers.start.to_numpy(), a.answers.n_tokens.to_numpy())
+    starts, counts = a.answers.start.to_numpy(), a.answers.n_tokens.to_numpy()
+    out = np.empty((len(starts), len(a.layers)))
+    for positions, log_diag in _log_diag_groups(a):
+        out[:, positions] = segment_means(log_diag.sum(axis=2), starts, counts)  # the heads' sum per row, then means
+    return out
 
 
 LLM_CHECK = Detector("llm_check", "answer", "baseline", "llm_check",

@@ -22,12 +22,12 @@ def rauq_layers(layers: list[int]) -> list[int]:
 RAUQ_ALPHA = 0.5  # the recurrence's weight of the token's own probability (the RAUQ paper's choice for instruct models)
 
 
-def rauq_token_terms(a, alpha: float = RAUQ_ALPHA) -> tuple[np.ndarray, np.ndarray]:
-    """Per token, layer of the middle third and head [n_tokens, L_mid * H]: -ln c_i with c_1 = p_1,
-    c_i = alpha p_i + (1 - alpha) a_(i,i-1) c_(i-1) (p_i the token's probability, a_(i,i-1) that head's attention to
-    the previous token), and a_(i,i-1) where token i-1 was generated (else 0)."""
-    mid = rauq_layers(a.layers)
-    prev = a.attn["prev_mass"][:, mid].astype(np.float64)  # [n_tokens, L_mid, H]
+def rauq_token_terms(a, prev: np.ndarray, alpha: float = RAUQ_ALPHA) -> tuple[np.ndarray, np.ndarray]:
+    """Per token, layer and head of `prev` ([n_tokens, l, H]: attention to the previous token at some layers of the
+    middle third) [n_tokens, l * H]: -ln c_i with c_1 = p_1, c_i = alpha p_i + (1 - alpha) a_(i,i-1) c_(i-1) (p_i the
+    token's probability, a_(i,i-1) that head's attention to the previous token), and a_(i,i-1) where token i-1 was
+    generated (else 0)."""
+    prev = prev.astype(np.float64)
     p = np.exp(a.tokens.logprob.to_numpy(np.float64))[:, None, None]
     pos = a.tokens.pos.to_numpy()
     log_c = np.zeros_like(prev)
@@ -41,25 +41,35 @@ def rauq_token_terms(a, alpha: float = RAUQ_ALPHA) -> tuple[np.ndarray, np.ndarr
     return -log_c.reshape(len(prev), n_cells), inside
 
 
+def _rauq_groups(a, alpha: float):
+    """(positions in the middle third [l], `rauq_token_terms` [n_tokens, l * H] each) per group of layers."""
+    mid = rauq_layers(a.layers)
+    for positions, prev in a.attn.groups("prev_mass", mid):
+        yield positions - mid[0], *rauq_token_terms(a, prev, alpha)
+
+
 def rauq_features(a, alpha: float = RAUQ_ALPHA) -> np.ndarray:
     """[n_answers, 2, L_mid, H]: per answer, layer of the middle third and head, the RAUQ uncertainty -mean_i ln c_i
     (`rauq_token_terms`) and (second) the answer's summed attention to the previous token over its tokens after the
     first (both generated), from which each layer's head is chosen."""
-    neg_log_c, inside = rauq_token_terms(a, alpha)
     starts, counts = a.answers.start.to_numpy(), a.answers.n_tokens.to_numpy()
-    uncertainty = segment_means(neg_log_c, starts, counts)
-    prev_sum = np.add.reduceat(inside, starts, axis=0) if len(starts) else inside[:0]
-    shape = (len(rauq_layers(a.layers)), a.attn["prev_mass"].shape[2])
-    return np.stack([uncertainty, prev_sum], axis=1).reshape(len(starts), 2, *shape)
+    out = np.empty((len(starts), 2, len(rauq_layers(a.layers)), a.n_heads))
+    for positions, neg_log_c, inside in _rauq_groups(a, alpha):
+        out[:, 0, positions] = segment_means(neg_log_c, starts, counts).reshape(len(starts), len(positions), -1)
+        out[:, 1, positions] = (np.add.reduceat(inside, starts, axis=0) if len(starts) else inside[:0]).reshape(
+            len(starts), len(positions), -1)
+    return out
 
 
-def rauq_prefix_features(a, alpha: float = RAUQ_ALPHA) -> np.ndarray:
-    """[n_tokens, 2, L_mid, H]: `rauq_features` of each answer's tokens up to and including this one."""
-    neg_log_c, inside = rauq_token_terms(a, alpha)
+def rauq_prefix_uncertainty(a, alpha: float = RAUQ_ALPHA) -> np.ndarray:
+    """[n_tokens]: `rauq_uncertainty` of each answer's tokens up to and including this one."""
+    out = np.full(len(a.tokens), -np.inf)
     counts = (a.tokens.pos.to_numpy() + 1)[:, None]
-    uncertainty, prev_sum = prefix_means(neg_log_c, a), prefix_means(inside, a) * counts
-    shape = (len(rauq_layers(a.layers)), a.attn["prev_mass"].shape[2])
-    return np.stack([uncertainty, prev_sum], axis=1).reshape(len(neg_log_c), 2, *shape)
+    for positions, neg_log_c, inside in _rauq_groups(a, alpha):
+        shape = (len(neg_log_c), 2, len(positions), a.n_heads)
+        feats = np.stack([prefix_means(neg_log_c, a), prefix_means(inside, a) * counts], axis=1).reshape(shape)
+        out = np.maximum(out, rauq_uncertainty(feats))  # the largest over the layers, group by group
+    return out
 
 
 def rauq_uncertainty(feats: np.ndarray) -> np.ndarray:
