@@ -69,8 +69,11 @@ def _report(args) -> None:
 def _fit(args) -> None:
     from .instrument import fit_instrument, format_evaluation
 
+    from .clustered_intervals import threads
+
     out = fit_instrument(args.dirs, args.out, transfer=args.transfer or [], n_boot=args.n_boot, seed=args.seed,
-                         force=args.force, skip_damaged=args.skip_damaged, progress=not args.quiet)
+                         force=args.force, skip_damaged=args.skip_damaged, progress=not args.quiet,
+                         jobs=args.jobs or threads())
     print(format_evaluation(out))
 
 
@@ -245,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--seed", type=int, default=0, help="folds, bootstrap and shuffled-label control")
     fit.add_argument("--force", action="store_true", help="refit even if PROBE is up to date with the runs")
     fit.add_argument("--quiet", action="store_true")
+    fit.add_argument("--jobs", type=int, help="processes that fit held-out kinds and sources at once (default: one "
+                                              "per core; the same results whatever their number)")
     fit.add_argument("--skip-damaged", action="store_true",
                        help="read the intact batches of a run with damaged ones (which are named)")
     fit.set_defaults(func=_fit)

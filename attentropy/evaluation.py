@@ -157,19 +157,23 @@ def cross_validate(a: Answers, rows: np.ndarray, *, detectors: dict[str, Detecto
 
 
 def leave_one_out(a: Answers, rows: np.ndarray, *, by: str = "kind", detectors: dict[str, Detector] | None = None,
-                  seed: int = 0, progress=None) -> pd.DataFrame:
+                  seed: int = 0, progress=None, jobs: int = 1) -> pd.DataFrame:
     """Out-of-kind confidences: each question kind (`by="kind"`), or every kind of one data source together
     (`by="source"`, a larger shift), scored by the detectors fitted on the others only (the kinds the instrument
     will meet are not the ones it was fitted on). Empty where fewer than two exist. Only for detectors evaluated
-    out of kind (not those that read the kind: a kind left out has no column of its own)."""
+    out of kind (not those that read the kind: a kind left out has no column of its own). `jobs`: held-out kinds
+    fitted at once, each in its own process (the same confidences as one at a time)."""
+    from joblib import Parallel, delayed
+
     detectors = answer_detectors(a) if detectors is None else detectors
     detectors = {name: d for name, d in detectors.items() if d.out_of_kind}
     held = a.answers[by].to_numpy()[rows]  # the kind or source of each answer
-    y = a.answers.y.to_numpy()
+    y, groups = a.answers.y.to_numpy(), a.answers.group.to_numpy()
     feats = {name: d.inputs(a, kinds_of(a)) for name, d in detectors.items()}
     out = pd.DataFrame(index=rows, columns=list(detectors), dtype=float)
     if len(np.unique(held)) < 2:
         return out.iloc[:0]
+    splits = []
     for left_out in np.unique(held):
         train = rows[(held != left_out) & (y[rows] >= 0)]
         test = rows[held == left_out]
@@ -177,12 +181,22 @@ def leave_one_out(a: Answers, rows: np.ndarray, *, by: str = "kind", detectors: 
             continue
         if min((y[test] == 1).sum(), (y[test] == 0).sum()) < MIN_PER_CLASS_HELD_OUT:
             continue  # too small to measure on: reported as such by held_out_mean_rows, nothing fitted for it
-        for name, d in detectors.items():
-            if progress:
-                progress(f"leave out {left_out}: {name}")
-            fitted = d.fit(take(feats[name], train), y[train], a.answers.group.to_numpy()[train], seed=seed)
-            out.loc[test, name] = fitted.confidence(take(feats[name], test))
+        splits.append((left_out, train, test))
+    scored = Parallel(n_jobs=min(jobs, len(splits)) or 1, return_as="generator")(
+        delayed(_fit_and_score)(detectors, feats, y, groups, train, test, seed) for _, train, test in splits)
+    for (left_out, _, test), confidences in zip(splits, scored):
+        if progress:
+            progress(f"left out {left_out}")
+        for name, confidence in confidences.items():
+            out.loc[test, name] = confidence
     return out
+
+
+def _fit_and_score(detectors: dict[str, Detector], feats: dict, y: np.ndarray, groups: np.ndarray,
+                   train: np.ndarray, test: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Each detector fitted on the `train` answers, its confidences of the `test` answers."""
+    return {name: d.fit(take(feats[name], train), y[train], groups[train], seed=seed).confidence(
+        take(feats[name], test)) for name, d in detectors.items()}
 
 
 def held_out_mean_rows(task: str, by: str, predictions: pd.DataFrame, answers: pd.DataFrame, roles: dict, *,
@@ -378,17 +392,18 @@ def selective_rows(task: str, confidence: pd.DataFrame, thresholds: pd.DataFrame
     return rows
 
 
-def evaluate(a: Answers, task: str, *, n_boot: int = 1000, seed: int = 0, progress=None
+def evaluate(a: Answers, task: str, *, n_boot: int = 1000, seed: int = 0, progress=None, jobs: int = 1
              ) -> tuple[pd.DataFrame, dict]:
     """The whole evaluation of one task's answers: rows of (evaluation, subset, method, metric, value, interval)
-    and the out-of-fold predictions behind them (for figures and the token viewer)."""
+    and the out-of-fold predictions behind them (for figures and the token viewer). `jobs`: held-out kinds (and
+    sources) fitted at once, in as many processes."""
     rows = np.flatnonzero(a.answers.task.to_numpy() == task)
     cv = cross_validate(a, rows, seed=seed, progress=progress)
-    loko = leave_one_out(a, rows, seed=seed, progress=progress)
+    loko = leave_one_out(a, rows, seed=seed, progress=progress, jobs=jobs)
     answers = a.answers.iloc[rows]
     # every kind of one source held out together: only where some source has several kinds (else it is loko)
     several = answers.groupby("source").kind.nunique().max() > 1 and answers.source.nunique() > 1
-    loso = leave_one_out(a, rows, by="source", seed=seed, progress=progress) if several else loko.iloc[:0]
+    loso = leave_one_out(a, rows, by="source", seed=seed, progress=progress, jobs=jobs) if several else loko.iloc[:0]
     roles, token_roles = _roles(answer_detectors(a)), _roles(token_detectors(a))
     y, groups, kinds = answers.y.to_numpy(), answers.group.to_numpy(), answers.kind.to_numpy()
     lab = y >= 0

@@ -173,9 +173,10 @@ def up_to_date(out: str | Path, infos: list[dict], n_boot: int, seed: int, trans
 
 def fit_instrument(run_dirs: list[str | Path], out: str | Path, *, transfer: list[str | Path] = (),
                    n_boot: int = 1000, seed: int = 0, force: bool = False, skip_damaged: bool = False,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, jobs: int = 1) -> Path:
     """`attentropy fit`: evaluate every method by content-grouped cross-validation on the graded runs, fit the
-    instrument on all of them and write the instrument directory `out`."""
+    instrument on all of them and write the instrument directory `out`. `jobs`: processes that fit the held-out
+    kinds (and sources) at once (the same instrument and evaluation whatever their number)."""
     from . import __version__
     from .provenance import git_commit, package_versions
     from .store import _write_parquet, load_run, write_json
@@ -206,7 +207,7 @@ def fit_instrument(run_dirs: list[str | Path], out: str | Path, *, transfer: lis
         say(f"{task}: {len(a.answers)} answers, {len(a.tokens)} tokens from {len(dirs)} run(s); 5-fold "
             "cross-validation grouped by content, every method")
         tick = time.perf_counter()
-        rows, preds = evaluate(a, task, n_boot=n_boot, seed=seed)
+        rows, preds = evaluate(a, task, n_boot=n_boot, seed=seed, jobs=jobs)
         say(f"{task}: folds and intervals grouped by content: {preds['summary']['groups']} groups; "
             f"{preds['summary']['near_duplicates']} answers share theirs with another question (same computation "
             "or same gold answer)")

@@ -84,6 +84,11 @@ def test_leave_one_kind_out_scores_each_kind_with_models_fitted_on_the_others(tm
     groups_of = a.answers.groupby("kind").group.agg(set)
     for kind, trained_on in zip(sorted(groups_of.index), seen):
         assert not trained_on & groups_of[kind]
+    # held-out kinds fitted at once in two processes: the same confidences
+    detectors = {k: ANSWER_DETECTORS[k] for k in ("instrument", "rauq", "head_entropy", "mean_logprob")}
+    one_by_one = leave_one_out(a, np.arange(90), detectors=detectors)
+    pd.testing.assert_frame_equal(leave_one_out(a, np.arange(90), detectors=detectors, jobs=2), one_by_one)
+    assert one_by_one.notna().all().all()
 
 
 def test_selective_answering_keeps_not_attempted_and_picks_the_best_training_threshold():
