@@ -131,7 +131,7 @@ class PrefixFeatures:
             used = np.flatnonzero(cells.any(axis=(1, 2)))  # only the layers with a weight are read
             if not len(used):
                 continue
-            for positions, values in a.attn.groups(name, used):
+            for positions, values in a.attn.groups(name, used, expansion=4):  # float64 for the product
                 projected += values.reshape(len(values), -1) @ weights[cell_columns(f, positions, n_layers, n_heads)]
         logit = _token_logit(a)
         projected += logit @ weights[[-4, -2, -1]]

@@ -61,9 +61,11 @@ class TokenAttention:
             return len(next(iter(self.arrays.values())))
         return len(self.keys) if self.rows is None else len(self.rows)
 
-    def groups(self, name: str, layers=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def groups(self, name: str, layers=None, expansion: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(positions [l] in `self.layers`, values [n_tokens, l, H] float32) of one feature at `layers` (positions;
-        default all), consecutive groups in layer order: one group when held."""
+        default all), consecutive groups in layer order: one group when held. `expansion`: what the caller's
+        working arrays of a group take, as a multiple of its values (float64 copies and intermediates): groups are
+        that many times smaller, so a group's work takes about `read_bytes`."""
         if name not in ATTN_FEATURES:
             raise KeyError(f"unknown attention feature {name!r}; expected one of {', '.join(ATTN_FEATURES)}")
         positions = np.arange(len(self.layers)) if layers is None else np.asarray(layers, int)
@@ -71,7 +73,7 @@ class TokenAttention:
             values = self.arrays[name]
             yield positions, values if layers is None else values[:, positions]
             return
-        per = max(1, self.read_bytes // max(1, len(self.keys) * self.n_heads * 4))
+        per = max(1, self.read_bytes // max(1, len(self.keys) * self.n_heads * 4 * expansion))
         for i in range(0, len(positions), per):
             group = positions[i:i + per]
             layers_ = [self.layers[p] for p in group]

@@ -19,26 +19,29 @@ def shannon_entropy(a) -> np.ndarray:
     return a.attn["entropy_norm"] * np.log(np.maximum(a.keys, 2))[:, :, None]
 
 
-def _per_head(a, reduce) -> np.ndarray:
-    """[n_answers, L * H]: `reduce(nats [n_tokens, l * H])` -> [n_answers, l * H] of each group of layers."""
-    keys, n_heads = a.keys, a.n_heads
-    out = np.empty((len(a.answers), len(a.layers), n_heads))
-    for positions, values in a.attn.groups("entropy_norm"):
-        nats = values * np.log(np.maximum(keys[:, positions], 2))[:, :, None]  # as `shannon_entropy`
-        out[:, positions] = reduce(nats.reshape(len(nats), -1)).reshape(len(out), len(positions), n_heads)
-    return out.reshape(len(out), -1)
+def _per_head(a, name: str, reduce) -> np.ndarray:
+    """[n_answers, L * H]: `reduce(nats [n_tokens, l * H])` -> [n_answers, l * H] of each group of layers; computed
+    once per answers (`name`)."""
+    def compute(a):
+        keys, n_heads = a.keys, a.n_heads
+        out = np.empty((len(a.answers), len(a.layers), n_heads))
+        for positions, values in a.attn.groups("entropy_norm", expansion=6):  # float64 nats
+            nats = values * np.log(np.maximum(keys[:, positions], 2))[:, :, None]  # as `shannon_entropy`
+            out[:, positions] = reduce(nats.reshape(len(nats), -1)).reshape(len(out), len(positions), n_heads)
+        return out.reshape(len(out), -1)
+    return a.memo(name, compute)
 
 
 def entropy_over_answer(a) -> np.ndarray:
     """[n_answers, L * H]: each head's attention entropy averaged over the answer's tokens."""
     starts, counts = a.answers.start.to_numpy(), a.answers.n_tokens.to_numpy()
-    return _per_head(a, lambda nats: segment_means(nats.astype(np.float64), starts, counts))
+    return _per_head(a, "entropy_over_answer", lambda nats: segment_means(nats.astype(np.float64), starts, counts))
 
 
 def entropy_before_answer(a) -> np.ndarray:
     """[n_answers, L * H]: each head's attention entropy at the row that predicts the answer's first token."""
     first = a.answers.start.to_numpy()
-    return _per_head(a, lambda nats: nats[first])
+    return _per_head(a, "entropy_before_answer", lambda nats: nats[first])
 
 
 HEAD_ENTROPY = Detector("head_entropy", "answer", "baseline", "head_entropy",

@@ -34,23 +34,25 @@ from .fitting import fit_best_column, fit_fixed
 def _log_diag_groups(a):
     """(layer positions, [n_tokens, l, H] float64) per group of layers: ln of each answer row's attention on its own
     token (0 floored at 1e-30)."""
-    for positions, values in a.attn.groups("diag_mass"):
+    for positions, values in a.attn.groups("diag_mass", expansion=6):  # float64 logs
         yield positions, np.log(np.maximum(values.astype(np.float64), 1e-30))
 
 
 def whole_sequence_log_diag(a) -> tuple[np.ndarray, np.ndarray]:
     """(sums [n_answers, L, H], rows [n_answers]): the sum of ln(attention on the own token) over every row of the
-    answer's sequence (its prompt's and its own), and the number of rows."""
+    answer's sequence (its prompt's and its own), and the number of rows. Computed once per answers."""
     if a.prompt_log_diag is None:
         raise ValueError("LLM-Check over the whole sequence needs the prompt rows' log own-token attention, which "
                          "these runs did not record (config.json's capture has no prompt_log_diag: runs written "
                          "before it was); rerun them, or use llm_check_answer_rows")
-    starts, counts = a.answers.start.to_numpy(), a.answers.n_tokens.to_numpy()
-    sums = a.prompt_log_diag.copy()
-    if len(starts):
-        for positions, log_diag in _log_diag_groups(a):
-            sums[:, positions] += np.add.reduceat(log_diag, starts, axis=0)
-    return sums, a.prompt_diag_rows + counts
+    def compute(a):
+        starts, counts = a.answers.start.to_numpy(), a.answers.n_tokens.to_numpy()
+        sums = a.prompt_log_diag.copy()
+        if len(starts):
+            for positions, log_diag in _log_diag_groups(a):
+                sums[:, positions] += np.add.reduceat(log_diag, starts, axis=0)
+        return sums, a.prompt_diag_rows + counts
+    return a.memo("whole_sequence_log_diag", compute)
 
 
 def llm_check_scores(a) -> np.ndarray:

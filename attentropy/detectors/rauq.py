@@ -44,21 +44,23 @@ def rauq_token_terms(a, prev: np.ndarray, alpha: float = RAUQ_ALPHA) -> tuple[np
 def _rauq_groups(a, alpha: float):
     """(positions in the middle third [l], `rauq_token_terms` [n_tokens, l * H] each) per group of layers."""
     mid = rauq_layers(a.layers)
-    for positions, prev in a.attn.groups("prev_mass", mid):
+    for positions, prev in a.attn.groups("prev_mass", mid, expansion=16):  # float64 c, ln c, their prefix means
         yield positions - mid[0], *rauq_token_terms(a, prev, alpha)
 
 
 def rauq_features(a, alpha: float = RAUQ_ALPHA) -> np.ndarray:
     """[n_answers, 2, L_mid, H]: per answer, layer of the middle third and head, the RAUQ uncertainty -mean_i ln c_i
     (`rauq_token_terms`) and (second) the answer's summed attention to the previous token over its tokens after the
-    first (both generated), from which each layer's head is chosen."""
-    starts, counts = a.answers.start.to_numpy(), a.answers.n_tokens.to_numpy()
-    out = np.empty((len(starts), 2, len(rauq_layers(a.layers)), a.n_heads))
-    for positions, neg_log_c, inside in _rauq_groups(a, alpha):
-        out[:, 0, positions] = segment_means(neg_log_c, starts, counts).reshape(len(starts), len(positions), -1)
-        out[:, 1, positions] = (np.add.reduceat(inside, starts, axis=0) if len(starts) else inside[:0]).reshape(
-            len(starts), len(positions), -1)
-    return out
+    first (both generated), from which each layer's head is chosen. Computed once per answers and alpha."""
+    def compute(a):
+        starts, counts = a.answers.start.to_numpy(), a.answers.n_tokens.to_numpy()
+        out = np.empty((len(starts), 2, len(rauq_layers(a.layers)), a.n_heads))
+        for positions, neg_log_c, inside in _rauq_groups(a, alpha):
+            out[:, 0, positions] = segment_means(neg_log_c, starts, counts).reshape(len(starts), len(positions), -1)
+            out[:, 1, positions] = (np.add.reduceat(inside, starts, axis=0) if len(starts) else inside[:0]).reshape(
+                len(starts), len(positions), -1)
+        return out
+    return a.memo(f"rauq_features {alpha}", compute)
 
 
 def rauq_prefix_uncertainty(a, alpha: float = RAUQ_ALPHA) -> np.ndarray:
