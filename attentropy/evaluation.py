@@ -15,6 +15,7 @@ from .answers import Answers, InstrumentError, near_duplicates
 from .detectors import (ANSWER_DETECTORS, PRIMARY, TOKEN_DETECTORS, Detector, available, cheap, is_competitor,
                         of_family, training_free)
 from .detectors.fitting import take
+from .features import at_once
 from .probe import INNER_FOLDS
 from .selective import choose_threshold, f_score
 from .token_comparisons import TOKEN_COMPARISON_TITLES, token_comparisons
@@ -116,6 +117,7 @@ def cross_validate(a: Answers, rows: np.ndarray, *, detectors: dict[str, Detecto
     rows_only = a.subset(rows) if with_prefix else None  # tokens of `rows` in order: tok_rows
     prefix_feats = {name: d.prefix_features(rows_only) for name, d in with_prefix.items()}
     prefix = {name: np.full(len(tok_rows), np.nan) for name in with_prefix}
+    prefix_fits = []  # (detector, fold, fitted): prefix confidences after the folds, every fold's read at once
     token = None
     target = a.tokens.target.to_numpy()[tok_rows]
     has_tokens = token_dets and (target == 1).sum() >= 2
@@ -141,7 +143,7 @@ def cross_validate(a: Answers, rows: np.ndarray, *, detectors: dict[str, Detecto
             if "C" in fitted.detail:
                 details["C"].setdefault(name, []).append(fitted.detail["C"])
             if name in prefix:
-                prefix[name][token_fold == k] = fitted.confidence(take(prefix_feats[name], token_fold == k))
+                prefix_fits.append((name, k, fitted))
         if has_tokens:
             usable = np.flatnonzero((token_fold != k) & (target >= 0))
             train_t = usable[sample_negatives(1 - target[usable], NEGATIVES_PER_POSITIVE, seed + k)]
@@ -153,6 +155,12 @@ def cross_validate(a: Answers, rows: np.ndarray, *, detectors: dict[str, Detecto
                 token.loc[test_t, name] = fitted.confidence(tfeats[name][test_t])
                 if "C" in fitted.detail:
                     details["C"].setdefault(f"token:{name}", []).append(fitted.detail["C"])
+
+    def prefix_confidences():
+        for name, k, fitted in prefix_fits:
+            prefix[name][token_fold == k] = fitted.confidence(take(prefix_feats[name], token_fold == k))
+    if prefix_fits:
+        at_once(rows_only, prefix_confidences)
     return CrossValidation(rows, fold, answer, thresholds, prefix, token, details)
 
 

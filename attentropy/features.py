@@ -119,11 +119,36 @@ class PrefixFeatures:
         return values[:, 0] if columns.ndim == 0 else values
 
     def project(self, weights: np.ndarray) -> np.ndarray:
-        """[n_rows, m] float64: the prefix features @ `weights` [F, m] (or [F]: m = 1). A prefix mean is linear in
-        the tokens' values, so the projection of the prefix means is the prefix mean of the tokens' projections:
-        only [n_tokens, m] is held; the minimum log-prob's column is the one that is not a mean."""
-        a = self.answers
+        """[n_rows, m] float64: the prefix features @ `weights` [F, m] (or [F]: m = 1), each weight vector's
+        projection of every token computed once (`_Projections`)."""
         weights = np.asarray(weights, np.float64).reshape(self.shape[1], -1)
+        return _projections(self.answers).of(weights)[self.rows]
+
+
+class _Projections:
+    """The projections of one answers' prefix features asked for so far (weight vector -> [n_tokens]); while
+    `recording` is a dict, those not computed yet are only noted there (and answered with zeros): `at_once`."""
+
+    def __init__(self, a: Answers):
+        self.answers, self.columns, self.recording = a, {}, None
+
+    def of(self, weights: np.ndarray) -> np.ndarray:
+        keys = [w.tobytes() for w in weights.T]
+        missing = {key: w for key, w in zip(keys, weights.T) if key not in self.columns}
+        if missing and self.recording is not None:
+            self.recording.update(missing)
+            return np.zeros((len(self.answers.tokens), weights.shape[1]))
+        if missing:
+            self.compute(missing)
+        return np.column_stack([self.columns[key] for key in keys] or [np.zeros((len(self.answers.tokens), 0))])
+
+    def compute(self, wanted: dict) -> None:
+        """Project on every weight vector of `wanted` in one pass over the statistics. A prefix mean is linear in the
+        tokens' values, so the projection of the prefix means is the prefix mean of the tokens' projections: only
+        [n_tokens, m] is held; the minimum log-prob's column is the one that is not a mean."""
+        if not wanted:
+            return
+        a, weights = self.answers, np.column_stack(list(wanted.values()))
         n_layers, n_heads = len(a.layers), a.n_heads
         projected = np.zeros((len(a.tokens), weights.shape[1]))
         for f, name in enumerate(ATTN_FEATURES):
@@ -137,7 +162,27 @@ class PrefixFeatures:
         projected += logit @ weights[[-4, -2, -1]]
         out = prefix_sums(projected, a) / (a.tokens.pos.to_numpy() + 1)[:, None]
         out += _prefix_min(logit[:, 0], a)[:, None].astype(np.float64) * weights[-3]
-        return out[self.rows]
+        self.columns.update(zip(wanted, out.T.copy()))
+
+
+def _projections(a: Answers) -> _Projections:
+    return a.memo("prefix_projections", _Projections)
+
+
+def at_once(a: Answers, score):
+    """`score()`, a function that reads `prefix_features(a)`, with every projection it asks of them computed in one
+    pass over the statistics: a first call only notes them (its result is discarded), then they are computed
+    together, then the second call reads them. Held answers: one call, as it is."""
+    if a.attn.held:
+        return score()
+    projections = _projections(a)
+    projections.recording = {}
+    try:
+        score()
+    finally:
+        wanted, projections.recording = projections.recording, None
+    projections.compute(wanted)
+    return score()
 
 
 def token_features(a: Answers) -> np.ndarray:

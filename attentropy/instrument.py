@@ -36,7 +36,7 @@ from .evaluation import (NEGATIVES_PER_POSITIVE, OUTER_FOLDS, answer_detectors, 
 from .detectors.anchored import ANCHORS as ANCHOR_NAMES, anchored_prefix_inputs
 from .detectors.fitting import take
 from .detectors.instrument import INSTRUMENT, RoutedModel
-from .features import feature_names, token_features
+from .features import at_once, feature_names, token_features
 from .probe import CS, INNER_FOLDS, LinearProbe, fit_probe
 from .scoring import score_answer, score_run  # noqa: F401  (the README's Python API: attentropy.instrument)
 
@@ -72,11 +72,14 @@ class Instrument:
             return out
         tasks = a.answers.task.to_numpy()[a.answer_of_token]
         prefix = anchored_prefix_inputs(a)
-        for task, model in self.answer_models.items():
-            rows = tasks == task
-            if rows.any():
-                out.loc[rows, "prefix_confidence"] = model.confidence(take(prefix, rows))
-                out.loc[rows, "in_kind"] = model.in_kind(prefix[2][rows])
+
+        def prefix_confidences():  # every task's read at once (`features.at_once`)
+            for task, model in self.answer_models.items():
+                rows = tasks == task
+                if rows.any():
+                    out.loc[rows, "prefix_confidence"] = model.confidence(take(prefix, rows))
+                    out.loc[rows, "in_kind"] = model.in_kind(prefix[2][rows])
+        at_once(a, prefix_confidences)
         if self.token_model is not None:
             out["confidence"] = self.token_model.confidence(token_features(a))
         return out

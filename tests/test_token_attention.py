@@ -8,7 +8,7 @@ from attentropy import instrument as ins
 from attentropy.answers import load_answers
 from attentropy.detectors.anchored import anchored_prefix_inputs
 from attentropy.evaluation import answer_detectors, cross_validate, kinds_of, token_detectors
-from attentropy.token_attention import concat_attention
+from attentropy.token_attention import TokenAttention, concat_attention
 from synthetic import write_synthetic_run
 
 KINDS = ["capital", "element", "currency", "script"]
@@ -59,8 +59,16 @@ def test_prefix_features_are_read_projected(tmp_path):
     np.testing.assert_allclose(lazy[rows][:, some], pooled[rows][:, some], rtol=1e-5, atol=1e-6)
 
 
-def test_the_instrument_scores_and_evaluates_the_same(tmp_path):
+def test_the_instrument_scores_and_evaluates_the_same(tmp_path, monkeypatch):
     _, held, read = held_and_read(tmp_path)
+    projections = []  # the passes that project prefix features (over the entropy's layers)
+    groups = TokenAttention.groups
+
+    def counted(self, name, layers=None, expansion=1):
+        if name == "entropy_norm" and expansion == 4:
+            projections.append(1)
+        return groups(self, name, layers, expansion)
+    monkeypatch.setattr(TokenAttention, "groups", counted)
     models, token_model = ins.fit_final(held)
     instrument = ins.Instrument({}, models, token_model)
     scores, read_scores = instrument.score(held), instrument.score(read)
@@ -71,6 +79,7 @@ def test_the_instrument_scores_and_evaluates_the_same(tmp_path):
     cv, read_cv = (cross_validate(x, rows, detectors=detectors, token_detectors_={}) for x in (held, read))
     np.testing.assert_array_equal(read_cv.answer.to_numpy(float), cv.answer.to_numpy(float))
     np.testing.assert_allclose(read_cv.prefix["instrument"], cv.prefix["instrument"], rtol=1e-5, atol=1e-6)
+    assert len(projections) == 2  # one pass to score, one for the prefix confidences of all five folds
 
 
 def test_held_and_read_statistics_are_not_joined(tmp_path):
