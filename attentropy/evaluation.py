@@ -97,71 +97,119 @@ def token_rows(a: Answers, rows: np.ndarray) -> np.ndarray:
 
 def cross_validate(a: Answers, rows: np.ndarray, *, detectors: dict[str, Detector] | None = None,
                    token_detectors_: dict[str, Detector] | None = None, seed: int = 0,
-                   progress=None) -> CrossValidation:
+                   progress=None, jobs: int = 1) -> CrossValidation:
     """Every detector fitted on the training folds of each outer fold, scored on the held-out fold (answers
     grouped by content, `answers.content_groups`: no question or near-duplicate is in two folds). Only correct /
     incorrect answers train; every answer of a held-out fold is scored. Thresholds for selective answering come
     from the training folds' honest confidences. Detectors: `answer_detectors(a)`, `token_detectors(a)` unless
-    given."""
+    given. `jobs`: folds fitted at once, each in its own process, when the answers' attention is held (read from
+    the runs, the folds' prefix confidences are read together after them: `features.at_once`)."""
+    from joblib import Parallel, delayed
+
     detectors = answer_detectors(a) if detectors is None else detectors
     token_dets = token_detectors(a) if token_detectors_ is None else token_detectors_
     fold = outer_splits(a, rows, seed=seed)
     kinds = kinds_of(a)
-    feats = {name: d.inputs(a, kinds) for name, d in detectors.items()}
-    y_all, groups_all, labels_all = a.answers.y.to_numpy(), a.answers.group.to_numpy(), a.answers.label.to_numpy()
-    answer = pd.DataFrame(index=rows, columns=list(detectors), dtype=float)
-    thresholds = pd.DataFrame(index=rows, columns=list(detectors), dtype=float)
     tok_rows = token_rows(a, rows)
-    token_fold = np.repeat(fold, a.answers.n_tokens.to_numpy()[rows])
     with_prefix = {name: d for name, d in detectors.items() if d.prefix_features is not None}
     rows_only = a.subset(rows) if with_prefix else None  # tokens of `rows` in order: tok_rows
-    prefix_feats = {name: d.prefix_features(rows_only) for name, d in with_prefix.items()}
-    prefix = {name: np.full(len(tok_rows), np.nan) for name in with_prefix}
-    prefix_fits = []  # (detector, fold, fitted): prefix confidences after the folds, every fold's read at once
-    token = None
     target = a.tokens.target.to_numpy()[tok_rows]
-    has_tokens = token_dets and (target == 1).sum() >= 2
-    if has_tokens:
-        tfeats = {name: d.inputs(a, kinds)[tok_rows] for name, d in token_dets.items()}
-        token = pd.DataFrame(index=np.arange(len(tok_rows)), columns=list(token_dets), dtype=float)
-        t_groups = groups_all[a.answer_of_token[tok_rows]]
-    details: dict = {"folds": int(fold.max() + 1), "C": {}, "threshold": {}}
-    for k in range(fold.max() + 1):
-        train = rows[(fold != k) & (y_all[rows] >= 0)]
-        # the training folds' not-attempted answers: they do not train, but the threshold is chosen on every
-        # training answer, as it is applied to every test answer (not attempted ones stay not attempted)
-        abstained = rows[(fold != k) & (labels_all[rows] == "not_attempted")]
-        test = rows[fold == k]
-        for name, d in detectors.items():
-            if progress:
-                progress(f"fold {k + 1}: {name}")
-            fitted = d.fit(take(feats[name], train), y_all[train], groups_all[train], seed=seed + k)
-            answer.loc[test, name] = fitted.confidence(take(feats[name], test))
-            thresholds.loc[test, name] = choose_threshold(
-                np.r_[fitted.train_confidence, fitted.confidence(take(feats[name], abstained))],
-                labels_all[np.r_[train, abstained]])
-            if "C" in fitted.detail:
-                details["C"].setdefault(name, []).append(fitted.detail["C"])
-            if name in prefix:
-                prefix_fits.append((name, k, fitted))
-        if has_tokens:
-            usable = np.flatnonzero((token_fold != k) & (target >= 0))
-            train_t = usable[sample_negatives(1 - target[usable], NEGATIVES_PER_POSITIVE, seed + k)]
-            test_t = np.flatnonzero(token_fold == k)
-            for name, d in token_dets.items():
-                if progress:
-                    progress(f"fold {k + 1}: token {name}")
-                fitted = d.fit(tfeats[name][train_t], 1 - target[train_t], t_groups[train_t], seed=seed + k)
-                token.loc[test_t, name] = fitted.confidence(tfeats[name][test_t])
-                if "C" in fitted.detail:
-                    details["C"].setdefault(f"token:{name}", []).append(fitted.detail["C"])
+    has_tokens = bool(token_dets) and (target == 1).sum() >= 2
+    folds = _Folds(rows, fold, np.repeat(fold, a.answers.n_tokens.to_numpy()[rows]), a.answers.y.to_numpy(),
+                   a.answers.group.to_numpy(), a.answers.label.to_numpy(), target,
+                   a.answers.group.to_numpy()[a.answer_of_token[tok_rows]], seed,
+                   detectors, {name: d.inputs(a, kinds) for name, d in detectors.items()},
+                   {name: d.prefix_features(rows_only) for name, d in with_prefix.items()},
+                   token_dets if has_tokens else {},
+                   {name: d.inputs(a, kinds)[tok_rows] for name, d in token_dets.items()} if has_tokens else {})
+    n_folds = int(fold.max() + 1)
+    held = a.attn.held
+    parallel = Parallel(n_jobs=min(jobs, n_folds) if held else 1, return_as="generator")
+    answer = pd.DataFrame(index=rows, columns=list(detectors), dtype=float)
+    thresholds = pd.DataFrame(index=rows, columns=list(detectors), dtype=float)
+    prefix = {name: np.full(len(tok_rows), np.nan) for name in with_prefix}
+    token = (pd.DataFrame(index=np.arange(len(tok_rows)), columns=list(token_dets), dtype=float) if has_tokens
+             else None)
+    details: dict = {"folds": n_folds, "C": {}, "threshold": {}}
+    prefix_fits = []  # (detector, fold, fitted) read from the runs: prefix confidences after the folds, at once
+    for k, out in enumerate(parallel(delayed(folds.fit_and_score)(k, held) for k in range(n_folds))):
+        if progress:
+            progress(f"fold {k + 1}")
+        test, test_t = rows[fold == k], folds.token_fold == k
+        for name, values in out["answer"].items():
+            answer.loc[test, name], thresholds.loc[test, name] = values
+        for name, values in out["prefix"].items():
+            if held:
+                prefix[name][test_t] = values
+            else:
+                prefix_fits.append((name, k, values))
+        for name, values in out["token"].items():
+            token.loc[test_t, name] = values
+        for name, C in out["C"].items():
+            details["C"].setdefault(name, []).append(C)
 
     def prefix_confidences():
         for name, k, fitted in prefix_fits:
-            prefix[name][token_fold == k] = fitted.confidence(take(prefix_feats[name], token_fold == k))
+            prefix[name][folds.token_fold == k] = fitted.confidence(take(folds.prefix[name], folds.token_fold == k))
     if prefix_fits:
         at_once(rows_only, prefix_confidences)
     return CrossValidation(rows, fold, answer, thresholds, prefix, token, details)
+
+
+@dataclass
+class _Folds:
+    """What an outer fold of `cross_validate` reads: the task's answers (`rows`) and their folds, labels and
+    groups, their tokens' folds, targets and groups, and every detector's inputs."""
+
+    rows: np.ndarray
+    fold: np.ndarray  # of each of `rows`
+    token_fold: np.ndarray  # of each of their tokens
+    y: np.ndarray  # of every answer (rows index them)
+    groups: np.ndarray
+    labels: np.ndarray
+    target: np.ndarray  # of each token of `rows`' answers
+    token_groups: np.ndarray
+    seed: int
+    detectors: dict
+    feats: dict
+    prefix: dict  # detector with a prefix form -> its prefix inputs of the tokens
+    token_detectors: dict
+    token_feats: dict
+
+    def fit_and_score(self, k: int, held: bool) -> dict:
+        """Fold k's models fitted on the other folds: per detector its held-out answers' (confidences, thresholds),
+        its prefix confidences of their tokens (`held`; else its fitted model, to read them later), its C; per token
+        detector its held-out tokens' confidences."""
+        rows, fold, y, groups, labels, seed = self.rows, self.fold, self.y, self.groups, self.labels, self.seed
+        train = rows[(fold != k) & (y[rows] >= 0)]
+        # the training folds' not-attempted answers: they do not train, but the threshold is chosen on every
+        # training answer, as it is applied to every test answer (not attempted ones stay not attempted)
+        abstained = rows[(fold != k) & (labels[rows] == "not_attempted")]
+        test = rows[fold == k]
+        out: dict = {"answer": {}, "prefix": {}, "token": {}, "C": {}}
+        for name, d in self.detectors.items():
+            feats = self.feats[name]
+            fitted = d.fit(take(feats, train), y[train], groups[train], seed=seed + k)
+            threshold = choose_threshold(np.r_[fitted.train_confidence, fitted.confidence(take(feats, abstained))],
+                                         labels[np.r_[train, abstained]])
+            out["answer"][name] = (fitted.confidence(take(feats, test)), threshold)
+            if "C" in fitted.detail:
+                out["C"][name] = fitted.detail["C"]
+            if name in self.prefix:
+                out["prefix"][name] = (fitted.confidence(take(self.prefix[name], self.token_fold == k)) if held
+                                       else fitted)
+        if self.token_detectors:
+            target = self.target
+            usable = np.flatnonzero((self.token_fold != k) & (target >= 0))
+            train_t = usable[sample_negatives(1 - target[usable], NEGATIVES_PER_POSITIVE, seed + k)]
+            test_t = self.token_fold == k
+            for name, d in self.token_detectors.items():
+                feats = self.token_feats[name]
+                fitted = d.fit(feats[train_t], 1 - target[train_t], self.token_groups[train_t], seed=seed + k)
+                out["token"][name] = fitted.confidence(feats[test_t])
+                if "C" in fitted.detail:
+                    out["C"][f"token:{name}"] = fitted.detail["C"]
+        return out
 
 
 def leave_one_out(a: Answers, rows: np.ndarray, *, by: str = "kind", detectors: dict[str, Detector] | None = None,
@@ -403,10 +451,10 @@ def selective_rows(task: str, confidence: pd.DataFrame, thresholds: pd.DataFrame
 def evaluate(a: Answers, task: str, *, n_boot: int = 1000, seed: int = 0, progress=None, jobs: int = 1
              ) -> tuple[pd.DataFrame, dict]:
     """The whole evaluation of one task's answers: rows of (evaluation, subset, method, metric, value, interval)
-    and the out-of-fold predictions behind them (for figures and the token viewer). `jobs`: held-out kinds (and
-    sources) fitted at once, in as many processes."""
+    and the out-of-fold predictions behind them (for figures and the token viewer). `jobs`: folds and held-out
+    kinds (and sources) fitted at once, in as many processes."""
     rows = np.flatnonzero(a.answers.task.to_numpy() == task)
-    cv = cross_validate(a, rows, seed=seed, progress=progress)
+    cv = cross_validate(a, rows, seed=seed, progress=progress, jobs=jobs)
     loko = leave_one_out(a, rows, seed=seed, progress=progress, jobs=jobs)
     answers = a.answers.iloc[rows]
     # every kind of one source held out together: only where some source has several kinds (else it is loko)

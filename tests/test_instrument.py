@@ -91,6 +91,20 @@ def test_leave_one_kind_out_scores_each_kind_with_models_fitted_on_the_others(tm
     assert one_by_one.notna().all().all()
 
 
+def test_folds_fitted_at_once_give_the_same_evaluation(tmp_path):
+    path = write_synthetic_run(tmp_path / "arith", benchmark="arith", n_questions=60, planted=(1, 1), shift=0.8,
+                               wrong_moment_shift=0.8)
+    a = load_answers([path])[0]
+    detectors = {k: ANSWER_DETECTORS[k] for k in ("instrument", "instrument_anchored", "rauq", "logit_probe")}
+    rows = np.arange(len(a.answers))
+    serial, parallel = (cross_validate(a, rows, detectors=detectors, jobs=jobs) for jobs in (1, 2))
+    for part in ("answer", "selective", "token"):
+        pd.testing.assert_frame_equal(getattr(parallel, part), getattr(serial, part))
+    for name in serial.prefix:
+        np.testing.assert_array_equal(parallel.prefix[name], serial.prefix[name])
+    assert parallel.details == serial.details and serial.token.notna().all().all()
+
+
 def test_selective_answering_keeps_not_attempted_and_picks_the_best_training_threshold():
     labels = np.array(["correct", "correct", "incorrect", "incorrect", "not_attempted"])
     conf = np.array([0.9, 0.6, 0.55, 0.1, 0.95])
