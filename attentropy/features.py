@@ -22,12 +22,15 @@ def prefix_sums(values: np.ndarray, a: Answers) -> np.ndarray:
     """[n_tokens, C] float64: the sum of each column over the answer's tokens up to and including this one."""
     csum = np.cumsum(values, axis=0, dtype=np.float64)
     first = a.answers.start.to_numpy()[a.answer_of_token]
-    return csum - np.where(first[:, None] > 0, csum[np.maximum(first - 1, 0)], 0.0)
+    csum -= np.where(first[:, None] > 0, csum[np.maximum(first - 1, 0)], 0.0)  # (the operand is made first)
+    return csum
 
 
 def prefix_means(values: np.ndarray, a: Answers) -> np.ndarray:
     """[n_tokens, C]: the mean of each column over the answer's tokens up to and including this one."""
-    return (prefix_sums(values, a) / (a.tokens.pos.to_numpy() + 1)[:, None]).astype(np.float32)
+    sums = prefix_sums(values, a)
+    sums /= (a.tokens.pos.to_numpy() + 1)[:, None]
+    return sums.astype(np.float32)
 
 
 def _prefix_min(values: np.ndarray, a: Answers) -> np.ndarray:

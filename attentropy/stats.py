@@ -116,7 +116,8 @@ def group_counts(groups: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
     return counts[:, index]
 
 
-BOOT_BYTES = 256 * 2 ** 20  # `weight_blocks`: a block of replicates' weights takes about this much
+BOOT_BYTES = 64 * 2 ** 20  # `weight_blocks`: a block of replicates' weights takes about this much (the AUROC's
+#                            work on it: a few times more)
 
 
 def weight_blocks(counts: np.ndarray, index: np.ndarray, max_bytes: int = BOOT_BYTES):

@@ -30,15 +30,15 @@ def rauq_token_terms(a, prev: np.ndarray, alpha: float = RAUQ_ALPHA) -> tuple[np
     prev = prev.astype(np.float64)
     p = np.exp(a.tokens.logprob.to_numpy(np.float64))[:, None, None]
     pos = a.tokens.pos.to_numpy()
-    log_c = np.zeros_like(prev)
     c = np.zeros_like(prev)
     for t in range(pos.max() + 1 if len(pos) else 0):  # recurrence along positions, all answers at once
         rows = np.flatnonzero(pos == t)
         c[rows] = p[rows] if t == 0 else alpha * p[rows] + (1 - alpha) * prev[rows] * c[rows - 1]
-        log_c[rows] = np.log(np.maximum(c[rows], 1e-300))
     n_cells = prev.shape[1] * prev.shape[2]
-    inside = np.where(pos[:, None] > 0, prev.reshape(len(prev), n_cells), 0.0)  # a_(i,i-1) with i-1 generated
-    return -log_c.reshape(len(prev), n_cells), inside
+    inside = prev.reshape(len(prev), n_cells)
+    inside[pos == 0] = 0.0  # a_(i,i-1) with i-1 generated
+    neg_log_c = np.log(np.maximum(c, 1e-300, out=c), out=c).reshape(len(prev), n_cells)  # in place: [n, l, H] each
+    return np.negative(neg_log_c, out=neg_log_c), inside
 
 
 def _rauq_groups(a, alpha: float):
@@ -69,7 +69,12 @@ def rauq_prefix_uncertainty(a, alpha: float = RAUQ_ALPHA) -> np.ndarray:
     counts = (a.tokens.pos.to_numpy() + 1)[:, None]
     for positions, neg_log_c, inside in _rauq_groups(a, alpha):
         shape = (len(neg_log_c), 2, len(positions), a.n_heads)
-        feats = np.stack([prefix_means(neg_log_c, a), prefix_means(inside, a) * counts], axis=1).reshape(shape)
+        uncertainty = prefix_means(neg_log_c, a)
+        del neg_log_c
+        prev_sum = prefix_means(inside, a) * counts
+        del inside
+        feats = np.stack([uncertainty, prev_sum], axis=1).reshape(shape)
+        del uncertainty, prev_sum
         out = np.maximum(out, rauq_uncertainty(feats))  # the largest over the layers, group by group
     return out
 
