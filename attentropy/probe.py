@@ -93,7 +93,9 @@ def _row_space(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     keep = eigenvalues > eigenvalues.max() * 1e-12
     singular = np.sqrt(eigenvalues[keep])
     u = u[:, keep]
-    return u * singular, (u.T @ Z) / singular[:, None]
+    vt = u.T @ Z
+    vt /= singular[:, None]
+    return u * singular, vt
 
 
 def _fit_path(Z: np.ndarray, y: np.ndarray, Cs, penalty: str, balanced: bool) -> list[tuple[np.ndarray, float]]:
@@ -128,10 +130,11 @@ def fit_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray, *, Cs=CS, penalt
     training-set confidences (e.g. to choose an abstention threshold)."""
     from sklearn.metrics import roc_auc_score
 
-    X = np.asarray(X, np.float64)
-    mean, scale = X.mean(0), X.std(0)
+    Z = np.array(X, np.float64)  # a copy, standardised in place (Z holds the features once: 0.3 GB at the 90B shape)
+    mean, scale = Z.mean(0), Z.std(0)
     scale[scale < 1e-12] = 1.0
-    Z = (X - mean) / scale
+    Z -= mean
+    Z /= scale
     y = np.asarray(y, int)
     Cs = sorted(Cs)
     oof = np.zeros((len(Cs), len(y)))
