@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--force", action="store_true", help="refit even if PROBE is up to date with the runs")
     fit.add_argument("--quiet", action="store_true")
     fit.add_argument("--jobs", type=int, help="processes that fit held-out kinds and sources at once (default: one "
-                                              "per core; the same results whatever their number)")
+                                              "per core; the same results up to floating-point rounding)")
     fit.add_argument("--skip-damaged", action="store_true",
                        help="read the intact batches of a run with damaged ones (which are named)")
     fit.set_defaults(func=_fit)

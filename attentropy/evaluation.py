@@ -225,7 +225,8 @@ def leave_one_out(a: Answers, rows: np.ndarray, *, by: str = "kind", detectors: 
     (`by="source"`, a larger shift), scored by the detectors fitted on the others only (the kinds the instrument
     will meet are not the ones it was fitted on). Empty where fewer than two exist. Only for detectors evaluated
     out of kind (not those that read the kind: a kind left out has no column of its own). `jobs`: held-out kinds
-    fitted at once, each in its own process (the same confidences as one at a time)."""
+    fitted at once, each in its own process (the same confidences as one at a time, up to the rounding of a
+    process's BLAS threads)."""
     from joblib import Parallel, delayed
 
     detectors = answer_detectors(a) if detectors is None else detectors

@@ -179,7 +179,8 @@ def fit_instrument(run_dirs: list[str | Path], out: str | Path, *, transfer: lis
                    progress: bool = True, jobs: int = 1) -> Path:
     """`attentropy fit`: evaluate every method by content-grouped cross-validation on the graded runs, fit the
     instrument on all of them and write the instrument directory `out`. `jobs`: processes that fit the held-out
-    kinds (and sources) at once (the same instrument and evaluation whatever their number)."""
+    kinds (and sources) at once (the same instrument and evaluation, up to the rounding of each process's BLAS
+    threads)."""
     from . import __version__
     from .provenance import git_commit, package_versions
     from .store import _write_parquet, load_run, write_json
