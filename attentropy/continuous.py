@@ -39,6 +39,7 @@ class _Slot:
     hidden: dict  # hidden states: first [n, d], sum [n, d] float64, rows [[n, d] float16]
     generator: torch.Generator | None  # sampling: the question's own
     prompt_diagonal: tuple  # its prompt's `PromptDiagonal` result (sums [L, H], rows), the shared prefix's included
+    shared: int = 0  # tokens of the batch's shared prefix that its prompt starts with (the prefix's length, or 0)
 
 
 @torch.no_grad()
@@ -75,18 +76,22 @@ class ContinuousBatch:
 
     def __init__(self, model, tokenizer, questions: list[Question], *, batch_size: int, shots: int,
                  max_new_tokens: int, prefix_store: PrefixStore | None, hidden: HiddenSpec,
-                 max_batch_tokens: int | None, sampling: Sampling):
-        # no questions: an empty batch of `batch_size` rows, no shared prefix, to which `serving_batch` admits
+                 max_batch_tokens: int | None, sampling: Sampling, prefix: list[int] | None = None):
+        # no questions: an empty batch of `batch_size` rows to which `serving_batch` admits, with the `prefix` given
+        # (None: the questions' prompts' common prefix); a prompt that does not start with it is held whole in its
+        # row, the prefix's columns masked (`shares`)
         self.model, self.tokenizer, self.max_new_tokens, self.sampling = model, tokenizer, max_new_tokens, sampling
         prompts = [prompt_ids(tokenizer, q, shots) for q in questions]
         stops = stop_token_ids(model, tokenizer)
         self.stop_set = set(stops)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-        self.prefix_len = prefix_len = common_prefix_len(prompts) if prompts else 0
-        self.prefix = prompts[0][:prefix_len] if prompts else []
+        if prefix is None:
+            prefix = prompts[0][:common_prefix_len(prompts)] if prompts else []
+        self.prefix, self.prefix_len = list(prefix), len(prefix)
+        prefix_len = self.prefix_len
         self.store = prefix_store or PrefixStore()
         # columns between the prefix and the answers: any prompt fits
-        self.room = room = max((len(p) - prefix_len for p in prompts), default=0)
+        self.room = room = max((len(p) - self.shares(p) for p in prompts), default=0)
         self.device = model.device
         self.layers = layers = recorded_layers(model)
         self.decoder, self.lm_head = model.get_decoder(), model.get_output_embeddings()
@@ -141,11 +146,23 @@ class ContinuousBatch:
             if self.slot_hidden is not None:
                 self.slot_hidden.remove()
 
+    def shares(self, prompt: list[int]) -> int:
+        """Tokens of the shared prefix that a prompt starts with: all of them, or 0 where it starts otherwise (or
+        would have no token of its own after them)."""
+        n = self.prefix_len
+        return n if n and len(prompt) > n and prompt[:n] == self.prefix else 0
+
     def prefill(self, group: list[tuple[Question, list[int]]]) -> None:
         """Prefill prompts together (left padded after the shared prefix, as static batching does: a batched
         forward costs far less per token than one per prompt), recording each prompt's last row, which predicts
-        completion token 0; their keys/values wait in `ready` for a free row."""
-        model, prefix_len, device = self.model, self.prefix_len, self.device
+        completion token 0; their keys/values wait in `ready` for a free row. Prompts that do not start with the
+        shared prefix are prefilled whole, in a forward of their own."""
+        kinds = [self.shares(p) for _, p in group]
+        for shared in dict.fromkeys(kinds):
+            self._prefill([g for g, k in zip(group, kinds) if k == shared], shared)
+
+    def _prefill(self, group: list[tuple[Question, list[int]]], prefix_len: int) -> None:
+        model, device = self.model, self.device
         group_prompts = [p for _, p in group]
         ids, layout = prompt_layout(group_prompts, self.pad, prefix_len)
         one = (prefixed_cache(model, self.store.get(model, self.prefix, copy=False)) if prefix_len
@@ -157,7 +174,8 @@ class ContinuousBatch:
                                 position_ids=positions(layout)[:, prefix_len:].to(device), cache=one,
                                 use_cache=True).last_hidden_state[:, -1:]
         rec.end_step()
-        diagonal_sums, diagonal_rows = add_prefix_diagonal(diagonal.result(self.layers), self.prefix_diagonal)
+        diagonal_sums, diagonal_rows = add_prefix_diagonal(diagonal.result(self.layers),
+                                                           self.prefix_diagonal if prefix_len else None)
         logp = torch.log_softmax(self.lm_head(last).float(), dim=-1)  # [k, 1, V]
         rec.record_step_logits(logp)
         generators = [self.generator(q, logp.device) for q, _ in group]  # the lm head's device
@@ -168,7 +186,7 @@ class ContinuousBatch:
             n_rest = len(p) - prefix_len
             h = self.slot_hidden.prefill_row(i) if self.slot_hidden is not None else {}
             slot = _Slot(q, p, [tokens[i]], stop_strings(self.tokenizer, q), -1, (attn[:, i], token_stats[:, i]), h,
-                         generators[i], (diagonal_sums[i], int(diagonal_rows[i])))
+                         generators[i], (diagonal_sums[i], int(diagonal_rows[i])), shared=prefix_len)
             self.ready.append((slot, [None if kv is None else (kv[0][i, :, kv[0].shape[-2] - n_rest:].clone(),
                                                                kv[1][i, :, kv[1].shape[-2] - n_rest:].clone())
                                       for kv in new_keys_values(one)]))
@@ -181,7 +199,7 @@ class ContinuousBatch:
             todo = self.todo
             self.prefill([todo.pop() for _ in range(min(len(todo), max(free, min(PREFILL_GROUP, self.batch_size))))])
         slot, keys_values = self.ready.pop(0)
-        n_rest = len(slot.prompt) - prefix_len
+        n_rest = len(slot.prompt) - slot.shared
         slot.first_step = self.step_index
         if self.ended(slot) or self.max_new_tokens == 1:
             return _finish(slot, [], [], self.tokenizer, self.ended(slot))
@@ -191,9 +209,10 @@ class ContinuousBatch:
             if kv is not None:  # (a cross-attention layer has none)
                 layer.keys[b, :, own - n_rest:own] = kv[0]
                 layer.values[b, :, own - n_rest:own] = kv[1]
+        self.mask[b, :prefix_len] = 1 if slot.shared else 0
         self.mask[b, prefix_len:] = 0
         self.mask[b, width - n_rest:] = 1
-        self.recorder.start_row(b, prompt_end=width, sink_key=None if prefix_len else width - n_rest)
+        self.recorder.start_row(b, prompt_end=width, sink_key=0 if slot.shared else width - n_rest)
         self.inputs[b, 0] = slot.completion[0]
         self.position[b, 0] = len(slot.prompt)
         self.slots[b] = slot
@@ -257,11 +276,11 @@ class ContinuousBatch:
         """When too many of the rows' columns are dead (masked in every row), move each row's live columns
         right-aligned into a cache just wide enough for them and any prompt still to come."""
         prefix_len, width = self.prefix_len, self.width
-        lives = {b: _live_columns(self.recorder, b, slot, prefix_len, width) for b, slot in enumerate(self.slots)
+        lives = {b: _live_columns(self.recorder, b, slot, width) for b, slot in enumerate(self.slots)
                  if slot is not None}
         needed = prefix_len + max([self.room, *lives.values()])
         if width > prefix_len + most_columns(needed - prefix_len):
-            self.mask = _compact(self.cache, self.mask, self.recorder, prefix_len, width, needed, lives)
+            self.mask = _compact(self.cache, self.mask, self.recorder, self.slots, prefix_len, width, needed, lives)
             self.width = needed
 
 
@@ -270,12 +289,12 @@ def most_columns(needed: int) -> int:
     return needed + int(max(COMPACT_SLACK, COMPACT_FRACTION * needed))
 
 
-def _live_columns(recorder, b: int, slot: _Slot, prefix_len: int, width: int) -> int:
+def _live_columns(recorder, b: int, slot: _Slot, width: int) -> int:
     """Columns of row b from its prompt's first token (after the shared prefix) to the end of the cache."""
-    return width - (int(recorder.prompt_end[b]) - (len(slot.prompt) - prefix_len))
+    return width - (int(recorder.prompt_end[b]) - (len(slot.prompt) - slot.shared))
 
 
-def _compact(cache, mask: torch.Tensor, recorder, prefix_len: int, width: int, new_width: int,
+def _compact(cache, mask: torch.Tensor, recorder, slots: list, prefix_len: int, width: int, new_width: int,
              lives: dict[int, int]) -> torch.Tensor:
     """Keep, per row, the row's live columns (`lives`: row -> `_live_columns`; its prompt and answer),
     right-aligned in `new_width` columns after the shared prefix (held apart from the cache, which holds the
@@ -286,11 +305,10 @@ def _compact(cache, mask: torch.Tensor, recorder, prefix_len: int, width: int, n
     for b in range(mask.shape[0]):
         if b not in lives:
             new_mask[b, -1] = 1  # an idle row: one visible column, so its (unused) attention row is defined
-            if not prefix_len:  # and its sink there: its last answer's first token may lie past the new width
-                recorder.sink_key[b] = new_width - 1
+            recorder.sink_key[b] = new_width - 1  # and its sink there: its last answer's may lie past the new width
             continue
         new_mask[b, new_width - lives[b]:] = mask[b, width - lives[b]:]
-    recorder.shift_rows(lives, shift, sink=not prefix_len)
+    recorder.shift_rows(lives, shift, sink=[b for b in lives if not slots[b].shared])
     own = new_width - prefix_len
     for layer in cache.layers:
         if not holds_keys(layer):  # a cross-attention layer

@@ -147,3 +147,15 @@ def stop_token_ids(model, tokenizer) -> list[int]:
             continue
         ids.update(source if isinstance(source, (list, tuple)) else [source])
     return sorted(ids)
+
+
+def template_prefix(tokenizer) -> list[int]:
+    """The chat template's start that chats of one user turn share (a default system turn, the user turn's opening):
+    the common token prefix of the template rendered with unlike messages; [] for a tokenizer without a template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    renders = [list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+               for text in ("a", "What is 2 + 2?", "Zürich 1999")]
+    n = min(len(r) for r in renders)
+    return renders[0][:next((i for i in range(n) if len({r[i] for r in renders}) > 1), n)]

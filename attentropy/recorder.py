@@ -204,13 +204,13 @@ class Recorder:
             self.sink_key[b] = sink_key
             self._mass_keys = None
 
-    def shift_rows(self, rows, shift: int, sink: bool) -> None:
+    def shift_rows(self, rows, shift: int, sink) -> None:
         """Continuous batching: the keys of `rows` moved by `shift` columns (a compaction of the cache); `sink`:
-        their first tokens' keys moved with them (no shared prefix)."""
+        the rows among them whose first tokens' keys moved with them (those that share no prefix)."""
         for b in rows:
             self.prompt_end[b] += shift
-            if sink:
-                self.sink_key[b] += shift
+        for b in sink:
+            self.sink_key[b] += shift
         self._mass_keys = None
 
 

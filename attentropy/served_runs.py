@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,14 +90,18 @@ class ServedRun:
     def _write(self) -> None:
         done = False
         while not done:
-            batch = []
+            batch, deadline = [], None
+            # a part holds the answers that end within FLUSH_S of its first (under load answers end a fraction of a
+            # second apart: a part each would cost a parquet write each, CPU that decode steps then lack)
             try:
                 while len(batch) < self.rows:
-                    item = self.inbox.get(timeout=FLUSH_S) if not batch else self.inbox.get(timeout=0.2)
+                    item = self.inbox.get() if deadline is None else self.inbox.get(
+                        timeout=max(0.0, deadline - time.monotonic()))
                     if item is None:
                         done = True
                         break
                     batch.append(item)
+                    deadline = deadline or time.monotonic() + FLUSH_S
             except queue.Empty:
                 pass
             if batch:

@@ -22,6 +22,7 @@ from .hidden_states import HiddenSpec
 from .kv_cache import append_masked_columns
 from .live_confidence import AnswerSoFar, LiveConfidence
 from .packed_linears import packed_linears
+from .prompts import template_prefix
 from .sampling import Sampling
 from .windows import layer_windows
 
@@ -66,15 +67,20 @@ class _Row:
 class ServingBatch(ContinuousBatch):
     """A continuous batch that starts empty and takes requests (`admit`) between decode steps: a request waits
     while every row is busy or while its prompt plus its `max_tokens` would take the columns reserved by the rows
-    over `max_batch_tokens`. No prefix is shared (requests share none known in advance); the cache grows when a
-    longer prompt comes and is compacted as in `generate_continuous`."""
+    over `max_batch_tokens`. `prefix` (the chat template's start, `prompts.template_prefix`) is held once as in
+    `generate_continuous`: prefilled once, its keys read once per decode step for all rows; a prompt that does not
+    start with it (a raw completion, a chat with its own system turn) is held whole in its row, the prefix's columns
+    masked for it. The cache grows when a longer prompt comes and is compacted as in `generate_continuous`."""
 
-    def __init__(self, model, tokenizer, *, rows: int, max_tokens: int, max_batch_tokens: int):
+    @torch.no_grad()
+    def __init__(self, model, tokenizer, *, rows: int, max_tokens: int, max_batch_tokens: int,
+                 prefix: list[int] = ()):
         super().__init__(model, tokenizer, [], batch_size=rows, shots=0, max_new_tokens=max_tokens,
-                         prefix_store=PrefixStore(), hidden=HiddenSpec(), max_batch_tokens=None, sampling=Sampling())
+                         prefix_store=PrefixStore(), hidden=HiddenSpec(), max_batch_tokens=None, sampling=Sampling(),
+                         prefix=prefix)
         self.max_batch_tokens = max_batch_tokens
         append_masked_columns(self.cache, model, rows, FIRST_COLUMNS, self.layers)
-        self.width = FIRST_COLUMNS
+        self.width = self.prefix_len + FIRST_COLUMNS
         self.mask = torch.zeros(rows, self.width, dtype=torch.long)
         self.mask[:, -1] = 1  # an idle row attends to one column (its output is not used)
         self.rows: dict[str, _Row] = {}  # question id -> its row's state, from its prefill on
@@ -119,14 +125,15 @@ class ServingBatch(ContinuousBatch):
     def make_room(self) -> None:
         """Grow the rows' own columns when a prompt waiting for a row would not fit (its keys go right-aligned at
         the end of the cache), moving every live row's columns with `continuous._compact`."""
-        waiting = [len(p) for _, p in self.todo] + [len(s.prompt) for s, _ in self.ready]
+        waiting = [len(p) - self.shares(p) for _, p in self.todo] + [len(s.prompt) - s.shared for s, _ in self.ready]
         self.room = max(waiting, default=1)
         if self.width - self.prefix_len >= self.room:
             return
-        lives = {b: _live_columns(self.recorder, b, slot, self.prefix_len, self.width)
+        lives = {b: _live_columns(self.recorder, b, slot, self.width)
                  for b, slot in enumerate(self.slots) if slot is not None}
         new_width = self.prefix_len + max([self.room, *lives.values()]) + FIRST_COLUMNS
-        self.mask = _compact(self.cache, self.mask, self.recorder, self.prefix_len, self.width, new_width, lives)
+        self.mask = _compact(self.cache, self.mask, self.recorder, self.slots, self.prefix_len, self.width, new_width,
+                             lives)
         self.width = new_width
 
 
@@ -141,8 +148,9 @@ class BatchDriver:
     def __init__(self, model, tokenizer, instrument, *, rows: int, max_tokens: int, max_batch_tokens: int,
                  on_answer=None):
         self.model, self.tokenizer = model, tokenizer
+        self.prefix = template_prefix(tokenizer)
         self.batch = ServingBatch(model, tokenizer, rows=rows, max_tokens=max_tokens,
-                                  max_batch_tokens=max_batch_tokens)
+                                  max_batch_tokens=max_batch_tokens, prefix=self.prefix)
         windows = layer_windows(model.config, recorded_layers(model))
         self.scorer = LiveConfidence(instrument, windows) if instrument is not None else None
         self.on_answer = on_answer  # callable(request, generation, confidences, finish_reason): --record
@@ -181,7 +189,8 @@ class BatchDriver:
                 for row in list(batch.rows.values()):
                     row.request.emit({"type": "error", "message": f"generation failed: {type(e).__name__}: {e}"})
                 self.batch = ServingBatch(self.model, self.tokenizer, rows=batch.batch_size,
-                                          max_tokens=batch.max_new_tokens, max_batch_tokens=batch.max_batch_tokens)
+                                          max_tokens=batch.max_new_tokens, max_batch_tokens=batch.max_batch_tokens,
+                                          prefix=self.prefix)
 
     def _turn(self) -> None:
         batch = self.batch

@@ -1,0 +1,60 @@
+"""The serving batch holds the chat template's start once: prompts that start with it and prompts that do not (a raw
+completion, a chat with its own system turn) share rows and decode steps, and each answer keeps the tokens and
+statistics it has alone."""
+
+import threading
+
+import torch
+
+from conftest import assert_matches_eager
+
+from attentropy.data import Question
+from attentropy.prompts import prompt_ids
+from attentropy.sampling import Sampling
+from attentropy.serving_batch import BatchDriver, Request
+
+MAX_TOKENS = 10
+
+
+def test_prompts_with_and_without_the_template_s_start_keep_their_answers(embedded):
+    model, tokenizer, _ = embedded
+    driver = BatchDriver(model, tokenizer, None, rows=2, max_tokens=MAX_TOKENS, max_batch_tokens=4000)
+    prefix = driver.prefix
+    assert len(prefix) > 10  # SmolLM2's template: its default system turn and the user turn's opening
+
+    def chat(messages):
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False))
+
+    prompts = [prompt_ids(tokenizer, Question("q", "facts", "What is the capital of Peru?", "")),
+               list(tokenizer("The capital of France is", add_special_tokens=True)["input_ids"]),
+               chat([{"role": "system", "content": "Answer briefly."},
+                     {"role": "user", "content": "Who wrote Hamlet?"}]),
+               prompt_ids(tokenizer, Question("q", "facts", "Name a river.", "")),
+               list(tokenizer("word " * 60, add_special_tokens=True)["input_ids"])]  # grows the rows' columns
+    assert [driver.batch.shares(p) for p in prompts] == [len(prefix), 0, 0, len(prefix), 0]
+    ends, done = {}, threading.Semaphore(0)
+
+    def emit_for(i):
+        def emit(event):
+            if event["type"] in ("end", "error"):
+                ends[i] = event
+                done.release()
+        return emit
+    for i, prompt in enumerate(prompts):  # 5 requests, 2 rows: rows pass from one kind of prompt to the other
+        driver.submit(Request(Question(f"r{i}", "prompts", "", ""), prompt, MAX_TOKENS, Sampling(), None, [], 0,
+                              None, emit_for(i)))
+    driver.start()
+    try:
+        for _ in prompts:
+            assert done.acquire(timeout=300)
+    finally:
+        driver.stop()
+    assert all(ends[i]["type"] == "end" for i in range(len(prompts))), ends
+    generations = [ends[i]["generation"] for i in range(len(prompts))]
+    for prompt, g in zip(prompts, generations):  # greedy: the tokens each prompt gets alone
+        with torch.no_grad():
+            alone = model.generate(torch.tensor([prompt]), max_new_tokens=len(g.completion_ids), do_sample=False)
+        assert g.completion_ids == alone[0, len(prompt):].tolist()
+    assert_matches_eager(model, prompts, [g.completion_ids for g in generations], [g.capture for g in generations],
+                         atol=2e-4)
