@@ -14,6 +14,7 @@ from .answers import InstrumentError
 
 CS = tuple(np.logspace(-4, 0, 5))  # inverse L2 strengths tried (features standardised)
 INNER_FOLDS = 4
+DECISION_BYTES = 256 * 2 ** 20  # `LinearProbe.decision` standardises about this much of its rows at a time
 
 
 def sigmoid(x):
@@ -36,7 +37,10 @@ class LinearProbe:
         if hasattr(X, "project"):  # features too large to hold (`features.PrefixFeatures`): read projected
             weights = self.coef / self.scale
             return X.project(weights)[:, 0] - self.mean @ weights + self.intercept
-        return ((np.asarray(X, np.float64) - self.mean) / self.scale) @ self.coef + self.intercept
+        X = np.asarray(X)
+        step = max(1, DECISION_BYTES // (8 * max(1, X.shape[1])))  # rows standardised at once (float64 copies)
+        return np.concatenate([((np.asarray(X[i:i + step], np.float64) - self.mean) / self.scale) @ self.coef
+                               + self.intercept for i in range(0, len(X), step)] or [np.zeros(0)])
 
     def confidence(self, X: np.ndarray) -> np.ndarray:
         return sigmoid(self.platt[0] * self.decision(X) + self.platt[1])

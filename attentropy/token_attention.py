@@ -77,10 +77,18 @@ class TokenAttention:
         for i in range(0, len(positions), per):
             group = positions[i:i + per]
             layers_ = [self.layers[p] for p in group]
-            stored = np.concatenate([run.attn(STORED.get(name, name), layers_) for run in self.runs])
-            values = normalised(name, stored, self.keys[:, group])
-            del stored
-            yield group, values if self.rows is None else values[self.rows]
+            parts = [run.attn(STORED.get(name, name), layers_) for run in self.runs]
+            values = parts[0] if len(parts) == 1 else np.concatenate(parts)  # (one run: no copy)
+            del parts
+            if name in STORED:  # normalised in place, as `normalised` does
+                log_k = np.log(np.maximum(self.keys[:, group], 2.0))[:, :, None]
+                values /= log_k if name == "entropy_norm" else log_k ** 2
+            yield group, values if self.rows is None or self._all_rows else values[self.rows]
+
+    @property
+    def _all_rows(self) -> bool:
+        """Whether `rows` are every token of the runs, in order (their values are taken as read, not copied)."""
+        return len(self.rows) == len(self.keys) and bool((self.rows == np.arange(len(self.rows))).all())
 
     def __getitem__(self, name: str) -> np.ndarray:
         """[n_tokens, L, H]: the whole feature (in read mode it is read into one array)."""
