@@ -20,6 +20,7 @@ from attentropy.cli import main
 from attentropy.data import Question
 from attentropy.serve import REFUSAL
 from test_instrument import random_instrument
+from driver_events import Ends
 
 MAX_TOKENS = 12
 
@@ -353,23 +354,16 @@ def test_live_confidences_are_the_instrument_s_scores_of_the_finished_answer(tin
     model, tokenizer, _, instrument, _ = tiny
     driver = BatchDriver(model, tokenizer, instrument, rows=2, max_tokens=16, max_batch_tokens=2000)
     driver.start()
-    ends, done = {}, threading.Semaphore(0)
-
-    def emit_for(i):
-        def emit(event):
-            if event["type"] in ("end", "error"):
-                ends[i] = event
-                done.release()
-        return emit
+    collected = Ends()
+    ends = collected.events
     # the second of a kind the instrument was fitted on (the dense probe scores it), the others of none
     kinds = ["", "country_capital", ""]
     try:
         for i, (text, max_tokens) in enumerate([("Hi", 1), ("What is the capital of Peru?", 9), ("Name a river.", 12)]):
             question = Question(f"r{i}", "facts", text, "", metadata={"kind": kinds[i]})
             driver.submit(Request(question, prompt_ids(tokenizer, question), max_tokens, Sampling(), None, [], 0,
-                                  "factual", emit_for(i), kinds[i]))
-        for _ in range(3):
-            assert done.acquire(timeout=300)
+                                  "factual", collected.emit_for(i), kinds[i]))
+        collected.wait(3)
     finally:
         driver.stop()
     assert [len(ends[i]["generation"].completion_ids) for i in range(3)] == [1, 9, 12]
@@ -485,25 +479,18 @@ def test_the_cache_shrinks_under_an_idle_row_whose_long_prompt_ended(tiny):
 
     model, tokenizer, _, instrument, _ = tiny
     driver = BatchDriver(model, tokenizer, instrument, rows=2, max_tokens=40, max_batch_tokens=2000)
-    events, done = {}, threading.Semaphore(0)
-
-    def emit_for(i):
-        def emit(event):
-            if event["type"] in ("end", "error"):
-                events[i] = event
-                done.release()
-        return emit
+    collected = Ends()
+    events = collected.events
     long_question = Question("long", "facts", "word " * 180, "")
     short_question = Question("short", "facts", "Hi", "")
     assert len(prompt_ids(tokenizer, long_question)) > 150
     driver.submit(Request(long_question, prompt_ids(tokenizer, long_question), 2, Sampling(), None, [], 0, None,
-                          emit_for(0)))
+                          collected.emit_for(0)))
     driver.submit(Request(short_question, prompt_ids(tokenizer, short_question), 40, Sampling(), None, [], 0, None,
-                          emit_for(1)))
+                          collected.emit_for(1)))
     driver.start()
     try:
-        for _ in range(2):
-            assert done.acquire(timeout=300)
+        collected.wait(2)
     finally:
         driver.stop()
     assert [events[i]["type"] for i in range(2)] == ["end", "end"], events

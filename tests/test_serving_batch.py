@@ -2,11 +2,11 @@
 completion, a chat with its own system turn) share rows and decode steps, and each answer keeps the tokens and
 statistics it has alone."""
 
-import threading
 
 import torch
 
 from conftest import assert_matches_eager
+from driver_events import Ends
 
 from attentropy.data import Question
 from attentropy.prompts import prompt_ids
@@ -33,21 +33,14 @@ def test_prompts_with_and_without_the_template_s_start_keep_their_answers(embedd
                prompt_ids(tokenizer, Question("q", "facts", "Name a river.", "")),
                list(tokenizer("word " * 60, add_special_tokens=True)["input_ids"])]  # grows the rows' columns
     assert [driver.batch.shares(p) for p in prompts] == [len(prefix), 0, 0, len(prefix), 0]
-    ends, done = {}, threading.Semaphore(0)
-
-    def emit_for(i):
-        def emit(event):
-            if event["type"] in ("end", "error"):
-                ends[i] = event
-                done.release()
-        return emit
+    collected = Ends()
+    ends = collected.events
     for i, prompt in enumerate(prompts):  # 5 requests, 2 rows: rows pass from one kind of prompt to the other
         driver.submit(Request(Question(f"r{i}", "prompts", "", ""), prompt, MAX_TOKENS, Sampling(), None, [], 0,
-                              None, emit_for(i)))
+                              None, collected.emit_for(i)))
     driver.start()
     try:
-        for _ in prompts:
-            assert done.acquire(timeout=300)
+        collected.wait(len(prompts))
     finally:
         driver.stop()
     assert all(ends[i]["type"] == "end" for i in range(len(prompts))), ends
