@@ -67,9 +67,8 @@ def _report(args) -> None:
 
 
 def _fit(args) -> None:
-    from .instrument import fit_instrument, format_evaluation
-
     from .clustered_intervals import threads
+    from .instrument import fit_instrument, format_evaluation
 
     out = fit_instrument(args.dirs, args.out, transfer=args.transfer or [], n_boot=args.n_boot, seed=args.seed,
                          force=args.force, skip_damaged=args.skip_damaged, progress=not args.quiet,

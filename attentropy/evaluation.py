@@ -18,6 +18,7 @@ from .detectors.fitting import take
 from .features import at_once
 from .probe import INNER_FOLDS
 from .selective import choose_threshold, f_score
+from .token_attention import every_row
 from .token_comparisons import TOKEN_COMPARISON_TITLES, token_comparisons
 
 OUTER_FOLDS = 5
@@ -160,7 +161,7 @@ def cross_validate(a: Answers, rows: np.ndarray, *, detectors: dict[str, Detecto
 def _rows_of(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """values[rows], without a copy when `rows` are all of them in order (one task's tokens: 0.5 GB of token
     features at the 90B shape)."""
-    return values if len(rows) == len(values) and (rows == np.arange(len(rows))).all() else values[rows]
+    return values if every_row(rows, len(values)) else values[rows]
 
 
 @dataclass

@@ -18,15 +18,20 @@ STORED = {"entropy_norm": "entropy", "varentropy_norm": "varentropy"}  # a featu
 IN_MEMORY_BYTES = 2 * 2 ** 30  # `load_answers` holds the answers' attention statistics when they take at most this
 
 
-def normalised(name: str, values: np.ndarray, keys: np.ndarray) -> np.ndarray:
+def normalised(name: str, values: np.ndarray, keys: np.ndarray, in_place: bool = False) -> np.ndarray:
     """A feature from its stored statistic's values [n, l, H]: entropy / ln K and varentropy / (ln K)^2, K the keys
     each layer's row attends to (`keys` [n, l]: the visible keys, at most a sliding window; the maximal entropy of
     K keys is ln K and the maximal varentropy grows like (ln K)^2, so raw values rise with position), masses as
-    they are."""
+    they are. `in_place`: divided in `values` (float32, the caller's own)."""
     if name in STORED:
         log_k = np.log(np.maximum(np.asarray(keys, np.float32), 2.0))[:, :, None]
-        values = values / (log_k if name == "entropy_norm" else log_k ** 2)
+        values = np.divide(values, log_k if name == "entropy_norm" else log_k ** 2, out=values if in_place else None)
     return np.ascontiguousarray(values, dtype=np.float32)
+
+
+def every_row(rows: np.ndarray | None, n: int) -> bool:
+    """Whether `rows` (None: all) are all n rows, in order: taking them needs no copy."""
+    return rows is None or (len(rows) == n and bool((rows == np.arange(n)).all()))
 
 
 def normalised_attention(stat_arrays: dict[str, np.ndarray], keys: np.ndarray) -> dict[str, np.ndarray]:
@@ -80,15 +85,8 @@ class TokenAttention:
             parts = [run.attn(STORED.get(name, name), layers_) for run in self.runs]
             values = parts[0] if len(parts) == 1 else np.concatenate(parts)  # (one run: no copy)
             del parts
-            if name in STORED:  # normalised in place, as `normalised` does
-                log_k = np.log(np.maximum(self.keys[:, group], 2.0))[:, :, None]
-                values /= log_k if name == "entropy_norm" else log_k ** 2
-            yield group, values if self.rows is None or self._all_rows else values[self.rows]
-
-    @property
-    def _all_rows(self) -> bool:
-        """Whether `rows` are every token of the runs, in order (their values are taken as read, not copied)."""
-        return len(self.rows) == len(self.keys) and bool((self.rows == np.arange(len(self.rows))).all())
+            values = normalised(name, values, self.keys[:, group], in_place=True)
+            yield group, values if every_row(self.rows, len(self.keys)) else values[self.rows]
 
     def __getitem__(self, name: str) -> np.ndarray:
         """[n_tokens, L, H]: the whole feature (in read mode it is read into one array)."""

@@ -16,7 +16,12 @@ from .fitting import probe_fitter
 
 def shannon_entropy(a) -> np.ndarray:
     """[n_tokens, L, H]: each head's attention entropy in nats (the stored entropy / ln K, times ln K)."""
-    return a.attn["entropy_norm"] * np.log(np.maximum(a.keys, 2))[:, :, None]
+    return _nats(a.attn["entropy_norm"], a.keys)
+
+
+def _nats(entropy_norm: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Entropy / ln K [n, l, H] of rows attending to `keys` [n, l] keys, times ln K: the entropy in nats."""
+    return entropy_norm * np.log(np.maximum(keys, 2))[:, :, None]
 
 
 def _per_head(a, name: str, reduce) -> np.ndarray:
@@ -26,7 +31,7 @@ def _per_head(a, name: str, reduce) -> np.ndarray:
         keys, n_heads = a.keys, a.n_heads
         out = np.empty((len(a.answers), len(a.layers), n_heads))
         for positions, values in a.attn.groups("entropy_norm", expansion=6):  # float64 nats
-            nats = values * np.log(np.maximum(keys[:, positions], 2))[:, :, None]  # as `shannon_entropy`
+            nats = _nats(values, keys[:, positions])
             out[:, positions] = reduce(nats.reshape(len(nats), -1)).reshape(len(out), len(positions), n_heads)
         return out.reshape(len(out), -1)
     return a.memo(name, compute)
