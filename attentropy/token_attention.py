@@ -51,6 +51,10 @@ class TokenAttention:
     keys: np.ndarray | None = None  # read mode: [n_run_tokens, L] float32, the keys each row attends to
     rows: np.ndarray | None = None  # read mode: these of the runs' tokens (None: all, in order)
     read_bytes: int = READ_BYTES
+    # read mode: the flat float32 buffers groups are read into, kept from one `groups` to the next (a new array per
+    # group, or per call, would leave two alive while the next is read: the caller's loop still holds the last)
+    _buffers: dict = field(default_factory=dict, repr=False, compare=False)
+    _reading: bool = field(default=False, repr=False, compare=False)  # a `groups` is being read (into the buffers)
 
     @classmethod
     def read(cls, runs: list, keys: np.ndarray, read_bytes: int = READ_BYTES) -> "TokenAttention":
@@ -70,7 +74,9 @@ class TokenAttention:
         """(positions [l] in `self.layers`, values [n_tokens, l, H] float32) of one feature at `layers` (positions;
         default all), consecutive groups in layer order: one group when held. `expansion`: what the caller's
         working arrays of a group take, as a multiple of its values (float64 copies and intermediates): groups are
-        that many times smaller, so a group's work takes about `read_bytes`."""
+        that many times smaller, so a group's work takes about `read_bytes`. Read groups share one buffer: a
+        group's values are valid until the next group is read (reduce them, or copy them, before asking for it),
+        and one `groups` of these tokens is read at a time."""
         if name not in ATTN_FEATURES:
             raise KeyError(f"unknown attention feature {name!r}; expected one of {', '.join(ATTN_FEATURES)}")
         positions = np.arange(len(self.layers)) if layers is None else np.asarray(layers, int)
@@ -78,15 +84,39 @@ class TokenAttention:
             values = self.arrays[name]
             yield positions, values if layers is None else values[:, positions]
             return
-        per = max(1, self.read_bytes // max(1, len(self.keys) * self.n_heads * 4 * expansion))
+        if self._reading:
+            raise RuntimeError("one `groups` of these tokens at a time: their groups share one buffer")
+        self._reading = True
+        try:
+            yield from self._read_groups(name, positions, expansion)
+        finally:
+            self._reading = False
+
+    def _read_groups(self, name: str, positions: np.ndarray, expansion: int):
+        n_run_tokens, all_rows = len(self.keys), every_row(self.rows, len(self.keys))
+        per = max(1, self.read_bytes // max(1, n_run_tokens * self.n_heads * 4 * expansion))
+        read = self._buffer("read", n_run_tokens * min(per, len(positions)) * self.n_heads)
+        taken = None if all_rows else self._buffer("taken", len(self.rows) * min(per, len(positions)) * self.n_heads)
         for i in range(0, len(positions), per):
             group = positions[i:i + per]
             layers_ = [self.layers[p] for p in group]
-            parts = [run.attn(STORED.get(name, name), layers_) for run in self.runs]
-            values = parts[0] if len(parts) == 1 else np.concatenate(parts)  # (one run: no copy)
-            del parts
-            values = normalised(name, values, self.keys[:, group], in_place=True)
-            yield group, values if every_row(self.rows, len(self.keys)) else values[self.rows]
+            values = read[:n_run_tokens * len(group) * self.n_heads].reshape(n_run_tokens, len(group), self.n_heads)
+            at = 0
+            for run in self.runs:
+                run.attn(STORED.get(name, name), layers_, out=values[at:at + len(run.tokens)])
+                at += len(run.tokens)
+            normalised(name, values, self.keys[:, group], in_place=True)
+            if not all_rows:
+                values = np.take(values, self.rows, axis=0,
+                                 out=taken[:values[0].size * len(self.rows)].reshape(len(self.rows), *values.shape[1:]))
+            yield group, values
+
+    def _buffer(self, name: str, size: int) -> np.ndarray:
+        """A flat float32 buffer of `size` values, kept for the next `groups` of the same size."""
+        if name not in self._buffers or len(self._buffers[name]) != size:
+            self._buffers.pop(name, None)  # (freed before the new one is made)
+            self._buffers[name] = np.empty(size, np.float32)
+        return self._buffers[name]
 
     def __getitem__(self, name: str) -> np.ndarray:
         """[n_tokens, L, H]: the whole feature (in read mode it is read into one array)."""

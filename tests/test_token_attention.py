@@ -90,3 +90,27 @@ def test_held_and_read_statistics_are_not_joined(tmp_path):
         next(read.attn.groups("entropy"))
     both = concat_attention([read.attn, read.attn])
     np.testing.assert_array_equal(both["sink_mass"], np.concatenate([held.attn["sink_mass"]] * 2))
+
+
+def test_rows_taken_from_read_groups(tmp_path):
+    """Tokens taken in another order, from two runs joined, group by group: the held values of those tokens (the
+    groups share one buffer, so each is copied out before the next is read)."""
+    _, held, read = held_and_read(tmp_path, n=20)
+    rows = np.random.default_rng(0).permutation(2 * len(read.tokens))[: len(read.tokens)]
+    both = concat_attention([read.attn, read.attn]).take(rows)
+    for name in ("entropy_norm", "prev_mass"):
+        np.testing.assert_array_equal(both[name], np.concatenate([held.attn[name]] * 2)[rows])
+    groups = [(p, v.copy()) for p, v in both.groups("varentropy_norm")]
+    assert len(groups) > 1
+    for positions, values in groups:
+        np.testing.assert_array_equal(values, np.concatenate([held.attn["varentropy_norm"]] * 2)[rows][:, positions])
+
+
+def test_one_group_read_at_a_time(tmp_path):
+    _, _, read = held_and_read(tmp_path, n=20)
+    first = read.attn.groups("entropy_norm")
+    next(first)
+    with pytest.raises(RuntimeError, match="at a time"):
+        next(read.attn.groups("sink_mass"))
+    first.close()
+    assert len(list(read.attn.groups("sink_mass"))) == 4
