@@ -24,29 +24,30 @@ def _nats(entropy_norm: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return entropy_norm * np.log(np.maximum(keys, 2))[:, :, None]
 
 
-def _per_head(a, name: str, reduce) -> np.ndarray:
-    """[n_answers, L * H]: `reduce(nats [n_tokens, l * H])` -> [n_answers, l * H] of each group of layers; computed
-    once per answers (`name`)."""
+def _per_head(a) -> dict[str, np.ndarray]:
+    """Each head's attention entropy in nats [n_answers, L * H], reduced over each answer's tokens in one pass over
+    the entropies: `over_answer` their mean, `before_answer` at the row that predicts the answer's first token.
+    Computed once per answers."""
     def compute(a):
-        keys, n_heads = a.keys, a.n_heads
-        out = np.empty((len(a.answers), len(a.layers), n_heads))
+        starts, counts, keys, n_heads = a.answers.start.to_numpy(), a.answers.n_tokens.to_numpy(), a.keys, a.n_heads
+        out = {k: np.empty((len(starts), len(a.layers), n_heads)) for k in ("over_answer", "before_answer")}
         for positions, values in a.attn.groups("entropy_norm", expansion=6):  # float64 nats
             nats = _nats(values, keys[:, positions])
-            out[:, positions] = reduce(nats.reshape(len(nats), -1)).reshape(len(out), len(positions), n_heads)
-        return out.reshape(len(out), -1)
-    return a.memo(name, compute)
+            out["before_answer"][:, positions] = nats[starts]
+            nats = nats.reshape(len(nats), -1).astype(np.float64)
+            out["over_answer"][:, positions] = segment_means(nats, starts, counts).reshape(len(starts), -1, n_heads)
+        return {k: v.reshape(len(starts), -1) for k, v in out.items()}
+    return a.memo("head_entropy", compute)
 
 
 def entropy_over_answer(a) -> np.ndarray:
     """[n_answers, L * H]: each head's attention entropy averaged over the answer's tokens."""
-    starts, counts = a.answers.start.to_numpy(), a.answers.n_tokens.to_numpy()
-    return _per_head(a, "entropy_over_answer", lambda nats: segment_means(nats.astype(np.float64), starts, counts))
+    return _per_head(a)["over_answer"]
 
 
 def entropy_before_answer(a) -> np.ndarray:
     """[n_answers, L * H]: each head's attention entropy at the row that predicts the answer's first token."""
-    first = a.answers.start.to_numpy()
-    return _per_head(a, "entropy_before_answer", lambda nats: nats[first])
+    return _per_head(a)["before_answer"]
 
 
 HEAD_ENTROPY = Detector("head_entropy", "answer", "baseline", "head_entropy",
