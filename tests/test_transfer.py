@@ -3,21 +3,27 @@ anchored instrument (a training-free anchor plus a correction chosen by leave-on
 
 import numpy as np
 import pandas as pd
+import pytest
 from sklearn.metrics import roc_auc_score
 
+from attentropy.detectors import anchored
 from attentropy.detectors.anchored import ANCHORS, fit_anchored, fit_anchored_model, stable_order, within_kind_auroc
 from attentropy.probe import sigmoid
 from attentropy.evaluation import MIN_PER_CLASS_HELD_OUT, held_out_mean_rows
 
 
-def test_within_kind_auroc_is_sklearns_per_kind():
+@pytest.mark.parametrize("columns_at_a_time", [None, 2])
+def test_within_kind_auroc_is_sklearns_per_kind(monkeypatch, columns_at_a_time):
     rng = np.random.default_rng(0)
-    X, y = rng.normal(size=(90, 3)), rng.integers(0, 2, 90)
+    X, y = rng.normal(size=(90, 5)), rng.integers(0, 2, 90)
+    X[:, 1] = np.round(X[:, 1])  # ties
     kinds = np.repeat(["a", "b", "c"], 30)
+    if columns_at_a_time:  # ranked in blocks of 2 columns (the last of 1)
+        monkeypatch.setattr(anchored, "RANK_BYTES", 8 * 30 * columns_at_a_time)
     auc = within_kind_auroc(X, y, kinds)
     for i, kind in enumerate("abc"):
         m = kinds == kind
-        assert np.allclose(auc[i], [roc_auc_score(y[m], X[m, j]) for j in range(3)])
+        assert np.allclose(auc[i], [roc_auc_score(y[m], X[m, j]) for j in range(5)])
 
 
 def test_stable_features_keep_one_sign_in_every_kind():
