@@ -18,7 +18,7 @@ from attentropy.evaluation import cross_validate, evaluate, leave_one_out, outer
 from attentropy.detectors.anchored import AnchoredModel
 from attentropy.detectors.instrument import RoutedModel
 from attentropy.features import feature_names
-from attentropy.probe import LinearProbe, inner_splits
+from attentropy.probe import LinearProbe, fit_probe, inner_splits
 from attentropy.scoring import restates_question
 from attentropy.selective import choose_threshold, selective_outcome
 from attentropy.token_comparisons import token_types
@@ -275,3 +275,15 @@ def test_tokens_that_restate_the_question_are_not_scored():
     texts = ["The", " capital", " of", " Peru", " is", " Lima", ".", " 3", " *", " 4", " =", " 12"]
     restating = restates_question(texts, "What is the capital of Peru? And 3 * 4?")
     assert [t for t, r in zip(texts, restating) if not r] == [" Lima", " 12"]
+
+
+def test_the_probe_standardises_with_numpys_mean_and_std():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 9)) * rng.uniform(0.1, 50, 9) + rng.normal(size=9) * 20
+    X[:, 4] = 3.0  # a constant column: scale 1
+    y = (X[:, 0] + rng.normal(size=120) > X[:, 0].mean()).astype(int)
+    probe, _ = fit_probe(X, y, np.arange(120))
+    scale = X.std(0)
+    scale[4] = 1.0
+    np.testing.assert_array_equal(probe.mean, X.mean(0))
+    np.testing.assert_array_equal(probe.scale, scale)
