@@ -165,7 +165,7 @@ def fit_anchored(X, y: np.ndarray, groups=None, seed: int = 0) -> Fitted:
     for part in (*X, np.asarray(y)):
         part = np.ascontiguousarray(part)
         digest.update(f"{part.dtype}{part.shape}".encode())
-        digest.update(part.astype(str).tobytes() if part.dtype.kind in "OU" else part.tobytes())
+        digest.update(part.astype(str) if part.dtype.kind in "OU" else part)  # (the array's buffer: no copy)
     key = digest.hexdigest()
     if key not in _FITS:
         if len(_FITS) >= MAX_FITS:
@@ -191,9 +191,10 @@ def fit_anchored_on(X, y: np.ndarray) -> Fitted:
         held = np.zeros((len(candidates), len(y)))
         for j, kind in enumerate(usable):
             train, test = kinds != kind, kinds == kind
-            order = stable_order(attention[train], y[train], kinds[train])  # the same for every candidate
+            attention_train = attention[train]  # (one copy for every candidate)
+            order = stable_order(attention_train, y[train], kinds[train])  # the same for every candidate
             for i, (k, C) in enumerate(candidates):
-                model = fit_anchored_model(anchors[train], attention[train], y[train], kinds[train], anchor, k, C,
+                model = fit_anchored_model(anchors[train], attention_train, y[train], kinds[train], anchor, k, C,
                                            order)
                 held[i, test] = model.decision(anchors[test], attention[test])
                 per_kind[i, j] = _mean_within_kind_auroc(held[i, test], y[test], kinds[test])
