@@ -110,10 +110,14 @@ def _trace(args) -> None:
 
 
 def _serve(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from .serve import Limits, serve
 
     serve(args.model, args.probe, host=args.host, port=args.port, policy=args.policy, threshold=args.threshold,
-          record=args.record, dtype=args.dtype, device=args.device, threads=args.threads,
+          record=args.record, dtype=args.dtype, device=args.device,
           limits=Limits(rows=args.rows, max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                         max_batch_tokens=args.max_batch_tokens, max_waiting=args.max_waiting,
                         max_body_bytes=args.max_body_bytes))

@@ -1,8 +1,7 @@
 """`attentropy serve`: an OpenAI-compatible endpoint (FastAPI on uvicorn) whose every token carries the
 instrument's confidence: /v1/chat/completions and /v1/completions (whole or streamed as server-sent events),
 /v1/models, /health and a page at / (`serve_page`). Requests join one running continuous batch
-(`serving_batch.BatchDriver`), run in a process of its own (`generation_process`); with `record`, the answers are
-appended to a run directory (`served_runs`)."""
+(`serving_batch.BatchDriver`); with `record`, the answers are appended to a run directory (`served_runs`)."""
 
 from __future__ import annotations
 
@@ -20,9 +19,8 @@ from .data import Question, question_kind
 from .detectors.instrument import UNKNOWN_KIND
 from .openai_schema import (POLICIES, ApiError, ChatRequest, CompletionRequest, chat_logprob, completion_logprobs,
                             message_text, number, parse)
-from .generation_process import LOG_FORMAT, GenerationProcess, Settings
 from .sampling import Sampling
-from .serving_batch import Request
+from .serving_batch import BatchDriver, Request
 
 log = logging.getLogger("attentropy.serve")
 
@@ -43,9 +41,9 @@ class Limits:
 
 @dataclass
 class Served:
-    """The model and instrument behind the endpoint (the model itself is in the generation process)."""
+    """The model and instrument behind the endpoint."""
 
-    context: int  # the model's context in tokens
+    model: object
     tokenizer: object
     name: str  # the model id clients ask for
     instrument: object | None
@@ -96,8 +94,8 @@ def protocol_of(served: Served, messages: list[dict]) -> tuple[str | None, str, 
     return task, kind, None
 
 
-def create_app(served: Served, generation: GenerationProcess, limits: Limits = Limits()):
-    """The FastAPI application on a started generation process, which it stops when it stops (lifespan)."""
+def create_app(served: Served, limits: Limits = Limits(), record=None):
+    """The FastAPI application; its batch driver starts and stops with the application (lifespan)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
@@ -105,14 +103,19 @@ def create_app(served: Served, generation: GenerationProcess, limits: Limits = L
 
     from .serve_page import page
 
-    context = served.context
+    context = getattr(served.model.config.get_text_config(), "max_position_embeddings", None) or 1 << 30
+    driver = BatchDriver(served.model, served.tokenizer, served.instrument, rows=limits.rows,
+                         max_tokens=limits.max_tokens, max_batch_tokens=limits.max_batch_tokens,
+                         on_answer=record.add if record is not None else None)
 
     @asynccontextmanager
     async def lifespan(app):
-        generation.attach(asyncio.get_running_loop())
+        driver.start()
         log.info("serving %s (probe %s) with %d rows", served.name, served.probe or "none", limits.rows)
         yield
-        generation.stop()
+        driver.stop()
+        if record is not None:
+            record.close()
 
     app = FastAPI(title="attentropy serve", lifespan=lifespan)
 
@@ -180,10 +183,7 @@ def create_app(served: Served, generation: GenerationProcess, limits: Limits = L
         if len(prompt) + max_tokens > limits.max_batch_tokens:
             raise ApiError(400, f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) tokens exceed the batch's "
                            f"{limits.max_batch_tokens}", param="max_tokens", code="context_length_exceeded")
-        if not generation.alive:  # (checked before a stream's 200 is sent)
-            raise ApiError(503, "the generation process is starting again after a fault; retry shortly",
-                           kind="server_error", code="unavailable")
-        if generation.waiting() >= limits.max_waiting:
+        if driver.load()["waiting"] >= limits.max_waiting:  # (checked before a stream's 200 is sent)
             raise ApiError(429, f"{limits.max_waiting} requests are already waiting; retry later",
                            kind="rate_limit_error", code="too_many_requests")
         temperature = 0.0 if r.temperature is None else r.temperature
@@ -193,9 +193,10 @@ def create_app(served: Served, generation: GenerationProcess, limits: Limits = L
         return Request(question, prompt, max_tokens, sampling, r.seed, stops, top_logprobs, task, emit, kind)
 
     async def events_of(request: Request, http: HttpRequest):
-        """The batch's events for one request, as they come; the request is cancelled when its client goes."""
-        inbox = asyncio.Queue()
-        generation.submit(request, inbox)
+        """The driver's events for one request, as they come; the request is cancelled when its client goes."""
+        loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
+        request.emit = lambda event: loop.call_soon_threadsafe(inbox.put_nowait, event)
+        driver.submit(request)
         try:
             while True:
                 try:
@@ -208,7 +209,7 @@ def create_app(served: Served, generation: GenerationProcess, limits: Limits = L
                 if event["type"] in ("end", "error"):
                     return
         finally:  # the client went away (or the answer ended): its row is freed at the next step
-            generation.cancel(request.question.id)
+            request.cancelled.set()
 
     def extension(task, reason, policy, answer_confidence, abstained, original, in_kind=None) -> dict:
         """The `attentropy` field of a choice (README: "attentropy serve"); `in_kind`: the end event's."""
@@ -228,12 +229,12 @@ def create_app(served: Served, generation: GenerationProcess, limits: Limits = L
         return (REFUSAL if abstain else end["text"]), answer_confidence, abstain, (end["text"] if abstain else None)
 
     def usage(prompt: list[int], end: dict) -> dict:
-        n = end["completion_tokens"]
+        n = len(end["generation"].completion_ids)
         return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
 
     def log_end(rid, prompt, end, answer_confidence, started):
         log.info("%s: %d prompt + %d completion tokens, %s, answer confidence %s, %.2f s", rid, len(prompt),
-                 end["completion_tokens"], end["finish_reason"],
+                 len(end["generation"].completion_ids), end["finish_reason"],
                  "n/a" if answer_confidence is None else f"{answer_confidence:.3f}", time.perf_counter() - started)
 
     def sse(obj) -> str:
@@ -382,9 +383,8 @@ def create_app(served: Served, generation: GenerationProcess, limits: Limits = L
 
     @app.get("/health")
     async def health():
-        body = {"status": "ok" if generation.alive else "restarting", "model": served.name, "probe": served.probe,
-                **generation.load}
-        return JSONResponse(body, status_code=200 if generation.alive else 503)
+        return {"status": "ok" if driver.thread.is_alive() else "stopped", "model": served.name,
+                "probe": served.probe, **driver.load()}
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -417,26 +417,32 @@ def abstention_thresholds(probe: str | Path) -> dict[str, float]:
 
 def serve(model_name: str, probe: str | None, *, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
           policy: str = "flag", threshold: float | None = None, record: str | None = None, dtype: str = "auto",
-          device: str = "auto", threads: int | None = None) -> None:
-    """`attentropy serve`: start the generation process (it loads the model and the instrument, which it refuses if
-    fitted on another model), then serve."""
+          device: str = "auto") -> None:
+    """`attentropy serve`: load the model and the instrument (refused if fitted on another model), then serve."""
     import uvicorn
 
+    from .attention import recorded_layers
     from .instrument import load_instrument
+    from .model import load_model
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     instrument = load_instrument(probe) if probe else None  # a damaged probe fails before the model loads
-    probe = str(probe) if probe else None
-    generation = GenerationProcess(Settings(model_name, probe, limits.rows, limits.max_tokens, limits.max_batch_tokens,
-                                            record, dtype, device, threads))
-    ready = generation.start()
+    model, tokenizer, info = load_model(model_name, dtype=dtype, device=device)
     thresholds = {}
     if instrument is not None:
+        instrument.check({"name": info.name, "revision": info.revision, "layers": recorded_layers(model),
+                          "n_heads": model.config.get_text_config().num_attention_heads}, f"the model {model_name!r}")
         thresholds = abstention_thresholds(probe)
         if threshold is not None:
             thresholds = {task: threshold for task in instrument.answer_models}
         log.info("instrument %s: answer models %s, token model %s, abstention thresholds %s", probe,
                  sorted(instrument.answer_models), instrument.token_model is not None,
                  {k: round(v, 4) for k, v in thresholds.items()} or "none")
-    served = Served(ready.context, ready.tokenizer, model_name, instrument, probe, thresholds, policy)
-    uvicorn.run(create_app(served, generation, limits), host=host, port=port, log_level="info")
+    served = Served(model, tokenizer, model_name, instrument, str(probe) if probe else None, thresholds, policy)
+    recorder = None
+    if record:
+        from .served_runs import ServedRun
+
+        recorder = ServedRun(record, model, tokenizer, info, instrument, rows=limits.rows)
+    uvicorn.run(create_app(served, limits, recorder), host=host, port=port, log_level="info")
+

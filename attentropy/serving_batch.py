@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -46,7 +47,8 @@ class Request:
     task: str | None  # the instrument's answer model for this request (None: it does not apply)
     emit: object  # callable(event dict), called from the driver's thread
     kind: str = UNKNOWN_KIND  # the question kind that routes the answer model (known for the math protocol)
-    cancelled: bool = False
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -139,13 +141,12 @@ class BatchDriver:
     """The thread that runs the model: it admits waiting requests at every step, decodes, and reports each
     request's tokens, its end or its error through the request's `emit`. Events (dicts): `token` (index, id,
     text, delta, logprob, top, confidence, prefix_confidence), `end` (finish_reason, delta, text, generation,
-    completion_tokens, confidences: (token, prefix) per token, the end of turn's included; in_kind: whether the
-    dense probe scored the answer, None where the instrument did not), `error` (message). `delta`: the text that
-    the token (or the end) makes certain, stop strings held back. `after_turn` (callable, optional) is called after
-    every turn of the loop (a decode step with its admissions), when that turn's events have all been emitted."""
+    confidences: (token, prefix) per token, the end of turn's included; in_kind: whether the dense probe scored the
+    answer, None where the instrument did not),
+    `error` (message). `delta`: the text that the token (or the end) makes certain, stop strings held back."""
 
     def __init__(self, model, tokenizer, instrument, *, rows: int, max_tokens: int, max_batch_tokens: int,
-                 on_answer=None, after_turn=None):
+                 on_answer=None):
         self.model, self.tokenizer = model, tokenizer
         self.prefix = template_prefix(tokenizer)
         self.batch = ServingBatch(model, tokenizer, rows=rows, max_tokens=max_tokens,
@@ -153,7 +154,6 @@ class BatchDriver:
         windows = layer_windows(model.config, recorded_layers(model))
         self.scorer = LiveConfidence(instrument, windows) if instrument is not None else None
         self.on_answer = on_answer  # callable(request, generation, confidences, finish_reason): --record
-        self.after_turn = after_turn or (lambda: None)
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.pending: list[Request] = []  # taken from `waiting`, not yet admitted
         self.stopping = threading.Event()
@@ -184,12 +184,10 @@ class BatchDriver:
                                                                                                batch.recorder):
                     while not self.stopping.is_set():
                         self._turn()
-                        self.after_turn()
             except Exception as e:  # a fault in the batch ends its requests with an error, not the server
                 log.exception("decode step failed; its requests end with an error, the batch starts afresh")
                 for row in list(batch.rows.values()):
                     row.request.emit({"type": "error", "message": f"generation failed: {type(e).__name__}: {e}"})
-                self.after_turn()
                 self.batch = ServingBatch(self.model, self.tokenizer, rows=batch.batch_size,
                                           max_tokens=batch.max_new_tokens, max_batch_tokens=batch.max_batch_tokens,
                                           prefix=self.prefix)
@@ -203,7 +201,7 @@ class BatchDriver:
                 item = self.waiting.get_nowait()
         except queue.Empty:
             pass
-        self.pending = [r for r in self.pending if not r.cancelled]
+        self.pending = [r for r in self.pending if not r.cancelled.is_set()]
         while self.pending and batch.admit(self.pending[0]):
             self.pending.pop(0)
         for b in range(batch.batch_size):  # fill free rows
@@ -285,7 +283,7 @@ class BatchDriver:
         return delta
 
     def _should_end(self, row: _Row, slot) -> bool:
-        if row.request.cancelled:
+        if row.request.cancelled.is_set():
             return True
         if len(slot.completion) >= row.request.max_tokens:
             return True
@@ -294,13 +292,12 @@ class BatchDriver:
     def _end(self, qid: str, generation: Generation) -> None:
         row = self.batch.rows.pop(qid)
         request = row.request
-        if request.cancelled:
+        if request.cancelled.is_set():
             log.info("%s: client gone, row freed after %d tokens", qid, len(generation.completion_ids))
             return
         finish_reason = "stop" if generation.finish_reason == "stop" or row.stopped else "length"
         request.emit({"type": "end", "finish_reason": finish_reason, "delta": self._new_text(row, final=True),
-                      "text": row.text, "generation": generation,
-                      "completion_tokens": len(generation.completion_ids), "confidences": row.answer.confidences,
+                      "text": row.text, "generation": generation, "confidences": row.answer.confidences,
                       "in_kind": row.answer.in_kind})
         if self.on_answer is not None:
             self.on_answer(request, generation, row.answer.confidences, finish_reason, row.text)
