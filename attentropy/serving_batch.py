@@ -161,7 +161,13 @@ class BatchDriver:
         self.thread = threading.Thread(target=self._loop, name="attentropy-batch", daemon=True)
 
     def start(self) -> None:
+        """The batch loop on a thread of its own."""
         self.thread.start()
+
+    def run(self) -> None:
+        """The batch loop on the calling thread, until `stopping` is set (torch decodes faster on the main thread
+        than on another: bench/serving_batch.py --main-thread)."""
+        self._loop()
 
     def stop(self) -> None:
         self.stopping.set()
