@@ -166,13 +166,14 @@ class BatchDriver:
 
     def run(self) -> None:
         """The batch loop on the calling thread, until `stopping` is set (torch decodes faster on the main thread
-        than on another: bench/serving_batch.py --main-thread)."""
+        than on another: bench/serving_batch.py ... main); `stop` ends it."""
         self._loop()
 
     def stop(self) -> None:
         self.stopping.set()
         self.waiting.put(None)
-        self.thread.join(60)
+        if self.thread.is_alive():  # (`run` on the caller's thread: it returns at its next turn)
+            self.thread.join(60)
 
     def submit(self, request: Request) -> None:
         self.waiting.put(request)

@@ -44,20 +44,21 @@ def submit():
                           emit, UNKNOWN_KIND))
 
 
-
-
 def wait_for_answers():
     for _ in range(n):
         done.acquire()
-    driver.stopping.set()
-    driver.waiting.put(None)
+
+
+def stop_after_answers():  # on another thread, while the main one runs the driver's loop
+    wait_for_answers()
+    driver.stop()
 
 
 started, cpu = time.perf_counter(), time.process_time()
 for _ in range(clients):
     submit()
 if on_main_thread:
-    threading.Thread(target=wait_for_answers, daemon=True).start()
+    threading.Thread(target=stop_after_answers, daemon=True).start()
     driver.run()
 else:
     driver.start()
@@ -66,5 +67,4 @@ seconds = time.perf_counter() - started
 print(f"{n} requests, {clients} clients, {threads} threads: {tokens[0]} tokens in {seconds:.1f} s = "
       f"{tokens[0] / seconds:.1f} tokens/s, {driver.steps} steps, {(time.process_time() - cpu) / seconds:.2f} cores, "
       f"driver on {'the main thread' if on_main_thread else 'a thread of its own'}")
-if not on_main_thread:
-    driver.thread.join(60)
+driver.stop()
