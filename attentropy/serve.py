@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -94,8 +95,10 @@ def protocol_of(served: Served, messages: list[dict]) -> tuple[str | None, str, 
     return task, kind, None
 
 
-def create_app(served: Served, limits: Limits = Limits(), record=None):
-    """The FastAPI application; its batch driver starts and stops with the application (lifespan)."""
+def create_app(served: Served, limits: Limits = Limits(), record=None, driver_thread: bool = True):
+    """The FastAPI application and its batch driver (`app.state.driver`). The driver stops with the application
+    (lifespan); it starts with it on a thread of its own, or, with `driver_thread=False`, the caller runs it
+    (`serve` runs it on the main thread, where torch decodes faster)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
@@ -110,7 +113,8 @@ def create_app(served: Served, limits: Limits = Limits(), record=None):
 
     @asynccontextmanager
     async def lifespan(app):
-        driver.start()
+        if driver_thread:
+            driver.start()
         log.info("serving %s (probe %s) with %d rows", served.name, served.probe or "none", limits.rows)
         yield
         driver.stop()
@@ -118,6 +122,7 @@ def create_app(served: Served, limits: Limits = Limits(), record=None):
             record.close()
 
     app = FastAPI(title="attentropy serve", lifespan=lifespan)
+    app.state.driver = driver
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
@@ -383,7 +388,7 @@ def create_app(served: Served, limits: Limits = Limits(), record=None):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok" if driver.thread.is_alive() else "stopped", "model": served.name,
+        return {"status": "ok" if driver.running else "stopped", "model": served.name,
                 "probe": served.probe, **driver.load()}
 
     @app.get("/", response_class=HTMLResponse)
@@ -444,5 +449,34 @@ def serve(model_name: str, probe: str | None, *, host: str = "127.0.0.1", port: 
         from .served_runs import ServedRun
 
         recorder = ServedRun(record, model, tokenizer, info, instrument, rows=limits.rows)
-    uvicorn.run(create_app(served, limits, recorder), host=host, port=port, log_level="info")
+    app = create_app(served, limits, recorder, driver_thread=False)
+    run_server(uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")), app.state.driver)
+
+
+def run_server(server, driver) -> None:
+    """The batch loop on the main thread and uvicorn on a thread of its own: torch decodes about 1.5x faster on the
+    main thread (bench/serving_batch.py ... main). SIGINT / SIGTERM end the server as uvicorn would on the main
+    thread: it stops accepting, lets the requests in flight finish (the driver still decoding them), and its
+    shutdown stops the driver; a second signal cuts the requests in flight short."""
+    import signal
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:  # however uvicorn ended (a port in use, say), the batch loop ends with it
+            driver.stop()
+
+    def on_signal(signum, frame) -> None:
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    thread = threading.Thread(target=http, name="attentropy-http")
+    thread.start()
+    driver.run()
+    thread.join()
+    if not server.started:
+        raise SystemExit(f"the server did not start on {server.config.host}:{server.config.port} (see the log)")
 

@@ -158,6 +158,7 @@ class BatchDriver:
         self.pending: list[Request] = []  # taken from `waiting`, not yet admitted
         self.stopping = threading.Event()
         self.steps = 0
+        self.running = False  # the batch loop is running (on its own thread or the caller's): /health
         self.thread = threading.Thread(target=self._loop, name="attentropy-batch", daemon=True)
 
     def start(self) -> None:
@@ -184,6 +185,13 @@ class BatchDriver:
                 "waiting": self.waiting.qsize() + len(self.pending), "steps": self.steps}
 
     def _loop(self) -> None:
+        self.running = True
+        try:
+            self._loop_until_stopped()
+        finally:
+            self.running = False
+
+    def _loop_until_stopped(self) -> None:
         while not self.stopping.is_set():
             batch = self.batch
             try:

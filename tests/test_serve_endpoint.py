@@ -301,6 +301,53 @@ def test_a_probe_of_another_model_is_refused_at_start(tiny, capsys):
     assert "belongs to another model" in capsys.readouterr().err
 
 
+def start_serve(model_dir: str, probe, port: int, log, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "attentropy.cli", "serve", "--model", model_dir, "--probe", str(probe),
+               "--port", str(port), "--rows", "2", "--max-tokens", "64", "--threads", "1", *extra]
+    with open(log, "w") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=os.environ)
+
+
+def test_sigterm_lets_the_answer_in_flight_finish_then_exits(tiny, tiny_model_dir, tmp_path):
+    """The batch loop runs on the main thread and uvicorn on another: a SIGTERM still ends the server as uvicorn
+    does, the stream under way completing (and recorded) before the process exits 0."""
+    import signal
+
+    port, log, record = free_port(), tmp_path / "serve.log", tmp_path / "traffic"
+    process = start_serve(tiny_model_dir, tiny[4], port, log, "--record", str(record))
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 240
+    while True:
+        try:
+            assert get(f"{url}/health")["status"] == "ok"
+            break
+        except OSError:
+            assert process.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.5)
+    request = urllib.request.Request(f"{url}/v1/chat/completions", method="POST", headers={
+        "Content-Type": "application/json"}, data=json.dumps({
+            "model": tiny_model_dir, "messages": [{"role": "user", "content": "Go on"}], "max_tokens": 64,
+            "stream": True}).encode())
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        first = reply.readline().decode()
+        process.send_signal(signal.SIGTERM)
+        lines = [first.strip()] + [line for line in reply.read().decode().splitlines() if line]
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert lines[-1] == "data: [DONE]" and events[-1]["choices"][0]["finish_reason"] in ("stop", "length"), lines
+    assert process.wait(60) == 0, log.read_text()
+    assert "Shutting down" in log.read_text()
+    assert events[-1]["id"] in set(load_run(record).samples.question_id)
+
+
+def test_a_port_in_use_ends_serve_with_an_error(tiny, tiny_model_dir, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        log = tmp_path / "serve.log"
+        process = start_serve(tiny_model_dir, tiny[4], taken.getsockname()[1], log)
+        assert process.wait(240) != 0
+    assert "the server did not start on 127.0.0.1" in log.read_text()
+
+
 def test_the_page_streams_an_answer_coloured_by_confidence(server, client, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
