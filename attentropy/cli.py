@@ -120,7 +120,7 @@ def _serve(args) -> None:
           record=args.record, dtype=args.dtype, device=args.device,
           limits=Limits(rows=args.rows, max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                         max_batch_tokens=args.max_batch_tokens, max_waiting=args.max_waiting,
-                        max_body_bytes=args.max_body_bytes))
+                        max_body_bytes=args.max_body_bytes, prefill_wait=args.prefill_wait))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-batch-tokens", type=int, default=65536,
                        help="bound on prompt + max_tokens summed over the requests in the batch (more wait)")
     serve.add_argument("--max-waiting", type=int, default=256, help="requests waiting for a row; more get 429")
+    serve.add_argument("--prefill-wait", type=int, default=0, metavar="STEPS",
+                       help="hold a request that has a free row for up to STEPS decode steps so that the prompts "
+                            "of up to 8 requests are prefilled together: more tokens/s, a later first token "
+                            "(default 0: each step prefills what has come)")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="bound on a request body")
     serve.add_argument("--dtype", default="auto")
     serve.add_argument("--device", default="auto")

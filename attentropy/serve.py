@@ -38,6 +38,7 @@ class Limits:
     max_batch_tokens: int = 65536  # prompt + max_tokens, summed over the admitted requests
     max_waiting: int = 256  # requests waiting for a row; more are refused (429)
     max_body_bytes: int = 1 << 20
+    prefill_wait: int = 0  # decode steps a request with a free row may be held to prefill prompts together
 
 
 @dataclass
@@ -109,7 +110,7 @@ def create_app(served: Served, limits: Limits = Limits(), record=None, driver_th
     context = getattr(served.model.config.get_text_config(), "max_position_embeddings", None) or 1 << 30
     driver = BatchDriver(served.model, served.tokenizer, served.instrument, rows=limits.rows,
                          max_tokens=limits.max_tokens, max_batch_tokens=limits.max_batch_tokens,
-                         on_answer=record.add if record is not None else None)
+                         on_answer=record.add if record is not None else None, prefill_wait=limits.prefill_wait)
 
     @asynccontextmanager
     async def lifespan(app):

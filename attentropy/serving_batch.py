@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .attention import recorded_layers, recording
-from .continuous import ContinuousBatch, _compact, _live_columns
+from .continuous import PREFILL_GROUP, ContinuousBatch, _compact, _live_columns
 from .data import Question
 from .detectors.instrument import UNKNOWN_KIND
 from .generate import Generation, PrefixStore
@@ -62,6 +62,7 @@ class _Row:
     text: str = ""  # the answer's text so far (stop strings are looked for in it)
     sent: int = 0  # characters of `text` already reported
     stopped: bool = False  # a stop string came: the text ends before it
+    admitted_step: int = 0  # the batch's decode step when the request was admitted
 
 
 class ServingBatch(ContinuousBatch):
@@ -96,7 +97,8 @@ class ServingBatch(ContinuousBatch):
         if busy >= self.batch_size or over_budget:  # (alone in the batch, a request is never over the budget)
             return False
         self.todo.insert(0, (request.question, request.prompt))  # `start` takes them from the end
-        self.rows[request.question.id] = _Row(request, None, answer=AnswerSoFar(request.task, request.kind))
+        self.rows[request.question.id] = _Row(request, None, answer=AnswerSoFar(request.task, request.kind),
+                                              admitted_step=self.step_index)
         return True
 
     def generator(self, question: Question, device) -> _Row:
@@ -143,10 +145,11 @@ class BatchDriver:
     text, delta, logprob, top, confidence, prefix_confidence), `end` (finish_reason, delta, text, generation,
     confidences: (token, prefix) per token, the end of turn's included; in_kind: whether the dense probe scored the
     answer, None where the instrument did not),
-    `error` (message). `delta`: the text that the token (or the end) makes certain, stop strings held back."""
+    `error` (message). `delta`: the text that the token (or the end) makes certain, stop strings held back.
+    `prefill_wait`: decode steps an admitted request may wait for others to be prefilled with it (`_prefill_now`)."""
 
     def __init__(self, model, tokenizer, instrument, *, rows: int, max_tokens: int, max_batch_tokens: int,
-                 on_answer=None):
+                 on_answer=None, prefill_wait: int = 0):
         self.model, self.tokenizer = model, tokenizer
         self.prefix = template_prefix(tokenizer)
         self.batch = ServingBatch(model, tokenizer, rows=rows, max_tokens=max_tokens,
@@ -158,6 +161,7 @@ class BatchDriver:
         self.pending: list[Request] = []  # taken from `waiting`, not yet admitted
         self.stopping = threading.Event()
         self.steps = 0
+        self.prefill_wait = prefill_wait
         self.running = False  # the batch loop is running (on its own thread or the caller's): /health
         self.thread = threading.Thread(target=self._loop, name="attentropy-batch", daemon=True)
 
@@ -219,7 +223,7 @@ class BatchDriver:
         self.pending = [r for r in self.pending if not r.cancelled.is_set()]
         while self.pending and batch.admit(self.pending[0]):
             self.pending.pop(0)
-        for b in range(batch.batch_size):  # fill free rows
+        for b in range(batch.batch_size if self._prefill_now() else 0):  # fill free rows
             while batch.slots[b] is None and (batch.todo or batch.ready):
                 batch.make_room()
                 done = batch.start(b)
@@ -253,6 +257,20 @@ class BatchDriver:
                 self._end(qid, batch.end_row(b))
         batch.make_room()
         batch.compact()
+
+    def _prefill_now(self) -> bool:
+        """Whether this turn prefills the admitted requests into free rows. At once with `prefill_wait` 0; else once
+        a group's worth (`PREFILL_GROUP`) waits, or the oldest has waited `prefill_wait` decode steps, or no row is
+        decoding. A prompt prefilled alone costs about a decode step of 16 rows (the linear layers' work at ~20
+        rows), 8 together about 3 (`bench/serve.py --prefill-wait 0,8`): waiting trades rows left idle and a later
+        first token for fewer prefills."""
+        batch = self.batch
+        if batch.ready or not batch.todo or self.prefill_wait <= 0:
+            return True
+        if all(slot is None for slot in batch.slots) or len(batch.todo) >= PREFILL_GROUP:
+            return True
+        oldest = min(batch.rows[q.id].admitted_step for q, _ in batch.todo)
+        return batch.step_index - oldest >= self.prefill_wait
 
     def _tokens(self, items: list[tuple[str, list[int], int]], attn: np.ndarray, token_stats: np.ndarray) -> None:
         """Score and report the newest token of each answer of `items` (question id, completion so far, prompt

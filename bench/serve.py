@@ -3,7 +3,8 @@ invocation.
 
 1. `attentropy run --benchmark facts --limit N --probe P` (continuous batching, --rows rows, greedy, recorded,
    scored while generating, stored) in its own process: its tokens/s of generation + capture + store.
-2. `attentropy serve --probe P --record DIR` in its own process, and --clients threads that send the same N
+2. `attentropy serve --probe P --record DIR --prefill-wait W` in its own process (once per W given), and --clients
+   threads that send the same N
    questions (one user turn each, greedy, streamed) through the official `openai` SDK, each client sending its
    next request when its answer ends: failures, tokens/s over the whole load, latency and time to first token (p50,
    p95). Then a malformed-request battery (each must get a 4xx with an OpenAI error body) and /health.
@@ -13,7 +14,7 @@ invocation.
    equal the run's answers to the same question.
 
     .venv/bin/python bench/serve.py [--requests 200] [--clients 16] [--rows 16] [--max-tokens 64] [--threads 2]
-                                    [--probe DIR]
+                                    [--prefill-wait 0[,8...]] [--rounds 1] [--probe DIR]
 
 Without --probe an instrument with random weights is made for the embedded model (what is compared is the
 confidences' arithmetic, not their quality).
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,9 +95,8 @@ def malformed_battery(url: str, model: str) -> list[tuple[str, int]]:
              "max_tokens a string": body(max_tokens="5"), "temperature 9": body(temperature=9), "n 3": body(n=3),
              "unknown model": body(model="nope"), "prompt over the context": body(messages=[
                  {"role": "user", "content": "word " * 9000}]), "max_tokens 10^6": body(max_tokens=10 ** 6),
-             "body over the bound": body(messages=[{"role": "user", "content": "x" * (2 << 20)}]),
              "tool role": body(messages=[{"role": "tool", "content": "x"}])}
-    out = []
+    out = [("body over the bound", over_bound_status(url))]
     for kind, data in cases.items():
         request = urllib.request.Request(f"{url}/v1/chat/completions", data=data,
                                          headers={"Content-Type": "application/json"})
@@ -106,6 +107,26 @@ def malformed_battery(url: str, model: str) -> list[tuple[str, int]]:
             error = json.loads(e.read()).get("error", {})
             out.append((kind, e.code if error.get("message") else -e.code))
     return out
+
+
+def over_bound_status(url: str) -> int:
+    """The status of a request that announces a 2 MB body (the bound is 1 MB): the server answers from the header,
+    so the body is not sent (sending it races the server's early reply and close: a broken pipe, not an answer)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+    try:
+        connection.putrequest("POST", "/v1/chat/completions")
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(2 << 20))
+        connection.endheaders()
+        reply = connection.getresponse()
+        error = json.loads(reply.read()).get("error", {})
+        return reply.status if error.get("message") else -reply.status
+    finally:
+        connection.close()
 
 
 def load(url: str, model: str, questions, clients: int, max_tokens: int) -> tuple[list[dict], float]:
@@ -157,47 +178,17 @@ def load(url: str, model: str, questions, clients: int, max_tokens: int) -> tupl
     return sorted(results, key=lambda r: r["i"]), time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--rows", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--probe")
-    parser.add_argument("--child-run", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child_run:
-        return run_child(args)
-
-    from attentropy.data import load_questions
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    probe = Path(args.probe) if args.probe else random_probe(tmp / "probe")
-    questions = load_questions("facts", limit=args.requests)
-    print(f"{len(questions)} facts questions, {args.clients} clients, {args.rows} rows, max {args.max_tokens} new "
-          f"tokens, greedy, {args.threads} torch threads, probe {probe}", flush=True)
-
-    # 1. attentropy run, continuous batching
-    out = subprocess.run([sys.executable, __file__, "--child-run", "--out", str(tmp / "run"), "--probe", str(probe),
-                          "--requests", str(args.requests), "--rows", str(args.rows), "--max-tokens",
-                          str(args.max_tokens), "--threads", str(args.threads)], capture_output=True, text=True)
-    if out.returncode:
-        sys.exit(f"attentropy run failed:\n{out.stderr[-3000:]}")
-    run = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"attentropy run: {run['tokens']} tokens, {run['tokens_per_s']:.1f} tokens/s (generation + capture + "
-          "store)", flush=True)
-
-    # 2. attentropy serve under load
+def serve_load(args, probe: Path, questions, out: Path, wait: int) -> dict:
+    """`attentropy serve --prefill-wait WAIT` in its own process under the clients' load, then the malformed battery
+    and /health; the server stopped after."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    log = open(tmp / "serve.log", "w")
+    log = open(out.with_suffix(".log"), "w")
     server = subprocess.Popen([sys.executable, "-m", "attentropy.cli", "serve", "--probe", str(probe), "--port",
                                str(port), "--rows", str(args.rows), "--max-tokens", str(args.max_tokens),
-                               "--threads", str(args.threads), "--record", str(tmp / "served")],
+                               "--threads", str(args.threads), "--record", str(out), "--prefill-wait", str(wait)],
                               stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 300
@@ -207,7 +198,7 @@ def main() -> None:
                 break
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
-                    sys.exit(f"attentropy serve did not come up; see {tmp / 'serve.log'}")
+                    sys.exit(f"attentropy serve did not come up; see {log.name}")
                 time.sleep(0.5)
         results, seconds = load(url, "smollm2-135m", questions, args.clients, args.max_tokens)
         battery = malformed_battery(url, "smollm2-135m")
@@ -216,22 +207,13 @@ def main() -> None:
         server.terminate()
         server.wait(120)
     ok = [r for r in results if r["ok"]]
-    tokens = sum(r["tokens"] for r in ok)
-    rate = tokens / seconds
-    print(f"attentropy serve: {len(results)} requests from {args.clients} clients, {len(results) - len(ok)} failed; "
-          f"{tokens} tokens in {seconds:.1f} s = {rate:.1f} tokens/s = {rate / run['tokens_per_s']:.2f}x attentropy "
-          "run's")
-    for r in results:
-        if not r["ok"]:
-            print(f"  failed: request {r['i']}: {r.get('error')}")
-    latency, ttft = [r["latency"] for r in ok], [r["ttft"] for r in ok if r["ttft"] is not None]
-    print(f"  latency p50 {percentile(latency, 50):.2f} s, p95 {percentile(latency, 95):.2f} s; time to first token "
-          f"p50 {percentile(ttft, 50):.2f} s, p95 {percentile(ttft, 95):.2f} s")
-    refused = [(k, s) for k, s in battery if not 400 <= s < 500]
-    print(f"  malformed battery: {len(battery)} kinds, {len(battery) - len(refused)} answered 4xx with an error body"
-          f"{'; not: ' + str(refused) if refused else ''}; /health afterwards: {health['status']}")
+    return {"results": results, "ok": ok, "seconds": seconds, "rate": sum(r["tokens"] for r in ok) / seconds,
+            "battery": battery, "health": health, "log": log.name}
 
-    # 3. the served confidences against attentropy score's
+
+def check_confidences(ok: list[dict], questions, probe: Path, run_dir: Path) -> None:
+    """The served confidences against `attentropy score`'s of the same answers, and the served answers against
+    `attentropy run`'s."""
     import pandas as pd
 
     from attentropy import load_run
@@ -242,7 +224,7 @@ def main() -> None:
 
     instrument = load_instrument(probe)
     model, tokenizer, info = load_model("smollm2-135m")
-    answers = load_run(tmp / "run").samples.set_index("question_id").completion
+    answers = load_run(run_dir).samples.set_index("question_id").completion
     worst = {"confidence": 0.0, "prefix_confidence": 0.0, "answer_confidence": 0.0}
     retokenized, same_answer, compared = 0, 0, 0
     for r in ok:
@@ -266,8 +248,71 @@ def main() -> None:
           f"({retokenized} left out: their text tokenizes to other ids): largest differences "
           + ", ".join(f"{k} {v:.2e}" for k, v in worst.items())
           + f" -> {'identical within' if within else 'NOT within'} {TOLERANCE:g}")
-    print(f"  served answers equal to attentropy run's: {same_answer} of {len(ok)}")
-    print(f"  (server log: {tmp / 'serve.log'})")
+    print(f"  served answers equal to attentropy run's: {same_answer} of {len(ok)}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prefill-wait", default="0", help="serve's --prefill-wait values, comma-separated: each is "
+                                                            "loaded in every round")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of run, then serve at each --prefill-wait")
+    parser.add_argument("--probe")
+    parser.add_argument("--child-run", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_run:
+        return run_child(args)
+
+    from attentropy.data import load_questions
+
+    waits = [int(w) for w in args.prefill_wait.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    probe = Path(args.probe) if args.probe else random_probe(tmp / "probe")
+    questions = load_questions("facts", limit=args.requests)
+    print(f"{len(questions)} facts questions, {args.clients} clients, {args.rows} rows, max {args.max_tokens} new "
+          f"tokens, greedy, {args.threads} torch threads, probe {probe}; serve's --prefill-wait {waits}, "
+          f"{args.rounds} round(s)", flush=True)
+    ratios = {w: [] for w in waits}
+    for round_ in range(args.rounds):
+        # 1. attentropy run, continuous batching
+        run_dir = tmp / f"run-{round_}"
+        out = subprocess.run([sys.executable, __file__, "--child-run", "--out", str(run_dir), "--probe", str(probe),
+                              "--requests", str(args.requests), "--rows", str(args.rows), "--max-tokens",
+                              str(args.max_tokens), "--threads", str(args.threads)], capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"attentropy run failed:\n{out.stderr[-3000:]}")
+        run = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"round {round_ + 1}: attentropy run: {run['tokens']} tokens, {run['tokens_per_s']:.1f} tokens/s "
+              "(generation + capture + store)", flush=True)
+        # 2. attentropy serve under load, at each --prefill-wait
+        for wait in waits:
+            served = serve_load(args, probe, questions, tmp / f"served-{round_}-wait{wait}", wait)
+            results, ok, rate = served["results"], served["ok"], served["rate"]
+            ratios[wait].append(rate / run["tokens_per_s"])
+            print(f"  attentropy serve --prefill-wait {wait}: {len(results)} requests from {args.clients} clients, "
+                  f"{len(results) - len(ok)} failed; {sum(r['tokens'] for r in ok)} tokens in {served['seconds']:.1f}"
+                  f" s = {rate:.1f} tokens/s = {ratios[wait][-1]:.2f}x attentropy run's")
+            for r in results:
+                if not r["ok"]:
+                    print(f"    failed: request {r['i']}: {r.get('error')}")
+            latency, ttft = [r["latency"] for r in ok], [r["ttft"] for r in ok if r["ttft"] is not None]
+            print(f"    latency p50 {percentile(latency, 50):.2f} s, p95 {percentile(latency, 95):.2f} s; time to "
+                  f"first token p50 {percentile(ttft, 50):.2f} s, p95 {percentile(ttft, 95):.2f} s")
+            battery = served["battery"]
+            refused = [(k, s) for k, s in battery if not 400 <= s < 500]
+            print(f"    malformed battery: {len(battery)} kinds, {len(battery) - len(refused)} answered 4xx with an "
+                  f"error body{'; not: ' + str(refused) if refused else ''}; /health afterwards: "
+                  f"{served['health']['status']} (server log: {served['log']})", flush=True)
+            if round_ == 0:  # 3. the served confidences and answers (the same in every round: greedy)
+                check_confidences(ok, questions, probe, run_dir)
+    for wait, values in ratios.items():
+        print(f"--prefill-wait {wait}: throughput against attentropy run's, median of {len(values)} round(s) "
+              f"{statistics.median(values):.2f}x ({', '.join(f'{v:.2f}' for v in values)})")
 
 
 if __name__ == "__main__":
