@@ -109,6 +109,19 @@ def _trace(args) -> None:
         print(f"trace: {trace_page(out, args.stat).resolve()}")
 
 
+def _count(least: int):
+    """An argparse type: an integer of at least `least`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer of at least {least}, got {value}")
+        return value
+    return parse
+
+
 def _serve(args) -> None:
     if args.threads:
         import torch
@@ -304,17 +317,17 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--threshold", type=float, help="abstention threshold on the answer confidence (default: the "
                                                        "one fitted with the probe: best F-score out of fold)")
     serve.add_argument("--record", metavar="DIR", help="append every served answer to this run directory")
-    serve.add_argument("--rows", type=int, default=16, help="answers decoded at once")
-    serve.add_argument("--max-tokens", type=int, default=512, help="bound on one answer's new tokens")
-    serve.add_argument("--max-prompt-tokens", type=int, default=4096, help="bound on one prompt")
-    serve.add_argument("--max-batch-tokens", type=int, default=65536,
+    serve.add_argument("--rows", type=_count(1), default=16, help="answers decoded at once")
+    serve.add_argument("--max-tokens", type=_count(1), default=512, help="bound on one answer's new tokens")
+    serve.add_argument("--max-prompt-tokens", type=_count(1), default=4096, help="bound on one prompt")
+    serve.add_argument("--max-batch-tokens", type=_count(1), default=65536,
                        help="bound on prompt + max_tokens summed over the requests in the batch (more wait)")
-    serve.add_argument("--max-waiting", type=int, default=256, help="requests waiting for a row; more get 429")
-    serve.add_argument("--prefill-wait", type=int, default=0, metavar="STEPS",
-                       help="hold a request that has a free row for up to STEPS decode steps so that the prompts "
-                            "of up to 8 requests are prefilled together: more tokens/s, a later first token "
-                            "(default 0: each step prefills what has come)")
-    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="bound on a request body")
+    serve.add_argument("--max-waiting", type=_count(1), default=256, help="requests waiting for a row; more get 429")
+    serve.add_argument("--prefill-wait", type=_count(0), default=4, metavar="STEPS",
+                       help="hold a request that has a free row for up to STEPS decode steps (default 4) so that "
+                            "the prompts of up to 8 requests are prefilled together: more tokens/s, a later first "
+                            "token; 0: each step prefills what has come")
+    serve.add_argument("--max-body-bytes", type=_count(1), default=1 << 20, help="bound on a request body")
     serve.add_argument("--dtype", default="auto")
     serve.add_argument("--device", default="auto")
     serve.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

@@ -38,7 +38,7 @@ class Limits:
     max_batch_tokens: int = 65536  # prompt + max_tokens, summed over the admitted requests
     max_waiting: int = 256  # requests waiting for a row; more are refused (429)
     max_body_bytes: int = 1 << 20
-    prefill_wait: int = 0  # decode steps a request with a free row may be held to prefill prompts together
+    prefill_wait: int = 4  # decode steps a request with a free row may be held to prefill prompts together
 
 
 @dataclass

@@ -14,7 +14,7 @@ invocation.
    equal the run's answers to the same question.
 
     .venv/bin/python bench/serve.py [--requests 200] [--clients 16] [--rows 16] [--max-tokens 64] [--threads 2]
-                                    [--prefill-wait 0[,8...]] [--rounds 1] [--probe DIR]
+                                    [--prefill-wait 0,4] [--rounds 1] [--probe DIR]
 
 Without --probe an instrument with random weights is made for the embedded model (what is compared is the
 confidences' arithmetic, not their quality).
@@ -258,7 +258,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--prefill-wait", default="0", help="serve's --prefill-wait values, comma-separated: each is "
+    parser.add_argument("--prefill-wait", default="0,4", help="serve's --prefill-wait values, comma-separated: each is "
                                                             "loaded in every round")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of run, then serve at each --prefill-wait")
     parser.add_argument("--probe")

@@ -542,3 +542,10 @@ def test_the_cache_shrinks_under_an_idle_row_whose_long_prompt_ended(tiny):
         driver.stop()
     assert [events[i]["type"] for i in range(2)] == ["end", "end"], events
     assert len(events[1]["generation"].completion_ids) == 40
+
+
+@pytest.mark.parametrize("argument", [["--rows", "0"], ["--prefill-wait", "-1"], ["--max-tokens", "many"]])
+def test_serve_s_bounds_are_checked_before_anything_loads(argument, capsys):
+    with pytest.raises(SystemExit) as ended:
+        main(["serve", *argument])
+    assert ended.value.code == 2 and f"argument {argument[0]}: expected an integer" in capsys.readouterr().err

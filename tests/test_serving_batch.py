@@ -51,3 +51,49 @@ def test_prompts_with_and_without_the_template_s_start_keep_their_answers(embedd
         assert g.completion_ids == alone[0, len(prompt):].tolist()
     assert_matches_eager(model, prompts, [g.completion_ids for g in generations], [g.capture for g in generations],
                          atol=2e-4)
+
+
+def first_token_steps(model, tokenizer, rows: int, prefill_wait: int, followers: int) -> tuple[int, list, list]:
+    """A counting prompt starts alone; when its first token comes, `followers` requests are submitted. Returns the
+    driver's decode steps when the first one's first token came, each follower's steps at its first token, and
+    every answer's tokens."""
+    prompt = list(tokenizer("1, 2, 3, 4, 5, 6,", add_special_tokens=True)["input_ids"])
+    driver = BatchDriver(model, tokenizer, None, rows=rows, max_tokens=MAX_TOKENS, max_batch_tokens=4000,
+                         prefill_wait=prefill_wait)
+    collected, first = Ends(), {}
+
+    def emit_for(i):
+        ends = collected.emit_for(i)
+
+        def emit(event):
+            if event["type"] == "token" and event["index"] == 0:
+                first[i] = driver.steps
+                if i == 0:
+                    for j in range(1, followers + 1):
+                        submit(j)
+            ends(event)
+        return emit
+
+    def submit(i):
+        driver.submit(Request(Question(f"r{i}", "prompts", "", ""), prompt, MAX_TOKENS, Sampling(), None, [], 0,
+                              None, emit_for(i)))
+    submit(0)
+    driver.start()
+    try:
+        collected.wait(followers + 1)
+    finally:
+        driver.stop()
+    tokens = [collected.events[i]["generation"].completion_ids for i in range(followers + 1)]
+    assert all(len(t) == MAX_TOKENS for t in tokens)  # the first answer decodes while the followers wait
+    return first[0], [first[j] for j in range(1, followers + 1)], tokens
+
+
+def test_prefill_wait_holds_a_request_until_its_steps_pass_or_a_group_waits(embedded):
+    model, tokenizer, _ = embedded
+    at, (now,), answers = first_token_steps(model, tokenizer, rows=2, prefill_wait=0, followers=1)
+    assert now == at + 1  # admitted at the next turn, prefilled at once
+    at, (held,), held_answers = first_token_steps(model, tokenizer, rows=2, prefill_wait=3, followers=1)
+    assert held == at + 1 + 3  # a free row, but held 3 decode steps for others to come
+    assert held_answers == answers
+    at, group, _ = first_token_steps(model, tokenizer, rows=9, prefill_wait=100, followers=8)
+    assert group == [at + 1] * 8  # 8 waiting: a group's worth, prefilled together at once
