@@ -140,8 +140,9 @@ class ServingBatch(ContinuousBatch):
 
 
 class BatchDriver:
-    """The thread that runs the model: it admits waiting requests at every step, decodes, and reports each
-    request's tokens, its end or its error through the request's `emit`. Events (dicts): `token` (index, id,
+    """The loop that runs the model (on a thread of its own, `start`, or the caller's, `run`): it admits waiting
+    requests at every step, decodes, and reports each request's tokens, its end or its error through the request's
+    `emit`. Events (dicts): `token` (index, id,
     text, delta, logprob, top, confidence, prefix_confidence), `end` (finish_reason, delta, text, generation,
     confidences: (token, prefix) per token, the end of turn's included; in_kind: whether the dense probe scored the
     answer, None where the instrument did not),
