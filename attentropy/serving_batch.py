@@ -142,11 +142,10 @@ class ServingBatch(ContinuousBatch):
 class BatchDriver:
     """The loop that runs the model (on a thread of its own, `start`, or the caller's, `run`): it admits waiting
     requests at every step, decodes, and reports each request's tokens, its end or its error through the request's
-    `emit`. Events (dicts): `token` (index, id,
-    text, delta, logprob, top, confidence, prefix_confidence), `end` (finish_reason, delta, text, generation,
-    confidences: (token, prefix) per token, the end of turn's included; in_kind: whether the dense probe scored the
-    answer, None where the instrument did not),
-    `error` (message). `delta`: the text that the token (or the end) makes certain, stop strings held back.
+    `emit`. Events (dicts): `token` (index, id, text, delta, logprob, top, confidence, prefix_confidence), `end`
+    (finish_reason, delta, text, generation, confidences: (token, prefix) per token, the end of turn's included;
+    in_kind: whether the dense probe scored the answer, None where the instrument did not), `error` (message).
+    `delta`: the text that the token (or the end) makes certain, stop strings held back.
     `prefill_wait`: decode steps an admitted request may wait for others to be prefilled with it (`_prefill_now`)."""
 
     def __init__(self, model, tokenizer, instrument, *, rows: int, max_tokens: int, max_batch_tokens: int,
