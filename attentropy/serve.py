@@ -456,9 +456,9 @@ def serve(model_name: str, probe: str | None, *, host: str = "127.0.0.1", port: 
 
 def run_server(server, driver) -> None:
     """The batch loop on the main thread and uvicorn on a thread of its own: torch decodes about 1.5x faster on the
-    main thread (bench/serving_batch.py ... main). SIGINT / SIGTERM end the server as uvicorn would on the main
-    thread: it stops accepting, lets the requests in flight finish (the driver still decoding them), and its
-    shutdown stops the driver; a second signal cuts the requests in flight short."""
+    main thread (bench/serving_batch.py ... main). uvicorn listens for signals only on the main thread, so its own
+    handler is installed here: SIGINT / SIGTERM stop accepting, let the requests in flight finish (the driver still
+    decoding them), and uvicorn's shutdown stops the driver; a second SIGINT cuts the requests in flight short."""
     import signal
 
     def http() -> None:
@@ -467,13 +467,8 @@ def run_server(server, driver) -> None:
         finally:  # however uvicorn ended (a port in use, say), the batch loop ends with it
             driver.stop()
 
-    def on_signal(signum, frame) -> None:
-        if server.should_exit:
-            server.force_exit = True
-        server.should_exit = True
-
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_signal)
+        signal.signal(signum, server.handle_exit)
     thread = threading.Thread(target=http, name="attentropy-http")
     thread.start()
     driver.run()

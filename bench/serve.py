@@ -104,9 +104,13 @@ def malformed_battery(url: str, model: str) -> list[tuple[str, int]]:
             with urllib.request.urlopen(request, timeout=60) as reply:
                 out.append((kind, reply.status))
         except urllib.error.HTTPError as e:
-            error = json.loads(e.read()).get("error", {})
-            out.append((kind, e.code if error.get("message") else -e.code))
+            out.append((kind, with_error_body(e.code, e.read())))
     return out
+
+
+def with_error_body(status: int, body: bytes) -> int:
+    """The status, negated where the body is not an OpenAI error with a message."""
+    return status if json.loads(body).get("error", {}).get("message") else -status
 
 
 def over_bound_status(url: str) -> int:
@@ -123,8 +127,7 @@ def over_bound_status(url: str) -> int:
         connection.putheader("Content-Length", str(2 << 20))
         connection.endheaders()
         reply = connection.getresponse()
-        error = json.loads(reply.read()).get("error", {})
-        return reply.status if error.get("message") else -reply.status
+        return with_error_body(reply.status, reply.read())
     finally:
         connection.close()
 
