@@ -47,6 +47,7 @@ def test_every_answer_detector_keeps_the_contract(answers, name):
     fitted = detector.fit(take(train), y[train], groups[train], seed=0)
     confidence = fitted.confidence(take(np.arange(20, 30)))
     assert confidence.shape == (10,) and np.all((confidence >= 0) & (confidence <= 1))
+    assert fitted.confidence(take(np.arange(0))).shape == (0,)  # no answers to score (e.g. none abstained)
     assert len(fitted.train_confidence) == 20
     refitted = detector.fit(take(train), y[train], groups[train], seed=0)  # deterministic
     np.testing.assert_array_equal(refitted.confidence(take(np.arange(20, 30))), confidence)

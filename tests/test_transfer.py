@@ -128,3 +128,80 @@ def test_the_prefix_form_at_the_last_token_is_the_answer_form(tmp_path):
     assert (prefix[2][last] == whole[2]).all()
     first = a.answers.start.to_numpy()
     assert not np.allclose(prefix[0][first], whole[0])  # one token is not the whole answer
+
+
+def test_the_chosen_anchor_alone_is_the_anchors_ranking_and_the_anchored_models_anchor():
+    from attentropy.detectors.anchored import fit_anchor_alone
+
+    X, y = _kinds_data(6, signal=2.0)
+    alone, anchored_fit = fit_anchor_alone(X, y), fit_anchored(X, y)
+    assert alone.detail["k"] == 0 and alone.detail["anchor"] == anchored_fit.detail["anchor"]
+    anchor = X[0][:, ANCHORS.index(alone.detail["anchor"])]
+    assert roc_auc_score(y, alone.confidence(X)) == roc_auc_score(y, anchor)
+
+
+def test_the_variant_with_attention_keeps_a_correction_where_the_one_se_rule_drops_it():
+    from attentropy.detectors.anchored import fit_with_attention
+
+    X, y = _kinds_data(6, signal=0.0, seed=5)  # attention carries nothing
+    forced = fit_with_attention(X, y)
+    assert forced.detail["k"] > 0
+    assert fit_anchored(X, y).detail["k"] <= forced.detail["k"]
+
+
+def _flipping_data(seed: int = 0):
+    """Six kinds: column 0 higher for correct answers in every kind, column 1 higher in three kinds and lower in
+    the other three (a kind's own signal), 10 noise columns; every column shifted by a kind offset."""
+    rng = np.random.default_rng(seed)
+    kinds = np.repeat([f"k{i}" for i in range(6)], 100)
+    y = rng.integers(0, 2, len(kinds))
+    sign = np.where(np.isin(kinds, ["k0", "k1", "k2"]), 1.0, -1.0)
+    attention = rng.normal(size=(len(kinds), 12)) + rng.normal(scale=3.0, size=(6, 12))[
+        np.unique(kinds, return_inverse=True)[1]]
+    attention[:, 0] += 1.5 * y
+    attention[:, 1] += 1.5 * sign * y
+    anchors = np.column_stack([0.3 * y + rng.normal(size=len(y)) for _ in range(3)])
+    return (anchors, np.column_stack([attention, rng.normal(size=(len(y), 4))]), kinds), y
+
+
+def test_the_direction_keeps_what_the_kinds_share_and_cancels_what_they_do_not():
+    from attentropy.detectors.mean_difference import fit_direction_scores
+
+    X, y = _flipping_data()
+    direction, held = fit_direction_scores(X[1][:, :-4], y, X[2])
+    raw = direction.direction * direction.scale  # the mean within-kind difference, in the columns' units
+    # (each kind's difference has a standard error of about 0.2; the mean of six about 0.08)
+    assert abs(raw[0] - 1.5) < 0.3 and abs(raw[1]) < 0.4 and np.abs(raw[2:]).max() < 0.4
+
+
+def test_each_kind_is_scored_by_the_direction_of_the_other_kinds():
+    from attentropy.detectors.mean_difference import fit_direction_scores
+
+    X, y = _kinds_data(6, signal=2.0)  # a signal on column 0 in every kind, offsets between kinds
+    _, held = fit_direction_scores(X[1][:, :-4], y, X[2])
+    for kind in np.unique(X[2]):
+        m = X[2] == kind
+        assert roc_auc_score(y[m], held[m]) > 0.75
+
+
+def test_a_kinds_held_out_scores_do_not_read_its_own_labels():
+    from attentropy.detectors.mean_difference import fit_direction_scores
+
+    X, y = _flipping_data(seed=2)
+    _, held = fit_direction_scores(X[1][:, :-4], y, X[2])
+    relabelled = y.copy()
+    k0 = X[2] == "k0"
+    relabelled[k0] = np.random.default_rng(9).permutation(y[k0])  # same counts: the same moments
+    _, held_again = fit_direction_scores(X[1][:, :-4], relabelled, X[2])
+    np.testing.assert_allclose(held_again[k0], held[k0])
+    assert not np.allclose(held_again[~k0], held[~k0])  # the other kinds' directions read kind k0's labels
+
+
+def test_the_anchored_direction_beats_its_anchor_on_a_new_kind_when_the_kinds_share_a_signal():
+    from attentropy.detectors.mean_difference import fit_anchored_direction
+
+    X, y = _kinds_data(6, signal=2.0, seed=3)
+    train, test = X[2] != "k5", X[2] == "k5"
+    fitted = fit_anchored_direction(tuple(x[train] for x in X), y[train])
+    anchor = X[0][test][:, fitted.detail["anchor"]]
+    assert roc_auc_score(y[test], fitted.confidence(tuple(x[test] for x in X))) > roc_auc_score(y[test], anchor) + 0.1

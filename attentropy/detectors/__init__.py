@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from . import (anchored, bag_of_tokens, controls, head_entropy, hidden_state, instrument, llm_check, logit,
-               lookback_lens, rauq)
+               lookback_lens, mean_difference, rauq)
 from .detector import Detector
 from .fitting import Fitted
 
@@ -13,8 +13,10 @@ PRIMARY = "instrument"  # the detector the others are measured against (paired d
 CHEAP_FAMILIES = ("logit", "length", "kind")
 
 ANSWER_DETECTORS: dict[str, Detector] = {d.name: d for d in (
-    instrument.INSTRUMENT, instrument.INSTRUMENT_DENSE, anchored.ANCHORED, instrument.ATTENTION,
-    logit.LOGIT_PROBE, logit.MEAN_LOGPROB, logit.MIN_LOGPROB, logit.LOGIT_ENTROPY, logit.LOGIT_VARENTROPY,
+    instrument.INSTRUMENT, instrument.INSTRUMENT_DENSE, anchored.ANCHORED, anchored.ANCHORED_ATTENTION,
+    mean_difference.ATTENTION_DIRECTION, mean_difference.ANCHORED_DIRECTION, instrument.ATTENTION,
+    logit.LOGIT_PROBE, anchored.ANCHOR_CHOSEN, logit.MEAN_LOGPROB, logit.MIN_LOGPROB, logit.LOGIT_ENTROPY,
+    logit.LOGIT_VARENTROPY,
     lookback_lens.LOOKBACK_LENS, llm_check.LLM_CHECK, llm_check.LLM_CHECK_POLYGRAPH,
     llm_check.LLM_CHECK_ANSWER_ROWS, rauq.RAUQ, rauq.RAUQ_FIXED_HEADS, head_entropy.HEAD_ENTROPY,
     head_entropy.HEAD_ENTROPY_PRE_ANSWER,

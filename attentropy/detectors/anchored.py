@@ -13,7 +13,11 @@ Fitting, on training answers of kinds K_1..K_m:
    one standard error of the best (Breiman's one-standard-error rule), so that where attention does not transfer
    between the training kinds the instrument is the anchor.
 4. Applicability: the correction a new answer receives is clipped to the range it spans on the training answers; an
-   answer whose correction had to be clipped lies outside what the instrument was fitted on (`Fitted.detail`)."""
+   answer whose correction had to be clipped lies outside what the instrument was fitted on (`Fitted.detail`).
+
+Two detectors read the same choice differently: `anchor_chosen`, the anchor alone (the training-free score chosen
+on the training folds, the comparator a transfer claim needs), and `anchored_attention`, the best candidate with a
+correction however small its gain (what attention does on a new kind when it is always used)."""
 
 from __future__ import annotations
 
@@ -153,72 +157,140 @@ def _mean_within_kind_auroc(score: np.ndarray, y: np.ndarray, kinds: np.ndarray)
     return float(auc.mean()) if len(auc) else np.nan
 
 
-# `fit_anchored`'s recent fits by their inputs: the instrument and `instrument_anchored` fit the same training
-# answers in every fold of an evaluation
+@dataclass
+class InnerChoice:
+    """What leave-one-kind-out inside the training kinds saw of each candidate (anchor alone, or anchor + k features
+    at strength C): the mean gain over the anchor alone of the held-out kinds' within-kind AUROC, its standard
+    error, and each candidate's held-out-kind decisions of the training answers (kinds of one class: the candidate
+    fitted on the other kinds). `gain` is None where too few training kinds have both classes."""
+
+    anchor: int
+    candidates: list[tuple[int, float]]
+    gain: np.ndarray | None  # [candidates, usable kinds]
+    held: np.ndarray | None  # [candidates, n]
+    usable: int
+
+
+# `inner_choice`'s recent tables by their inputs: the instrument, `instrument_anchored` and `anchored_attention`
+# fit the same training answers in every fold of an evaluation
+_TABLES: dict[str, InnerChoice] = {}
 _FITS: dict[str, Fitted] = {}
 MAX_FITS = 64
 
 
-def fit_anchored(X, y: np.ndarray, groups=None, seed: int = 0) -> Fitted:
-    """`fit_anchored_on` these answers, once: a fit with the same inputs (the same arrays' bytes) is reused."""
+def _digest(X, y) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for part in (*X, np.asarray(y)):
         part = np.ascontiguousarray(part)
         digest.update(f"{part.dtype}{part.shape}".encode())
         digest.update(part.astype(str) if part.dtype.kind in "OU" else part)  # (the array's buffer: no copy)
-    key = digest.hexdigest()
-    if key not in _FITS:
-        if len(_FITS) >= MAX_FITS:
-            _FITS.pop(next(iter(_FITS)))
-        _FITS[key] = fit_anchored_on(X, y)
-    return _FITS[key]
+    return digest.hexdigest()
 
 
-def fit_anchored_on(X, y: np.ndarray) -> Fitted:
-    """Choose the anchor, k and C by leave-one-kind-out inside the training kinds (one-standard-error rule), refit
-    on every training answer, calibrate by Platt on the held-out-kind decisions of the chosen candidate."""
+def _remember(cache: dict, key: str, compute):
+    if key not in cache:
+        if len(cache) >= MAX_FITS:
+            cache.pop(next(iter(cache)))
+        cache[key] = compute()
+    return cache[key]
+
+
+def inner_choice(X, y: np.ndarray) -> InnerChoice:
+    """Every candidate scored by leave-one-kind-out inside the training kinds (once for the same inputs)."""
+    return _remember(_TABLES, _digest(X, y), lambda: _inner_choice(X, np.asarray(y, int)))
+
+
+def choose_anchor(anchors: np.ndarray, y: np.ndarray, kinds: np.ndarray) -> int:
+    """The column of `anchors` (training-free scores) that ranks answers best within the training kinds."""
+    return int(np.argmax([_mean_within_kind_auroc(anchors[:, j], y, kinds) for j in range(anchors.shape[1])]))
+
+
+def _inner_choice(X, y: np.ndarray) -> InnerChoice:
+    anchors, pooled, kinds = X
+    attention = pooled[:, :-4]
+    usable = [kd for kd in np.unique(kinds) if 0 < y[kinds == kd].sum() < (kinds == kd).sum()]
+    anchor = choose_anchor(anchors, y, kinds)
+    candidates = [(0, CS[-1])] + [(k, C) for k in KS if k for C in CS]
+    if len(usable) < MIN_KINDS:  # too few kinds to tell what transfers
+        return InnerChoice(anchor, candidates, None, None, len(usable))
+    per_kind = np.full((len(candidates), len(usable)), np.nan)
+    held = np.zeros((len(candidates), len(y)))
+    for j, kind in enumerate(usable):
+        train, test = kinds != kind, kinds == kind
+        attention_train = attention[train]  # (one copy for every candidate)
+        order = stable_order(attention_train, y[train], kinds[train])  # the same for every candidate
+        for i, (k, C) in enumerate(candidates):
+            model = fit_anchored_model(anchors[train], attention_train, y[train], kinds[train], anchor, k, C, order)
+            held[i, test] = model.decision(anchors[test], attention[test])
+            per_kind[i, j] = _mean_within_kind_auroc(held[i, test], y[test], kinds[test])
+    rest = ~np.isin(kinds, usable)  # kinds of one class: decided by each candidate fitted without them
+    if rest.any():
+        order = stable_order(attention[~rest], y[~rest], kinds[~rest])
+        for i, (k, C) in enumerate(candidates):
+            outer = fit_anchored_model(anchors[~rest], attention[~rest], y[~rest], kinds[~rest], anchor, k, C, order)
+            held[i, rest] = outer.decision(anchors[rest], attention[rest])
+    return InnerChoice(anchor, candidates, per_kind - per_kind[0], held, len(usable))
+
+
+# how a variant chooses among `InnerChoice.candidates`
+ONE_STANDARD_ERROR = "one_se"  # the simplest within one standard error of the best (the anchor alone if it is)
+ANCHOR_ALONE = "anchor"  # the anchor alone: the training-free score chosen on the training kinds
+WITH_ATTENTION = "attention"  # the best candidate with a correction (k > 0): attention always used
+FALLBACK_WITH_ATTENTION = (8, 0.1)  # WITH_ATTENTION's candidate where too few kinds to choose
+
+
+def choose(table: InnerChoice, rule: str) -> tuple[int, str]:
+    """The chosen candidate's index in `table.candidates`, and how it was chosen."""
+    if rule == ANCHOR_ALONE:
+        return 0, "the anchor alone"
+    if table.gain is None:
+        if rule == WITH_ATTENTION:
+            return table.candidates.index(FALLBACK_WITH_ATTENTION), f"{table.usable} training kinds: fixed candidate"
+        return 0, f"{table.usable} training kinds with both classes: anchor alone"
+    mean_gain = table.gain.mean(1)
+    if rule == WITH_ATTENTION:
+        return 1 + int(np.argmax(mean_gain[1:])), "leave one training kind out: best with a correction"
+    best = int(np.argmax(mean_gain))
+    se = table.gain[best].std(ddof=1) / np.sqrt(table.usable) if table.usable > 1 else 0.0
+    return (next(i for i in range(len(mean_gain)) if mean_gain[i] >= mean_gain[best] - se),
+            "leave one training kind out")
+
+
+def fit_anchored(X, y: np.ndarray, groups=None, seed: int = 0, rule: str = ONE_STANDARD_ERROR) -> Fitted:
+    """`fit_anchored_on` these answers, once: a fit with the same inputs (the same arrays' bytes) is reused."""
+    return _remember(_FITS, _digest(X, y) + rule, lambda: fit_anchored_on(X, y, rule))
+
+
+def fit_anchored_on(X, y: np.ndarray, rule: str = ONE_STANDARD_ERROR) -> Fitted:
+    """Choose the anchor, k and C by leave-one-kind-out inside the training kinds (`rule`: by default the
+    one-standard-error rule), refit on every training answer, calibrate by Platt on the held-out-kind decisions of
+    the chosen candidate."""
     anchors, pooled, kinds = X
     attention = pooled[:, :-4]
     y = np.asarray(y, int)
-    usable = [kd for kd in np.unique(kinds) if 0 < y[kinds == kd].sum() < (kinds == kd).sum()]
-    # the anchor: the training-free score that ranks answers best within the training kinds
-    anchor = int(np.argmax([_mean_within_kind_auroc(anchors[:, j], y, kinds) for j in range(anchors.shape[1])]))
-    candidates = [(0, CS[-1])] + [(k, C) for k in KS if k for C in CS]
-    if len(usable) < MIN_KINDS:  # too few kinds to tell what transfers: the anchor alone
-        chosen, detail = (0, CS[-1]), {"chosen_by": f"{len(usable)} training kinds with both classes: anchor alone"}
-    else:
-        per_kind = np.full((len(candidates), len(usable)), np.nan)
-        held = np.zeros((len(candidates), len(y)))
-        for j, kind in enumerate(usable):
-            train, test = kinds != kind, kinds == kind
-            attention_train = attention[train]  # (one copy for every candidate)
-            order = stable_order(attention_train, y[train], kinds[train])  # the same for every candidate
-            for i, (k, C) in enumerate(candidates):
-                model = fit_anchored_model(anchors[train], attention_train, y[train], kinds[train], anchor, k, C,
-                                           order)
-                held[i, test] = model.decision(anchors[test], attention[test])
-                per_kind[i, j] = _mean_within_kind_auroc(held[i, test], y[test], kinds[test])
-        gain = per_kind - per_kind[0]  # paired with the anchor alone, kind by kind
-        mean_gain = gain.mean(1)
-        best = int(np.argmax(mean_gain))
-        se = gain[best].std(ddof=1) / np.sqrt(len(usable)) if len(usable) > 1 else 0.0
-        simplest = next(i for i in range(len(candidates)) if mean_gain[i] >= mean_gain[best] - se)
-        chosen = candidates[simplest]
-        detail = {"chosen_by": "leave one training kind out", "inner_gain": float(mean_gain[simplest])}
-        held_decision = held[simplest]
-        rest = ~np.isin(kinds, usable)  # kinds of one class: decided by the chosen candidate fitted without them
-        if rest.any() and chosen[0]:
-            outer = fit_anchored_model(anchors[~rest], attention[~rest], y[~rest], kinds[~rest], anchor, *chosen)
-            held_decision[rest] = outer.decision(anchors[rest], attention[rest])
-    model = fit_anchored_model(anchors, attention, y, kinds, anchor, *chosen)
-    model.calibration = platt(held_decision, y) if chosen[0] else platt(model.decision(anchors, attention), y)
-    detail.update(anchor=ANCHORS[anchor], k=int(chosen[0]), C=float(chosen[1]), columns=model.columns.tolist(),
-                  model=model)
+    table = inner_choice(X, y)
+    index, chosen_by = choose(table, rule)
+    k, C = table.candidates[index]
+    model = fit_anchored_model(anchors, attention, y, kinds, table.anchor, k, C)
+    honest = table.held is not None and k > 0  # held-out-kind decisions exist for a model with a correction
+    decisions = table.held[index] if honest else model.decision(anchors, attention)
+    model.calibration = platt(decisions, y)
+    detail = {"chosen_by": chosen_by, "anchor": ANCHORS[table.anchor], "k": int(k), "C": float(C),
+              "columns": model.columns.tolist(), "model": model}
+    if table.gain is not None:
+        detail["inner_gain"] = float(table.gain[index].mean())
 
     def confidence(x):
         return model.confidence(x[0], x[1])
-    honest = sigmoid(model.calibration[0] * held_decision + model.calibration[1]) if chosen[0] else None
-    return Fitted(confidence, model.confidence(anchors, attention) if honest is None else honest, detail)
+    return Fitted(confidence, sigmoid(model.calibration[0] * decisions + model.calibration[1]), detail)
+
+
+def fit_anchor_alone(X, y, groups=None, seed: int = 0) -> Fitted:
+    return fit_anchored(X, y, groups, seed, ANCHOR_ALONE)
+
+
+def fit_with_attention(X, y, groups=None, seed: int = 0) -> Fitted:
+    return fit_anchored(X, y, groups, seed, WITH_ATTENTION)
 
 
 ANCHORED = Detector("instrument_anchored", "answer", "instrument", "attention",
@@ -226,3 +298,11 @@ ANCHORED = Detector("instrument_anchored", "answer", "instrument", "attention",
                     "shrunk correction from the attention statistics stable across kinds; anchor, features and "
                     "shrinkage chosen by leave-one-kind-out inside the training kinds; correction clipped to its "
                     "training range", anchored_inputs, fit_anchored, prefix_features=anchored_prefix_inputs)
+ANCHOR_CHOSEN = Detector("anchor_chosen", "answer", "baseline", "training_free",
+                         "the training-free score (mean log-prob, mean next-token entropy or RAUQ) that ranks answers "
+                         "best within the training kinds: instrument_anchored's anchor alone", anchored_inputs,
+                         fit_anchor_alone, training_free=True)
+ANCHORED_ATTENTION = Detector("anchored_attention", "answer", "instrument", "attention",
+                              "instrument_anchored without its fallback: the anchor plus the attention correction "
+                              "that did best by leave-one-kind-out inside the training kinds, however small its gain",
+                              anchored_inputs, fit_with_attention)
