@@ -30,9 +30,9 @@ import pandas as pd
 
 from .answers import ATTN_FEATURES, Answers, InstrumentError, load_answers, run_info
 from .data import protocol_kind
-from .detectors import PRIMARY, of_family, training_free
+from .detectors import PRIMARY, of_family
 from .evaluation import (NEGATIVES_PER_POSITIVE, OUTER_FOLDS, answer_detectors, evaluate, headlines,
-                         interval_text as cell, sample_negatives, token_detectors, transfer_rows)
+                         held_out_comparators, interval_text as cell, sample_negatives, token_detectors, transfer_rows)
 from .detectors.anchored import ANCHORS as ANCHOR_NAMES, anchored_prefix_inputs
 from .detectors.fitting import take
 from .detectors.instrument import INSTRUMENT, RoutedModel
@@ -289,10 +289,11 @@ def format_evaluation(probe_dir: str | Path) -> str:
             out_of = rows[(rows.evaluation == f"leave_one_{held_out}_out_mean")].set_index(["metric", "method"])
             if len(out_of):
                 means = out_of.loc["auroc"]
-                free = means.loc[training_free(means.index)].value.idxmax()
                 lines.append(f"    leave one {held_out} out ({means.subset.iloc[0]}): instrument "
-                             f"{cell(means.loc[PRIMARY])}, best training-free {free} {cell(means.loc[free])}, "
-                             f"instrument - it {cell(out_of.loc[('auroc_gain_of_instrument', free)])}")
+                             f"{cell(means.loc[PRIMARY])}; " + "; ".join(
+                                 f"training-free {how}: {free} {cell(means.loc[free])}, instrument - it "
+                                 f"{cell(out_of.loc[('auroc_gain_of_instrument', free)])}"
+                                 for free, how in held_out_comparators(means)))
         sel = rows.query("evaluation == 'selective' and metric == 'f_score'").set_index("method")
         if len(sel):
             others = sel.drop(index=["answer_everything", PRIMARY], errors="ignore")

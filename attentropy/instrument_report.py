@@ -268,22 +268,34 @@ def instrument_findings(rows, summary: dict) -> list[str]:
 
 def held_out_findings(rows) -> list[str]:
     """One task's sentences on a question kind and a question source left out of fitting: the instrument's mean
-    AUROC against the best training-free score's, with their paired difference."""
-    from .detectors import PRIMARY, training_free
+    AUROC against the training-free score chosen on the training folds (`anchor_chosen`) and against the one that
+    did best on the held-out answers (chosen after the fact), with their paired differences."""
+    from .detectors import ANSWER_DETECTORS, PRIMARY
+    from .evaluation import held_out_comparators
 
+    esc = html.escape
     lines = []
     for by in ("kind", "source"):
         held = rows[rows.evaluation == f"leave_one_{by}_out_mean"].set_index(["metric", "method"])
         if not len(held):
             continue
         means = held.loc["auroc"]
-        free_best = means.loc[training_free(means.index)].value.idxmax()
-        gain = held.loc[("auroc_gain_of_instrument", free_best)]
-        verdict = ("" if gain.value >= 0 else
+        compared = []
+        for name, how in held_out_comparators(means):
+            gain = held.loc[("auroc_gain_of_instrument", name)]
+            compared.append((gain, f"{cell(means.loc[name])} for the training-free score {how}, {name} "
+                                   f"(instrument − it {cell(gain)})"))
+        gain = compared[0][0]
+        verdict = (f": on a new {by} of question the instrument is above it" if gain.lo > 0 else
                    f": <b>on a new {by} of question the training-free score is the better one</b>" if gain.hi < 0 else
                    f": <b>on a new {by} of question the instrument is no better than the training-free score</b>, "
                    "which costs nothing")
         lines.append(f"On a question {by} left out of fitting ({means.subset.iloc[0]}) the instrument's mean AUROC "
-                     f"is {cell(means.loc[PRIMARY])} against {cell(means.loc[free_best])} for the best training-free "
-                     f"score, {free_best} (instrument − it {cell(gain)}){verdict}.")
+                     f"is {cell(means.loc[PRIMARY])} against " + " and ".join(text for _, text in compared)
+                     + f"{verdict}.")
+        variants = [m for m in means.index if m != PRIMARY and m in ANSWER_DETECTORS
+                    and ANSWER_DETECTORS[m].role == "instrument"]
+        if variants:
+            lines.append(f"Each design of the instrument on a {by} left out: " + ", ".join(
+                f"{esc(m)} {cell(means.loc[m])}" for m in variants) + ".")
     return lines

@@ -74,11 +74,13 @@ def targets(probe: Path) -> None:
 
 
 def transfer_targets(task: str, rows: pd.DataFrame) -> None:
-    """Leave one kind out: the mean over held-out kinds against the best training-free score (target: +0.03, paired
-    interval above 0) and every trained baseline, and no held-out kind 0.05 below the training-free score; leave one
-    source out: not below the best training-free score (paired interval covering or above 0)."""
-    from attentropy.detectors import PRIMARY, is_competitor, training_free
-    from attentropy.evaluation import interval_text
+    """Leave one kind out: the mean over held-out kinds against the best training-free score chosen on the training
+    folds (`anchor_chosen`; target: +0.03, paired interval above 0) and every trained baseline, and no held-out kind
+    0.05 below it; leave one source out: not below it (paired interval covering or above 0). Each target is also
+    printed against the training-free score that did best on the held-out answers themselves (chosen after the
+    fact: a stricter comparison), and every variant of the instrument is listed."""
+    from attentropy.detectors import ANSWER_DETECTORS, PRIMARY, is_competitor, training_free
+    from attentropy.evaluation import held_out_comparators, interval_text
 
     for by, margin in (("kind", 0.03), ("source", 0.0)):
         held = rows[rows.evaluation == f"leave_one_{by}_out_mean"]
@@ -88,32 +90,36 @@ def transfer_targets(task: str, rows: pd.DataFrame) -> None:
             continue
         auc = held[held.metric == "auroc"].set_index("method")
         gain = held[held.metric == "auroc_gain_of_instrument"].set_index("method")
-        free = auc.loc[training_free(auc.index)].value.idxmax()
-        g = gain.loc[free]
-        ok = g.value >= margin and (g.lo > 0 if margin else g.hi >= 0)
-        print(f"{task}: leave one {by} out ({auc.subset.iloc[0]}): instrument {interval_text(auc.loc[PRIMARY])} vs "
-              f"best training-free {free} {interval_text(auc.loc[free])}: instrument - it {interval_text(g)} -> target "
-              f"({'+0.03, interval above 0' if margin else 'interval covering or above 0'}) "
-              f"{'met' if ok else 'NOT met'}")
+        comparators = held_out_comparators(auc)
+        for free, how in comparators:
+            g = gain.loc[free]
+            ok = g.value >= margin and (g.lo > 0 if margin else g.hi >= 0)
+            target = "+0.03, interval above 0" if margin else "interval covering or above 0"
+            print(f"{task}: leave one {by} out ({auc.subset.iloc[0]}): instrument {interval_text(auc.loc[PRIMARY])} "
+                  f"vs the training-free score {how}, {free} {interval_text(auc.loc[free])}: instrument - it "
+                  f"{interval_text(g)} -> target ({target}) {'met' if ok else 'NOT met'}")
         trained = [m for m in auc.index if is_competitor(m) and m not in training_free(auc.index)]
         if trained:
             best = auc.loc[trained].value.idxmax()
             print(f"  best trained baseline {best} {interval_text(auc.loc[best])}: instrument - it "
                   f"{interval_text(gain.loc[best])} -> {'at or above' if gain.loc[best, 'value'] >= 0 else 'BELOW'}")
+        variants = [m for m in auc.index if m in ANSWER_DETECTORS and ANSWER_DETECTORS[m].role == "instrument"]
+        print("  the instrument's variants: " + "; ".join(f"{m} {interval_text(auc.loc[m])}" for m in variants))
         if len(small):
             print("  too small to enter the mean: " + ", ".join(f"{r.subset} ({r.n_positive} / {r.n_negative})"
                                                                for r in small.itertuples()))
         per = rows[(rows.evaluation == f"leave_one_{by}_out") & (rows.metric == "auroc")]
-        worst = []
-        for subset, kr in per.groupby("subset"):
-            kr = kr.set_index("method")
-            if subset in set(small.subset) or PRIMARY not in kr.index or free not in kr.index:
-                continue
-            worst.append((kr.loc[PRIMARY, "value"] - kr.loc[free, "value"], subset))
-        if worst:
-            low = min(worst)
-            print(f"  per {by}: instrument - {free} from {low[0]:+.3f} ({low[1]}) to {max(worst)[0]:+.3f}; "
-                  f"{sum(d < -0.05 for d, _ in worst)} of {len(worst)} {by}s more than 0.05 below (target: none)")
+        for free, _ in comparators:
+            worst = []
+            for subset, kr in per.groupby("subset"):
+                kr = kr.set_index("method")
+                if subset in set(small.subset) or PRIMARY not in kr.index or free not in kr.index:
+                    continue
+                worst.append((kr.loc[PRIMARY, "value"] - kr.loc[free, "value"], subset))
+            if worst:
+                low = min(worst)
+                print(f"  per {by}: instrument - {free} from {low[0]:+.3f} ({low[1]}) to {max(worst)[0]:+.3f}; "
+                      f"{sum(d < -0.05 for d, _ in worst)} of {len(worst)} {by}s more than 0.05 below (target: none)")
 
 
 def fitting_time(facts_run: Path, n: int = 1000) -> None:

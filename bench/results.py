@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from attentropy.detectors import PRIMARY
-from attentropy.evaluation import headlines, interval_text
+from attentropy.evaluation import headlines, held_out_comparators, interval_text
 from attentropy.token_comparisons import TOKEN_COMPARISON_TITLES
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -49,6 +49,11 @@ def task_section(task: str, rows: pd.DataFrame, summary: dict) -> list[str]:
     for method, r in ind[ind.metric == "auroc"].set_index("method").iterrows():
         held_out = " | ".join(interval_text(m.loc[method]) if method in m.index else "" for m in out_of.values())
         out.append(f"| {method} | {r.role} | {interval_text(r)} | {_gain(ind, method)} | {held_out} |")
+    for by, means in out_of.items():
+        gains = rows[(rows.evaluation == f"leave_one_{by}_out_mean") & (rows.metric == "auroc_gain_of_instrument")]
+        for free, how in held_out_comparators(means) if len(means) else []:
+            out += ["", f"Leave one {by} out: instrument {interval_text(means.loc[PRIMARY])} against the training-free "
+                        f"score {how}, {free} {interval_text(means.loc[free])}: Δ {_gain(gains, free)}."]
     small = rows[rows.evaluation.str.endswith("_too_small")]
     if len(small):
         out += ["", "Held out but too small to enter the means (fewer than 10 answers of a class): " + ", ".join(
