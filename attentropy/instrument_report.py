@@ -298,4 +298,8 @@ def held_out_findings(rows) -> list[str]:
         if variants:
             lines.append(f"Each design of the instrument on a {by} left out: " + ", ".join(
                 f"{esc(m)} {cell(means.loc[m])}" for m in variants) + ".")
+        if ("auroc_gain_of_instrument", "instrument_dense") in held.index:
+            lines.append(f"What the applicability check buys there (answers of an unseen kind go to the anchored "
+                         f"model, not the dense probe): instrument − instrument_dense "
+                         f"{cell(held.loc[('auroc_gain_of_instrument', 'instrument_dense')])}.")
     return lines
