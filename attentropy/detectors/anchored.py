@@ -268,7 +268,10 @@ def fit_anchored_on(X, y: np.ndarray, rule: str = ONE_STANDARD_ERROR) -> Fitted:
     anchors, pooled, kinds = X
     attention = pooled[:, :-4]
     y = np.asarray(y, int)
-    table = inner_choice(X, y)
+    if rule == ANCHOR_ALONE:  # nothing to choose but the anchor
+        table = InnerChoice(choose_anchor(anchors, y, kinds), [(0, CS[-1])], None, None, 0)
+    else:
+        table = inner_choice(X, y)
     index, chosen_by = choose(table, rule)
     k, C = table.candidates[index]
     model = fit_anchored_model(anchors, attention, y, kinds, table.anchor, k, C)
