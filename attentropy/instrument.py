@@ -289,11 +289,11 @@ def format_evaluation(probe_dir: str | Path) -> str:
             out_of = rows[(rows.evaluation == f"leave_one_{held_out}_out_mean")].set_index(["metric", "method"])
             if len(out_of):
                 means = out_of.loc["auroc"]
-                lines.append(f"    leave one {held_out} out ({means.subset.iloc[0]}): instrument "
-                             f"{cell(means.loc[PRIMARY])}; " + "; ".join(
-                                 f"training-free {how}: {free} {cell(means.loc[free])}, instrument - it "
-                                 f"{cell(out_of.loc[('auroc_gain_of_instrument', free)])}"
-                                 for free, how in held_out_comparators(means)))
+                lines.append("; ".join([f"    leave one {held_out} out ({means.subset.iloc[0]}): instrument "
+                                        f"{cell(means.loc[PRIMARY])}"] + [
+                    f"training-free {how}: {free} {cell(means.loc[free])}, instrument - it "
+                    f"{cell(out_of.loc[('auroc_gain_of_instrument', free)])}"
+                    for free, how in held_out_comparators(means)]))
         sel = rows.query("evaluation == 'selective' and metric == 'f_score'").set_index("method")
         if len(sel):
             others = sel.drop(index=["answer_everything", PRIMARY], errors="ignore")

@@ -280,18 +280,20 @@ def held_out_findings(rows) -> list[str]:
         if not len(held):
             continue
         means = held.loc["auroc"]
-        compared = []
-        for name, how in held_out_comparators(means):
+        comparators = held_out_comparators(means)
+        texts = [f"{cell(means.loc[name])} for the training-free score {how}, {esc(name)} (instrument − it "
+                 f"{cell(held.loc[('auroc_gain_of_instrument', name)])})" for name, how in comparators]
+        verdict = ""
+        if comparators:  # against the first: the one a user without the held-out labels would choose
+            name, how = comparators[0]
             gain = held.loc[("auroc_gain_of_instrument", name)]
-            compared.append((gain, f"{cell(means.loc[name])} for the training-free score {how}, {name} "
-                                   f"(instrument − it {cell(gain)})"))
-        gain = compared[0][0]
-        verdict = (f": on a new {by} of question the instrument is above it" if gain.lo > 0 else
-                   f": <b>on a new {by} of question the training-free score is the better one</b>" if gain.hi < 0 else
-                   f": <b>on a new {by} of question the instrument is no better than the training-free score</b>, "
-                   "which costs nothing")
+            verdict = (f": on a new {by} of question the instrument is above it" if gain.lo > 0 else
+                       f": <b>on a new {by} of question the training-free score {how} is the better one</b>"
+                       if gain.hi < 0 else
+                       f": <b>on a new {by} of question the instrument is no better than the training-free score "
+                       f"{how}</b>, which costs nothing")
         lines.append(f"On a question {by} left out of fitting ({means.subset.iloc[0]}) the instrument's mean AUROC "
-                     f"is {cell(means.loc[PRIMARY])} against " + " and ".join(text for _, text in compared)
+                     f"is {cell(means.loc[PRIMARY])}" + (" against " + " and ".join(texts) if texts else "")
                      + f"{verdict}.")
         variants = [m for m in means.index if m != PRIMARY and m in ANSWER_DETECTORS
                     and ANSWER_DETECTORS[m].role == "instrument"]

@@ -103,7 +103,8 @@ def transfer_targets(task: str, rows: pd.DataFrame) -> None:
             best = auc.loc[trained].value.idxmax()
             print(f"  best trained baseline {best} {interval_text(auc.loc[best])}: instrument - it "
                   f"{interval_text(gain.loc[best])} -> {'at or above' if gain.loc[best, 'value'] >= 0 else 'BELOW'}")
-        variants = [m for m in auc.index if m in ANSWER_DETECTORS and ANSWER_DETECTORS[m].role == "instrument"]
+        variants = [m for m in auc.index if m != PRIMARY and m in ANSWER_DETECTORS
+                    and ANSWER_DETECTORS[m].role == "instrument"]
         print("  the instrument's variants: " + "; ".join(f"{m} {interval_text(auc.loc[m])}" for m in variants))
         if len(small):
             print("  too small to enter the mean: " + ", ".join(f"{r.subset} ({r.n_positive} / {r.n_negative})"

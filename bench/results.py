@@ -51,7 +51,7 @@ def task_section(task: str, rows: pd.DataFrame, summary: dict) -> list[str]:
         out.append(f"| {method} | {r.role} | {interval_text(r)} | {_gain(ind, method)} | {held_out} |")
     for by, means in out_of.items():
         gains = rows[(rows.evaluation == f"leave_one_{by}_out_mean") & (rows.metric == "auroc_gain_of_instrument")]
-        for free, how in held_out_comparators(means) if len(means) else []:
+        for free, how in held_out_comparators(means):
             out += ["", f"Leave one {by} out: instrument {interval_text(means.loc[PRIMARY])} against the training-free "
                         f"score {how}, {free} {interval_text(means.loc[free])}: Δ {_gain(gains, free)}."]
     small = rows[rows.evaluation.str.endswith("_too_small")]

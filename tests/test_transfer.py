@@ -144,9 +144,8 @@ def test_the_variant_with_attention_keeps_a_correction_where_the_one_se_rule_dro
     from attentropy.detectors.anchored import fit_with_attention
 
     X, y = _kinds_data(6, signal=0.0, seed=5)  # attention carries nothing
-    forced = fit_with_attention(X, y)
-    assert forced.detail["k"] > 0
-    assert fit_anchored(X, y).detail["k"] <= forced.detail["k"]
+    assert fit_anchored(X, y).detail["k"] == 0
+    assert fit_with_attention(X, y).detail["k"] > 0
 
 
 def _flipping_data(seed: int = 0):
@@ -168,7 +167,7 @@ def test_the_direction_keeps_what_the_kinds_share_and_cancels_what_they_do_not()
     from attentropy.detectors.mean_difference import fit_direction_scores
 
     X, y = _flipping_data()
-    direction, held = fit_direction_scores(X[1][:, :-4], y, X[2])
+    direction, _ = fit_direction_scores(X[1][:, :-4], y, X[2])
     raw = direction.direction * direction.scale  # the mean within-kind difference, in the columns' units
     # (each kind's difference has a standard error of about 0.2; the mean of six about 0.08)
     assert abs(raw[0] - 1.5) < 0.3 and abs(raw[1]) < 0.4 and np.abs(raw[2:]).max() < 0.4
@@ -182,6 +181,16 @@ def test_each_kind_is_scored_by_the_direction_of_the_other_kinds():
     for kind in np.unique(X[2]):
         m = X[2] == kind
         assert roc_auc_score(y[m], held[m]) > 0.75
+
+
+def test_with_one_kind_of_both_classes_its_answers_get_no_held_out_score():
+    from attentropy.detectors.mean_difference import fit_direction_scores
+
+    X, y = _kinds_data(3, signal=2.0)
+    y[X[2] != "k0"] = 1  # kinds k1 and k2: every answer correct
+    _, held = fit_direction_scores(X[1][:, :-4], y, X[2])
+    assert (held[X[2] == "k0"] == 0).all()  # no other kind to take a direction from
+    assert np.ptp(held[X[2] != "k0"]) > 0  # the others: scored by k0's direction, which read none of their labels
 
 
 def test_a_kinds_held_out_scores_do_not_read_its_own_labels():
@@ -203,5 +212,5 @@ def test_the_anchored_direction_beats_its_anchor_on_a_new_kind_when_the_kinds_sh
     X, y = _kinds_data(6, signal=2.0, seed=3)
     train, test = X[2] != "k5", X[2] == "k5"
     fitted = fit_anchored_direction(tuple(x[train] for x in X), y[train])
-    anchor = X[0][test][:, fitted.detail["anchor"]]
+    anchor = X[0][test][:, ANCHORS.index(fitted.detail["anchor"])]
     assert roc_auc_score(y[test], fitted.confidence(tuple(x[test] for x in X))) > roc_auc_score(y[test], anchor) + 0.1

@@ -15,9 +15,9 @@ Fitting, on training answers of kinds K_1..K_m:
 4. Applicability: the correction a new answer receives is clipped to the range it spans on the training answers; an
    answer whose correction had to be clipped lies outside what the instrument was fitted on (`Fitted.detail`).
 
-Two detectors read the same choice differently: `anchor_chosen`, the anchor alone (the training-free score chosen
-on the training folds, the comparator a transfer claim needs), and `anchored_attention`, the best candidate with a
-correction however small its gain (what attention does on a new kind when it is always used)."""
+Two more detectors come from the same fit: `anchor_chosen`, the anchor alone (the training-free score chosen on the
+training folds, the comparator a transfer claim needs), and `anchored_attention`, the candidate with a correction
+that did best in step 3, however small its gain (what attention does on a new kind when it is always used)."""
 
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def fit_anchored_model(anchors, attention, y, kinds, anchor: int, k: int, C: flo
     computed already), the correction L2-shrunk by `C`."""
     from sklearn.linear_model import LogisticRegression
 
-    columns = (stable_order(attention, y, kinds) if order is None else order)[:k]
+    columns = (np.arange(0) if k == 0 else stable_order(attention, y, kinds) if order is None else order)[:k]
     X = np.column_stack([anchors[:, anchor], attention[:, columns]])
     mean, scale = X.mean(0), X.std(0)
     scale[scale < 1e-12] = 1.0
@@ -171,11 +171,11 @@ class InnerChoice:
     usable: int
 
 
-# `inner_choice`'s recent tables by their inputs: the instrument, `instrument_anchored` and `anchored_attention`
-# fit the same training answers in every fold of an evaluation
+# `inner_choice`'s recent tables and `fit_anchored`'s recent fits by their inputs: the instrument,
+# `instrument_anchored` and `anchored_attention` fit the same training answers in every fold of an evaluation
 _TABLES: dict[str, InnerChoice] = {}
 _FITS: dict[str, Fitted] = {}
-MAX_FITS = 64
+MAX_CACHED = 64
 
 
 def _digest(X, y) -> str:
@@ -189,7 +189,7 @@ def _digest(X, y) -> str:
 
 def _remember(cache: dict, key: str, compute):
     if key not in cache:
-        if len(cache) >= MAX_FITS:
+        if len(cache) >= MAX_CACHED:
             cache.pop(next(iter(cache)))
         cache[key] = compute()
     return cache[key]
@@ -223,35 +223,39 @@ def _inner_choice(X, y: np.ndarray) -> InnerChoice:
             model = fit_anchored_model(anchors[train], attention_train, y[train], kinds[train], anchor, k, C, order)
             held[i, test] = model.decision(anchors[test], attention[test])
             per_kind[i, j] = _mean_within_kind_auroc(held[i, test], y[test], kinds[test])
-    rest = ~np.isin(kinds, usable)  # kinds of one class: decided by each candidate fitted without them
-    if rest.any():
+    rest = ~np.isin(kinds, usable)  # kinds of one class: decided by each candidate with a correction fitted without
+    if rest.any():                  # them (the anchor alone is calibrated on its own decisions, which read no label)
         order = stable_order(attention[~rest], y[~rest], kinds[~rest])
         for i, (k, C) in enumerate(candidates):
-            outer = fit_anchored_model(anchors[~rest], attention[~rest], y[~rest], kinds[~rest], anchor, k, C, order)
-            held[i, rest] = outer.decision(anchors[rest], attention[rest])
+            if k:
+                outer = fit_anchored_model(anchors[~rest], attention[~rest], y[~rest], kinds[~rest], anchor, k, C,
+                                           order)
+                held[i, rest] = outer.decision(anchors[rest], attention[rest])
     return InnerChoice(anchor, candidates, per_kind - per_kind[0], held, len(usable))
 
 
 # how a variant chooses among `InnerChoice.candidates`
 ONE_STANDARD_ERROR = "one_se"  # the simplest within one standard error of the best (the anchor alone if it is)
-ANCHOR_ALONE = "anchor"  # the anchor alone: the training-free score chosen on the training kinds
 WITH_ATTENTION = "attention"  # the best candidate with a correction (k > 0): attention always used
-FALLBACK_WITH_ATTENTION = (8, 0.1)  # WITH_ATTENTION's candidate where too few kinds to choose
+ANCHOR_ALONE = "anchor"  # the anchor alone: the training-free score chosen on the training kinds (no table needed)
+# WITH_ATTENTION's candidate where too few kinds to choose (then calibrated on the answers it was fitted on)
+FALLBACK_WITH_ATTENTION = (8, 0.1)
 
 
 def choose(table: InnerChoice, rule: str) -> tuple[int, str]:
     """The chosen candidate's index in `table.candidates`, and how it was chosen."""
-    if rule == ANCHOR_ALONE:
-        return 0, "the anchor alone"
+    if rule not in (ONE_STANDARD_ERROR, WITH_ATTENTION):
+        raise ValueError(f"unknown rule {rule!r}; expected {ONE_STANDARD_ERROR!r} or {WITH_ATTENTION!r}")
     if table.gain is None:
         if rule == WITH_ATTENTION:
-            return table.candidates.index(FALLBACK_WITH_ATTENTION), f"{table.usable} training kinds: fixed candidate"
+            return (table.candidates.index(FALLBACK_WITH_ATTENTION),
+                    f"{table.usable} training kinds with both classes: a fixed candidate, calibrated in sample")
         return 0, f"{table.usable} training kinds with both classes: anchor alone"
     mean_gain = table.gain.mean(1)
     if rule == WITH_ATTENTION:
         return 1 + int(np.argmax(mean_gain[1:])), "leave one training kind out: best with a correction"
     best = int(np.argmax(mean_gain))
-    se = table.gain[best].std(ddof=1) / np.sqrt(table.usable) if table.usable > 1 else 0.0
+    se = table.gain[best].std(ddof=1) / np.sqrt(table.usable)  # (a table has at least MIN_KINDS kinds)
     return (next(i for i in range(len(mean_gain)) if mean_gain[i] >= mean_gain[best] - se),
             "leave one training kind out")
 
@@ -268,20 +272,21 @@ def fit_anchored_on(X, y: np.ndarray, rule: str = ONE_STANDARD_ERROR) -> Fitted:
     anchors, pooled, kinds = X
     attention = pooled[:, :-4]
     y = np.asarray(y, int)
-    if rule == ANCHOR_ALONE:  # nothing to choose but the anchor
-        table = InnerChoice(choose_anchor(anchors, y, kinds), [(0, CS[-1])], None, None, 0)
+    if rule == ANCHOR_ALONE:
+        anchor, (k, C), held, chosen_by, inner_gain = choose_anchor(anchors, y, kinds), (0, CS[-1]), None, rule, None
     else:
         table = inner_choice(X, y)
-    index, chosen_by = choose(table, rule)
-    k, C = table.candidates[index]
-    model = fit_anchored_model(anchors, attention, y, kinds, table.anchor, k, C)
-    honest = table.held is not None and k > 0  # held-out-kind decisions exist for a model with a correction
-    decisions = table.held[index] if honest else model.decision(anchors, attention)
+        index, chosen_by = choose(table, rule)
+        anchor, (k, C) = table.anchor, table.candidates[index]
+        held = table.held[index] if table.held is not None and k > 0 else None  # (held-out-kind decisions)
+        inner_gain = float(table.gain[index].mean()) if table.gain is not None else None
+    model = fit_anchored_model(anchors, attention, y, kinds, anchor, k, C)
+    decisions = model.decision(anchors, attention) if held is None else held
     model.calibration = platt(decisions, y)
-    detail = {"chosen_by": chosen_by, "anchor": ANCHORS[table.anchor], "k": int(k), "C": float(C),
+    detail = {"chosen_by": chosen_by, "anchor": ANCHORS[anchor], "k": int(k), "C": float(C),
               "columns": model.columns.tolist(), "model": model}
-    if table.gain is not None:
-        detail["inner_gain"] = float(table.gain[index].mean())
+    if inner_gain is not None:
+        detail["inner_gain"] = inner_gain
 
     def confidence(x):
         return model.confidence(x[0], x[1])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..probe import platt, sigmoid
-from .anchored import anchored_inputs, choose_anchor
+from .anchored import ANCHORS, anchored_inputs, choose_anchor
 from .detector import Detector
 from .fitting import Fitted
 
@@ -57,17 +57,17 @@ def column_moments(attention: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def fit_direction_scores(attention: np.ndarray, y: np.ndarray, kinds: np.ndarray) -> tuple[Direction, np.ndarray]:
     """The direction of every training kind, and each training answer's score by the direction of the other kinds
-    (its own kind's difference left out: how the direction scores a kind it was not fitted on)."""
+    (its own kind's difference left out: how the direction scores a kind it was not fitted on; 0 where there is no
+    other kind with both classes)."""
     mean, scale = column_moments(attention)
     diffs, usable = kind_differences(attention, y, kinds)
     diffs /= scale
     direction = Direction(mean, scale, diffs.mean(0) if len(diffs) else np.zeros_like(mean))
-    held = direction.score(attention)
-    if len(usable) > 1:
-        for j, kind in enumerate(usable):
-            m = kinds == kind
-            others = Direction(mean, scale, np.delete(diffs, j, axis=0).mean(0))
-            held[m] = others.score(attention[m])
+    held = direction.score(attention)  # kinds of one class: by the direction of every kind, which read no label of them
+    for j, kind in enumerate(usable):
+        m = kinds == kind
+        held[m] = (Direction(mean, scale, np.delete(diffs, j, axis=0).mean(0)).score(attention[m])
+                   if len(usable) > 1 else 0.0)
     return direction, held
 
 
@@ -77,8 +77,7 @@ def fit_attention_direction(X, y: np.ndarray, groups=None, seed: int = 0) -> Fit
     y = np.asarray(y, int)
     direction, held = fit_direction_scores(pooled[:, :-4], y, kinds)
     a, b = platt(held, y)
-    return Fitted(lambda x: sigmoid(a * direction.score(x[1][:, :-4]) + b), sigmoid(a * held + b),
-                  {"kinds": int(len(np.unique(kinds)))})
+    return Fitted(lambda x: sigmoid(a * direction.score(x[1][:, :-4]) + b), sigmoid(a * held + b))
 
 
 def fit_anchored_direction(X, y: np.ndarray, groups=None, seed: int = 0) -> Fitted:
@@ -100,7 +99,7 @@ def fit_anchored_direction(X, y: np.ndarray, groups=None, seed: int = 0) -> Fitt
         z = (np.column_stack([x[0][:, anchor], direction.score(x[1][:, :-4])]) - mean) / scale
         return sigmoid(z @ weights + intercept)
     return Fitted(confidence, sigmoid((both - mean) / scale @ weights + intercept),
-                  {"anchor": anchor, "weights": weights.tolist()})
+                  {"anchor": ANCHORS[anchor], "weights": weights.tolist()})
 
 
 ATTENTION_DIRECTION = Detector("attention_direction", "answer", "instrument", "attention",
