@@ -270,7 +270,7 @@ def held_out_findings(rows) -> list[str]:
     """One task's sentences on a question kind and a question source left out of fitting: the instrument's mean
     AUROC against the training-free score chosen on the training folds (`anchor_chosen`) and against the one that
     did best on the held-out answers (chosen after the fact), with their paired differences."""
-    from .detectors import ANSWER_DETECTORS, PRIMARY
+    from .detectors import PRIMARY, instrument_variants
     from .evaluation import held_out_comparators
 
     esc = html.escape
@@ -295,8 +295,7 @@ def held_out_findings(rows) -> list[str]:
         lines.append(f"On a question {by} left out of fitting ({means.subset.iloc[0]}) the instrument's mean AUROC "
                      f"is {cell(means.loc[PRIMARY])}" + (" against " + " and ".join(texts) if texts else "")
                      + f"{verdict}.")
-        variants = [m for m in means.index if m != PRIMARY and m in ANSWER_DETECTORS
-                    and ANSWER_DETECTORS[m].role == "instrument"]
+        variants = instrument_variants(means.index)
         if variants:
             lines.append(f"Each design of the instrument on a {by} left out: " + ", ".join(
                 f"{esc(m)} {cell(means.loc[m])}" for m in variants) + ".")

@@ -79,7 +79,7 @@ def transfer_targets(task: str, rows: pd.DataFrame) -> None:
     0.05 below it; leave one source out: not below it (paired interval covering or above 0). Each target is also
     printed against the training-free score that did best on the held-out answers themselves (chosen after the
     fact: a stricter comparison), and every variant of the instrument is listed."""
-    from attentropy.detectors import ANSWER_DETECTORS, PRIMARY, is_competitor, training_free
+    from attentropy.detectors import PRIMARY, instrument_variants, is_competitor, training_free
     from attentropy.evaluation import held_out_comparators, interval_text
 
     for by, margin in (("kind", 0.03), ("source", 0.0)):
@@ -103,8 +103,7 @@ def transfer_targets(task: str, rows: pd.DataFrame) -> None:
             best = auc.loc[trained].value.idxmax()
             print(f"  best trained baseline {best} {interval_text(auc.loc[best])}: instrument - it "
                   f"{interval_text(gain.loc[best])} -> {'at or above' if gain.loc[best, 'value'] >= 0 else 'BELOW'}")
-        variants = [m for m in auc.index if m != PRIMARY and m in ANSWER_DETECTORS
-                    and ANSWER_DETECTORS[m].role == "instrument"]
+        variants = instrument_variants(auc.index)
         print("  the instrument's variants: " + "; ".join(f"{m} {interval_text(auc.loc[m])}" for m in variants))
         if len(small):
             print("  too small to enter the mean: " + ", ".join(f"{r.subset} ({r.n_positive} / {r.n_negative})"

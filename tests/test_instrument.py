@@ -287,3 +287,12 @@ def test_the_probe_standardises_with_numpys_mean_and_std():
     scale[4] = 1.0
     np.testing.assert_array_equal(probe.mean, X.mean(0))
     np.testing.assert_array_equal(probe.scale, scale)
+
+
+def test_column_std_about_a_mean_is_numpys_std():
+    from attentropy.probe import column_std
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(300, 7)) * rng.uniform(0.1, 50, 7) + rng.normal(size=7) * 20
+    np.testing.assert_array_equal(column_std(X, X.mean(0)), X.std(0))
+    np.testing.assert_array_equal(column_std(X - X.mean(0)), X.std(0))  # centred already

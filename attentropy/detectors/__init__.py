@@ -46,6 +46,11 @@ def is_competitor(name: str) -> bool:
     return d is not None and d.role != "instrument" and d.family != "sanity"
 
 
+def instrument_variants(names) -> list[str]:
+    """Those of `names` that are variants of the instrument (its other designs), in order."""
+    return [n for n in names if n != PRIMARY and n in ANSWER_DETECTORS and ANSWER_DETECTORS[n].role == "instrument"]
+
+
 def training_free(names) -> list[str]:
     """Those of `names` that are published scores used as defined (only calibrated), in order."""
     return [n for n in names if n in ANSWER_DETECTORS and ANSWER_DETECTORS[n].training_free]
@@ -61,5 +66,4 @@ def of_family(family: str, names=None) -> list[str]:
 
 
 __all__ = ["ANSWER_DETECTORS", "CHEAP_FAMILIES", "PRIMARY", "TOKEN_DETECTORS", "Detector", "Fitted", "available",
-           "cheap", "family_of", "is_competitor", "of_family",
-           "training_free"]
+           "cheap", "family_of", "instrument_variants", "is_competitor", "of_family", "training_free"]

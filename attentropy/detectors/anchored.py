@@ -160,9 +160,10 @@ def _mean_within_kind_auroc(score: np.ndarray, y: np.ndarray, kinds: np.ndarray)
 @dataclass
 class InnerChoice:
     """What leave-one-kind-out inside the training kinds saw of each candidate (anchor alone, or anchor + k features
-    at strength C): the mean gain over the anchor alone of the held-out kinds' within-kind AUROC, its standard
-    error, and each candidate's held-out-kind decisions of the training answers (kinds of one class: the candidate
-    fitted on the other kinds). `gain` is None where too few training kinds have both classes."""
+    at strength C): per held-out kind, the gain of its within-kind AUROC over the anchor alone's, and each
+    candidate's held-out-kind decisions of the training answers (kinds of one class: the candidate fitted on the
+    kinds with both classes; left 0 for the anchor alone, which is never calibrated on them). `gain` and `held` are
+    None where too few training kinds have both classes."""
 
     anchor: int
     candidates: list[tuple[int, float]]
@@ -273,20 +274,20 @@ def fit_anchored_on(X, y: np.ndarray, rule: str = ONE_STANDARD_ERROR) -> Fitted:
     attention = pooled[:, :-4]
     y = np.asarray(y, int)
     if rule == ANCHOR_ALONE:
-        anchor, (k, C), held, chosen_by, inner_gain = choose_anchor(anchors, y, kinds), (0, CS[-1]), None, rule, None
+        table, index, chosen_by = None, 0, "the anchor alone"
+        anchor, (k, C) = choose_anchor(anchors, y, kinds), (0, CS[-1])
     else:
         table = inner_choice(X, y)
         index, chosen_by = choose(table, rule)
         anchor, (k, C) = table.anchor, table.candidates[index]
-        held = table.held[index] if table.held is not None and k > 0 else None  # (held-out-kind decisions)
-        inner_gain = float(table.gain[index].mean()) if table.gain is not None else None
     model = fit_anchored_model(anchors, attention, y, kinds, anchor, k, C)
-    decisions = model.decision(anchors, attention) if held is None else held
+    honest = k > 0 and table.held is not None  # held-out-kind decisions to calibrate on
+    decisions = table.held[index] if honest else model.decision(anchors, attention)
     model.calibration = platt(decisions, y)
     detail = {"chosen_by": chosen_by, "anchor": ANCHORS[anchor], "k": int(k), "C": float(C),
               "columns": model.columns.tolist(), "model": model}
-    if inner_gain is not None:
-        detail["inner_gain"] = inner_gain
+    if table is not None and table.gain is not None:
+        detail["inner_gain"] = float(table.gain[index].mean())
 
     def confidence(x):
         return model.confidence(x[0], x[1])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..probe import platt, sigmoid
+from ..probe import column_std, platt, sigmoid
 from .anchored import ANCHORS, anchored_inputs, choose_anchor
 from .detector import Detector
 from .fitting import Fitted
@@ -44,22 +44,13 @@ def kind_differences(attention: np.ndarray, y: np.ndarray, kinds: np.ndarray) ->
     return np.array(out).reshape(len(out), attention.shape[1]), usable
 
 
-def column_moments(attention: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation of each column, a block of rows at a time (no standardised copy)."""
-    mean = attention.mean(0)
-    var = np.zeros_like(mean)
-    for start in range(0, len(attention), 256):
-        var += ((attention[start:start + 256] - mean) ** 2).sum(0)
-    scale = np.sqrt(var / max(len(attention), 1))
-    scale[scale < 1e-12] = 1.0
-    return mean, scale
-
-
 def fit_direction_scores(attention: np.ndarray, y: np.ndarray, kinds: np.ndarray) -> tuple[Direction, np.ndarray]:
     """The direction of every training kind, and each training answer's score by the direction of the other kinds
     (its own kind's difference left out: how the direction scores a kind it was not fitted on; 0 where there is no
     other kind with both classes)."""
-    mean, scale = column_moments(attention)
+    mean = attention.mean(0)
+    scale = column_std(attention, mean)
+    scale[scale < 1e-12] = 1.0
     diffs, usable = kind_differences(attention, y, kinds)
     diffs /= scale
     direction = Direction(mean, scale, diffs.mean(0) if len(diffs) else np.zeros_like(mean))
@@ -92,13 +83,14 @@ def fit_anchored_direction(X, y: np.ndarray, groups=None, seed: int = 0) -> Fitt
     both = np.column_stack([anchors[:, anchor], held])
     mean, scale = both.mean(0), both.std(0)
     scale[scale < 1e-12] = 1.0
-    model = LogisticRegression(C=1e4, max_iter=500).fit((both - mean) / scale, y)
+    z_train = (both - mean) / scale
+    model = LogisticRegression(C=1e4, max_iter=500).fit(z_train, y)
     weights, intercept = model.coef_[0], float(model.intercept_[0])
 
     def confidence(x):
         z = (np.column_stack([x[0][:, anchor], direction.score(x[1][:, :-4])]) - mean) / scale
         return sigmoid(z @ weights + intercept)
-    return Fitted(confidence, sigmoid((both - mean) / scale @ weights + intercept),
+    return Fitted(confidence, sigmoid(z_train @ weights + intercept),
                   {"anchor": ANCHORS[anchor], "weights": weights.tolist()})
 
 
